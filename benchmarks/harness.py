@@ -1,0 +1,138 @@
+"""Side-by-side timing and peak-memory measurement of ours vs a baseline, in one process.
+
+Each benchmark module ``benchmarks/bench_*.py`` defines ``cases(device, quick) -> list[Case]``.
+Ours and the baseline run alternately on the same input, ``repeats`` times each; we report medians
+and their ratio, which is robust to the noise of a shared machine.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
+On CPU, torch has no allocator statistics, so a thread samples the process's resident set size every
+millisecond and we report the peak above the size before the call. Large tensors are ``mmap``-ed
+and returned to the OS when freed, so this tracks tensor memory well; short spikes (< 1 ms) can be
+missed.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Case:
+    name: str
+    ours: Callable[[Any], Any]
+    baseline: Callable[[Any], Any]
+    baseline_name: str
+    make_input: Callable[[], Any]
+    input_desc: str
+    repeats: int = 3
+    notes: str = ""
+    check: Callable[[Any, Any], str] | None = None  # compares results; returns a short note
+    extra: dict = field(default_factory=dict)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class _PeakRSS:
+    def __enter__(self):
+        gc.collect()
+        self.start = _rss()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.start
+
+
+def measure(fn: Callable[[Any], Any], data: Any, device: torch.device) -> tuple[float, int, Any]:
+    """Seconds, extra peak bytes and result of one call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        t0 = time.perf_counter()
+        result = fn(data)
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        return seconds, torch.cuda.max_memory_allocated(device) - before, result
+    with _PeakRSS() as mem:
+        t0 = time.perf_counter()
+        result = fn(data)
+        seconds = time.perf_counter() - t0
+    return seconds, mem.extra, result
+
+
+def run_case(case: Case, device: torch.device) -> dict:
+    data = case.make_input()
+    # Warm-up (library loading, allocator, kernels), then alternate to share the machine's noise.
+    measure(case.ours, data, device)
+    measure(case.baseline, data, device)
+    ours_t, base_t, ours_m, base_m = [], [], [], []
+    ours_result = base_result = None
+    for _ in range(case.repeats):
+        t, m, ours_result = measure(case.ours, data, device)
+        ours_t.append(t)
+        ours_m.append(m)
+        t, m, base_result = measure(case.baseline, data, device)
+        base_t.append(t)
+        base_m.append(m)
+    ours_s, base_s = statistics.median(ours_t), statistics.median(base_t)
+    row = {
+        "benchmark": case.name,
+        "input": case.input_desc,
+        "baseline": case.baseline_name,
+        "device": str(device),
+        "ours_s": ours_s,
+        "baseline_s": base_s,
+        "speedup": base_s / ours_s if ours_s > 0 else float("inf"),
+        "ours_peak_mib": max(ours_m) / 2**20,
+        "baseline_peak_mib": max(base_m) / 2**20,
+        "repeats": case.repeats,
+        "notes": case.notes,
+    }
+    if case.check is not None:
+        row["agreement"] = case.check(ours_result, base_result)
+    row.update(case.extra)
+    del data
+    gc.collect()
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = "| benchmark | input | baseline | ours (s) | baseline (s) | speed-up | ours peak (MiB) | baseline peak (MiB) | agreement |"
+    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['benchmark']} | {r['input']} | {r['baseline']} | {r['ours_s']:.3f} | {r['baseline_s']:.3f}"
+            f" | {r['speedup']:.2f}× | {r['ours_peak_mib']:.1f} | {r['baseline_peak_mib']:.1f} | {r.get('agreement', '')} |"
+        )
+    return "\n".join(lines)

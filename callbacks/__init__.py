@@ -1,0 +1,1 @@
+"""Lightning callbacks, installed and imported as ``reprmetrics.callbacks`` (needs the ``lightning`` extra)."""

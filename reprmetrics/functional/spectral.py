@@ -1,0 +1,201 @@
+r"""Spectral metrics: RankMe, α-ReQ and the spectra they are computed from.
+
+Every function takes an ``(N, D)`` tensor of embeddings (any floating dtype, any device), computes in
+float64 outside autocast, and returns a result on the input's device in ``float32`` or, for float64
+input, ``float64``. The ``_..._from_moments`` pieces are shared with the streaming Metric classes,
+which accumulate the same second moments batch by batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from reprmetrics._linalg import eigvalsh_descending, gram_upper, no_autocast, nonzero_rank_tolerance
+from reprmetrics._validation import check_nonnegative_float, check_tensor
+
+__all__ = ["alpha_req", "eigenspectrum", "rankme", "singular_values"]
+
+
+def _result_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces (functional and Metric classes)
+# ----------------------------------------------------------------------------------------------
+
+
+def _smaller_gram(z: Tensor) -> Tensor:
+    """ZᵀZ or ZZᵀ, whichever is smaller (same non-zero eigenvalues), upper triangle valid."""
+    return gram_upper(z) if z.shape[0] >= z.shape[1] else gram_upper(z.T)
+
+
+def _singular_values_from_gram(gram_matrix: Tensor, num_samples: int) -> Tensor:
+    """Singular values of Z from its Gram matrix ZᵀZ or ZZᵀ (upper triangle): the top min(N, D)."""
+    eigenvalues = eigvalsh_descending(gram_matrix)
+    return eigenvalues[: min(num_samples, gram_matrix.shape[0])].sqrt()
+
+
+def _rankme_from_singular_values(sigma: Tensor, eps: float) -> Tensor:
+    total = sigma.sum()
+    # All-zero embeddings: every p_k is eps, so RankMe is 1 for eps = 0 (documented, finite).
+    p = sigma / total.clamp_min(torch.finfo(sigma.dtype).tiny) + eps
+    return torch.exp(-torch.special.xlogy(p, p).sum())
+
+
+def _covariance_from_moments(gram_matrix: Tensor, total: Tensor, num_samples: int) -> Tensor:
+    """Unbiased covariance from ZᵀZ (upper triangle), Σz and N: one pass, sum-reducible across ranks."""
+    mean = total / num_samples
+    centred = gram_matrix - num_samples * torch.outer(mean, mean)
+    return centred / (num_samples - 1)
+
+
+def _alpha_req_from_eigenvalues(
+    eigenvalues: Tensor, fit_range: tuple[int, int], tolerance: float, metric: str = "alpha_req"
+) -> Tensor:
+    """Weighted least-squares slope of log λ_k on log k over fit_range, weights 1/k (α = −slope)."""
+    first, last = fit_range
+    num_nonzero = int((eigenvalues > tolerance).sum())
+    last = min(last, num_nonzero)
+    if last - first + 1 < 3:
+        raise ValueError(
+            f"{metric}: the fit range {fit_range} keeps {max(last - first + 1, 0)} non-zero eigenvalue(s)"
+            f" (the covariance has {num_nonzero} non-zero eigenvalues); at least 3 are needed. Use more"
+            " samples, wider embeddings or a lower fit_range."
+        )
+    k = torch.arange(first, last + 1, dtype=eigenvalues.dtype, device=eigenvalues.device)
+    log_k = k.log()
+    log_lam = eigenvalues[first - 1 : last].log()
+    w = 1.0 / k
+    x_mean = (w * log_k).sum() / w.sum()
+    y_mean = (w * log_lam).sum() / w.sum()
+    slope = (w * (log_k - x_mean) * (log_lam - y_mean)).sum() / (w * (log_k - x_mean).square()).sum()
+    return -slope
+
+
+def _check_fit_range(fit_range: tuple[int, int], metric: str) -> tuple[int, int]:
+    ok = (
+        isinstance(fit_range, (tuple, list))
+        and len(fit_range) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in fit_range)
+    )
+    if not ok or fit_range[0] < 1 or fit_range[1] < fit_range[0] + 2:
+        raise ValueError(
+            f"{metric}: `fit_range` must be two 1-indexed ranks (first, last) with last >= first + 2, got {fit_range!r}"
+        )
+    return int(fit_range[0]), int(fit_range[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def singular_values(embeddings: Tensor) -> Tensor:
+    r"""Singular values of the un-centred ``(N, D)`` embedding matrix, descending (``min(N, D)`` of them).
+
+    Computed from the eigenvalues of the smaller Gram matrix (ZᵀZ or ZZᵀ) in float64, so values below
+    about 1e-8·σ₁ are at round-off level (they contribute nothing measurable to RankMe).
+    """
+    z = check_tensor(embeddings, "singular_values", min_rows=1)
+    with no_autocast(z.device):
+        z64 = z.to(torch.float64)
+        g = _smaller_gram(z64)
+        sigma = _singular_values_from_gram(g, z.shape[0])
+    return sigma.to(_result_dtype(z))
+
+
+def eigenspectrum(embeddings: Tensor, center: bool = True) -> Tensor:
+    r"""Eigenvalues of the covariance of the embeddings, descending, ``min(N, D)`` of them.
+
+    ``center=True`` gives the eigenvalues of the unbiased covariance :math:`\frac{1}{N-1} Z_c^\top Z_c`
+    (what α-ReQ fits); ``center=False`` gives those of :math:`\frac{1}{N} Z^\top Z`.
+    """
+    name = "eigenspectrum"
+    z = check_tensor(embeddings, name, min_rows=2 if center else 1)
+    with no_autocast(z.device):
+        z64 = z.to(torch.float64)
+        if center:
+            z64 = z64 - z64.mean(dim=0, keepdim=True)
+        g = _smaller_gram(z64)
+        lam = eigvalsh_descending(g)[: min(z.shape)] / (z.shape[0] - 1 if center else z.shape[0])
+    return lam.to(_result_dtype(z))
+
+
+def rankme(embeddings: Tensor, eps: float = 1e-7) -> Tensor:
+    r"""RankMe, the smooth effective rank of the embeddings (Garrido et al., ICML 2023).
+
+    .. math::
+        p_k = \frac{\sigma_k}{\sum_i \sigma_i} + \varepsilon, \qquad
+        \operatorname{RankMe}(Z) = \exp\Big(-\sum_{k=1}^{\min(N,D)} p_k \log p_k\Big)
+
+    where :math:`\sigma_k` are the singular values of the **un-centred** ``(N, D)`` matrix ``Z``.
+    ``eps=0`` gives the effective rank of Roy & Vetterli (2007). Ranges over ``[1, min(N, D)]``
+    (up to the ``eps`` terms); higher is better. All-zero embeddings give ``exp(min(N,D)·(−ε log ε))``,
+    exactly 1 for ``eps=0``.
+
+    Args:
+        embeddings: ``(N, D)`` tensor, N ≥ 1.
+        eps: the constant added to each normalised singular value (the paper's 1e-7).
+
+    Returns:
+        A scalar tensor.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics.functional import rankme
+        >>> z = torch.randn(1000, 4) @ torch.randn(4, 32)   # rank 4
+        >>> 1.0 < rankme(z).item() <= 4.0
+        True
+    """
+    eps = check_nonnegative_float(eps, "rankme", "eps")
+    z = check_tensor(embeddings, "rankme", min_rows=1)
+    with no_autocast(z.device):
+        z64 = z.to(torch.float64)
+        g = _smaller_gram(z64)
+        value = _rankme_from_singular_values(_singular_values_from_gram(g, z.shape[0]), eps)
+    return value.to(_result_dtype(z))
+
+
+def alpha_req(embeddings: Tensor, fit_range: tuple[int, int] = (11, 100)) -> Tensor:
+    r"""α-ReQ, the decay rate of the covariance eigenspectrum (Agrawal et al., NeurIPS 2022).
+
+    With :math:`\lambda_1 \ge \lambda_2 \ge \dots` the eigenvalues of the covariance of the centred
+    embeddings, α is :math:`b_0` of the weighted least-squares fit
+
+    .. math::
+        \log \lambda_k \approx -b_0 \log k + b_1, \qquad k \in [k_{lo}, k_{hi}],\ \text{weights } 1/k.
+
+    ``fit_range`` is 1-indexed and inclusive; its upper end is clipped to the number of non-zero
+    eigenvalues, i.e. the rank of the centred embeddings as ``torch.linalg.matrix_rank`` decides at the
+    input's precision (float32 input of rank r has rounding noise, not signal, beyond r). Fewer than 3 ranks left
+    raise ``ValueError``. The paper finds the best downstream accuracy around α ≈ 1: much smaller means
+    a flat, noisy spectrum; much larger means few dominant directions (towards collapse).
+
+    Args:
+        embeddings: ``(N, D)`` tensor, N ≥ 2.
+        fit_range: ranks ``(first, last)`` of the fit.
+
+    Returns:
+        A scalar tensor, α.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics.functional import alpha_req
+        >>> k = torch.arange(1, 129, dtype=torch.float64)
+        >>> z = torch.randn(4000, 128, dtype=torch.float64) * k.pow(-0.5)   # λ_k ∝ k^-1
+        >>> round(alpha_req(z).item(), 1)
+        1.0
+    """
+    name = "alpha_req"
+    fit_range = _check_fit_range(fit_range, name)
+    z = check_tensor(embeddings, name, min_rows=2)
+    with no_autocast(z.device):
+        z64 = z.to(torch.float64)
+        zc = z64 - z64.mean(dim=0, keepdim=True)
+        g = _smaller_gram(zc)
+        lam = eigvalsh_descending(g)[: min(z.shape)] / (z.shape[0] - 1)
+        tol = nonzero_rank_tolerance(lam, 0.0, max(z.shape), torch.finfo(z.dtype).eps)
+        value = _alpha_req_from_eigenvalues(lam, fit_range, tol, name)
+    return value.to(_result_dtype(z))
