@@ -69,14 +69,27 @@ def eigvalsh_descending(upper: Tensor) -> Tensor:
     return torch.sort(values, descending=True).values.clamp_min(0)
 
 
-def nonzero_rank_tolerance(eigenvalues: Tensor, scale: Tensor | float, size: int, input_eps: float) -> float:
-    """Eigenvalues (of a Gram or covariance matrix) at or below this are zero.
+def nonzero_eigenvalue_tolerance(
+    eigenvalues: Tensor,
+    mean_square: float,
+    num_samples: int,
+    num_features: int,
+    input_eps: float,
+) -> float:
+    """Covariance eigenvalues (divided by N − 1) at or below this are zero; the stricter of two rules.
 
-    Two rules, the stricter wins: the singular value √λ_k must exceed √λ_1 · size · input_eps, as
-    ``torch.linalg.matrix_rank`` decides at the input's precision (float32 embeddings of rank r carry
-    rounding noise in the other directions), and λ_k must exceed the float64 round-off of forming the
-    matrix, size · eps64 · ``scale`` (the largest magnitude that entered it, e.g. its un-centred trace).
+    - Input precision: rounding ``Z`` to its dtype adds noise of about ``input_eps`` × rms(Z) per entry,
+      whose singular values reach about that × (√N + √D); ten times that is not signal. Float32
+      embeddings of rank r are full-rank noise beyond r; this rule gives them rank r.
+    - Float64 round-off of forming the matrix: about (N + D)·eps64 times its largest entry scale,
+      the larger of λ₁ and the un-centred trace.
+
+    ``mean_square`` is the mean of the squared *un-centred* entries, which sets both round-offs even
+    when centring later removes a large offset.
     """
+    n, d = num_samples, num_features
     top = float(eigenvalues.max()) if eigenvalues.numel() else 0.0
-    round_off = max(top, float(scale)) * size * torch.finfo(torch.float64).eps
-    return max(round_off, top * (size * input_eps) ** 2)
+    uncentred_scale = mean_square * n * d / max(n - 1, 1)  # trace of the un-centred ZᵀZ / (N − 1)
+    round_off = max(top, uncentred_scale) * (n + d) * torch.finfo(torch.float64).eps
+    noise_sigma = 10.0 * input_eps * mean_square**0.5 * (n**0.5 + d**0.5)
+    return max(round_off, noise_sigma**2 / max(n - 1, 1))

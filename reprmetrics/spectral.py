@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from reprmetrics._linalg import add_gram_, eigvalsh_descending, no_autocast, nonzero_rank_tolerance
+from reprmetrics._linalg import add_gram_, eigvalsh_descending, no_autocast, nonzero_eigenvalue_tolerance
 from reprmetrics._validation import check_nonnegative_float, check_positive_int, check_tensor
 from reprmetrics.functional.spectral import (
     _alpha_req_from_eigenvalues,
@@ -208,7 +208,8 @@ class AlphaReQ(_SecondMoments):
         gram, total, n = self._checked_moments()
         with no_autocast(gram.device):
             lam = eigvalsh_descending(_covariance_from_moments(gram, total, n))[: min(n, gram.shape[0])]
-            scale = gram.diagonal().sum() / (n - 1)
-            tol = nonzero_rank_tolerance(lam, scale, max(n, gram.shape[0]), float(self.input_eps))
+            d = gram.shape[0]
+            mean_square = float(gram.diagonal().sum()) / (n * d)
+            tol = nonzero_eigenvalue_tolerance(lam, mean_square, n, d, float(self.input_eps))
             value = _alpha_req_from_eigenvalues(lam, self.fit_range, tol, "AlphaReQ")
         return value.to(torch.get_default_dtype())

@@ -24,7 +24,10 @@ def alpha_req_ref(z: np.ndarray, fit_range=(11, 100), input_eps: float | None = 
     lam = covariance_eigenvalues_ref(z)
     centred = z - z.mean(0)
     sv = np.linalg.svd(centred, compute_uv=False)
-    rank = int(np.sum(sv > sv[0] * max(z.shape) * eps))
+    n, d = z.shape
+    # Rank at the input's precision: rounding noise has singular values ~ eps·rms(z)·(√N + √D).
+    noise = 10 * eps * np.sqrt(np.mean(z**2)) * (np.sqrt(n) + np.sqrt(d))
+    rank = int(np.sum(sv > max(noise, sv[0] * max(z.shape) * np.finfo(np.float64).eps)))
     first, last = fit_range[0], min(fit_range[1], rank)
     k = np.arange(first, last + 1, dtype=np.float64)
     # np.polyfit weights multiply residuals, so sqrt(1/k) weights the squared residuals by 1/k.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reprmetrics._linalg import eigvalsh_descending, gram_upper, no_autocast, nonzero_rank_tolerance
+from reprmetrics._linalg import eigvalsh_descending, gram_upper, no_autocast, nonzero_eigenvalue_tolerance
 from reprmetrics._validation import check_nonnegative_float, check_tensor
 
 __all__ = ["alpha_req", "eigenspectrum", "rankme", "singular_values"]
@@ -168,8 +168,9 @@ def alpha_req(embeddings: Tensor, fit_range: tuple[int, int] = (11, 100)) -> Ten
         \log \lambda_k \approx -b_0 \log k + b_1, \qquad k \in [k_{lo}, k_{hi}],\ \text{weights } 1/k.
 
     ``fit_range`` is 1-indexed and inclusive; its upper end is clipped to the number of non-zero
-    eigenvalues, i.e. the rank of the centred embeddings as ``torch.linalg.matrix_rank`` decides at the
-    input's precision (float32 input of rank r has rounding noise, not signal, beyond r). Fewer than 3 ranks left
+    eigenvalues: those above the noise that rounding the embeddings to their dtype creates (float32
+    input of rank r is full-rank noise beyond r) and above float64 round-off; see
+    ``reprmetrics._linalg.nonzero_eigenvalue_tolerance``. Fewer than 3 ranks left
     raise ``ValueError``. The paper finds the best downstream accuracy around α ≈ 1: much smaller means
     a flat, noisy spectrum; much larger means few dominant directions (towards collapse).
 
@@ -195,7 +196,9 @@ def alpha_req(embeddings: Tensor, fit_range: tuple[int, int] = (11, 100)) -> Ten
         z64 = z.to(torch.float64)
         zc = z64 - z64.mean(dim=0, keepdim=True)
         g = _smaller_gram(zc)
-        lam = eigvalsh_descending(g)[: min(z.shape)] / (z.shape[0] - 1)
-        tol = nonzero_rank_tolerance(lam, 0.0, max(z.shape), torch.finfo(z.dtype).eps)
+        n, d = z.shape
+        lam = eigvalsh_descending(g)[: min(n, d)] / (n - 1)
+        mean_square = float(z64.square().mean())
+        tol = nonzero_eigenvalue_tolerance(lam, mean_square, n, d, torch.finfo(z.dtype).eps)
         value = _alpha_req_from_eigenvalues(lam, fit_range, tol, name)
     return value.to(_result_dtype(z))
