@@ -17,9 +17,9 @@ from torchmetrics import Metric
 from reprmetrics._linalg import add_gram_, eigvalsh_descending, no_autocast, nonzero_eigenvalue_tolerance
 from reprmetrics._validation import check_nonnegative_float, check_positive_int, check_tensor
 from reprmetrics.functional.spectral import (
-    _alpha_req_from_eigenvalues,
     _check_fit_range,
     _covariance_from_moments,
+    _power_law_fit,
     _rankme_from_singular_values,
     _singular_values_from_gram,
 )
@@ -88,6 +88,22 @@ class _SecondMoments(Metric):
             raise ValueError(f"{name}: needs at least {self._min_samples} samples, got {n}")
         # Upper triangle valid only (see add_gram_); the eigensolver reads just that triangle.
         return self.gram.to(torch.float64), self.total.to(torch.float64), n
+
+    def singular_values(self) -> Tensor:
+        """Singular values of the un-centred matrix of all embeddings seen (synced across ranks), descending."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
+            gram, _, n = self._checked_moments()
+            with no_autocast(gram.device):
+                return _singular_values_from_gram(gram, n)
+
+    def covariance_eigenvalues(self) -> Tensor:
+        """Eigenvalues of the covariance of all embeddings seen (synced across ranks), descending."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
+            gram, total, n = self._checked_moments()
+            if n < 2:
+                raise ValueError(f"{type(self).__name__}: the covariance needs at least 2 samples, got {n}")
+            with no_autocast(gram.device):
+                return eigvalsh_descending(_covariance_from_moments(gram, total, n))[: min(n - 1, gram.shape[0])]
 
     def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> Any:
         """Plot a value or a sequence of values (needs matplotlib). Returns ``(figure, axes)``."""
@@ -203,13 +219,27 @@ class AlphaReQ(_SecondMoments):
         super().__init__(num_features=num_features, accumulate_dtype=accumulate_dtype, **kwargs)
         self.fit_range = _check_fit_range(fit_range, "AlphaReQ")
 
-    def compute(self) -> Tensor:
-        """α of everything seen so far."""
+    def _fit(self) -> tuple[Tensor, Tensor, Tensor, int, int]:
         gram, total, n = self._checked_moments()
         with no_autocast(gram.device):
             lam = eigvalsh_descending(_covariance_from_moments(gram, total, n))[: min(n, gram.shape[0])]
             d = gram.shape[0]
             mean_square = float(gram.diagonal().sum()) / (n * d)
             tol = nonzero_eigenvalue_tolerance(lam, mean_square, n, d, float(self.input_eps))
-            value = _alpha_req_from_eigenvalues(lam, self.fit_range, tol, "AlphaReQ")
-        return value.to(torch.get_default_dtype())
+            slope, intercept, first, last = _power_law_fit(lam, self.fit_range, tol, "AlphaReQ")
+        return lam, slope, intercept, first, last
+
+    def compute(self) -> Tensor:
+        """α of everything seen so far."""
+        _, slope, _, _, _ = self._fit()
+        return (-slope).to(torch.get_default_dtype())
+
+    def spectrum_fit(self) -> dict[str, Any]:
+        """The covariance eigenvalues and the α-ReQ fit, synced across ranks, for plotting.
+
+        Returns ``{"eigenvalues", "alpha", "intercept", "first", "last"}``: the fitted line is
+        ``log λ_k = −alpha·log k + intercept`` for ranks ``first..last``.
+        """
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
+            lam, slope, intercept, first, last = self._fit()
+        return {"eigenvalues": lam, "alpha": float(-slope), "intercept": float(intercept), "first": first, "last": last}

@@ -51,10 +51,13 @@ def _covariance_from_moments(gram_matrix: Tensor, total: Tensor, num_samples: in
     return centred / (num_samples - 1)
 
 
-def _alpha_req_from_eigenvalues(
+def _power_law_fit(
     eigenvalues: Tensor, fit_range: tuple[int, int], tolerance: float, metric: str = "alpha_req"
-) -> Tensor:
-    """Weighted least-squares slope of log λ_k on log k over fit_range, weights 1/k (α = −slope)."""
+) -> tuple[Tensor, Tensor, int, int]:
+    """Weighted (1/k) least-squares fit log λ_k ≈ slope·log k + intercept over fit_range.
+
+    Returns ``(slope, intercept, first, last)`` with ``last`` clipped to the non-zero eigenvalues.
+    """
     first, last = fit_range
     num_nonzero = int((eigenvalues > tolerance).sum())
     last = min(last, num_nonzero)
@@ -71,6 +74,14 @@ def _alpha_req_from_eigenvalues(
     x_mean = (w * log_k).sum() / w.sum()
     y_mean = (w * log_lam).sum() / w.sum()
     slope = (w * (log_k - x_mean) * (log_lam - y_mean)).sum() / (w * (log_k - x_mean).square()).sum()
+    return slope, y_mean - slope * x_mean, first, last
+
+
+def _alpha_req_from_eigenvalues(
+    eigenvalues: Tensor, fit_range: tuple[int, int], tolerance: float, metric: str = "alpha_req"
+) -> Tensor:
+    """α = −slope of the weighted log-log fit (see :func:`_power_law_fit`)."""
+    slope, _, _, _ = _power_law_fit(eigenvalues, fit_range, tolerance, metric)
     return -slope
 
 

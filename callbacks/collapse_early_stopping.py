@@ -1,0 +1,241 @@
+"""CollapseEarlyStopping: stop a run (or a fine-tune) whose representation collapses."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+_RANK_METRICS = ("rankme", "lidar")
+_LOCAL_METRICS = ("lid",)
+_GLOBAL_DIMENSION_METRICS = ("twonn", "mle_dimension")
+_SPREAD_METRICS = ("normalized_std",)
+
+
+def collapse_kind(metric: str, value: float) -> str:
+    """Which collapse a low value of ``metric`` means: complete, dimensional or local."""
+    if metric in _SPREAD_METRICS or (metric in _RANK_METRICS and value <= 1.5):
+        return "complete"
+    if metric in _LOCAL_METRICS:
+        return "local"
+    if metric in _RANK_METRICS or metric in _GLOBAL_DIMENSION_METRICS:
+        return "dimensional"
+    return "representation"
+
+
+class CollapseEarlyStopping(EarlyStopping):
+    r"""Stop training when a representation metric shows collapse for ``patience`` consecutive checks.
+
+    A check *shows collapse* when the monitored value (one where higher is healthier: RankMe, LiDAR,
+    local intrinsic dimension, normalised std, ...) is
+
+    - below ``min_value`` (an absolute floor), or
+    - below ``min_fraction_of_dim`` × D (rank metrics; D is the tap's embedding width, read from the
+      :class:`RepresentationMonitor` or given as ``dim``), or
+    - more than ``max_relative_drop`` below the baseline: ``baseline`` when given (the fine-tuning
+      case: the pretrained encoder's value), else the first value seen.
+
+    Any collapsing check increments a counter, a healthy one resets it; at ``patience`` the trainer
+    stops on every rank (Lightning's ``reduce_boolean_decision``), and ``stopping_reason_message``
+    names the kind of collapse (complete, dimensional, local) with the values seen. The message is
+    logged, printed by Lightning's logger and, with TensorBoard, added as text.
+
+    A check happens each time the monitored value is produced: for ``repr/train/...`` keys every
+    time the monitor computes (every ``every_n_train_steps``), for ``repr/val/...`` keys and any other
+    logged key at the end of validation. Put a ``ModelCheckpoint`` on the same metric
+    (``mode="max"``) to keep the best checkpoint from before the collapse.
+
+    Args:
+        monitor: the logged key, e.g. ``"repr/val/projector/rankme"``.
+        patience: consecutive collapsing checks before stopping.
+        min_value, min_fraction_of_dim, max_relative_drop: the criteria (at least one).
+        baseline: reference value for ``max_relative_drop`` (default: the first value seen).
+        dim: embedding width for ``min_fraction_of_dim`` (default: from the RepresentationMonitor).
+        kind: override the collapse kind named in the reason.
+        check_finite: stop at once on a NaN/inf value.
+        strict: raise if the monitored key is never logged.
+        verbose: log each check's outcome.
+    """
+
+    def __init__(
+        self,
+        monitor: str,
+        patience: int = 3,
+        min_value: float | None = None,
+        min_fraction_of_dim: float | None = None,
+        max_relative_drop: float | None = None,
+        baseline: float | None = None,
+        dim: int | None = None,
+        kind: str | None = None,
+        check_finite: bool = True,
+        strict: bool = True,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(monitor=monitor, patience=patience, mode="max", strict=strict, check_finite=check_finite, verbose=verbose, check_on_train_epoch_end=False)
+        if min_value is None and min_fraction_of_dim is None and max_relative_drop is None:
+            raise MisconfigurationException("CollapseEarlyStopping: give at least one of min_value, min_fraction_of_dim, max_relative_drop")
+        for name, value in (("min_fraction_of_dim", min_fraction_of_dim), ("max_relative_drop", max_relative_drop)):
+            if value is not None and not 0 < value < 1:
+                raise MisconfigurationException(f"CollapseEarlyStopping: `{name}` must be in (0, 1), got {value}")
+        if not isinstance(patience, int) or patience < 1:
+            raise MisconfigurationException(f"CollapseEarlyStopping: `patience` must be a positive integer, got {patience}")
+        if baseline is not None and not (math.isfinite(baseline) and baseline > 0):
+            raise MisconfigurationException(f"CollapseEarlyStopping: `baseline` must be a positive finite number, got {baseline}")
+        self.min_value = min_value
+        self.min_fraction_of_dim = min_fraction_of_dim
+        self.max_relative_drop = max_relative_drop
+        self.baseline = baseline
+        self.dim = dim
+        self.kind = kind
+        self.values_seen: list[float] = []
+        self._history_seen = 0
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            monitor=self.monitor, min_value=self.min_value, min_fraction_of_dim=self.min_fraction_of_dim, max_relative_drop=self.max_relative_drop
+        )
+
+    # ---- where values come from --------------------------------------------------------------
+    def _source(self, trainer: pl.Trainer) -> tuple[Any, str] | None:
+        """The RepresentationMonitor that produces ``monitor`` and the key in its history."""
+        from reprmetrics.callbacks.representation_monitor import RepresentationMonitor
+
+        for callback in trainer.callbacks:
+            if isinstance(callback, RepresentationMonitor) and self.monitor.startswith(callback.prefix + "/"):
+                return callback, self.monitor[len(callback.prefix) + 1 :]
+        return None
+
+    def _embedding_dim(self, trainer: pl.Trainer) -> int | None:
+        if self.dim is not None:
+            return self.dim
+        source = self._source(trainer)
+        if source is None:
+            return None
+        _, key = source
+        tap = key.split("/", 1)[1].rsplit("/", 1)[0]
+        return source[0].tracker.num_features.get(tap)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._should_skip_check(trainer):
+            return
+        source = self._source(trainer)
+        if source is not None and source[1].startswith("train/"):
+            self._check_new_values(trainer, source)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_skip_check(trainer):
+            return
+        source = self._source(trainer)
+        if source is None:
+            self._run_early_stopping_check(trainer)  # any logged key: Lightning's own path
+        elif not source[1].startswith("train/"):
+            self._check_new_values(trainer, source)
+
+    def _check_new_values(self, trainer: pl.Trainer, source: tuple[Any, str]) -> None:
+        monitor_cb, key = source
+        history = monitor_cb.tracker.history.get(key, [])
+        if len(history) <= self._history_seen:
+            return
+        self._history_seen = len(history)
+        self._decide(trainer, torch.tensor(history[-1][1]))
+
+    @override
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        logs = trainer.callback_metrics
+        if trainer.fast_dev_run or not self._validate_condition_metric(logs):
+            return
+        self._decide(trainer, logs[self.monitor].squeeze())
+
+    def _decide(self, trainer: pl.Trainer, current: Tensor) -> None:
+        self._dim_for_check = self._embedding_dim(trainer)
+        should_stop, reason = self._evaluate_stopping_criteria(current)
+        should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
+        trainer.should_stop = trainer.should_stop or should_stop
+        if should_stop:
+            self.stopped_epoch = trainer.current_epoch
+            self.stopping_reason_message = reason
+            self._announce(trainer, reason)
+        elif reason and self.verbose:
+            self._log_info(trainer, reason, self.log_rank_zero_only)
+
+    def _announce(self, trainer: pl.Trainer, reason: str | None) -> None:
+        if not reason:
+            return
+        self._log_info(trainer, reason, log_rank_zero_only=True)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text("collapse_early_stopping", reason, trainer.global_step)
+
+    # ---- the criteria ------------------------------------------------------------------------
+    @override
+    def _evaluate_stopping_criteria(self, current: Tensor) -> tuple[bool, str | None]:
+        value = float(current)
+        metric = self.monitor.rsplit("/", 1)[-1]
+        if self.check_finite and not math.isfinite(value):
+            self.stopping_reason = EarlyStoppingReason.NON_FINITE_METRIC
+            return True, f"Monitored metric {self.monitor} = {value} is not finite. Signaling Trainer to stop."
+        self.values_seen.append(value)
+        if value > float(self.best_score):
+            self.best_score = torch.tensor(value)
+        if self.baseline is None and len(self.values_seen) == 1:
+            self.baseline = value  # first value seen
+
+        reasons = []
+        if self.min_value is not None and value < self.min_value:
+            reasons.append(f"below the floor {self.min_value:g}")
+        dim = getattr(self, "_dim_for_check", None) or self.dim
+        if self.min_fraction_of_dim is not None and dim:
+            threshold = self.min_fraction_of_dim * dim
+            if value < threshold:
+                reasons.append(f"below {self.min_fraction_of_dim:g} × D = {threshold:.4g} (D = {dim})")
+        if self.max_relative_drop is not None and self.baseline:
+            threshold = (1 - self.max_relative_drop) * self.baseline
+            if value < threshold:
+                reasons.append(
+                    f"{1 - value / self.baseline:.0%} below the baseline {self.baseline:.4g} (allowed drop {self.max_relative_drop:.0%})"
+                )
+
+        if not reasons:
+            self.wait_count = 0
+            return False, f"{self.monitor} = {value:.4g}: healthy"
+        self.wait_count += 1
+        if self.wait_count < self.patience:
+            return False, f"{self.monitor} = {value:.4g}: {'; '.join(reasons)} ({self.wait_count}/{self.patience})"
+        kind = self.kind or collapse_kind(metric, value)
+        recent = ", ".join(f"{v:.4g}" for v in self.values_seen[-(self.patience + 2) :])
+        self.stopping_reason = EarlyStoppingReason.PATIENCE_EXHAUSTED
+        return True, (
+            f"{kind.capitalize()} collapse: {self.monitor} = {value:.4g} is {'; '.join(reasons)},"
+            f" for {self.wait_count} consecutive checks (recent values: {recent}; best {float(self.best_score):.4g})."
+            " Signaling Trainer to stop."
+        )
+
+    # ---- persistence ---------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(baseline=self.baseline, values_seen=list(self.values_seen), history_seen=self._history_seen)
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.baseline = state_dict.get("baseline", self.baseline)
+        self.values_seen = list(state_dict.get("values_seen", []))
+        self._history_seen = state_dict.get("history_seen", 0)

@@ -1,0 +1,250 @@
+"""RepresentationMonitor: compute representation metrics during training and log them."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torchmetrics import Metric
+from typing_extensions import override
+
+from reprmetrics.monitor import RepresentationTracker, Tap
+from reprmetrics.spectral import AlphaReQ, RankMe
+
+
+class RepresentationMonitor(Callback):
+    r"""Watch the representations a LightningModule learns, without labels.
+
+    Logs ``{prefix}/{stage}/{tap}/{metric}`` through ``pl_module.log`` (stage ``train`` or ``val``), e.g.
+    ``repr/val/projector/rankme``. Values are computed on every rank from metrics synced across ranks,
+    so they are identical everywhere and ``EarlyStopping``/``ModelCheckpoint`` can monitor them under DDP.
+
+    - ``train``: every ``every_n_train_steps`` training steps, over the most recent
+      ``train_buffer_size`` samples per tap (captured during the steps just before; other steps
+      capture nothing).
+    - ``val``: over the whole validation set, at each validation epoch end (streamed; point-based
+      metrics keep a uniform sample of at most ``max_samples``).
+
+    With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, each validation epoch also adds,
+    per tap, the covariance eigenvalue spectrum as a log-log figure with the α-ReQ fit
+    (``{prefix}/val/{tap}/spectrum``), and histograms of the singular values and of the per-sample
+    local intrinsic dimension. Other loggers, or none, get the scalars only.
+
+    Args:
+        taps: submodule names (a forward hook reads their output; see
+            :class:`reprmetrics.monitor.Tap` for pooling feature maps) and/or keys of the dict that
+            ``training_step``/``validation_step`` return, holding ``(B, D)``, ``(B, q, D)`` or a list
+            of q ``(B, D)`` tensors.
+        num_views: views per sample. With q ≥ 2, the q forward calls of a tapped module in one step
+            are views 1..q; a single call on a ``torch.cat``-ed batch of q·B rows is split into q chunks.
+        every_n_train_steps: training-stage cadence (0 disables training-stage metrics).
+        train_buffer_size: samples per tap that training-stage metrics read.
+        max_samples: cap on points kept by uniformity and local intrinsic dimension.
+        metrics: extra ``{name: Metric}``, cloned per tap and stage (they receive ``(B, D)``).
+        default_metrics: RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic
+            dimension, and with views LiDAR and alignment.
+        progress_bar: the metric shown in the progress bar for each tap (``None``: none).
+        log_figures: add the spectrum figure and histograms when the logger is TensorBoard.
+        strict: raise instead of warning once and skipping a metric that cannot be computed.
+        prefix: first component of every logged name.
+
+    Example::
+
+        trainer = Trainer(callbacks=[RepresentationMonitor(["backbone", "projector"], num_views=2)])
+    """
+
+    def __init__(
+        self,
+        taps: Iterable[str | Tap],
+        num_views: int = 1,
+        every_n_train_steps: int = 50,
+        train_buffer_size: int = 1024,
+        max_samples: int = 8192,
+        metrics: Mapping[str, Metric] | None = None,
+        default_metrics: bool = True,
+        progress_bar: str | None = "rankme",
+        log_figures: bool = True,
+        strict: bool = False,
+        prefix: str = "repr",
+    ) -> None:
+        super().__init__()
+        try:
+            self.tracker = RepresentationTracker(
+                taps,
+                num_views=num_views,
+                every_n_train_steps=every_n_train_steps,
+                train_buffer_size=train_buffer_size,
+                max_samples=max_samples,
+                metrics=metrics,
+                default_metrics=default_metrics,
+                strict=strict,
+            )
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from error
+        self.progress_bar = progress_bar
+        self.log_figures = log_figures
+        self.prefix = prefix
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(taps=[t.name for t in self.tracker.taps], prefix=self.prefix)
+
+    def key(self, stage: str, tap: str, metric: str) -> str:
+        """The logged name of a value."""
+        return f"{self.prefix}/{stage}/{tap}/{metric}"
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        try:
+            self.tracker.attach(pl_module)
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from error
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.tracker.detach()
+
+    # ---- training --------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.tracker.start_train_step()
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        values = self.tracker.end_train_step(outputs)
+        if values:
+            self._log(pl_module, "train", values, on_step=True)
+            # Collapse checks on these keys run now, whatever the callbacks' order.
+            from reprmetrics.callbacks.collapse_early_stopping import CollapseEarlyStopping
+
+            for callback in trainer.callbacks:
+                if isinstance(callback, CollapseEarlyStopping):
+                    callback.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    # ---- validation ------------------------------------------------------------------------------
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.tracker.start_eval()
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not trainer.sanity_checking:
+            self.tracker.end_eval_step(outputs)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        values = self.tracker.end_eval()
+        if values:
+            self._log(pl_module, "val", values, on_step=False)
+        if self.log_figures:
+            self._log_figures(trainer)
+
+    # ---- logging ---------------------------------------------------------------------------------
+    def _log(self, pl_module: pl.LightningModule, stage: str, values: Mapping[str, Tensor], on_step: bool) -> None:
+        named = {}
+        for name, value in values.items():
+            tap, metric = name.rsplit("/", 1)
+            key = self.key(stage, tap, metric)
+            named[key] = value.to(torch.float32)
+            pl_module.log(
+                key,
+                named[key],
+                on_step=on_step,
+                on_epoch=not on_step,
+                prog_bar=metric == self.progress_bar,
+                # Step values go to the loggers below: Lightning would keep only those on its
+                # `log_every_n_steps` grid, which need not meet `every_n_train_steps`.
+                logger=not on_step,
+                sync_dist=False,  # already identical on every rank
+                batch_size=1,
+            )
+        if on_step and pl_module._trainer is not None:
+            trainer = pl_module.trainer
+            for logger in trainer.loggers:
+                logger.log_metrics({k: float(v) for k, v in named.items()}, step=trainer.global_step)
+
+    def _log_figures(self, trainer: pl.Trainer) -> None:
+        tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if tensorboard is None:
+            return
+        step = trainer.global_step
+        for tap, metric_set in self.tracker.metric_sets("val").items():
+            # Syncing reads happen on every rank (collective); only rank 0 writes.
+            artifacts = self._spectral_artifacts(metric_set.metrics)
+            if not trainer.is_global_zero:
+                continue
+            writer = tensorboard.experiment
+            base = f"{self.prefix}/val/{tap}"
+            if "singular_values" in artifacts:
+                writer.add_histogram(f"{base}/singular_values", artifacts["singular_values"].float().cpu(), step)
+            if "lid" in artifacts:
+                writer.add_histogram(f"{base}/lid_per_sample", artifacts["lid"].float().cpu(), step)
+            if "spectrum" in artifacts:
+                figure = spectrum_figure(artifacts["spectrum"], title=f"{tap}: covariance spectrum")
+                if figure is not None:
+                    writer.add_figure(f"{base}/spectrum", figure, step)
+
+    def _spectral_artifacts(self, metrics: Mapping[str, Metric]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for metric in metrics.values():
+                try:
+                    if isinstance(metric, RankMe) and "singular_values" not in out:
+                        out["singular_values"] = metric.singular_values()
+                    elif isinstance(metric, AlphaReQ) and "spectrum" not in out:
+                        out["spectrum"] = metric.spectrum_fit()
+                    elif hasattr(metric, "per_sample") and "lid" not in out:
+                        out["lid"] = metric.per_sample()
+                except (ValueError, RuntimeError):
+                    continue  # already warned about by the metric set
+        return out
+
+    # ---- persistence -----------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.tracker.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state_dict)
+
+
+def spectrum_figure(spectrum: Mapping[str, Any], title: str = "covariance spectrum") -> Any:
+    """A log-log plot of covariance eigenvalues with the α-ReQ fit, or ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    lam = spectrum["eigenvalues"].double().cpu()
+    lam = lam[lam > 0]
+    ranks = torch.arange(1, len(lam) + 1, dtype=torch.float64)
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
+    ax.loglog(ranks.numpy(), lam.numpy(), ".", markersize=3, label="eigenvalues")
+    first, last = spectrum["first"], spectrum["last"]
+    k = torch.arange(first, last + 1, dtype=torch.float64)
+    fit = torch.exp(-spectrum["alpha"] * k.log() + spectrum["intercept"])
+    ax.loglog(k.numpy(), fit.numpy(), "-", color="C3", label=f"α-ReQ fit: α = {spectrum['alpha']:.2f}")
+    ax.set_xlabel("rank k")
+    ax.set_ylabel("eigenvalue λ_k")
+    ax.set_title(title)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    return fig

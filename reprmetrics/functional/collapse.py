@@ -1,0 +1,55 @@
+r"""Complete-collapse indicator: the per-dimension standard deviation of L2-normalised embeddings.
+
+SimSiam (Chen & He, CVPR 2021, §4.1) watches this quantity: if the outputs collapse to a constant
+vector it falls to 0, while for outputs spread over the unit sphere ℝ^D it is about :math:`1/\sqrt{D}`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from reprmetrics._linalg import no_autocast
+from reprmetrics._validation import check_tensor
+
+__all__ = ["normalized_std"]
+
+
+def _l2_normalize(z: Tensor) -> Tensor:
+    # A zero row stays zero (it has no direction); documented on the public functions.
+    return z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+
+
+def _normalized_std_from_sums(total: Tensor, total_sq: Tensor, num_samples: int) -> Tensor:
+    mean = total / num_samples
+    var = ((total_sq - num_samples * mean.square()) / (num_samples - 1)).clamp_min(0)
+    return var.sqrt().mean()
+
+
+def normalized_std(embeddings: Tensor) -> Tensor:
+    r"""Mean over dimensions of the standard deviation of the L2-normalised embeddings.
+
+    .. math::
+        \hat z_i = z_i / \lVert z_i \rVert_2, \qquad
+        \operatorname{std} = \frac{1}{D} \sum_{d=1}^{D} \operatorname{std}_i(\hat z_{i,d})
+
+    (unbiased std over the N samples). About :math:`1/\sqrt{D}` for embeddings spread over the
+    sphere, 0 when every embedding points the same way (complete collapse); higher is better.
+    Zero rows stay zero after normalisation.
+
+    Args:
+        embeddings: ``(N, D)`` tensor, N ≥ 2.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics.functional import normalized_std
+        >>> round(normalized_std(torch.randn(20000, 64)).item() * 64 ** 0.5, 1)
+        1.0
+        >>> normalized_std(torch.ones(10, 64) * 3).item()
+        0.0
+    """
+    z = check_tensor(embeddings, "normalized_std", min_rows=2)
+    with no_autocast(z.device):
+        zn = _l2_normalize(z.to(torch.float64))
+        value = _normalized_std_from_sums(zn.sum(0), zn.square().sum(0), z.shape[0])
+    return value.to(torch.promote_types(z.dtype, torch.float32))

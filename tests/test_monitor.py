@@ -1,0 +1,140 @@
+"""The framework-agnostic core of the monitor: taps, view grouping, schedule, metric sets."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from reprmetrics import AlphaReQ, RankMe
+from reprmetrics.functional import rankme
+from reprmetrics.monitor import RepresentationTracker, Tap, flatten_output, group_views
+
+
+def test_group_views_forms():
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    assert torch.equal(group_views([a, b], 2, "t"), torch.stack([a, b], 1))  # q forward calls
+    assert torch.equal(group_views([torch.cat([a, b])], 2, "t"), torch.stack([a, b], 1))  # one concatenated batch
+    assert torch.equal(group_views([torch.stack([a, b], 1)], 2, "t"), torch.stack([a, b], 1))  # (B, q, D)
+    assert group_views([a, b], 1, "t").shape == (10, 1, 3)  # no views: every row a sample
+    with pytest.raises(ValueError, match="expected 3 calls"):
+        group_views([a, b], 3, "t")
+    with pytest.raises(ValueError, match="differ in shape"):
+        group_views([a, torch.randn(4, 3)], 2, "t")
+
+
+def test_flatten_output():
+    assert flatten_output((torch.randn(4, 2, 3, 3), "aux")).shape == (4, 18)
+    assert flatten_output(torch.randn(4)).shape == (4, 1)
+    with pytest.raises(ValueError, match="reduce"):
+        flatten_output({"a": 1})
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def test_plain_loop_schedule_and_values():
+    torch.manual_seed(0)
+    net = Net()
+    tracker = RepresentationTracker(
+        ["encoder", Tap("encoder.0", reduce=lambda y: y[:, :8])],
+        every_n_train_steps=5,
+        train_buffer_size=20,
+        default_metrics=False,
+        metrics={"rankme": RankMe()},
+    )
+    tracker.attach(net)
+    data = [torch.randn(10, 8) for _ in range(10)]
+    captured_steps, results = [], {}
+    for step, x in enumerate(data):
+        if tracker.start_train_step():
+            captured_steps.append(step)
+        net(x)
+        values = tracker.end_train_step()
+        if values:
+            results[step] = values
+    # Step 0 captures (batch size unknown: window 1); then a 20-sample buffer needs the 2 steps before each compute.
+    assert captured_steps == [4, 8, 9]
+    assert sorted(results) == [4, 9]
+    with torch.no_grad():
+        expected = rankme(torch.cat([net.encoder(x) for x in data[8:10]]))  # weights never change here
+    assert results[9]["encoder/rankme"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert set(results[9]) == {"encoder/rankme", "encoder.0/rankme"}
+    assert tracker.num_features == {"encoder": 16, "encoder.0": 8}
+    assert [s for s, _ in tracker.history["train/encoder/rankme"]] == [4, 9]
+    tracker.detach()
+    assert not net.encoder._forward_hooks
+
+
+def test_capture_is_detached_and_hooks_do_not_touch_gradients():
+    net = Net()
+    tracker = RepresentationTracker(["encoder"], every_n_train_steps=1, default_metrics=False, metrics={"rankme": RankMe()})
+    tracker.attach(net)
+    x = torch.randn(12, 8)
+    tracker.start_train_step()
+    net(x).sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    tracker.end_train_step()
+    net.zero_grad()
+    tracker.detach()
+    net(x).sum().backward()
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, net.parameters()))
+
+
+def test_output_taps_and_evaluation_streaming():
+    tracker = RepresentationTracker(["z"], num_views=2, default_metrics=False, metrics={"rankme": RankMe()})
+    z = torch.randn(40, 6)
+    tracker.start_eval()
+    for chunk in z.split(10):
+        tracker.end_eval_step({"z": [chunk, chunk + 0.01]})
+    values = tracker.end_eval()
+    assert values["z/rankme"].item() == pytest.approx(rankme(z).item(), rel=1e-5)  # point metrics read view 1
+
+
+def test_failing_metric_warns_once_and_is_skipped_unless_strict():
+    tracker = RepresentationTracker(["z"], default_metrics=False, metrics={"rankme": RankMe(), "alpha": AlphaReQ()})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            tracker.start_eval()
+            tracker.end_eval_step({"z": torch.randn(8, 6)})  # α-ReQ needs ranks 11..: not computable
+            values = tracker.end_eval()
+            assert set(values) == {"z/rankme"}
+    assert sum("skipping val/z/alpha" in str(w.message) for w in caught) == 1
+    strict = RepresentationTracker(["z"], default_metrics=False, metrics={"alpha": AlphaReQ()}, strict=True)
+    strict.start_eval()
+    strict.end_eval_step({"z": torch.randn(8, 6)})
+    with pytest.raises(ValueError, match="AlphaReQ"):
+        strict.end_eval()
+
+
+def test_bad_configuration():
+    for kwargs, match in (
+        ({"taps": []}, "at least one tap"),
+        ({"taps": ["a", "a"]}, "unique"),
+        ({"taps": ["a"], "num_views": 0}, "num_views"),
+        ({"taps": ["a"], "default_metrics": False}, "no metrics"),
+        ({"taps": ["a"], "metrics": {"x": object()}}, "torchmetrics.Metric"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            RepresentationTracker(**kwargs)
+    with pytest.raises(ValueError, match="no submodule"):
+        RepresentationTracker([Tap("missing", source="module")]).attach(Net())
+
+
+def test_state_dict_round_trip():
+    tracker = RepresentationTracker(["z"], every_n_train_steps=2, default_metrics=False, metrics={"rankme": RankMe()})
+    for _ in range(4):
+        tracker.start_train_step()
+        tracker.end_train_step({"z": torch.randn(16, 5)})
+    state = tracker.state_dict()
+    fresh = RepresentationTracker(["z"], every_n_train_steps=2, default_metrics=False, metrics={"rankme": RankMe()})
+    fresh.load_state_dict(state)
+    assert fresh.train_steps == 4 and fresh.history == tracker.history and len(fresh.history["train/z/rankme"]) == 2
