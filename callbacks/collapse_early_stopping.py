@@ -23,8 +23,14 @@ _GLOBAL_DIMENSION_METRICS = ("twonn", "mle_dimension")
 _SPREAD_METRICS = ("normalized_std",)
 
 
-def collapse_kind(metric: str, value: float) -> str:
-    """Which collapse a low value of ``metric`` means: complete, dimensional or local."""
+def collapse_kind(metric: str, value: float, normalized_std: float | None = None, dim: int | None = None) -> str:
+    """Which collapse a low value of ``metric`` means: complete, dimensional or local.
+
+    ``normalized_std`` (of the same tap, when the monitor computes it) below a quarter of its healthy
+    value 1/√D means every embedding points nearly the same way: complete collapse, whatever the metric.
+    """
+    if normalized_std is not None and dim and normalized_std < 0.25 / math.sqrt(dim):
+        return "complete"
     if metric in _SPREAD_METRICS or (metric in _RANK_METRICS and value <= 1.5):
         return "complete"
     if metric in _LOCAL_METRICS:
@@ -48,7 +54,9 @@ class CollapseEarlyStopping(EarlyStopping):
 
     Any collapsing check increments a counter, a healthy one resets it; at ``patience`` the trainer
     stops on every rank (Lightning's ``reduce_boolean_decision``), and ``stopping_reason_message``
-    names the kind of collapse (complete, dimensional, local) with the values seen. The message is
+    names the kind of collapse (complete, dimensional, local) with the values seen: *complete* when
+    the tap's normalised std (if monitored) is below a quarter of its healthy 1/√D or a rank metric is
+    about 1, *local* for local intrinsic dimension, *dimensional* for other rank/dimension metrics. The message is
     logged, printed by Lightning's logger and, with TensorBoard, added as text.
 
     A check happens each time the monitored value is produced: for ``repr/train/...`` keys every
@@ -161,8 +169,18 @@ class CollapseEarlyStopping(EarlyStopping):
             return
         self._decide(trainer, logs[self.monitor].squeeze())
 
+    def _companion_std(self, trainer: pl.Trainer) -> float | None:
+        """The latest normalised std of the same tap and stage, if the monitor computes it."""
+        source = self._source(trainer)
+        if source is None:
+            return None
+        monitor_cb, key = source
+        history = monitor_cb.tracker.history.get(key.rsplit("/", 1)[0] + "/normalized_std")
+        return history[-1][1] if history else None
+
     def _decide(self, trainer: pl.Trainer, current: Tensor) -> None:
         self._dim_for_check = self._embedding_dim(trainer)
+        self._std_for_check = self._companion_std(trainer)
         should_stop, reason = self._evaluate_stopping_criteria(current)
         should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
         trainer.should_stop = trainer.should_stop or should_stop
@@ -217,12 +235,14 @@ class CollapseEarlyStopping(EarlyStopping):
         self.wait_count += 1
         if self.wait_count < self.patience:
             return False, f"{self.monitor} = {value:.4g}: {'; '.join(reasons)} ({self.wait_count}/{self.patience})"
-        kind = self.kind or collapse_kind(metric, value)
+        std = getattr(self, "_std_for_check", None)
+        kind = self.kind or collapse_kind(metric, value, std, dim)
         recent = ", ".join(f"{v:.4g}" for v in self.values_seen[-(self.patience + 2) :])
+        std_note = f"; normalized std {std:.3g} vs healthy 1/√D = {1 / math.sqrt(dim):.3g}" if std is not None and dim else ""
         self.stopping_reason = EarlyStoppingReason.PATIENCE_EXHAUSTED
         return True, (
             f"{kind.capitalize()} collapse: {self.monitor} = {value:.4g} is {'; '.join(reasons)},"
-            f" for {self.wait_count} consecutive checks (recent values: {recent}; best {float(self.best_score):.4g})."
+            f" for {self.wait_count} consecutive checks (recent values: {recent}; best seen {float(self.best_score):.4g}{std_note})."
             " Signaling Trainer to stop."
         )
 

@@ -50,8 +50,9 @@ class RepresentationMonitor(Callback):
         metrics: extra ``{name: Metric}``, cloned per tap and stage (they receive ``(B, D)``).
         default_metrics: RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic
             dimension, and with views LiDAR and alignment.
-        progress_bar: the metric shown in the progress bar for each tap (``None``: none).
+        progress_bar: the validation metric shown in the progress bar for each tap (``None``: none).
         log_figures: add the spectrum figure and histograms when the logger is TensorBoard.
+        figures_every_n_epochs: draw them every this many validation epochs (drawing costs time on CPU).
         strict: raise instead of warning once and skipping a metric that cannot be computed.
         prefix: first component of every logged name.
 
@@ -71,6 +72,7 @@ class RepresentationMonitor(Callback):
         default_metrics: bool = True,
         progress_bar: str | None = "rankme",
         log_figures: bool = True,
+        figures_every_n_epochs: int = 1,
         strict: bool = False,
         prefix: str = "repr",
     ) -> None:
@@ -89,7 +91,11 @@ class RepresentationMonitor(Callback):
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
         self.progress_bar = progress_bar
+        if isinstance(figures_every_n_epochs, bool) or not isinstance(figures_every_n_epochs, int) or figures_every_n_epochs < 1:
+            raise MisconfigurationException(f"RepresentationMonitor: `figures_every_n_epochs` must be a positive integer, got {figures_every_n_epochs!r}")
         self.log_figures = log_figures
+        self.figures_every_n_epochs = figures_every_n_epochs
+        self._val_epochs = 0
         self.prefix = prefix
 
     @property
@@ -150,8 +156,9 @@ class RepresentationMonitor(Callback):
         values = self.tracker.end_eval()
         if values:
             self._log(pl_module, "val", values, on_step=False)
-        if self.log_figures:
+        if self.log_figures and self._val_epochs % self.figures_every_n_epochs == 0:
             self._log_figures(trainer)
+        self._val_epochs += 1
 
     # ---- logging ---------------------------------------------------------------------------------
     def _log(self, pl_module: pl.LightningModule, stage: str, values: Mapping[str, Tensor], on_step: bool) -> None:
@@ -165,7 +172,7 @@ class RepresentationMonitor(Callback):
                 named[key],
                 on_step=on_step,
                 on_epoch=not on_step,
-                prog_bar=metric == self.progress_bar,
+                prog_bar=metric == self.progress_bar and stage == "val",
                 # Step values go to the loggers below: Lightning would keep only those on its
                 # `log_every_n_steps` grid, which need not meet `every_n_train_steps`.
                 logger=not on_step,

@@ -3,7 +3,8 @@
     python examples/metrics_table.py [--samples 4096] [--dim 128] [--batch 256]
 
 Prints a table: how each label-free metric reads each kind of representation. The embeddings are
-streamed through the Metric classes in batches, as a training loop would feed them.
+streamed through the Metric classes in batches, as a training loop would feed them. The two "views"
+that LiDAR and alignment need are each embedding plus independent noise of 5 % of its scale.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 
 import torch
 
-from reprmetrics import AlphaReQ, RankMe
+from reprmetrics import Alignment, AlphaReQ, LiDAR, LocalIntrinsicDimension, NormalizedStd, RankMe, TwoNN, Uniformity
 
 
 def generated_embeddings(n: int, d: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -22,13 +23,30 @@ def generated_embeddings(n: int, d: int, seed: int = 0) -> dict[str, torch.Tenso
     return {
         "healthy (λ_k ∝ 1/k)": torch.randn(n, d, generator=g) * decay,
         "dimensional collapse (rank 8 + noise)": low_rank + 1e-2 * torch.randn(n, d, generator=g),
-        "complete collapse (rank 1 + 1e-3 noise)": torch.randn(n, 1, generator=g) * torch.randn(1, d, generator=g)
-        + 1e-3 * torch.randn(n, d, generator=g),
+        "complete collapse (one point + 1e-3 noise)": torch.randn(1, d, generator=g) + 1e-3 * torch.randn(n, d, generator=g),
     }
 
 
 def metric_set(d: int) -> dict[str, object]:
-    return {"RankMe ↑": RankMe(), "α-ReQ (≈1 best)": AlphaReQ(fit_range=(11, min(100, d)))}
+    return {
+        "RankMe ↑": RankMe(),
+        "α-ReQ ≈1": AlphaReQ(fit_range=(11, min(100, d))),
+        "LiDAR ↑": LiDAR(),
+        "norm. std ↑": NormalizedStd(),
+        "uniformity ↓": Uniformity(),
+        "alignment ↓": Alignment(),
+        "LID ↑": LocalIntrinsicDimension(),
+        "TwoNN ↑": TwoNN(),
+    }
+
+
+def feed(metric: object, batch: torch.Tensor, generator: torch.Generator) -> None:
+    if isinstance(metric, (LiDAR, Alignment)):
+        scale = 0.05 * batch.std()
+        views = [batch + scale * torch.randn(batch.shape, generator=generator) for _ in range(2)]
+        metric.update(torch.stack(views, dim=1)) if isinstance(metric, LiDAR) else metric.update(*views)
+    else:
+        metric.update(batch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,20 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     rows = []
+    generator = torch.Generator().manual_seed(1)
     for label, z in generated_embeddings(args.samples, args.dim).items():
         metrics = metric_set(args.dim)
         for batch in z.split(args.batch):
             for m in metrics.values():
-                m.update(batch)
+                feed(m, batch, generator)
         rows.append((label, {name: m.compute().item() for name, m in metrics.items()}))
 
     names = list(rows[0][1])
     width = max(len(label) for label, _ in rows)
     print(f"{args.samples} × {args.dim} embeddings, streamed in batches of {args.batch}\n")
-    print(f"{'embeddings':<{width}} | " + " | ".join(f"{n:>15}" for n in names))
-    print("-" * width + "-|-" + "-|-".join("-" * 15 for _ in names))
+    print(f"{'embeddings':<{width}} | " + " | ".join(f"{n:>12}" for n in names))
+    print("-" * width + "-|-" + "-|-".join("-" * 12 for _ in names))
     for label, values in rows:
-        print(f"{label:<{width}} | " + " | ".join(f"{values[n]:>15.3f}" for n in names))
+        print(f"{label:<{width}} | " + " | ".join(f"{values[n]:>12.3f}" for n in names))
     return 0
 
 

@@ -4,8 +4,22 @@ Functions live in :mod:`reprmetrics.functional`; Lightning callbacks in :mod:`re
 (installed with the ``lightning`` extra). This package itself never imports lightning.
 """
 
+from reprmetrics.collapse import NormalizedStd
+from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, MLEDimension, TwoNN
+from reprmetrics.multiview import Alignment, LiDAR, Uniformity
 from reprmetrics.spectral import AlphaReQ, RankMe
 
 __version__ = "0.1.0"
 
-__all__ = ["AlphaReQ", "RankMe", "__version__"]
+__all__ = [
+    "Alignment",
+    "AlphaReQ",
+    "LiDAR",
+    "LocalIntrinsicDimension",
+    "MLEDimension",
+    "NormalizedStd",
+    "RankMe",
+    "TwoNN",
+    "Uniformity",
+    "__version__",
+]

@@ -17,20 +17,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from reprmetrics._base import ReprMetric
 from reprmetrics._validation import check_positive_int, check_tensor
 
 
-class BoundedSampleMetric(Metric):
+class BoundedSampleMetric(ReprMetric):
     """Base class: ``update((B, D))`` keeps a bounded uniform sample; ``_sample()`` returns it.
 
     Subclasses implement ``compute()`` on ``self._sample()`` and may override ``_min_samples``.
     """
 
-    is_differentiable = False
-    full_state_update = False
     _min_samples = 1
 
     samples: list[Tensor]
@@ -86,6 +84,6 @@ class BoundedSampleMetric(Metric):
         return samples
 
     def reset(self) -> None:
+        # The key generator is kept: forward() resets too, and restarting the stream would repeat keys.
         super().reset()
         self._num_features = None
-        self._generator = None

@@ -2,13 +2,12 @@ r"""Streaming :class:`NormalizedStd`, SimSiam's complete-collapse indicator."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
+from reprmetrics._base import ReprMetric
 from reprmetrics._linalg import no_autocast
 from reprmetrics._validation import check_tensor
 from reprmetrics.functional.collapse import _l2_normalize, _normalized_std_from_sums
@@ -16,7 +15,7 @@ from reprmetrics.functional.collapse import _l2_normalize, _normalized_std_from_
 __all__ = ["NormalizedStd"]
 
 
-class NormalizedStd(Metric):
+class NormalizedStd(ReprMetric):
     r"""Mean per-dimension standard deviation of L2-normalised embeddings, streamed.
 
     .. math::
@@ -42,9 +41,7 @@ class NormalizedStd(Metric):
         0.0
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
     plot_lower_bound = 0.0
 
     total: Tensor
@@ -57,10 +54,14 @@ class NormalizedStd(Metric):
         self.add_state("total_sq", torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("num_samples", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    def _check_batch(self, embeddings: Tensor) -> Tensor:
+        known = self.total.shape[0] if self.total.numel() else None
+        return check_tensor(embeddings, "NormalizedStd", features=known)
+
     def update(self, embeddings: Tensor) -> None:
         """Add a ``(B, D)`` batch; bad input raises ``ValueError`` and leaves the state unchanged."""
         known = self.total.shape[0] if self.total.numel() else None
-        z = check_tensor(embeddings, "NormalizedStd", features=known)
+        z = self._check_batch(embeddings)
         with no_autocast(z.device):
             zn = _l2_normalize(z.to(device=self.total.device, dtype=torch.float64))
             if known is None:
@@ -77,7 +78,3 @@ class NormalizedStd(Metric):
         if n < 2:
             raise ValueError(f"NormalizedStd: needs at least 2 samples, got {n}")
         return _normalized_std_from_sums(self.total, self.total_sq, n).to(torch.get_default_dtype())
-
-    def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> Any:
-        """Plot a value or a sequence of values (needs matplotlib). Returns ``(figure, axes)``."""
-        return self._plot(val, ax)

@@ -7,13 +7,12 @@ samples, a DDP sync moves O(D²) numbers, and every rank computes the same value
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
+from reprmetrics._base import ReprMetric
 from reprmetrics._linalg import add_gram_, eigvalsh_descending, no_autocast, nonzero_eigenvalue_tolerance
 from reprmetrics._validation import check_nonnegative_float, check_positive_int, check_tensor
 from reprmetrics.functional.spectral import (
@@ -27,15 +26,13 @@ from reprmetrics.functional.spectral import (
 __all__ = ["AlphaReQ", "RankMe"]
 
 
-class _SecondMoments(Metric):
+class _SecondMoments(ReprMetric):
     """Base class: streams ZᵀZ, Σz and N of ``(B, D)`` batches in ``accumulate_dtype``.
 
     ``num_features`` may be given up front; otherwise the states take their shape from the first
     batch (every DDP rank must then see at least one batch before ``compute()``).
     """
 
-    is_differentiable = False
-    full_state_update = False
     _min_samples = 1
 
     gram: Tensor
@@ -62,11 +59,14 @@ class _SecondMoments(Metric):
         # Machine epsilon of the coarsest input seen: what counts as a zero eigenvalue depends on it.
         self.add_state("input_eps", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
 
+    def _check_batch(self, embeddings: Tensor) -> Tensor:
+        known = self.gram.shape[0] if self.gram.numel() else None
+        return check_tensor(embeddings, type(self).__name__, min_rows=1, features=known)
+
     def update(self, embeddings: Tensor) -> None:
         """Add a ``(B, D)`` batch. Raises ``ValueError`` (state untouched) on bad input."""
-        name = type(self).__name__
         known = self.gram.shape[0] if self.gram.numel() else None
-        z = check_tensor(embeddings, name, min_rows=1, features=known)
+        z = self._check_batch(embeddings)
         with no_autocast(z.device):
             if known is None:
                 d = z.shape[1]
@@ -104,11 +104,6 @@ class _SecondMoments(Metric):
                 raise ValueError(f"{type(self).__name__}: the covariance needs at least 2 samples, got {n}")
             with no_autocast(gram.device):
                 return eigvalsh_descending(_covariance_from_moments(gram, total, n))[: min(n - 1, gram.shape[0])]
-
-    def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> Any:
-        """Plot a value or a sequence of values (needs matplotlib). Returns ``(figure, axes)``."""
-        return self._plot(val, ax)
-
 
 class RankMe(_SecondMoments):
     r"""RankMe (Garrido et al., ICML 2023), streamed over batches.

@@ -262,3 +262,19 @@ def test_cuda_matches_cpu():
     assert metric.compute().device.type == "cuda"
     assert rel_err(metric.compute().cpu(), rankme_ref(z.double().numpy())) <= 1e-4
     assert rel_err(alpha_req(z.cuda()).cpu(), alpha_req_ref(z.double().numpy(), input_eps=torch.finfo(torch.float32).eps)) <= 1e-3
+
+
+@pytest.mark.parametrize("cls", [RankMe, AlphaReQ])
+def test_forward_accumulates_without_num_features_and_keeps_state_on_error(cls):
+    z = datasets.decaying(400, 32, dtype=torch.float64)
+    metric = cls()
+    for b in z.split(100):
+        batch_value = metric(b)
+        assert torch.isfinite(batch_value)
+    before = state_of(metric)
+    with pytest.raises(ValueError, match=cls.__name__):
+        metric(torch.randn(3, 32, dtype=torch.float64) if cls is AlphaReQ else torch.randn(3, 31))  # too few / wrong width
+    after = state_of(metric)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    expected = rankme(z) if cls is RankMe else alpha_req(z)
+    assert rel_err(metric.compute(), expected) <= 1e-6

@@ -1,5 +1,26 @@
 """Pure functions: tensors in, tensor out. The definitions of every metric live here."""
 
+from reprmetrics.functional.collapse import normalized_std
+from reprmetrics.functional.intrinsic_dimension import (
+    ldreg_regularizer,
+    local_intrinsic_dimension,
+    mle_dimension,
+    twonn_dimension,
+)
+from reprmetrics.functional.multiview import alignment, lidar, uniformity
 from reprmetrics.functional.spectral import alpha_req, eigenspectrum, rankme, singular_values
 
-__all__ = ["alpha_req", "eigenspectrum", "rankme", "singular_values"]
+__all__ = [
+    "alignment",
+    "alpha_req",
+    "eigenspectrum",
+    "ldreg_regularizer",
+    "lidar",
+    "local_intrinsic_dimension",
+    "mle_dimension",
+    "normalized_std",
+    "rankme",
+    "singular_values",
+    "twonn_dimension",
+    "uniformity",
+]

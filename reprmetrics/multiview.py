@@ -1,0 +1,359 @@
+r"""Streaming multi-view metrics: :class:`LiDAR`, :class:`Alignment` and :class:`Uniformity`.
+
+- :class:`LiDAR` keeps sufficient statistics of whole groups of views (two D×D scatter sums, a
+  D-vector and counts), all sum-reduced: memory and DDP traffic are O(D²) whatever the number of samples.
+- :class:`Alignment` keeps a sum and a count.
+- :class:`Uniformity` needs the points: it keeps a uniform random sample of at most ``max_samples``
+  of them, the same sample on every rank (see :class:`reprmetrics._sampling.BoundedSampleMetric`),
+  and evaluates every pair of it exactly, in tiles.
+
+``forward()`` (``metric(batch)``) validates the batch against what was accumulated before torchmetrics
+swaps the state out, so a rejected batch leaves the state unchanged there too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from reprmetrics._linalg import no_autocast
+from reprmetrics._sampling import BoundedSampleMetric
+from reprmetrics._validation import check_nonnegative_float, check_positive_int
+from reprmetrics.functional.multiview import (
+    _add_lidar_moments_,
+    _alignment_distances,
+    _check_pair,
+    _check_views,
+    _lidar_eigenvalues,
+    _lidar_scatter_from_moments,
+    _normalised,
+    _smooth_effective_rank,
+    _uniformity_from_points,
+)
+
+__all__ = ["Alignment", "LiDAR", "Uniformity"]
+
+
+class LiDAR(Metric):
+    r"""LiDAR (Thilak et al., ICLR 2024), streamed over batches of whole groups of views.
+
+    Each source sample is a class whose members are its q augmented views. With :math:`\mu_i` the
+    mean of sample i's views and :math:`\mu` the mean of the :math:`\mu_i` over all n samples seen:
+
+    .. math::
+        \Sigma_b = \frac{1}{n-1} \sum_i (\mu_i - \mu)(\mu_i - \mu)^\top, \qquad
+        \Sigma_w = \frac{1}{n(q-1)} \sum_{i,j} (z_{ij} - \mu_i)(z_{ij} - \mu_i)^\top + \delta I,
+
+    .. math::
+        \lambda = \operatorname{eig}\big(\Sigma_w^{-1/2} \Sigma_b \Sigma_w^{-1/2}\big)_{\ge 0}, \qquad
+        p_k = \frac{\lambda_k}{\sum_l \lambda_l} + \varepsilon, \qquad
+        \operatorname{LiDAR} = \exp\Big(-\sum_{k=1}^{d} p_k \log p_k\Big).
+
+    The state is sum-reduced float64: the within-group scatter :math:`\sum_{ij} (z_{ij}-\mu_i)(z_{ij}-\mu_i)^\top`
+    (each group is centred on its own mean inside its batch, so no cancellation), :math:`\sum_i \mu_i \mu_i^\top`,
+    :math:`\sum_i \mu_i`, n and q. Σ_b is formed from the last three in one pass, which loses about
+    log10(‖μ‖² / λ) of float64's 16 digits on an eigenvalue λ of Σ_b (harmless for embeddings).
+    Equals :func:`reprmetrics.functional.lidar` on the concatenation of every batch of every rank.
+
+    As input to ``update``:
+        - ``views`` (:class:`~torch.Tensor`): ``(B, q, d)`` floating tensor, B whole groups of q ≥ 2
+          views. Every group of every batch (and every rank) must have the same q; a group must not be
+          split across batches. Views arriving as ``(q·B, d)`` can be grouped with
+          ``einops.rearrange(z, "(q b) d -> b q d", q=q)``.
+
+    As output of ``compute``:
+        - a scalar float32 tensor in about ``[1, min(n − 1, d)]``; higher is better. If every sample
+          has the same mean view (up to float64 round-off), all λ are 0 and LiDAR is
+          :math:`\exp(-d\varepsilon\log\varepsilon) \approx 1`.
+
+    Args:
+        delta: ridge added to Σ_w (the paper's 1e-4); with 0, a singular Σ_w raises ``ValueError``.
+        eps: added to each normalised eigenvalue (the paper's 1e-8).
+        num_features: d, if known up front (otherwise taken from the first batch, and then every
+            DDP rank must see at least one batch before ``compute()``).
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics import LiDAR
+        >>> metric = LiDAR()
+        >>> basis = torch.randn(4, 32)
+        >>> for _ in range(4):
+        ...     centres = torch.randn(64, 4) @ basis               # sample means span 4 directions
+        ...     noise = 0.1 * torch.randn(64, 1, 32)
+        ...     metric.update(centres.unsqueeze(1) + torch.cat([noise, -noise], dim=1))   # (64, 2, 32)
+        >>> 1.0 < metric.compute().item() <= 4.0
+        True
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    plot_lower_bound = 1.0
+
+    within: Tensor
+    means_gram: Tensor
+    means_sum: Tensor
+    num_groups: Tensor
+    num_views: Tensor
+    total_views: Tensor
+
+    def __init__(self, delta: float = 1e-4, eps: float = 1e-8, num_features: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.delta = check_nonnegative_float(delta, "LiDAR", "delta")
+        self.eps = check_nonnegative_float(eps, "LiDAR", "eps")
+        if num_features is not None:
+            check_positive_int(num_features, "LiDAR", "num_features")
+        d = num_features or 0
+        self.add_state("within", torch.zeros(d, d, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("means_gram", torch.zeros(d, d, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("means_sum", torch.zeros(d, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_groups", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        # q is fixed: "max" carries it through a sync, and total_views = n·q checks that ranks agree.
+        self.add_state("num_views", torch.tensor(0, dtype=torch.long), dist_reduce_fx="max")
+        self.add_state("total_views", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self._known_views: int | None = None  # q of earlier batches, checked without a device sync
+
+    def _validated(self, views: Any) -> Tensor:
+        known = self.within.shape[0] if self.within.numel() else None
+        return _check_views(views, "LiDAR", min_groups=1, features=known, num_views=self._known_views)
+
+    def update(self, views: Tensor) -> None:
+        """Add a ``(B, q, d)`` batch of whole groups. Raises ``ValueError`` (state untouched) on bad input."""
+        v = self._validated(views)
+        b, q, d = v.shape
+        with no_autocast(v.device):
+            if self.within.numel() == 0:
+                self.within = torch.zeros(d, d, dtype=torch.float64, device=self.within.device)
+                self.means_gram = torch.zeros(d, d, dtype=torch.float64, device=self.means_gram.device)
+                self.means_sum = torch.zeros(d, dtype=torch.float64, device=self.means_sum.device)
+            v64 = v.to(device=self.within.device, dtype=torch.float64)
+            _add_lidar_moments_(self.within, self.means_gram, self.means_sum, v64)
+            self.num_groups += b
+            self.num_views.fill_(q)
+            self.total_views += b * q
+        self._known_views = q
+
+    def compute(self) -> Tensor:
+        """LiDAR of every group seen so far."""
+        n, q = int(self.num_groups), int(self.num_views)
+        if n == 0 or self.within.numel() == 0:
+            raise ValueError("LiDAR: compute() called before any update() (no views seen)")
+        if n < 2:
+            raise ValueError(f"LiDAR: needs at least 2 samples (groups of views), got {n}")
+        if int(self.total_views) != n * q:
+            raise ValueError(
+                f"LiDAR: the processes saw different numbers of views per sample ({int(self.total_views)} views"
+                f" in {n} groups, at most {q} per group); every group must have the same q"
+            )
+        with no_autocast(self.within.device):
+            between, within, scale = _lidar_scatter_from_moments(self.within, self.means_gram, self.means_sum, n, q)
+            value = _smooth_effective_rank(_lidar_eigenvalues(between, within, self.delta, scale, n, "LiDAR"), self.eps)
+        return value.to(torch.get_default_dtype())
+
+    def forward(self, views: Tensor) -> Tensor:
+        """Value of this batch alone, accumulating it. The batch must hold at least 2 groups."""
+        v = self._validated(views)  # before torchmetrics resets the state to compute the batch value
+        if v.shape[0] < 2:
+            raise ValueError(
+                f"LiDAR: forward() returns the value of this batch alone, which needs at least 2 samples"
+                f" (groups of views), got {v.shape[0]}; use update() for smaller batches"
+            )
+        return super().forward(views)
+
+    def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
+        # Before the first batch the matrices are 0×0 placeholders (width unknown): they add nothing.
+        for key in ("within", "means_gram", "means_sum"):
+            if incoming_state[key].numel() == 0:
+                incoming_state[key] = torch.zeros_like(getattr(self, key))
+        super()._reduce_states(incoming_state)
+
+    def reset(self) -> None:
+        super().reset()
+        self._known_views = None
+
+    def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> Any:
+        """Plot a value or a sequence of values (needs matplotlib). Returns ``(figure, axes)``."""
+        return self._plot(val, ax)
+
+
+class Alignment(Metric):
+    r"""Alignment of positive pairs (Wang & Isola, ICML 2020), streamed over batches.
+
+    .. math::
+        \operatorname{align} = \frac{1}{N} \sum_{i=1}^{N} \lVert \hat x_i - \hat y_i \rVert_2^{\alpha},
+        \qquad \hat x_i = \frac{x_i}{\lVert x_i \rVert_2}
+
+    over all N pairs seen (:math:`\hat x = x` for ``normalize=False``). The state is the float64 sum
+    of the distances and the pair count, both sum-reduced; equals
+    :func:`reprmetrics.functional.alignment` on the concatenation of every batch of every rank.
+
+    As input to ``update``:
+        - ``x`` (:class:`~torch.Tensor`): ``(B, D)`` embeddings of one view of B samples.
+        - ``y`` (:class:`~torch.Tensor`): ``(B, D)`` embeddings of another view of the same samples.
+
+    As output of ``compute``:
+        - a scalar float32 tensor ≥ 0 (at most :math:`2^\alpha` when normalised); lower is better,
+          0 for identical views.
+
+    Args:
+        alpha: exponent > 0 (the paper's 2).
+        normalize: L2-normalise the rows first (zero-norm rows then raise ``ValueError``).
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics import Alignment
+        >>> metric = Alignment()
+        >>> for _ in range(4):
+        ...     x = torch.randn(64, 16)
+        ...     metric.update(x, x + 0.1 * torch.randn(64, 16))
+        >>> 0.0 < metric.compute().item() < 0.1
+        True
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+    plot_lower_bound = 0.0
+
+    sum_distances: Tensor
+    num_pairs: Tensor
+
+    def __init__(self, alpha: float = 2.0, normalize: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.alpha = check_nonnegative_float(alpha, "Alignment", "alpha", strictly_positive=True)
+        self.normalize = bool(normalize)
+        self.add_state("sum_distances", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_pairs", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self._num_features: int | None = None
+
+    def _distances(self, x: Any, y: Any) -> Tensor:
+        """Validated per-pair distances; raises before any state changes."""
+        xs, ys = _check_pair(x, y, "Alignment", features=self._num_features)
+        with no_autocast(xs.device):
+            return _alignment_distances(xs, ys, self.alpha, self.normalize, "Alignment")
+
+    def update(self, x: Tensor, y: Tensor) -> None:
+        """Add a batch of ``(B, D)`` pairs. Raises ``ValueError`` (state untouched) on bad input."""
+        distances = self._distances(x, y)
+        self.sum_distances += distances.sum().to(self.sum_distances.device)
+        self.num_pairs += distances.shape[0]
+        self._num_features = x.shape[-1]
+
+    def compute(self) -> Tensor:
+        """Mean distance over every pair seen so far."""
+        if int(self.num_pairs) == 0:
+            raise ValueError("Alignment: compute() called before any update() (no pairs seen)")
+        return (self.sum_distances / self.num_pairs).to(torch.get_default_dtype())
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Value of this batch alone, accumulating it."""
+        self._distances(x, y)  # validate before torchmetrics resets the state to compute the batch value
+        return super().forward(x, y)
+
+    def reset(self) -> None:
+        super().reset()
+        self._num_features = None
+
+    def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> Any:
+        """Plot a value or a sequence of values (needs matplotlib). Returns ``(figure, axes)``."""
+        return self._plot(val, ax)
+
+
+class Uniformity(BoundedSampleMetric):
+    r"""Uniformity on the hypersphere (Wang & Isola, ICML 2020), exact over every pair of a bounded sample.
+
+    .. math::
+        \operatorname{unif} = \log \frac{2}{N(N-1)} \sum_{i<j} e^{-t \lVert \hat x_i - \hat x_j \rVert_2^2},
+        \qquad \hat x_i = \frac{x_i}{\lVert x_i \rVert_2}
+
+    over the N points kept (:math:`\hat x = x` for ``normalize=False``).
+
+    Which points are kept: at most ``max_samples``. Every incoming point gets a random key from a
+    generator seeded with ``seed`` (and the rank), and the points with the ``max_samples`` smallest keys
+    are kept (bottom-k sampling): a uniform random subset of all points seen on all ranks, and the
+    same subset on every rank after the sync, because the keys travel with the points. While at most
+    ``max_samples`` points have been seen, all are kept and the value equals
+    :func:`reprmetrics.functional.uniformity` on their concatenation. Memory: at most about
+    2·``max_samples`` stored points per rank, plus tiles of at most 1024² (CPU) or 4096² (GPU) pairs
+    during ``compute()``.
+
+    As input to ``update``:
+        - ``embeddings`` (:class:`~torch.Tensor`): ``(B, D)`` floating tensor (half precision is stored
+          as float32).
+
+    As output of ``compute``:
+        - a scalar float32 tensor ≤ 0; lower is better (more uniform). About :math:`-2t + 2t^2/D` for
+          points uniform on the sphere, 0 for identical points.
+
+    Args:
+        t: temperature > 0 (the paper's 2).
+        normalize: L2-normalise the rows first (zero-norm rows then raise ``ValueError`` at update).
+        max_samples: the most points kept (default 25,600).
+        seed: seeds the sampling keys (each rank adds its own offset).
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics import Uniformity
+        >>> metric = Uniformity()
+        >>> for _ in range(4):
+        ...     metric.update(torch.randn(500, 128))   # nearly uniform on the sphere
+        >>> -4.0 < metric.compute().item() < -3.85
+        True
+    """
+
+    higher_is_better = False
+    _min_samples = 2
+
+    def __init__(
+        self, t: float = 2.0, normalize: bool = True, max_samples: int = 25_600, seed: int = 0, **kwargs: Any
+    ) -> None:
+        super().__init__(max_samples=max_samples, seed=seed, **kwargs)
+        self.t = check_nonnegative_float(t, "Uniformity", "t", strictly_positive=True)
+        self.normalize = bool(normalize)
+        self._in_forward = False
+
+    def _check_batch(self, x: Any) -> Tensor:
+        z = super()._check_batch(x)
+        if self.normalize:
+            _normalised(z.to(torch.float64), "Uniformity", "embeddings")  # raises on zero-norm rows
+        return z
+
+    def compute(self) -> Tensor:
+        """Uniformity over every pair of the kept points."""
+        points = self._sample()
+        with no_autocast(points.device):
+            value = _uniformity_from_points(points, self.t, self.normalize, "Uniformity")
+        return value.to(torch.get_default_dtype())
+
+    def forward(self, embeddings: Tensor) -> Tensor:
+        """Value of this batch alone, accumulating it. The batch must hold at least 2 points."""
+        z = self._check_batch(embeddings)  # before torchmetrics resets the state to compute the batch value
+        if z.shape[0] < 2:
+            raise ValueError(
+                f"Uniformity: forward() returns the value of this batch alone, which needs at least 2 samples,"
+                f" got {z.shape[0]}; use update() for smaller batches"
+            )
+        self._in_forward = True
+        try:
+            return super().forward(embeddings)
+        finally:
+            self._in_forward = False
+
+    def reset(self) -> None:
+        # forward() resets the state to compute the batch value; the key stream must go on, or every
+        # batch would reuse the same keys and the sample would no longer be uniform.
+        generator, features = self._generator, self._num_features
+        super().reset()
+        if self._in_forward:
+            self._generator, self._num_features = generator, features
+
+    def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> Any:
+        """Plot a value or a sequence of values (needs matplotlib). Returns ``(figure, axes)``."""
+        return self._plot(val, ax)
