@@ -1,8 +1,9 @@
 """Side-by-side timing and peak-memory measurement of ours vs a baseline, in one process.
 
 Each benchmark module ``benchmarks/bench_*.py`` defines ``cases(device, quick) -> list[Case]``.
-Ours and the baseline run alternately on the same input, ``repeats`` times each; we report medians
-and their ratio, which is robust to the noise of a shared machine.
+Ours and the baseline run alternately on the same input (which goes first alternates too),
+``repeats`` times each; we report medians and their ratio, which is robust to the noise of a
+shared machine.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
 On CPU, torch has no allocator statistics, so a thread samples the process's resident set size every
@@ -38,6 +39,7 @@ class Case:
     repeats: int = 3
     notes: str = ""
     check: Callable[[Any, Any], str] | None = None  # compares results; returns a short note
+    check_medians: bool = False  # call `check` with the median seconds instead of the results
     extra: dict = field(default_factory=dict)
 
 
@@ -98,13 +100,17 @@ def run_case(case: Case, device: torch.device) -> dict:
     measure(case.baseline, data, device)
     ours_t, base_t, ours_m, base_m = [], [], [], []
     ours_result = base_result = None
-    for _ in range(case.repeats):
-        t, m, ours_result = measure(case.ours, data, device)
-        ours_t.append(t)
-        ours_m.append(m)
-        t, m, base_result = measure(case.baseline, data, device)
-        base_t.append(t)
-        base_m.append(m)
+    for i in range(case.repeats):
+        # Alternate which goes first, so neither always runs on a freshly disturbed machine.
+        for which in ("ours", "base") if i % 2 == 0 else ("base", "ours"):
+            if which == "ours":
+                t, m, ours_result = measure(case.ours, data, device)
+                ours_t.append(t)
+                ours_m.append(m)
+            else:
+                t, m, base_result = measure(case.baseline, data, device)
+                base_t.append(t)
+                base_m.append(m)
     ours_s, base_s = statistics.median(ours_t), statistics.median(base_t)
     row = {
         "benchmark": case.name,
@@ -120,7 +126,7 @@ def run_case(case: Case, device: torch.device) -> dict:
         "notes": case.notes,
     }
     if case.check is not None:
-        row["agreement"] = case.check(ours_result, base_result)
+        row["agreement"] = case.check(ours_s, base_s) if case.check_medians else case.check(ours_result, base_result)
     row.update(case.extra)
     del data
     gc.collect()

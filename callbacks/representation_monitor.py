@@ -65,7 +65,7 @@ class RepresentationMonitor(Callback):
         self,
         taps: Iterable[str | Tap],
         num_views: int = 1,
-        every_n_train_steps: int = 50,
+        every_n_train_steps: int = 200,
         train_buffer_size: int = 1024,
         max_samples: int = 8192,
         metrics: Mapping[str, Metric] | None = None,

@@ -9,7 +9,6 @@ points (each point excluded from its own neighbours). Every rank computes the sa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch

@@ -13,13 +13,12 @@ swaps the state out, so a rejected batch leaves the state unchanged there too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
+from reprmetrics._base import ReprMetric
 from reprmetrics._linalg import no_autocast
 from reprmetrics._sampling import BoundedSampleMetric
 from reprmetrics._validation import check_nonnegative_float, check_positive_int
@@ -38,7 +37,7 @@ from reprmetrics.functional.multiview import (
 __all__ = ["Alignment", "LiDAR", "Uniformity"]
 
 
-class LiDAR(Metric):
+class LiDAR(ReprMetric):
     r"""LiDAR (Thilak et al., ICLR 2024), streamed over batches of whole groups of views.
 
     Each source sample is a class whose members are its q augmented views. With :math:`\mu_i` the
@@ -90,9 +89,7 @@ class LiDAR(Metric):
         True
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
     plot_lower_bound = 1.0
 
     within: Tensor
@@ -165,23 +162,12 @@ class LiDAR(Metric):
             )
         return super().forward(views)
 
-    def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
-        # Before the first batch the matrices are 0×0 placeholders (width unknown): they add nothing.
-        for key in ("within", "means_gram", "means_sum"):
-            if incoming_state[key].numel() == 0:
-                incoming_state[key] = torch.zeros_like(getattr(self, key))
-        super()._reduce_states(incoming_state)
-
     def reset(self) -> None:
         super().reset()
         self._known_views = None
 
-    def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> Any:
-        """Plot a value or a sequence of values (needs matplotlib). Returns ``(figure, axes)``."""
-        return self._plot(val, ax)
 
-
-class Alignment(Metric):
+class Alignment(ReprMetric):
     r"""Alignment of positive pairs (Wang & Isola, ICML 2020), streamed over batches.
 
     .. math::
@@ -216,9 +202,7 @@ class Alignment(Metric):
         True
     """
 
-    is_differentiable = False
     higher_is_better = False
-    full_state_update = False
     plot_lower_bound = 0.0
 
     sum_distances: Tensor
@@ -259,10 +243,6 @@ class Alignment(Metric):
     def reset(self) -> None:
         super().reset()
         self._num_features = None
-
-    def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> Any:
-        """Plot a value or a sequence of values (needs matplotlib). Returns ``(figure, axes)``."""
-        return self._plot(val, ax)
 
 
 class Uniformity(BoundedSampleMetric):
@@ -317,7 +297,6 @@ class Uniformity(BoundedSampleMetric):
         super().__init__(max_samples=max_samples, seed=seed, **kwargs)
         self.t = check_nonnegative_float(t, "Uniformity", "t", strictly_positive=True)
         self.normalize = bool(normalize)
-        self._in_forward = False
 
     def _check_batch(self, x: Any) -> Tensor:
         z = super()._check_batch(x)
@@ -340,20 +319,4 @@ class Uniformity(BoundedSampleMetric):
                 f"Uniformity: forward() returns the value of this batch alone, which needs at least 2 samples,"
                 f" got {z.shape[0]}; use update() for smaller batches"
             )
-        self._in_forward = True
-        try:
-            return super().forward(embeddings)
-        finally:
-            self._in_forward = False
-
-    def reset(self) -> None:
-        # forward() resets the state to compute the batch value; the key stream must go on, or every
-        # batch would reuse the same keys and the sample would no longer be uniform.
-        generator, features = self._generator, self._num_features
-        super().reset()
-        if self._in_forward:
-            self._generator, self._num_features = generator, features
-
-    def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> Any:
-        """Plot a value or a sequence of values (needs matplotlib). Returns ``(figure, axes)``."""
-        return self._plot(val, ax)
+        return super().forward(embeddings)
