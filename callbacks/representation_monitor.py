@@ -128,7 +128,7 @@ class RepresentationMonitor(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         values = self.tracker.end_train_step(outputs)
         if values:
-            self._log(pl_module, "train", values, on_step=True)
+            self._log(trainer, pl_module, "train", values, on_step=True)
             # Collapse checks on these keys run now, whatever the callbacks' order.
             from reprmetrics.callbacks.collapse_early_stopping import CollapseEarlyStopping
 
@@ -155,13 +155,13 @@ class RepresentationMonitor(Callback):
             return
         values = self.tracker.end_eval()
         if values:
-            self._log(pl_module, "val", values, on_step=False)
+            self._log(trainer, pl_module, "val", values, on_step=False)
         if self.log_figures and self._val_epochs % self.figures_every_n_epochs == 0:
             self._log_figures(trainer)
         self._val_epochs += 1
 
     # ---- logging ---------------------------------------------------------------------------------
-    def _log(self, pl_module: pl.LightningModule, stage: str, values: Mapping[str, Tensor], on_step: bool) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, values: Mapping[str, Tensor], on_step: bool) -> None:
         named = {}
         for name, value in values.items():
             tap, metric = name.rsplit("/", 1)
@@ -179,8 +179,7 @@ class RepresentationMonitor(Callback):
                 sync_dist=False,  # already identical on every rank
                 batch_size=1,
             )
-        if on_step and pl_module._trainer is not None:
-            trainer = pl_module.trainer
+        if on_step:
             for logger in trainer.loggers:
                 logger.log_metrics({k: float(v) for k, v in named.items()}, step=trainer.global_step)
 
