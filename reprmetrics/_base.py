@@ -23,16 +23,22 @@ class ReprMetric(Metric):
 
     is_differentiable = False
     full_state_update = False
+    # Plain attributes that reset() clears (e.g. the width seen so far); restored with the state.
+    _reset_attributes: tuple[str, ...] = ()
 
     def _check_batch(self, *args: Any, **kwargs: Any) -> Any:
         """Validate a batch against the accumulated state without changing it (subclasses override)."""
 
+    def _check_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Checks for ``forward()``: those of a batch, plus any its own value needs (subclasses extend)."""
+        return self._check_batch(*args, **kwargs)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # forward() resets the state before updating, so the width check against what was accumulated
         # must happen first.
-        self._check_batch(*args, **kwargs)
+        self._check_forward(*args, **kwargs)
         # reset() swaps in fresh tensors, so references keep the accumulated state intact.
-        saved = {attr: getattr(self, attr) for attr in self._defaults}
+        saved = {attr: getattr(self, attr) for attr in (*self._defaults, *self._reset_attributes)}
         update_count, compute_on_cpu = self._update_count, self.compute_on_cpu
         try:
             return super().forward(*args, **kwargs)

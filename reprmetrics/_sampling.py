@@ -20,7 +20,7 @@ from torch import Tensor
 from torchmetrics.utilities.data import dim_zero_cat
 
 from reprmetrics._base import ReprMetric
-from reprmetrics._validation import check_positive_int, check_tensor
+from reprmetrics._validation import check_positive_int, check_tensor, result_dtype
 
 
 class BoundedSampleMetric(ReprMetric):
@@ -30,6 +30,7 @@ class BoundedSampleMetric(ReprMetric):
     """
 
     _min_samples = 1
+    _reset_attributes = ("_num_features",)
 
     samples: list[Tensor]
     keys: list[Tensor]
@@ -57,7 +58,7 @@ class BoundedSampleMetric(ReprMetric):
     def update(self, embeddings: Tensor) -> None:
         """Add a ``(B, D)`` batch. Raises ``ValueError`` (state untouched) on bad input."""
         x = self._check_batch(embeddings).detach()
-        x = x.to(torch.promote_types(x.dtype, torch.float32))  # half inputs are stored as float32
+        x = x.to(result_dtype(x))  # half inputs are stored as float32
         self._num_features = x.shape[1]
         self.samples.append(x)
         self.keys.append(self._keys_for(x.shape[0]).to(x.device))

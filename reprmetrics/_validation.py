@@ -48,6 +48,11 @@ def check_tensor(
     return x
 
 
+def result_dtype(x: Tensor) -> torch.dtype:
+    """Dtype of a function's result: the input's, but at least float32 (half inputs are upcast)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def check_positive_int(value: Any, metric: str, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{metric}: `{name}` must be an integer >= {minimum}, got {value!r}")

@@ -91,6 +91,7 @@ class LiDAR(ReprMetric):
 
     higher_is_better = True
     plot_lower_bound = 1.0
+    _reset_attributes = ("_known_views",)
 
     within: Tensor
     means_gram: Tensor
@@ -152,20 +153,18 @@ class LiDAR(ReprMetric):
             value = _smooth_effective_rank(_lidar_eigenvalues(between, within, self.delta, scale, n, "LiDAR"), self.eps)
         return value.to(torch.get_default_dtype())
 
-    def forward(self, views: Tensor) -> Tensor:
-        """Value of this batch alone, accumulating it. The batch must hold at least 2 groups."""
-        v = self._validated(views)  # before torchmetrics resets the state to compute the batch value
+    def _check_forward(self, views: Any) -> Tensor:
+        v = self._validated(views)
         if v.shape[0] < 2:
             raise ValueError(
                 f"LiDAR: forward() returns the value of this batch alone, which needs at least 2 samples"
                 f" (groups of views), got {v.shape[0]}; use update() for smaller batches"
             )
-        return super().forward(views)
+        return v
 
     def reset(self) -> None:
         super().reset()
         self._known_views = None
-
 
 class Alignment(ReprMetric):
     r"""Alignment of positive pairs (Wang & Isola, ICML 2020), streamed over batches.
@@ -202,6 +201,7 @@ class Alignment(ReprMetric):
         True
     """
 
+    _reset_attributes = ("_num_features",)
     higher_is_better = False
     plot_lower_bound = 0.0
 
@@ -235,10 +235,8 @@ class Alignment(ReprMetric):
             raise ValueError("Alignment: compute() called before any update() (no pairs seen)")
         return (self.sum_distances / self.num_pairs).to(torch.get_default_dtype())
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """Value of this batch alone, accumulating it."""
-        self._distances(x, y)  # validate before torchmetrics resets the state to compute the batch value
-        return super().forward(x, y)
+    def _check_forward(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
+        return _check_pair(x, y, "Alignment", features=self._num_features)
 
     def reset(self) -> None:
         super().reset()
@@ -311,12 +309,11 @@ class Uniformity(BoundedSampleMetric):
             value = _uniformity_from_points(points, self.t, self.normalize, "Uniformity")
         return value.to(torch.get_default_dtype())
 
-    def forward(self, embeddings: Tensor) -> Tensor:
-        """Value of this batch alone, accumulating it. The batch must hold at least 2 points."""
-        z = self._check_batch(embeddings)  # before torchmetrics resets the state to compute the batch value
+    def _check_forward(self, embeddings: Any) -> Tensor:
+        z = self._check_batch(embeddings)
         if z.shape[0] < 2:
             raise ValueError(
                 f"Uniformity: forward() returns the value of this batch alone, which needs at least 2 samples,"
                 f" got {z.shape[0]}; use update() for smaller batches"
             )
-        return super().forward(embeddings)
+        return z

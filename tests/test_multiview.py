@@ -675,3 +675,15 @@ def test_cuda_matches_cpu():
     for b in x.cuda().split(1000):
         uni.update(b)
     assert rel_err(uni.compute().cpu(), uniformity_ref(x.double().numpy())) <= 1e-4
+
+
+def test_failed_forward_keeps_the_width_check():
+    """A batch rejected inside forward() (after torchmetrics reset the state) must not unlock a new width."""
+    metric = Alignment()
+    metric.update(torch.randn(5, 8), torch.randn(5, 8))
+    zero_row = torch.randn(5, 8)
+    zero_row[0] = 0
+    with pytest.raises(ValueError, match="zero-norm"):
+        metric(zero_row, torch.randn(5, 8))
+    with pytest.raises(ValueError, match="earlier batches had 8"):
+        metric.update(torch.randn(5, 9), torch.randn(5, 9))

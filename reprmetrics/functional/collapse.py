@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from reprmetrics._linalg import no_autocast
-from reprmetrics._validation import check_tensor
+from reprmetrics._validation import check_tensor, result_dtype
 
 __all__ = ["normalized_std"]
 
@@ -52,4 +52,4 @@ def normalized_std(embeddings: Tensor) -> Tensor:
     with no_autocast(z.device):
         zn = _l2_normalize(z.to(torch.float64))
         value = _normalized_std_from_sums(zn.sum(0), zn.square().sum(0), z.shape[0])
-    return value.to(torch.promote_types(z.dtype, torch.float32))
+    return value.to(result_dtype(z))

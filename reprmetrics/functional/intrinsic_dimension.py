@@ -28,7 +28,7 @@ from torch import Tensor
 
 from reprmetrics._knn import knn, neighbour_distances
 from reprmetrics._linalg import no_autocast
-from reprmetrics._validation import check_positive_int, check_tensor
+from reprmetrics._validation import check_positive_int, check_tensor, result_dtype
 
 __all__ = [
     "LID_CAP",
@@ -43,10 +43,6 @@ LID_CAP = float(torch.finfo(torch.float32).max)
 # log LID is clamped to ±this in geometric means and in the regulariser, so both stay finite.
 _LOG_CAP = math.log(LID_CAP)
 ESTIMATORS = ("mle", "mom")
-
-
-def _result_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +244,7 @@ def local_intrinsic_dimension(
     with no_autocast(x.device):
         distances, _ = knn(x, k, reference=reference, exclude_self=exclude_self)
         lid = _lid_from_distances(distances, estimator)
-    return lid.to(_result_dtype(x))
+    return lid.to(result_dtype(x))
 
 
 def twonn_dimension(x: Tensor, discard_fraction: float = 0.1) -> Tensor:
@@ -291,7 +287,7 @@ def twonn_dimension(x: Tensor, discard_fraction: float = 0.1) -> Tensor:
     with no_autocast(x.device):
         distances, _ = knn(x, 2)
         value = _twonn_from_distances(distances[:, 0], distances[:, 1], discard_fraction)
-    return value.to(_result_dtype(x))
+    return value.to(result_dtype(x))
 
 
 def mle_dimension(x: Tensor, k: int = 20) -> Tensor:
@@ -330,7 +326,7 @@ def mle_dimension(x: Tensor, k: int = 20) -> Tensor:
     with no_autocast(x.device):
         distances, _ = knn(x, k)
         value = _mle_from_distances(distances)
-    return value.to(_result_dtype(x))
+    return value.to(result_dtype(x))
 
 
 def ldreg_regularizer(
@@ -384,4 +380,4 @@ def ldreg_regularizer(
         distances = neighbour_distances(x, source.detach(), index)
         log_lid = _log_lid_from_distances(distances, estimator).clamp(-_LOG_CAP, _LOG_CAP)
         value = -log_lid.abs().mean()
-    return value.to(_result_dtype(x))
+    return value.to(result_dtype(x))

@@ -20,13 +20,9 @@ import torch
 from torch import Tensor
 
 from reprmetrics._linalg import add_gram_, no_autocast, symmetric_from_upper
-from reprmetrics._validation import check_nonnegative_float, check_tensor
+from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
 
 __all__ = ["alignment", "lidar", "uniformity"]
-
-
-def _result_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 @contextlib.contextmanager
@@ -366,7 +362,7 @@ def lidar(views: Tensor, delta: float = 1e-4, eps: float = 1e-8) -> Tensor:
         within = centred.T @ centred / (n * (q - 1))
         between_scale = means.square().sum() / (n - 1)
         value = _smooth_effective_rank(_lidar_eigenvalues(between, within, delta, between_scale, n, name), eps)
-    return value.to(_result_dtype(v))
+    return value.to(result_dtype(v))
 
 
 def alignment(x: Tensor, y: Tensor, alpha: float = 2.0, normalize: bool = True) -> Tensor:
@@ -402,7 +398,7 @@ def alignment(x: Tensor, y: Tensor, alpha: float = 2.0, normalize: bool = True) 
     xs, ys = _check_pair(x, y, name)
     with no_autocast(xs.device):
         value = _alignment_distances(xs, ys, alpha, normalize, name).mean()
-    return value.to(torch.promote_types(_result_dtype(xs), _result_dtype(ys)))
+    return value.to(torch.promote_types(result_dtype(xs), result_dtype(ys)))
 
 
 def uniformity(x: Tensor, t: float = 2.0, normalize: bool = True) -> Tensor:
@@ -437,4 +433,4 @@ def uniformity(x: Tensor, t: float = 2.0, normalize: bool = True) -> Tensor:
     z = check_tensor(x, name, min_rows=2)
     with no_autocast(z.device):
         value = _uniformity_from_points(z, t, normalize, name)
-    return value.to(_result_dtype(z))
+    return value.to(result_dtype(z))

@@ -12,13 +12,9 @@ import torch
 from torch import Tensor
 
 from reprmetrics._linalg import eigvalsh_descending, gram_upper, no_autocast, nonzero_eigenvalue_tolerance
-from reprmetrics._validation import check_nonnegative_float, check_tensor
+from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
 
 __all__ = ["alpha_req", "eigenspectrum", "rankme", "singular_values"]
-
-
-def _result_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +110,7 @@ def singular_values(embeddings: Tensor) -> Tensor:
         z64 = z.to(torch.float64)
         g = _smaller_gram(z64)
         sigma = _singular_values_from_gram(g, z.shape[0])
-    return sigma.to(_result_dtype(z))
+    return sigma.to(result_dtype(z))
 
 
 def eigenspectrum(embeddings: Tensor, center: bool = True) -> Tensor:
@@ -131,7 +127,7 @@ def eigenspectrum(embeddings: Tensor, center: bool = True) -> Tensor:
             z64 = z64 - z64.mean(dim=0, keepdim=True)
         g = _smaller_gram(z64)
         lam = eigvalsh_descending(g)[: min(z.shape)] / (z.shape[0] - 1 if center else z.shape[0])
-    return lam.to(_result_dtype(z))
+    return lam.to(result_dtype(z))
 
 
 def rankme(embeddings: Tensor, eps: float = 1e-7) -> Tensor:
@@ -166,7 +162,7 @@ def rankme(embeddings: Tensor, eps: float = 1e-7) -> Tensor:
         z64 = z.to(torch.float64)
         g = _smaller_gram(z64)
         value = _rankme_from_singular_values(_singular_values_from_gram(g, z.shape[0]), eps)
-    return value.to(_result_dtype(z))
+    return value.to(result_dtype(z))
 
 
 def alpha_req(embeddings: Tensor, fit_range: tuple[int, int] = (11, 100)) -> Tensor:
@@ -212,4 +208,4 @@ def alpha_req(embeddings: Tensor, fit_range: tuple[int, int] = (11, 100)) -> Ten
         mean_square = float(z64.square().mean())
         tol = nonzero_eigenvalue_tolerance(lam, mean_square, n, d, torch.finfo(z.dtype).eps)
         value = _alpha_req_from_eigenvalues(lam, fit_range, tol, name)
-    return value.to(_result_dtype(z))
+    return value.to(result_dtype(z))
