@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,6 +23,48 @@ _RANK_METRICS = ("rankme", "lidar")
 _LOCAL_METRICS = ("lid",)
 _GLOBAL_DIMENSION_METRICS = ("twonn", "mle_dimension")
 _SPREAD_METRICS = ("normalized_std",)
+# Metrics whose healthy value scales with the embedding width D (at most about D).
+_FRACTION_OF_DIM_METRICS = ("rankme", "lidar", "lid", "twonn", "mle_dimension", "nesum")
+_LOWER_IS_HEALTHIER = ("uniformity", "alignment", "wasserstein_uniformity", "sigreg")
+_STAGES = ("train", "val")
+
+
+class MonitoredKeyError(MisconfigurationException, RuntimeError):
+    """The monitored key is never produced (a ``RuntimeError`` like Lightning's ``EarlyStopping`` raises)."""
+
+
+def _check_criteria_fit(monitor: str, min_value: float | None, min_fraction_of_dim: float | None, max_relative_drop: float | None) -> None:
+    """Reject criteria that cannot mean what they say for the monitored metric (configuration time)."""
+    metric = monitor.rsplit("/", 1)[-1]
+    where = f"CollapseEarlyStopping({monitor!r})"
+    if metric in _LOWER_IS_HEALTHIER:
+        raise MisconfigurationException(
+            f"{where}: {metric} is lower-is-healthier, and CollapseEarlyStopping stops when a higher-is-healthier metric falls."
+            " Watch rankme, normalized_std or lid instead (or a Lightning EarlyStopping with mode='min')"
+        )
+    if metric == "alpha_req":
+        raise MisconfigurationException(
+            f"{where}: α-ReQ is healthy near 1 and unhealthy in both directions, so no floor or drop fits it;"
+            " watch rankme (dimensional collapse) or normalized_std (complete collapse)"
+        )
+    if metric == "num_samples":
+        raise MisconfigurationException(f"{where}: num_samples counts samples, it is not a collapse signal")
+    if metric == "nonfinite_fraction":
+        raise MisconfigurationException(
+            f"{where}: non-finite embeddings are caught by check_finite=True on any of the tap's metrics"
+            " (e.g. repr/val/<tap>/rankme): it stops at once with a divergence reason"
+        )
+    if min_fraction_of_dim is not None and metric not in _FRACTION_OF_DIM_METRICS and metric in _KNOWN_METRICS:
+        if metric == "normalized_std":
+            hint = "its healthy value is 1/√D, not a fraction of D: use min_value (e.g. 0.25/√D, the complete-collapse line) or max_relative_drop"
+        else:
+            hint = "its value does not scale with D: use min_value or max_relative_drop"
+        raise MisconfigurationException(
+            f"{where}: min_fraction_of_dim fits rank-like metrics ({', '.join(_FRACTION_OF_DIM_METRICS)}); for {metric} {hint}"
+        )
+
+
+_KNOWN_METRICS = (*_FRACTION_OF_DIM_METRICS, *_LOWER_IS_HEALTHIER, "normalized_std", "alpha_req", "isoscore", "coding_rate", "cka_to_reference")
 
 
 def collapse_kind(metric: str, value: float, normalized_std: float | None = None, dim: int | None = None) -> str:
@@ -71,8 +115,12 @@ class CollapseEarlyStopping(EarlyStopping):
         baseline: reference value for ``max_relative_drop`` (default: the first value seen).
         dim: embedding width for ``min_fraction_of_dim`` (default: from the RepresentationMonitor).
         kind: override the collapse kind named in the reason.
-        check_finite: stop at once on a NaN/inf value.
-        strict: raise if the monitored key is never logged.
+        check_finite: stop at once on a NaN/inf value. The monitor logs NaN when a tap's embeddings
+            are non-finite (a diverged run), and the reason then says so: "Divergence: tap projector
+            produced non-finite embeddings (37 % of 512 samples) ...".
+        strict: raise if the monitored key is never produced: a stage or tap the monitor does not
+            have at setup, a metric name once the monitor has computed that stage (listing the keys
+            that exist, like Lightning's ``EarlyStopping``). With ``strict=False`` a warning says so.
         verbose: log each check's outcome.
     """
 
@@ -100,6 +148,7 @@ class CollapseEarlyStopping(EarlyStopping):
             raise MisconfigurationException(f"CollapseEarlyStopping: `patience` must be a positive integer, got {patience}")
         if baseline is not None and not (math.isfinite(baseline) and baseline > 0):
             raise MisconfigurationException(f"CollapseEarlyStopping: `baseline` must be a positive finite number, got {baseline}")
+        _check_criteria_fit(monitor, min_value, min_fraction_of_dim, max_relative_drop)
         self.min_value = min_value
         self.min_fraction_of_dim = min_fraction_of_dim
         self.max_relative_drop = max_relative_drop
@@ -108,6 +157,8 @@ class CollapseEarlyStopping(EarlyStopping):
         self.kind = kind
         self.values_seen: list[float] = []
         self._history_seen = 0
+        self._key_verified = False
+        self._warned_unknown = False
 
     @property
     @override
@@ -125,6 +176,72 @@ class CollapseEarlyStopping(EarlyStopping):
             if isinstance(callback, RepresentationMonitor) and self.monitor.startswith(callback.prefix + "/"):
                 return callback, self.monitor[len(callback.prefix) + 1 :]
         return None
+
+    def _parts(self, trainer: pl.Trainer) -> tuple[Any, str, str, str] | None:
+        """``(monitor callback, stage, tap, metric)`` when a RepresentationMonitor's prefix matches."""
+        source = self._source(trainer)
+        if source is None:
+            return None
+        callback, key = source
+        stage, _, rest = key.partition("/")
+        tap, _, metric = rest.rpartition("/")
+        return callback, stage, tap, metric
+
+    def _unknown(self, message: str) -> None:
+        if self.strict:
+            raise MonitoredKeyError(message)
+        if not self._warned_unknown:
+            self._warned_unknown = True
+            warnings.warn(message + " (strict=False: this stopper never acts)", RuntimeWarning, stacklevel=2)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        parts = self._parts(trainer)
+        if parts is None:
+            if self.min_fraction_of_dim is not None and self.dim is None:
+                raise MisconfigurationException(
+                    f"CollapseEarlyStopping({self.monitor!r}): min_fraction_of_dim needs D: no RepresentationMonitor produces this key, so pass dim="
+                )
+            return  # another callback or the module logs it: Lightning's own check applies
+        callback, key_stage, tap, metric = parts
+        prefix = callback.prefix
+        taps = [t.name for t in callback.tracker.taps]
+        if key_stage not in _STAGES or not tap or not metric:
+            raise MisconfigurationException(
+                f"CollapseEarlyStopping: {self.monitor!r} is not a monitor key; they read {prefix}/{{train|val}}/{{tap}}/{{metric}},"
+                f" e.g. {prefix}/val/{taps[0]}/rankme"
+            )
+        if tap not in taps:
+            close = difflib.get_close_matches(tap, taps, n=3, cutoff=0.5)
+            self._unknown(
+                f"CollapseEarlyStopping: the RepresentationMonitor has no tap {tap!r} (in {self.monitor!r}); its taps are"
+                f" {', '.join(repr(t) for t in taps)}" + (f"; did you mean {prefix}/{key_stage}/{close[0]}/{metric}?" if close else "")
+            )
+        if key_stage == "train" and callback.tracker.every_n_train_steps == 0:
+            raise MisconfigurationException(
+                f"CollapseEarlyStopping({self.monitor!r}): the RepresentationMonitor computes no train-stage values"
+                " (every_n_train_steps=0); monitor a val-stage key or set every_n_train_steps"
+            )
+
+    def _verify_metric_name(self, callback: Any, stage: str, tap: str, metric: str) -> None:
+        """Once the monitor has computed ``stage`` for ``tap``, the metric name must be one it reports."""
+        if self._key_verified:
+            return
+        names = callback.tracker.metric_names(stage)
+        if tap not in names:
+            return  # this tap has produced nothing yet: the monitor warns about that
+        self._key_verified = True
+        if metric in names[tap]:
+            return
+        prefix = callback.prefix
+        existing = [f"{prefix}/{stage}/{t}/{m}" for t, ms in names.items() for m in ms]
+        close = difflib.get_close_matches(self.monitor, existing, n=3, cutoff=0.5)
+        self._unknown(
+            f"Early stopping conditioned on metric `{self.monitor}` which is not available: the RepresentationMonitor does not"
+            f" compute {metric!r} for tap {tap!r}. Pass in or modify your `CollapseEarlyStopping` callback to use any of the"
+            f" following: {', '.join(f'`{k}`' for k in existing)}" + (f" (closest: {', '.join(f'`{k}`' for k in close)})" if close else "")
+        )
 
     def _embedding_dim(self, trainer: pl.Trainer) -> int | None:
         if self.dim is not None:
@@ -156,10 +273,14 @@ class CollapseEarlyStopping(EarlyStopping):
 
     def _check_new_values(self, trainer: pl.Trainer, source: tuple[Any, str]) -> None:
         monitor_cb, key = source
+        stage, _, rest = key.partition("/")
+        tap, _, metric = rest.rpartition("/")
+        self._verify_metric_name(monitor_cb, stage, tap, metric)
         history = monitor_cb.tracker.history.get(key, [])
         if len(history) <= self._history_seen:
             return
         self._history_seen = len(history)
+        self._report_for_check = monitor_cb.tracker.reports.get((stage, tap))
         self._decide(trainer, torch.tensor(history[-1][1]))
 
     @override
@@ -207,6 +328,13 @@ class CollapseEarlyStopping(EarlyStopping):
         metric = self.monitor.rsplit("/", 1)[-1]
         if self.check_finite and not math.isfinite(value):
             self.stopping_reason = EarlyStoppingReason.NON_FINITE_METRIC
+            report = getattr(self, "_report_for_check", None)
+            if report is not None and report.nonfinite:
+                stage = {"train": "training", "val": "validation"}.get(report.stage, report.stage)
+                return True, (
+                    f"Divergence: tap {report.tap} produced non-finite embeddings ({report.nonfinite_fraction:.0%} of {report.seen}"
+                    f" samples, {stage}), so {self.monitor} = {value}. Signaling Trainer to stop."
+                )
             return True, f"Monitored metric {self.monitor} = {value} is not finite. Signaling Trainer to stop."
         self.values_seen.append(value)
         if value > float(self.best_score):
@@ -250,7 +378,7 @@ class CollapseEarlyStopping(EarlyStopping):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(baseline=self.baseline, values_seen=list(self.values_seen), history_seen=self._history_seen)
+        state.update(baseline=self.baseline, values_seen=list(self.values_seen), history_seen=self._history_seen, key_verified=self._key_verified)
         return state
 
     @override
@@ -259,3 +387,4 @@ class CollapseEarlyStopping(EarlyStopping):
         self.baseline = state_dict.get("baseline", self.baseline)
         self.values_seen = list(state_dict.get("values_seen", []))
         self._history_seen = state_dict.get("history_seen", 0)
+        self._key_verified = state_dict.get("key_verified", False)
