@@ -7,6 +7,7 @@ Functions live in :mod:`reprmetrics.functional`; Lightning callbacks in :mod:`re
 from reprmetrics.collapse import NormalizedStd
 from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, MLEDimension, TwoNN
 from reprmetrics.multiview import Alignment, LiDAR, Uniformity
+from reprmetrics.similarity import MinibatchCKA
 from reprmetrics.spectral import AlphaReQ, RankMe
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "LiDAR",
     "LocalIntrinsicDimension",
     "MLEDimension",
+    "MinibatchCKA",
     "NormalizedStd",
     "RankMe",
     "TwoNN",
