@@ -17,7 +17,7 @@ from references_similarity import (
 )
 from torchmetrics import MetricCollection
 
-from reprmetrics import MinibatchCKA
+from reprmetrics import LinearCKA, MinibatchCKA
 from reprmetrics.functional import cka, linear_cka
 from reprmetrics.functional.similarity import _gram, _median_all_entries, _u_centre_
 
@@ -296,6 +296,110 @@ def test_low_precision_input_is_upcast_and_autocast_is_ignored():
 
 
 # ----------------------------------------------------------------------------------------------
+# LinearCKA (streaming)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,d1,d2", SHAPES + [(700, 300, 260)])  # the last crosses the blocked Gram path
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_linear_cka_class_equals_functional_on_the_concatenation(n, d1, d2, dtype):
+    x, y = related(n, d1, d2, seed=n + 2 * d1, dtype=dtype)
+    metric = LinearCKA()
+    for s in uneven_batches(n, sizes=(1, 7, 50, 2, 90, 33)):  # a 1-row batch included
+        metric.update(x[s], y[s])
+    value = metric.compute()
+    assert value.dtype == torch.get_default_dtype()
+    assert rel_err(value, linear_cka(x, y)) <= 1e-6
+    assert rel_err(value, linear_cka_ref(np64(x), np64(y))) <= 1e-6
+    # memory does not grow with N: the state is the (D + 3) × D packed moments of the joint width
+    d = d1 + d2
+    assert metric.moments.shape == (d + 3, d) and int(metric.num_features_x) == d1
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6, 1e8])
+def test_linear_cka_streaming_stays_accurate_at_a_large_offset(offset):
+    x, y = related(1000, 16, 9, seed=15)
+    spread = float(x.std())
+    xo = x + offset * spread * torch.linspace(-1.0, 3.0, 16, dtype=F64)
+    yo = y + offset * spread
+    expected = linear_cka_ref(np64(xo), np64(yo))  # centred in float64 first
+    metric = LinearCKA()
+    for s in uneven_batches(len(x)):
+        metric.update(xo[s], yo[s])
+    assert rel_err(metric.compute(), expected) <= 1e-6
+    # also when the first batch's mean (the shift) is far from the overall mean
+    drift = LinearCKA()
+    order = torch.argsort(xo[:, 0])
+    for s in uneven_batches(len(x)):
+        drift.update(xo[order][s], yo[order][s])
+    assert rel_err(drift.compute(), expected) <= 1e-6
+
+
+def test_linear_cka_zero_variance_gives_zero():
+    x, _ = related(60, 6, 3, seed=16)
+    for value in (0.0, 0.1, 3.7e8):
+        const = torch.full((60, 4), value, dtype=F64)
+        metric = LinearCKA()
+        for s in uneven_batches(60):
+            metric.update(x[s], const[s])
+        assert float(metric.compute()) == 0.0
+        metric.reset()
+        metric.update(const, const)
+        assert float(metric.compute()) == 0.0
+
+
+def test_linear_cka_bad_input_raises_and_leaves_state_unchanged():
+    metric = LinearCKA()
+    metric.update(torch.randn(10, 5), torch.randn(10, 3))
+    assert_rejects_and_keeps_state(metric, bad_pairs(5, 3), "LinearCKA")
+    with pytest.raises(ValueError, match="LinearCKA: needs at least 2 rows"):
+        metric(torch.randn(1, 5), torch.randn(1, 3))  # forward needs the batch's own value
+    metric.update(torch.randn(1, 5), torch.randn(1, 3))  # one row is fine for update()
+    assert int(metric.moments[0, 0]) == 11
+    with pytest.raises(ValueError, match=r"LinearCKA: compute\(\) called before any update"):
+        LinearCKA().compute()
+    single = LinearCKA()
+    single.update(torch.randn(1, 5), torch.randn(1, 3))
+    with pytest.raises(ValueError, match="LinearCKA: needs at least 2 samples"):
+        single.compute()
+    for bad in ((4,), (4, 0), 4, (4, 2.5)):
+        with pytest.raises(ValueError, match="LinearCKA: `num_features"):
+            LinearCKA(num_features=bad)
+
+
+def test_failed_forward_keeps_the_accumulated_state_and_widths():
+    metric = LinearCKA()
+    x, y = related(50, 5, 3, seed=17)
+    metric.update(x[:30], y[:30])
+    with pytest.raises(ValueError, match="NaN"):
+        metric(x[30:], torch.full((20, 3), float("nan")))
+    with pytest.raises(ValueError, match="earlier batches had 5"):
+        metric.update(torch.randn(5, 6), torch.randn(5, 3))
+    metric.update(x[30:], y[30:])
+    assert rel_err(metric.compute(), linear_cka(x, y)) <= 1e-6
+
+
+def test_linear_cka_torchmetrics_conventions():
+    x, y = related(300, 12, 6, seed=18)
+    metric = LinearCKA()
+    first = metric(x[:100], y[:100])  # forward: this batch's value, and it accumulates
+    assert rel_err(first, linear_cka(x[:100], y[:100])) <= 1e-6
+    metric.update(x[100:], y[100:])
+    assert rel_err(metric.compute(), linear_cka(x, y)) <= 1e-6
+    clone = pickle.loads(pickle.dumps(metric))
+    assert rel_err(clone.compute(), linear_cka(x, y)) <= 1e-6
+    collection = MetricCollection({"cka": LinearCKA(), "known_widths": LinearCKA(num_features=(12, 6))})
+    for s in uneven_batches(300):
+        collection.update(x[s], y[s])
+    for value in collection.compute().values():
+        assert rel_err(value, linear_cka(x, y)) <= 1e-6
+    metric.reset()
+    metric.update(torch.randn(8, 7), torch.randn(8, 2))  # reset allows new widths
+    assert metric.moments.shape == (12, 9)
+    assert LinearCKA.full_state_update is False and LinearCKA.higher_is_better is True
+
+
+# ----------------------------------------------------------------------------------------------
 # MinibatchCKA
 # ----------------------------------------------------------------------------------------------
 
@@ -406,10 +510,10 @@ def test_plot():
     import matplotlib
 
     matplotlib.use("Agg")
-    metric = MinibatchCKA()
-    metric.update(torch.randn(8, 4), torch.randn(8, 3))
-    fig, ax = metric.plot()
-    assert fig is not None and ax is not None
+    for metric in (LinearCKA(), MinibatchCKA()):
+        metric.update(torch.randn(8, 4), torch.randn(8, 3))
+        fig, ax = metric.plot()
+        assert fig is not None and ax is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,29 +521,45 @@ def test_plot():
 # ----------------------------------------------------------------------------------------------
 
 
-def _ddp_similarity(rank, world_size, x, y, cut):
+def _ddp_similarity(rank, world_size, x, y, cut, offset):
     # Uneven: rank 0 gets the first `cut` rows in 3 minibatches, rank 1 the rest in 2.
     part = slice(0, cut) if rank == 0 else slice(cut, len(x))
     xs, ys = x[part], y[part]
     pieces = 3 if rank == 0 else 2
     size = len(xs) // pieces + 1
-    minibatch = MinibatchCKA()
+    linear, far, minibatch = LinearCKA(), LinearCKA(), MinibatchCKA()
     for xb, yb in zip(xs.split(size), ys.split(size)):
+        linear.update(xb, yb)
+        far.update(xb + offset * (1 + rank), yb - offset)  # each rank's shift is its own first batch
         minibatch.update(xb, yb)
-    return [minibatch.compute(), [len(b) for b in xs.split(size)]]
+    values = [linear.compute(), far.compute(), minibatch.compute(), [len(b) for b in xs.split(size)]]
+    # Only rank 0 sees data; with num_features given, rank 1's empty state still syncs.
+    lonely = LinearCKA(num_features=(x.shape[1], y.shape[1]))
+    lonely_mb = MinibatchCKA()
+    if rank == 0:
+        lonely.update(x[:50], y[:50])
+        lonely_mb.update(x[:50], y[:50])
+    values += [lonely.compute(), lonely_mb.compute()]
+    return values
 
 
 def test_ddp_two_processes_equal_one_process_on_all_data():
     x, y = related(401, 24, 10, seed=14)
-    cut = 120
-    results = run_distributed(_ddp_similarity, x, y, cut)
-    sizes0, sizes1 = results[0][1], results[1][1]
+    cut, offset = 120, 1e7
+    results = run_distributed(_ddp_similarity, x, y, cut, offset)
+    sizes0, sizes1 = results[0][3], results[1][3]
     bounds, start = [], 0
     for size in sizes0 + sizes1:
         bounds.append(slice(start, start + size))
         start += size
     assert start == len(x)
-    expected = minibatch_cka_ref([np64(x[s]) for s in bounds], [np64(y[s]) for s in bounds])
-    for value, _ in results:
-        assert rel_err(value, expected) <= 1e-6
-    assert torch.equal(results[0][0], results[1][0])
+    xo = torch.cat([x[:cut] + offset, x[cut:] + 2 * offset])
+    expected_mb = minibatch_cka_ref([np64(x[s]) for s in bounds], [np64(y[s]) for s in bounds])
+    for linear, far, minibatch, _, lonely, lonely_mb in results:
+        assert rel_err(linear, linear_cka_ref(np64(x), np64(y))) <= 1e-6
+        assert rel_err(far, linear_cka_ref(np64(xo), np64(y - offset))) <= 1e-6
+        assert rel_err(minibatch, expected_mb) <= 1e-6
+        assert rel_err(lonely, linear_cka_ref(np64(x[:50]), np64(y[:50]))) <= 1e-6
+        assert rel_err(lonely_mb, cka_ref(np64(x[:50]), np64(y[:50]), debiased=True)) <= 1e-6
+    for i in (0, 1, 2, 4, 5):
+        assert torch.equal(results[0][i], results[1][i])

@@ -1,7 +1,8 @@
 r"""Representation similarity: centred kernel alignment (CKA).
 
 - :func:`linear_cka`: linear CKA (Kornblith et al., ICML 2019) in feature form, from the centred
-  cross-covariance blocks: O(N·(D1 + D2)²) work, no N×N matrix.
+  (co)variance blocks of ``concat([x, y], dim=1)``: O(N·(D1 + D2)²) work, no N×N matrix. The
+  streaming :class:`reprmetrics.LinearCKA` accumulates the same packed centred moments.
 - :func:`cka`: the Gram-matrix form (N×N kernels, for moderate N) with a linear or RBF kernel and the
   biased HSIC (Kornblith et al.) or the unbiased HSIC estimator of Song et al. (JMLR 2012), as used by
   Nguyen, Raghu & Kornblith (ICLR 2021, "Do wide and deep networks learn the same things?").
@@ -24,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-from reprmetrics._linalg import no_autocast
+from reprmetrics._linalg import centred_moments, centred_moments_of, no_autocast
 from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
 
 __all__ = ["cka", "linear_cka"]
@@ -77,12 +78,27 @@ def _centre(x: Tensor) -> tuple[Tensor, bool]:
     return centred, constant
 
 
-def _linear_cka_from_covariance(cov_xx: Tensor, cov_yy: Tensor, cov_xy: Tensor) -> Tensor:
-    r"""‖C_xy‖²_F / (‖C_xx‖_F ‖C_yy‖_F) from centred (co)variance blocks of any common scale; 0 if undefined."""
-    denominator = torch.linalg.matrix_norm(cov_xx) * torch.linalg.matrix_norm(cov_yy)
-    if float(denominator) == 0.0:
-        return torch.zeros((), dtype=cov_xy.dtype, device=cov_xy.device)
-    return cov_xy.square().sum() / denominator
+def _frobenius_sq_from_upper(block: Tensor) -> Tensor:
+    """‖S‖²_F of a symmetric matrix of which only the upper triangle (diagonal included) is valid."""
+    upper = torch.triu(block)
+    return 2.0 * upper.square().sum() - torch.diagonal(block).square().sum()
+
+
+def _linear_cka_from_moments(state: Tensor, num_features_x: int) -> Tensor:
+    r"""Linear CKA from the packed centred moments of ``concat([x, y], dim=1)`` (see ``reprmetrics._linalg``).
+
+    The joint scatter's blocks are X̃ᵀX̃, X̃ᵀỸ and ỸᵀỸ (upper triangle valid); CKA is
+    ‖X̃ᵀỸ‖²_F / (‖X̃ᵀX̃‖_F ‖ỸᵀỸ‖_F), and 0 when x or y has zero variance.
+    """
+    n, mean, scatter = centred_moments(state)
+    dx = num_features_x
+    sxx, syy, sxy = scatter[:dx, :dx], scatter[dx:, dx:], scatter[:dx, dx:]
+    for block, block_mean in ((sxx, mean[:dx]), (syy, mean[dx:])):
+        centred_sq = torch.diagonal(block).sum()
+        if _is_constant(centred_sq, centred_sq + n * block_mean.square().sum(), n):
+            return torch.zeros((), dtype=scatter.dtype, device=scatter.device)
+    denominator = (_frobenius_sq_from_upper(sxx) * _frobenius_sq_from_upper(syy)).sqrt()
+    return sxy.square().sum() / denominator
 
 
 def linear_cka(x: Tensor, y: Tensor) -> Tensor:
@@ -119,9 +135,8 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     """
     x, y = _check_pair(x, y, "linear_cka", _MIN_ROWS_BIASED)
     with no_autocast(x.device):
-        xc, _ = _centre(x)
-        yc, _ = _centre(y)
-        value = _linear_cka_from_covariance(xc.T @ xc, yc.T @ yc, xc.T @ yc)
+        joint = torch.cat([x.to(torch.float64), y.to(torch.float64)], dim=1)
+        value = _linear_cka_from_moments(centred_moments_of(joint), x.shape[1])
     return value.to(torch.promote_types(result_dtype(x), result_dtype(y)))
 
 
