@@ -563,3 +563,25 @@ def test_ddp_two_processes_equal_one_process_on_all_data():
         assert rel_err(lonely_mb, cka_ref(np64(x[:50]), np64(y[:50]), debiased=True)) <= 1e-6
     for i in (0, 1, 2, 4, 5):
         assert torch.equal(results[0][i], results[1][i])
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    x, y = related(2000, 64, 32, seed=19, dtype=torch.float32)
+    xc, yc = x.cuda(), y.cuda()
+    expected = linear_cka_ref(np64(x), np64(y))
+    value = linear_cka(xc, yc)
+    assert value.device.type == "cuda" and rel_err(value.cpu(), expected) <= 1e-5
+    metric = LinearCKA().cuda()
+    minibatch = MinibatchCKA().cuda()
+    for s in uneven_batches(len(x)):
+        metric.update(xc[s], yc[s])
+        minibatch.update(xc[s], yc[s])
+    assert metric.compute().device.type == "cuda"
+    assert rel_err(metric.compute().cpu(), expected) <= 1e-5
+    batches = uneven_batches(len(x))
+    assert rel_err(minibatch.compute().cpu(), minibatch_cka_ref([np64(x[s]) for s in batches], [np64(y[s]) for s in batches])) <= 1e-5
+    for kernel in ("linear", "rbf"):
+        for debiased in (False, True):
+            got = cka(xc[:500], yc[:500], kernel=kernel, debiased=debiased).cpu()
+            assert rel_err(got, cka_ref(np64(x[:500]), np64(y[:500]), kernel, 1.0, debiased)) <= 1e-5

@@ -68,14 +68,13 @@ def _is_constant(centred_sq_norm: Tensor | float, uncentred_sq_norm: Tensor | fl
     return float(centred_sq_norm) <= ratio**2 * float(uncentred_sq_norm)
 
 
-def _centre(x: Tensor) -> tuple[Tensor, bool]:
-    """Column-centred float64 copy of ``x``, and whether ``x`` has zero variance (then the copy is 0)."""
+def _centre(x: Tensor) -> Tensor:
+    """Column-centred float64 copy of ``x``; exactly 0 when ``x`` has zero variance."""
     x = x.to(torch.float64)
     centred = x - x.mean(dim=0, keepdim=True)
-    constant = _is_constant(centred.square().sum(), x.square().sum(), x.shape[0])
-    if constant:
+    if _is_constant(centred.square().sum(), x.square().sum(), x.shape[0]):
         centred.zero_()
-    return centred, constant
+    return centred
 
 
 def _frobenius_sq_from_upper(block: Tensor) -> Tensor:
@@ -143,7 +142,8 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
 def _squared_distances(centred: Tensor) -> Tensor:
     """Pairwise squared Euclidean distances of centred rows, ≥ 0, with an exact zero diagonal."""
     sq_norms = centred.square().sum(dim=1)
-    dist = torch.addmm(sq_norms[:, None] + sq_norms[None, :], centred, centred.T, alpha=-2.0)
+    dist = centred @ centred.T  # in place from here: one N×N matrix
+    dist.mul_(-2.0).add_(sq_norms[:, None]).add_(sq_norms[None, :])
     dist.clamp_(min=0).fill_diagonal_(0)
     return dist
 
@@ -201,15 +201,15 @@ def _hsic_terms(x: Tensor, y: Tensor, kernel: str, sigma: float, debiased: bool,
     Biased: ⟨HKH, HLH⟩ / (N − 1)². Unbiased: Song et al.'s estimator, ⟨Ũ(K), Ũ(L)⟩ / (N(N − 3)).
     """
     n = x.shape[0]
-    xc, _ = _centre(x)
-    yc, _ = _centre(y)
+    xc, yc = _centre(x), _centre(y)
     centre_ = _u_centre_ if debiased else _double_centre_
     scale = 1.0 / (n * (n - 3)) if debiased else 1.0 / (n - 1) ** 2
     k = centre_(_gram(xc, kernel, sigma, metric))
     del xc
     l_ = centre_(_gram(yc, kernel, sigma, metric))
     del yc
-    terms = torch.stack([(k * l_).sum(), k.square().sum(), l_.square().sum()])
+    k, l_ = k.reshape(-1), l_.reshape(-1)
+    terms = torch.stack([torch.dot(k, l_), torch.dot(k, k), torch.dot(l_, l_)])  # no N×N temporaries
     return terms * scale
 
 
