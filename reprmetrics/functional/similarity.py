@@ -50,7 +50,8 @@ def _check_pair(
             f"{metric}: `x` and `y` must have the same number of rows (the same N samples), got {x.shape[0]} and {y.shape[0]}"
         )
     if x.shape[0] < min_rows:
-        raise ValueError(f"{metric}: needs at least {min_rows} rows (samples), got {x.shape[0]}")
+        why = " (the unbiased HSIC estimator divides by N(N − 3))" if min_rows == _MIN_ROWS_UNBIASED else ""
+        raise ValueError(f"{metric}: needs at least {min_rows} rows (samples){why}, got {x.shape[0]}")
     if x.device != y.device:
         raise ValueError(f"{metric}: `x` and `y` must be on the same device, got {x.device} and {y.device}")
     return x, y
