@@ -7,6 +7,7 @@ Functions live in :mod:`reprmetrics.functional`; Lightning callbacks in :mod:`re
 from reprmetrics.collapse import NormalizedStd
 from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, MLEDimension, TwoNN
 from reprmetrics.multiview import Alignment, LiDAR, Uniformity
+from reprmetrics.similarity import LinearCKA, MinibatchCKA
 from reprmetrics.spectral import AlphaReQ, RankMe
 
 __version__ = "0.1.0"
@@ -15,8 +16,10 @@ __all__ = [
     "Alignment",
     "AlphaReQ",
     "LiDAR",
+    "LinearCKA",
     "LocalIntrinsicDimension",
     "MLEDimension",
+    "MinibatchCKA",
     "NormalizedStd",
     "RankMe",
     "TwoNN",
