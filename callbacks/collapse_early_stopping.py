@@ -17,71 +17,17 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-log = logging.getLogger(__name__)
+from reprmetrics.monitor import MonitorConfigurationError
+from reprmetrics.stopping import CollapseCriteria, collapse_kind
 
-_RANK_METRICS = ("rankme", "lidar")
-_LOCAL_METRICS = ("lid",)
-_GLOBAL_DIMENSION_METRICS = ("twonn", "mle_dimension")
-_SPREAD_METRICS = ("normalized_std",)
-# Metrics whose healthy value scales with the embedding width D (at most about D).
-_FRACTION_OF_DIM_METRICS = ("rankme", "lidar", "lid", "twonn", "mle_dimension", "nesum")
-_LOWER_IS_HEALTHIER = ("uniformity", "alignment", "wasserstein_uniformity", "sigreg")
+__all__ = ["CollapseEarlyStopping", "MonitoredKeyError", "collapse_kind"]
+
+log = logging.getLogger(__name__)
 _STAGES = ("train", "val")
 
 
 class MonitoredKeyError(MisconfigurationException, RuntimeError):
     """The monitored key is never produced (a ``RuntimeError`` like Lightning's ``EarlyStopping`` raises)."""
-
-
-def _check_criteria_fit(monitor: str, min_value: float | None, min_fraction_of_dim: float | None, max_relative_drop: float | None) -> None:
-    """Reject criteria that cannot mean what they say for the monitored metric (configuration time)."""
-    metric = monitor.rsplit("/", 1)[-1]
-    where = f"CollapseEarlyStopping({monitor!r})"
-    if metric in _LOWER_IS_HEALTHIER:
-        raise MisconfigurationException(
-            f"{where}: {metric} is lower-is-healthier, and CollapseEarlyStopping stops when a higher-is-healthier metric falls."
-            " Watch rankme, normalized_std or lid instead (or a Lightning EarlyStopping with mode='min')"
-        )
-    if metric == "alpha_req":
-        raise MisconfigurationException(
-            f"{where}: α-ReQ is healthy near 1 and unhealthy in both directions, so no floor or drop fits it;"
-            " watch rankme (dimensional collapse) or normalized_std (complete collapse)"
-        )
-    if metric == "num_samples":
-        raise MisconfigurationException(f"{where}: num_samples counts samples, it is not a collapse signal")
-    if metric == "nonfinite_fraction":
-        raise MisconfigurationException(
-            f"{where}: non-finite embeddings are caught by check_finite=True on any of the tap's metrics"
-            " (e.g. repr/val/<tap>/rankme): it stops at once with a divergence reason"
-        )
-    if min_fraction_of_dim is not None and metric not in _FRACTION_OF_DIM_METRICS and metric in _KNOWN_METRICS:
-        if metric == "normalized_std":
-            hint = "its healthy value is 1/√D, not a fraction of D: use min_value (e.g. 0.25/√D, the complete-collapse line) or max_relative_drop"
-        else:
-            hint = "its value does not scale with D: use min_value or max_relative_drop"
-        raise MisconfigurationException(
-            f"{where}: min_fraction_of_dim fits rank-like metrics ({', '.join(_FRACTION_OF_DIM_METRICS)}); for {metric} {hint}"
-        )
-
-
-_KNOWN_METRICS = (*_FRACTION_OF_DIM_METRICS, *_LOWER_IS_HEALTHIER, "normalized_std", "alpha_req", "isoscore", "coding_rate", "cka_to_reference")
-
-
-def collapse_kind(metric: str, value: float, normalized_std: float | None = None, dim: int | None = None) -> str:
-    """Which collapse a low value of ``metric`` means: complete, dimensional or local.
-
-    ``normalized_std`` (of the same tap, when the monitor computes it) below a quarter of its healthy
-    value 1/√D means every embedding points nearly the same way: complete collapse, whatever the metric.
-    """
-    if normalized_std is not None and dim and normalized_std < 0.25 / math.sqrt(dim):
-        return "complete"
-    if metric in _SPREAD_METRICS or (metric in _RANK_METRICS and value <= 1.5):
-        return "complete"
-    if metric in _LOCAL_METRICS:
-        return "local"
-    if metric in _RANK_METRICS or metric in _GLOBAL_DIMENSION_METRICS:
-        return "dimensional"
-    return "representation"
 
 
 class CollapseEarlyStopping(EarlyStopping):
@@ -139,26 +85,29 @@ class CollapseEarlyStopping(EarlyStopping):
         verbose: bool = False,
     ) -> None:
         super().__init__(monitor=monitor, patience=patience, mode="max", strict=strict, check_finite=check_finite, verbose=verbose, check_on_train_epoch_end=False)
-        if min_value is None and min_fraction_of_dim is None and max_relative_drop is None:
-            raise MisconfigurationException("CollapseEarlyStopping: give at least one of min_value, min_fraction_of_dim, max_relative_drop")
-        for name, value in (("min_fraction_of_dim", min_fraction_of_dim), ("max_relative_drop", max_relative_drop)):
-            if value is not None and not 0 < value < 1:
-                raise MisconfigurationException(f"CollapseEarlyStopping: `{name}` must be in (0, 1), got {value}")
-        if not isinstance(patience, int) or patience < 1:
-            raise MisconfigurationException(f"CollapseEarlyStopping: `patience` must be a positive integer, got {patience}")
-        if baseline is not None and not (math.isfinite(baseline) and baseline > 0):
-            raise MisconfigurationException(f"CollapseEarlyStopping: `baseline` must be a positive finite number, got {baseline}")
-        _check_criteria_fit(monitor, min_value, min_fraction_of_dim, max_relative_drop)
+        try:
+            self.criteria = CollapseCriteria(
+                monitor, patience, min_value, min_fraction_of_dim, max_relative_drop, baseline, dim, kind, check_finite
+            )
+        except MonitorConfigurationError as error:
+            raise MisconfigurationException(str(error)) from error
         self.min_value = min_value
         self.min_fraction_of_dim = min_fraction_of_dim
         self.max_relative_drop = max_relative_drop
-        self.baseline = baseline
         self.dim = dim
         self.kind = kind
-        self.values_seen: list[float] = []
         self._history_seen = 0
         self._key_verified = False
         self._warned_unknown = False
+
+    @property
+    def baseline(self) -> float | None:
+        """The reference for ``max_relative_drop``: the given one, else the first value seen."""
+        return self.criteria.baseline
+
+    @property
+    def values_seen(self) -> list[float]:
+        return self.criteria.values_seen
 
     @property
     @override
@@ -324,67 +273,27 @@ class CollapseEarlyStopping(EarlyStopping):
     # ---- the criteria ------------------------------------------------------------------------
     @override
     def _evaluate_stopping_criteria(self, current: Tensor) -> tuple[bool, str | None]:
-        value = float(current)
-        metric = self.monitor.rsplit("/", 1)[-1]
-        if self.check_finite and not math.isfinite(value):
-            self.stopping_reason = EarlyStoppingReason.NON_FINITE_METRIC
-            report = getattr(self, "_report_for_check", None)
-            if report is not None and report.nonfinite:
-                stage = {"train": "training", "val": "validation"}.get(report.stage, report.stage)
-                return True, (
-                    f"Divergence: tap {report.tap} produced non-finite embeddings ({report.nonfinite_fraction:.0%} of {report.seen}"
-                    f" samples, {stage}), so {self.monitor} = {value}. Signaling Trainer to stop."
-                )
-            return True, f"Monitored metric {self.monitor} = {value} is not finite. Signaling Trainer to stop."
-        self.values_seen.append(value)
-        if value > float(self.best_score):
-            self.best_score = torch.tensor(value)
-        if self.baseline is None and len(self.values_seen) == 1:
-            self.baseline = value  # first value seen
-
-        reasons = []
-        if self.min_value is not None and value < self.min_value:
-            reasons.append(f"below the floor {self.min_value:g}")
         dim = getattr(self, "_dim_for_check", None) or self.dim
-        if self.min_fraction_of_dim is not None and dim:
-            threshold = self.min_fraction_of_dim * dim
-            if value < threshold:
-                reasons.append(f"below {self.min_fraction_of_dim:g} × D = {threshold:.4g} (D = {dim})")
-        if self.max_relative_drop is not None and self.baseline:
-            threshold = (1 - self.max_relative_drop) * self.baseline
-            if value < threshold:
-                reasons.append(
-                    f"{1 - value / self.baseline:.0%} below the baseline {self.baseline:.4g} (allowed drop {self.max_relative_drop:.0%})"
-                )
-
-        if not reasons:
-            self.wait_count = 0
-            return False, f"{self.monitor} = {value:.4g}: healthy"
-        self.wait_count += 1
-        if self.wait_count < self.patience:
-            return False, f"{self.monitor} = {value:.4g}: {'; '.join(reasons)} ({self.wait_count}/{self.patience})"
-        std = getattr(self, "_std_for_check", None)
-        kind = self.kind or collapse_kind(metric, value, std, dim)
-        recent = ", ".join(f"{v:.4g}" for v in self.values_seen[-(self.patience + 2) :])
-        std_note = f"; normalized std {std:.3g} vs healthy 1/√D = {1 / math.sqrt(dim):.3g}" if std is not None and dim else ""
-        self.stopping_reason = EarlyStoppingReason.PATIENCE_EXHAUSTED
-        return True, (
-            f"{kind.capitalize()} collapse: {self.monitor} = {value:.4g} is {'; '.join(reasons)},"
-            f" for {self.wait_count} consecutive checks (recent values: {recent}; best seen {float(self.best_score):.4g}{std_note})."
-            " Signaling Trainer to stop."
+        should_stop, reason = self.criteria.check(
+            float(current), dim, getattr(self, "_std_for_check", None), getattr(self, "_report_for_check", None)
         )
+        self.wait_count = self.criteria.wait_count
+        if math.isfinite(self.criteria.best):
+            self.best_score = torch.tensor(self.criteria.best)
+        if should_stop:
+            self.stopping_reason = EarlyStoppingReason.NON_FINITE_METRIC if self.criteria.diverged else EarlyStoppingReason.PATIENCE_EXHAUSTED
+        return should_stop, reason
 
     # ---- persistence ---------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(baseline=self.baseline, values_seen=list(self.values_seen), history_seen=self._history_seen, key_verified=self._key_verified)
+        state.update(criteria=self.criteria.state_dict(), history_seen=self._history_seen, key_verified=self._key_verified)
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.baseline = state_dict.get("baseline", self.baseline)
-        self.values_seen = list(state_dict.get("values_seen", []))
+        self.criteria.load_state_dict(state_dict.get("criteria", {}))
         self._history_seen = state_dict.get("history_seen", 0)
         self._key_verified = state_dict.get("key_verified", False)
