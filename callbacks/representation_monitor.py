@@ -76,6 +76,11 @@ class RepresentationMonitor(Callback):
         max_samples: cap on points kept by uniformity and local intrinsic dimension (8,192: lower than
             the Metric classes' 25,600 because this runs every validation epoch; both cost O(N²·D)).
         min_samples: values computed on fewer usable samples are not logged (``num_samples`` is).
+        reference: log ``{prefix}/val/{tap}/cka_to_reference``, the linear CKA between each tap's
+            embeddings and a reference's on the same validation inputs: ``"initial"`` (a frozen copy of
+            each tapped submodule at the start of fit: the pretrained encoder when fine-tuning), an
+            ``nn.Module`` with the same submodule names, or a checkpoint path. See
+            :class:`~reprmetrics.monitor.RepresentationTracker` for the memory cost and output-key taps.
         metrics: extra ``{name: Metric}``, cloned per tap and stage (they receive ``(B, D)``).
         default_metrics: RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic
             dimension, and with views LiDAR and alignment.
@@ -106,6 +111,7 @@ class RepresentationMonitor(Callback):
         prefix: str = "repr",
         view_layout: str = "auto",
         min_samples: int = DEFAULT_MIN_SAMPLES,
+        reference: Any = None,
     ) -> None:
         super().__init__()
         with _as_misconfiguration():
@@ -120,6 +126,7 @@ class RepresentationMonitor(Callback):
                 strict=strict,
                 view_layout=view_layout,
                 min_samples=min_samples,
+                reference=reference,
             )
         self.progress_bar = progress_bar
         if isinstance(figures_every_n_epochs, bool) or not isinstance(figures_every_n_epochs, int) or figures_every_n_epochs < 1:

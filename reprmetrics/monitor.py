@@ -27,6 +27,7 @@ grouped into views and non-finite embeddings are counted, logged (``num_samples`
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -196,6 +197,14 @@ class Tap:
             raise MonitorConfigurationError(f"RepresentationMonitor: Tap source must be 'auto', 'module' or 'output', got {self.source!r}")
         if self.reduce is not None and not callable(self.reduce):
             raise MonitorConfigurationError(f"RepresentationMonitor: Tap {self.name!r}: `reduce` must be callable, got {type(self.reduce).__name__}")
+
+
+def _follow_device(copy_: nn.Module, live: nn.Module) -> None:
+    """Move a reference copy to the live module's device (Lightning moves the model after attach)."""
+    live_tensor = next(iter((*live.parameters(), *live.buffers())), None)
+    copy_tensor = next(iter((*copy_.parameters(), *copy_.buffers())), None)
+    if live_tensor is not None and copy_tensor is not None and copy_tensor.device != live_tensor.device:
+        copy_.to(live_tensor.device)
 
 
 class _UngroupableBatch(ValueError):
@@ -463,6 +472,16 @@ class RepresentationTracker:
         default_metrics: include RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic
             dimension, and with views LiDAR and alignment.
         strict: raise instead of warning once and skipping a metric that cannot be computed.
+        reference: drift from a reference representation, logged as ``cka_to_reference`` (linear CKA
+            over the whole evaluation pass, val stage only): ``"initial"`` keeps a frozen copy (eval
+            mode, no grad) of each tapped submodule as it is at :meth:`attach` (the start of fit);
+            an ``nn.Module`` with the same submodule names (e.g. the pretrained model), or a path to a
+            ``torch.save``-d state dict or Lightning checkpoint of the same model class, gives the
+            reference weights. At each evaluation step the copy runs on the inputs the live submodule
+            received (its forward hook sees them). Memory: one copy of each tapped submodule's
+            parameters and buffers, on the live module's device; time: one extra forward of the tapped
+            submodules per evaluation batch. Output-key taps read the reference embeddings from the
+            key ``"{tap}_reference"`` of the same step output (same rows, same layout).
 
     Reported per tap and stage, besides the metrics: ``num_samples`` (samples the metrics used) and
     ``nonfinite_fraction`` (of the samples captured, those with a NaN/inf value). When any captured
@@ -481,6 +500,7 @@ class RepresentationTracker:
         strict: bool = False,
         view_layout: str = "auto",
         min_samples: int = DEFAULT_MIN_SAMPLES,
+        reference: str | os.PathLike | nn.Module | None = None,
     ) -> None:
         if isinstance(taps, (str, Tap)):
             taps = [taps]
@@ -503,6 +523,10 @@ class RepresentationTracker:
             raise MonitorConfigurationError(f"RepresentationMonitor: `view_layout` must be one of {VIEW_LAYOUTS}, got {view_layout!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         if view_layout in ("concat", "stacked") and num_views == 1:
             raise MonitorConfigurationError(f"RepresentationMonitor: view_layout={view_layout!r} needs num_views >= 2")
+        if reference is not None and not isinstance(reference, (str, os.PathLike, nn.Module)):
+            raise MonitorConfigurationError(f"RepresentationMonitor: `reference` must be 'initial', an nn.Module or a checkpoint path, got {type(reference).__name__}")
+        if isinstance(reference, str) and reference != "initial" and not os.path.exists(reference):
+            raise MonitorConfigurationError(f"RepresentationMonitor: `reference` is neither 'initial' nor an existing checkpoint file: {reference!r}")
         if not default_metrics and not metrics:
             raise MonitorConfigurationError("RepresentationMonitor: no metrics to compute (default_metrics=False and no `metrics`)")
         for name, metric in (metrics or {}).items():
@@ -517,6 +541,7 @@ class RepresentationTracker:
         self.extra_metrics = dict(metrics or {})
         self.use_default_metrics = default_metrics
         self.strict = strict
+        self.reference = reference
         # Set by an adapter that knows an evaluation pass will come (Lightning: validation_step exists):
         # an output tap missing from the training outputs may still appear in the evaluation outputs.
         self.expect_eval = False
@@ -546,6 +571,9 @@ class RepresentationTracker:
         self._taps_checked = False
         self._capture_error: MonitorConfigurationError | None = None
         self.eval_passes = 0
+        self._reference_modules: dict[str, nn.Module] = {}
+        self._reference_captured: dict[str, list[Tensor]] = {t.name: [] for t in self.taps}
+        self._drift: dict[str, Metric] = {}
 
     # ---- attaching -------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -558,6 +586,8 @@ class RepresentationTracker:
         self._model = model
         self._module_taps = set()
         self._submodule_names = [name for name, _ in model.named_modules() if name]
+        if self.reference is not None and not self._reference_modules:
+            self._reference_modules = self._reference_submodules(model)  # before our hooks exist: copies carry none
         for tap in self.taps:
             try:
                 module = model.get_submodule(tap.name)
@@ -572,7 +602,37 @@ class RepresentationTracker:
                 continue
             self._module_taps.add(tap.name)
             self._found.add(tap.name)
-            self._handles.append(module.register_forward_hook(self._make_hook(tap)))
+            self._handles.append(module.register_forward_hook(self._make_hook(tap), with_kwargs=True))
+
+    def _reference_submodules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Frozen copies of the tapped submodules: of ``model`` now, or of the given reference."""
+        if isinstance(self.reference, nn.Module):
+            source = self.reference
+        elif self.reference == "initial":
+            source = model
+        else:
+            state = torch.load(self.reference, map_location="cpu", weights_only=False)
+            state = state.get("state_dict", state) if isinstance(state, Mapping) else state
+            source = copy.deepcopy(model)
+            try:
+                source.load_state_dict(state)
+            except (RuntimeError, TypeError) as error:
+                raise MonitorConfigurationError(f"RepresentationMonitor: the reference checkpoint {str(self.reference)!r} does not fit the model: {error}") from error
+        names = [name for name, _ in source.named_modules() if name]
+        frozen = {}
+        for tap in self.taps:
+            try:
+                module = model.get_submodule(tap.name)
+            except AttributeError:
+                continue  # an output tap: its reference comes from the step output
+            try:
+                reference = source.get_submodule(tap.name) if source is not model else module
+            except AttributeError:
+                raise MonitorConfigurationError(
+                    f"RepresentationMonitor: the reference model has no submodule {tap.name!r}; closest: {_quoted(_closest(tap.name, names))}"
+                ) from None
+            frozen[tap.name] = copy.deepcopy(reference).eval().requires_grad_(False)
+        return frozen
 
     def detach(self) -> None:
         """Remove the forward hooks."""
@@ -581,18 +641,24 @@ class RepresentationTracker:
         self._handles = []
 
     def _make_hook(self, tap: Tap) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+        def embed(output: Any) -> Tensor:
+            embeddings = tap.reduce(output) if tap.reduce is not None else _module_embeddings(output, tap.name)
+            if not isinstance(embeddings, Tensor):
+                raise MonitorConfigurationError(f"RepresentationMonitor: the `reduce` of tap {tap.name!r} returned {type(embeddings).__name__}, not a tensor")
+            return embeddings.detach()
+
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if self._mode is None or self._capture_error is not None:
                 return  # off-schedule: costs one attribute read
             with torch.no_grad():
                 try:
-                    embeddings = tap.reduce(output) if tap.reduce is not None else _module_embeddings(output, tap.name)
-                    if not isinstance(embeddings, Tensor):
-                        raise MonitorConfigurationError(f"RepresentationMonitor: the `reduce` of tap {tap.name!r} returned {type(embeddings).__name__}, not a tensor")
+                    self._captured[tap.name].append(embed(output))
+                    reference = self._reference_modules.get(tap.name)
+                    if reference is not None and self._mode == "eval":
+                        _follow_device(reference, module)
+                        self._reference_captured[tap.name].append(embed(reference(*args, **kwargs)))
                 except MonitorConfigurationError as error:
                     self._capture_error = error  # raised from the next end_*_step, outside the model's forward
-                    return
-                self._captured[tap.name].append(embeddings.detach())
 
         return hook
 
@@ -612,19 +678,31 @@ class RepresentationTracker:
         for tap in self.taps:
             if tap.name in self._module_taps or tap.name not in outputs:
                 continue
-            value = outputs[tap.name]
-            values = list(value) if isinstance(value, (list, tuple)) else [value]
-            if tap.reduce is not None:
-                values = [tap.reduce(v) for v in values]
-            for v in values:
-                if not isinstance(v, Tensor):
-                    raise MonitorConfigurationError(f"RepresentationMonitor: output key {tap.name!r} holds {type(v).__name__}; it must hold (B, D), (B, q, D) or a list of q (B, D) tensors")
-                if v.ndim > 3 or (v.ndim == 3 and self.num_views == 1):
+            self._captured[tap.name].extend(self._output_tensors(tap, outputs[tap.name], tap.name))
+            if self.reference is not None and self._mode == "eval":
+                key = f"{tap.name}_reference"
+                if key not in outputs:
                     raise MonitorConfigurationError(
-                        f"RepresentationMonitor: output key {tap.name!r} holds a tensor of shape {tuple(v.shape)}; embeddings must be (B, D)"
-                        f"{' or (B, q, D) views' if self.num_views > 1 else ''}: {_FEATURE_MAP_HINT.format(name=tap.name)}"
+                        f"RepresentationMonitor: with `reference`, output tap {tap.name!r} needs the reference embeddings under the key"
+                        f" {key!r} of the validation step output (same rows and layout); keys seen: {_quoted(sorted(map(str, outputs)))}"
                     )
-                self._captured[tap.name].append(v.detach())
+                self._reference_captured[tap.name].extend(self._output_tensors(tap, outputs[key], key))
+
+    def _output_tensors(self, tap: Tap, value: Any, key: str) -> list[Tensor]:
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if tap.reduce is not None:
+            values = [tap.reduce(v) for v in values]
+        out = []
+        for v in values:
+            if not isinstance(v, Tensor):
+                raise MonitorConfigurationError(f"RepresentationMonitor: output key {key!r} holds {type(v).__name__}; it must hold (B, D), (B, q, D) or a list of q (B, D) tensors")
+            if v.ndim > 3 or (v.ndim == 3 and self.num_views == 1):
+                raise MonitorConfigurationError(
+                    f"RepresentationMonitor: output key {key!r} holds a tensor of shape {tuple(v.shape)}; embeddings must be (B, D)"
+                    f"{' or (B, q, D) views' if self.num_views > 1 else ''}: {_FEATURE_MAP_HINT.format(name=tap.name)}"
+                )
+            out.append(v.detach())
+        return out
 
     def _raise_capture_error(self) -> None:
         if self._capture_error is not None:
@@ -660,20 +738,26 @@ class RepresentationTracker:
         self._taps_checked = True
         raise MonitorConfigurationError("RepresentationMonitor: " + "; ".join(lines) + ". Fix the tap name, or return that key from the step.")
 
-    def _group(self, stage: str) -> dict[str, Tensor]:
-        """Group this step's captures per tap; count and skip batches the layout cannot split."""
+    def _group(self, stage: str) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Group this step's captures per tap (and their reference); count and skip batches the layout cannot split."""
         grouped = {}
         for tap in self.taps:
             chunks, self._captured[tap.name] = self._captured[tap.name], []
+            reference_chunks, self._reference_captured[tap.name] = self._reference_captured[tap.name], []
             if not chunks:
                 continue
             try:
                 views = group_views(chunks, self.num_views, tap.name, self.view_layout)
+                reference = group_views(reference_chunks, self.num_views, tap.name, self.view_layout) if reference_chunks else None
             except _UngroupableBatch as error:
                 self._count_dropped(stage, tap.name, error.samples, str(error))
                 continue
+            if reference is not None and reference.shape[:2] != views.shape[:2]:
+                raise MonitorConfigurationError(
+                    f"RepresentationMonitor: tap {tap.name!r}: the reference gave {tuple(reference.shape[:2])} samples × views, the live model {tuple(views.shape[:2])}"
+                )
             self.num_features[tap.name] = views.shape[-1]
-            grouped[tap.name] = views
+            grouped[tap.name] = (views, reference)
         return grouped
 
     def _count_dropped(self, stage: str, tap: str, samples: int, reason: str) -> None:
@@ -712,7 +796,7 @@ class RepresentationTracker:
         self.check_taps("train")
         result = None
         if self._mode == "train":
-            for tap, views in self._group("train").items():
+            for tap, (views, _) in self._group("train").items():
                 self._batch_size = views.shape[0]
                 self._buffers[tap].add(views)
                 self._epoch_train_captures[tap] += len(views)
@@ -750,7 +834,10 @@ class RepresentationTracker:
         for (stage, _), counts in self._counts.items():
             if stage == "val":
                 counts.reset()
+        for drift in self._drift.values():
+            drift.reset()
         self._captured = {t.name: [] for t in self.taps}
+        self._reference_captured = {t.name: [] for t in self.taps}
         self._mode = "eval"
 
     def end_eval_step(self, outputs: Any = None) -> None:
@@ -759,8 +846,10 @@ class RepresentationTracker:
         self.observe(outputs, "eval")
         if self._mode != "eval":
             return
-        for tap, views in self._group("val").items():
+        for tap, (views, reference) in self._group("val").items():
             self._feed("val", tap, views)
+            if reference is not None:
+                self._feed_drift(tap, views, reference)
 
     def end_eval(self) -> dict[str, Tensor]:
         """Values over the whole evaluation pass: ``{"tap/metric": value}``.
@@ -798,7 +887,20 @@ class RepresentationTracker:
 
     def metric_names(self, stage: str) -> dict[str, list[str]]:
         """``{tap: [names it reports]}`` for the taps of a stage seen so far, the counts included."""
-        return {tap: [*s.metrics, "num_samples", "nonfinite_fraction"] for tap, s in self.metric_sets(stage).items()}
+        drift = ["cka_to_reference"] if stage == "val" and self.reference is not None else []
+        return {tap: [*s.metrics, *drift, "num_samples", "nonfinite_fraction"] for tap, s in self.metric_sets(stage).items()}
+
+    def _feed_drift(self, tap: str, views: Tensor, reference: Tensor) -> None:
+        from reprmetrics.similarity import LinearCKA
+
+        live, ref = views[:, 0], reference[:, 0]
+        finite = torch.isfinite(live).all(dim=1) & torch.isfinite(ref).all(dim=1)
+        if not bool(finite.all()):
+            live, ref = live[finite], ref[finite]
+        if tap not in self._drift:
+            self._drift[tap] = LinearCKA(num_features=(live.shape[-1], ref.shape[-1])).to(live.device)
+        if len(live):
+            self._drift[tap].update(live, ref)
 
     def _device(self) -> torch.device:
         if self._model is not None:
@@ -858,6 +960,7 @@ class RepresentationTracker:
                 f" {report.seen} samples, {label}); its metrics are reported as NaN"
             )
             names = list(metric_set.metrics) if metric_set is not None else []
+            names += ["cka_to_reference"] if stage == "val" and tap in self._drift else []
             values.update({f"{tap}/{name}": torch.tensor(float("nan"), device=device) for name in names})
             return values
         if dropped:
@@ -873,6 +976,13 @@ class RepresentationTracker:
             return values
         if metric_set is not None:
             values.update({f"{tap}/{name}": value for name, value in metric_set.compute().items()})
+        if stage == "val" and tap in self._drift:
+            try:
+                values[f"{tap}/cka_to_reference"] = self._drift[tap].compute().detach()
+            except (ValueError, RuntimeError) as error:
+                if self.strict:
+                    raise
+                warn(f"reprmetrics monitor: skipping {stage}/{tap}/cka_to_reference: {error}")
         return values
 
     def _record(self, stage: str, values: Mapping[str, Tensor]) -> None:

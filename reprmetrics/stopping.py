@@ -169,9 +169,14 @@ class CollapseCriteria:
         kind = self.kind or collapse_kind(self.metric, value, normalized_std, dim)
         recent = ", ".join(f"{v:.4g}" for v in self.values_seen[-(self.patience + 2) :])
         std_note = f"; normalized std {normalized_std:.3g} vs healthy 1/√D = {1 / math.sqrt(dim):.3g}" if normalized_std is not None and dim else ""
-        title = "Representation drift" if kind == "drift" else f"{kind.capitalize()} collapse"
+        if kind == "drift":
+            tap = self.monitor.rsplit("/", 2)[-2] if self.monitor.count("/") >= 2 else "representation"
+            return True, (
+                f"Representation drift: CKA to the reference {tap} fell to {value:.4g} ({self.monitor}), {'; '.join(reasons)},"
+                f" for {self.wait_count} consecutive checks (recent values: {recent}). Signaling Trainer to stop."
+            )
         return True, (
-            f"{title}: {self.monitor} = {value:.4g} is {'; '.join(reasons)}, for {self.wait_count} consecutive checks"
+            f"{kind.capitalize()} collapse: {self.monitor} = {value:.4g} is {'; '.join(reasons)}, for {self.wait_count} consecutive checks"
             f" (recent values: {recent}; best seen {self.best:.4g}{std_note}). Signaling Trainer to stop."
         )
 
