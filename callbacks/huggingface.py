@@ -115,10 +115,13 @@ class RepresentationCallback(TrainerCallback):
             :class:`~reprmetrics.monitor.RepresentationTracker` (``reference="initial"`` copies the
             tapped submodules when the Trainer is built, i.e. the weights fine-tuning starts from).
         prefix: first component of every logged name.
-        stop_on: key(s) to stop on (``None``: monitor only).
+        stop_on: key(s) to stop on (``None``: monitor only): a key, a list of keys (each with the
+            criteria below), or ``{key: {criterion: value}}`` to give a key criteria of its own, e.g.
+            ``{"repr/eval/pooler/rankme": {"min_fraction_of_dim": 0.1},
+            "repr/eval/pooler/normalized_std": {"min_value": 0.25 / D**0.5, "patience": 1}}``.
         patience, min_value, min_fraction_of_dim, max_relative_drop, baseline, dim, kind,
         check_finite: the criteria, as for :class:`~reprmetrics.stopping.CollapseCriteria`
-            (applied to every ``stop_on`` key).
+            (for every ``stop_on`` key, unless the key gives its own).
 
     Under DDP every rank computes the same values from synced metric states, so every rank takes the
     same decision.
@@ -138,7 +141,7 @@ class RepresentationCallback(TrainerCallback):
         view_layout: str = "auto",
         min_samples: int = DEFAULT_MIN_SAMPLES,
         reference: str | os.PathLike | nn.Module | None = None,
-        stop_on: str | Iterable[str] | None = None,
+        stop_on: str | Iterable[str] | Mapping[str, Mapping[str, Any]] | None = None,
         patience: int = 3,
         min_value: float | None = None,
         min_fraction_of_dim: float | None = None,
@@ -164,17 +167,27 @@ class RepresentationCallback(TrainerCallback):
         if not isinstance(prefix, str) or not prefix or "/" in prefix:
             raise MonitorConfigurationError(f"{_OWNER}: `prefix` must be a non-empty string without '/', got {prefix!r}")
         self.prefix = prefix
-        stop_keys = [stop_on] if isinstance(stop_on, str) else list(stop_on or [])
+        shared = dict(
+            patience=patience, min_value=min_value, min_fraction_of_dim=min_fraction_of_dim, max_relative_drop=max_relative_drop,
+            baseline=baseline, dim=dim, kind=kind, check_finite=check_finite,
+        )
+        if isinstance(stop_on, str):
+            stop_keys: dict[str, dict[str, Any]] = {stop_on: {}}
+        elif isinstance(stop_on, Mapping):
+            stop_keys = {key: dict(own or {}) for key, own in stop_on.items()}
+        else:
+            stop_keys = {key: {} for key in (stop_on or [])}
         if not stop_keys and any(v is not None for v in (min_value, min_fraction_of_dim, max_relative_drop, baseline)):
             raise MonitorConfigurationError(f"{_OWNER}: stopping criteria given but no `stop_on` key to apply them to, e.g. stop_on={self._example_key()!r}")
         # (stage, tap, metric, criteria): one CollapseCriteria per key, fed each new value of it.
         self._stoppers: list[tuple[str, str, str, CollapseCriteria]] = []
-        for key in stop_keys:
+        for key, own in stop_keys.items():
             stage, tap, metric = self._parse_stop_key(key)
-            criteria = CollapseCriteria(
-                self._logged_key(stage, tap, metric, "eval"), patience, min_value, min_fraction_of_dim, max_relative_drop,
-                baseline, dim, kind, check_finite, owner=_OWNER,
-            )
+            unknown = sorted(set(own) - set(shared))
+            if unknown:
+                raise MonitorConfigurationError(f"{_OWNER}: stop_on[{key!r}] has unknown criteria {unknown}; they are {sorted(shared)}")
+            options = {**shared, **own}
+            criteria = CollapseCriteria(self._logged_key(stage, tap, metric, "eval"), owner=_OWNER, **options)
             self._stoppers.append((stage, tap, metric, criteria))
         self._history_seen = [0] * len(self._stoppers)
         self._verified: set[tuple[str, str]] = set()

@@ -1,0 +1,311 @@
+"""The Hugging Face adapter in a real ``transformers.Trainer`` on CPU: tiny models from configs, random weights, nothing downloaded."""
+
+import ast
+import glob
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from references import rankme_ref  # noqa: E402
+from references_centred import normalized_std_ref  # noqa: E402
+from references_similarity import linear_cka_ref  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
+
+from reprmetrics.callbacks.huggingface import RepresentationCallback  # noqa: E402
+from reprmetrics.monitor import MonitorConfigurationError, Tap  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("hf_trainer")
+CALLBACKS = Path(__file__).resolve().parent.parent / "callbacks"
+
+
+# ---- data and models ------------------------------------------------------------------------------
+class Tokens(Dataset):
+    """Random token ids; the label is whether the first token is in the upper half of the vocabulary."""
+
+    def __init__(self, n, seed, length=12, vocab=100):
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, length), generator=generator)
+        self.labels = (self.ids[:, 0] >= vocab // 2).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+class Points(Dataset):
+    """Gaussian points in 16-D with 4 classes given by the signs of two coordinates."""
+
+    def __init__(self, n, seed):
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 16, generator=generator)
+        self.labels = (self.x[:, 0] > 0).long() * 2 + (self.x[:, 1] > 0).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.labels[i]}
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, max_position_embeddings=16)
+    return BertForSequenceClassification(config)
+
+
+class Encoder(nn.Module):
+    """Any ``nn.Module`` returning a loss trains with the Trainer. ``objective="collapse"`` turns every
+    embedding towards the same direction (complete collapse); ``"classify"`` is a healthy
+    cross-entropy fine-tune. With ``views=2`` the encoder runs on two noisy copies of the batch."""
+
+    def __init__(self, objective="classify", views=1):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 4)
+        self.objective = objective
+        self.views = views
+
+    def forward(self, x, labels=None):
+        zs = [self.encoder(x + 0.1 * torch.randn_like(x)) for _ in range(self.views)] if self.views > 1 else [self.encoder(x)]
+        z = zs[0]
+        logits = self.head(z)
+        if self.objective == "collapse":
+            loss = 1 - F.normalize(z, dim=1).mean(0).pow(2).sum()  # 0 when every embedding points the same way
+        else:
+            loss = F.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits, "embeddings": z}
+
+
+def training_args(tmp_path, **overrides):
+    options = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=64, per_device_eval_batch_size=128, learning_rate=5e-3,
+        eval_strategy="epoch", logging_steps=5, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+        seed=0, dataloader_drop_last=True,
+    )
+    options.update(overrides)
+    return TrainingArguments(**options)
+
+
+def eval_logs(trainer):
+    return [e for e in trainer.state.log_history if "eval_loss" in e]
+
+
+@torch.no_grad()
+def pooler_outputs(model, dataset):
+    model.eval()
+    return model.bert(input_ids=dataset.ids).pooler_output.double().numpy()
+
+
+# ---- logging --------------------------------------------------------------------------------------
+def test_values_reach_log_history_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = tiny_bert()
+    eval_set = Tokens(256, seed=1)
+    callback = RepresentationCallback(
+        ["bert.pooler", Tap("bert.encoder.layer.1", reduce=lambda out: (out[0] if isinstance(out, tuple) else out)[:, 0])],
+        every_n_train_steps=4, train_buffer_size=128,
+    )
+    args = training_args(tmp_path, num_train_epochs=2, report_to=["tensorboard"])
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(512, seed=0), eval_dataset=eval_set, callbacks=[callback])
+    trainer.train()
+
+    # One evaluation log per epoch holds the eval loss and the representation metrics together.
+    evals = eval_logs(trainer)
+    assert len(evals) == 2
+    for entry in evals:
+        for tap in ("bert.pooler", "bert.encoder.layer.1"):
+            for metric in ("rankme", "alpha_req", "normalized_std", "uniformity", "lid"):
+                assert math.isfinite(entry[f"eval_repr/{tap}/{metric}"])
+            assert entry[f"eval_repr/{tap}/num_samples"] == 256
+    # The last evaluation ran on the final weights, over the whole evaluation set: an independent reference agrees.
+    pooled = pooler_outputs(model, eval_set)
+    assert evals[-1]["eval_repr/bert.pooler/rankme"] == pytest.approx(rankme_ref(pooled), rel=1e-4)
+    assert evals[-1]["eval_repr/bert.pooler/normalized_std"] == pytest.approx(normalized_std_ref(pooled), rel=1e-4)
+
+    # Training-stage values: every 4 steps, in the training log of that step.
+    train_steps = [e["step"] for e in trainer.state.log_history if "repr/bert.pooler/rankme" in e]
+    assert train_steps == [4, 8, 12, 16] and all("loss" in e for e in trainer.state.log_history if "repr/bert.pooler/rankme" in e)
+
+    (events,) = glob.glob(str(tmp_path / "out" / "runs" / "*" / "events.out.tfevents.*"))
+    accumulator = EventAccumulator(events, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    scalars = accumulator.Scalars("eval/repr/bert.pooler/rankme")
+    assert [s.step for s in scalars] == [e["step"] for e in evals]
+    assert [s.value for s in scalars] == pytest.approx([e["eval_repr/bert.pooler/rankme"] for e in evals], rel=1e-6)
+    assert [s.step for s in accumulator.Scalars("train/repr/bert.encoder.layer.1/lid")] == train_steps
+
+
+def test_evaluate_alone_returns_the_values_and_drift_starts_at_one(tmp_path):
+    model = Encoder()
+    eval_set = Points(256, seed=1)
+    callback = RepresentationCallback(["encoder"], every_n_train_steps=0, reference="initial")
+    trainer = Trainer(model=model, args=training_args(tmp_path, num_train_epochs=1), train_dataset=Points(512, seed=0), eval_dataset=eval_set, callbacks=[callback])
+    metrics = trainer.evaluate()
+    assert metrics["eval_repr/encoder/cka_to_reference"] == pytest.approx(1.0, abs=1e-6)  # before training: the reference itself
+    assert metrics["eval_repr/encoder/num_samples"] == 256
+    initial = model.encoder(eval_set.x).detach().double().numpy()
+
+    trainer.train()
+    final = eval_logs(trainer)[-1]
+    with torch.no_grad():
+        model.eval()
+        trained = model.encoder(eval_set.x).double().numpy()
+    assert final["eval_repr/encoder/cka_to_reference"] == pytest.approx(linear_cka_ref(trained, initial), rel=1e-4)
+    assert final["eval_repr/encoder/cka_to_reference"] < 1 - 1e-4
+
+
+# ---- stopping -------------------------------------------------------------------------------------
+FLOOR = 0.25 / 16**0.5 / 4  # a quarter of the normalised std of this encoder's embeddings at initialisation (about 0.045)
+
+
+def collapse_run(tmp_path, objective, lr, caplog):
+    model = Encoder(objective)
+    callback = RepresentationCallback(
+        ["encoder", "embeddings"], every_n_train_steps=0,
+        stop_on={"repr/eval/encoder/rankme": {}, "eval_repr/embeddings/normalized_std": {"min_value": FLOOR}},
+        min_value=2.0, patience=2,
+    )
+    args = training_args(tmp_path, max_steps=100, eval_strategy="steps", eval_steps=5, learning_rate=lr, lr_scheduler_type="constant")
+    trainer = Trainer(model=model, args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=[callback])
+    with caplog.at_level(logging.WARNING, logger="reprmetrics.callbacks.huggingface"):
+        trainer.train()
+    return trainer, callback
+
+
+def test_forced_collapse_stops_training_with_the_reason(tmp_path, caplog):
+    trainer, callback = collapse_run(tmp_path, "collapse", lr=0.02, caplog=caplog)
+    assert trainer.state.global_step < 100
+    reason = callback.stopping_reason
+    assert reason.startswith("Complete collapse: eval_repr/embeddings/normalized_std") and "for 2 consecutive checks" in reason
+    assert "vs healthy 1/√D = 0.25" in reason and reason in caplog.text
+    last = eval_logs(trainer)[-1]
+    assert last["eval_repr/stop_reason"] == reason and last["step"] == trainer.state.global_step == callback.stopped_step
+    spreads = [e["eval_repr/embeddings/normalized_std"] for e in eval_logs(trainer)]
+    assert all(v < FLOOR for v in spreads[-2:]) and spreads[0] > FLOOR
+    # A module tap and the output key holding the same embeddings give the same values.
+    assert last["eval_repr/embeddings/rankme"] == pytest.approx(last["eval_repr/encoder/rankme"], rel=1e-6)
+
+
+def test_healthy_run_is_not_stopped(tmp_path, caplog):
+    trainer, callback = collapse_run(tmp_path, "classify", lr=0.02, caplog=caplog)
+    assert trainer.state.global_step == 100 and callback.stopping_reason is None
+    assert not any("stop_reason" in key for entry in trainer.state.log_history for key in entry)
+    assert min(e["eval_repr/encoder/rankme"] for e in eval_logs(trainer)) > 2.0
+
+
+def test_training_with_and_without_the_callback_gives_identical_weights(tmp_path):
+    def train(callbacks):
+        model = tiny_bert()
+        args = training_args(tmp_path / str(len(callbacks)), num_train_epochs=2, gradient_accumulation_steps=2)
+        Trainer(model=model, args=args, train_dataset=Tokens(512, seed=0), eval_dataset=Tokens(128, seed=1), callbacks=callbacks).train()
+        return model.state_dict()
+
+    plain = train([])
+    watched = train([RepresentationCallback(["bert.pooler"], every_n_train_steps=2, train_buffer_size=128, reference="initial")])
+    assert plain.keys() == watched.keys()
+    for name in plain:
+        assert torch.equal(plain[name], watched[name]), name
+
+
+def test_metric_for_best_model_keeps_the_best_checkpoint_by_a_repr_key(tmp_path):
+    model = Encoder("classify")
+    eval_set = Points(256, seed=1)
+    callback = RepresentationCallback(["encoder"], every_n_train_steps=0)
+    args = training_args(
+        tmp_path, max_steps=40, eval_strategy="steps", eval_steps=10, save_strategy="steps", save_steps=10, learning_rate=0.3, optim="sgd",
+        load_best_model_at_end=True, metric_for_best_model="repr/encoder/rankme", greater_is_better=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Points(512, seed=0), eval_dataset=eval_set, callbacks=[callback])
+    trainer.train()
+    ranks = {e["step"]: e["eval_repr/encoder/rankme"] for e in eval_logs(trainer)}
+    best_step = max(ranks, key=ranks.get)
+    assert trainer.state.best_metric == pytest.approx(ranks[best_step]) and trainer.state.best_global_step == best_step
+    # The weights loaded at the end are the best checkpoint's: their RankMe, recomputed independently, is the best value.
+    with torch.no_grad():
+        model.eval()
+        z = model.encoder(eval_set.x).double().numpy()
+    assert rankme_ref(z) == pytest.approx(ranks[best_step], rel=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:.*fewer than min_samples.*")
+def test_gradient_accumulation_with_views_one_tracker_step_per_micro_batch(tmp_path):
+    model = Encoder("classify", views=2)
+    callback = RepresentationCallback(["encoder"], num_views=2, view_layout="calls", every_n_train_steps=4, train_buffer_size=64)
+    args = training_args(tmp_path, num_train_epochs=1, per_device_train_batch_size=32, gradient_accumulation_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=[callback])
+    trainer.train()
+    # 16 micro-batches of 32: every 4 micro-batches (2 optimizer steps), over the 2 most recent micro-batches
+    # (the first time over the last one only: the batch size is not known before; 32 < min_samples withholds it).
+    train_entries = [e for e in trainer.state.log_history if "repr/encoder/num_samples" in e]
+    assert [e["step"] for e in train_entries] == [2, 4, 6, 8]
+    assert [e["repr/encoder/num_samples"] for e in train_entries] == [32, 64, 64, 64]
+    assert [e["step"] for e in train_entries if "repr/encoder/lidar" in e] == [4, 6, 8]
+    assert math.isfinite(eval_logs(trainer)[-1]["eval_repr/encoder/lidar"])
+
+
+# ---- misconfiguration -------------------------------------------------------------------------------
+def test_misspelt_tap_raises_with_the_closest_names_at_the_first_step(tmp_path):
+    trainer = Trainer(
+        model=tiny_bert(), args=training_args(tmp_path, num_train_epochs=1), train_dataset=Tokens(256, seed=0), eval_dataset=Tokens(128, seed=1),
+        callbacks=[RepresentationCallback(["bert.poolr"], every_n_train_steps=0)],
+    )
+    with pytest.raises(MonitorConfigurationError, match=r"'bert.poolr'.*closest submodules: 'bert.pooler'") as raised:
+        trainer.train()
+    assert "output keys seen: 'logits', 'loss'" in str(raised.value)
+    assert trainer.state.global_step <= 1
+
+
+def test_stop_on_keys_are_checked(tmp_path):
+    with pytest.raises(MonitorConfigurationError, match=r"did you mean repr/eval/bert.pooler/rankme"):
+        RepresentationCallback(["bert.pooler"], stop_on="repr/eval/bert.poolr/rankme", min_value=2)
+    with pytest.raises(MonitorConfigurationError, match=r"repr/eval/\{tap\}/\{metric\}"):
+        RepresentationCallback(["bert.pooler"], stop_on="repr/bert.pooler/rankme", min_value=2)
+    with pytest.raises(MonitorConfigurationError, match="lower-is-healthier"):
+        RepresentationCallback(["bert.pooler"], stop_on="eval_repr/bert.pooler/uniformity", min_value=2)
+    with pytest.raises(MonitorConfigurationError, match="no `stop_on`"):
+        RepresentationCallback(["bert.pooler"], min_value=2)
+    with pytest.raises(MonitorConfigurationError, match="eval_strategy='no'"):
+        Trainer(
+            model=tiny_bert(), args=training_args(tmp_path, eval_strategy="no"), train_dataset=Tokens(128, seed=0),
+            callbacks=[RepresentationCallback(["bert.pooler"], stop_on="repr/eval/bert.pooler/rankme", min_value=2)],
+        )
+    # A metric name the tracker does not compute: at the first evaluation, with the names it does compute.
+    trainer = Trainer(
+        model=tiny_bert(), args=training_args(tmp_path, num_train_epochs=1), train_dataset=Tokens(128, seed=0), eval_dataset=Tokens(128, seed=1),
+        callbacks=[RepresentationCallback(["bert.pooler"], every_n_train_steps=0, stop_on="repr/eval/bert.pooler/rankmee", min_value=2)],
+    )
+    with pytest.raises(MonitorConfigurationError, match=r"closest: 'repr/eval/bert.pooler/rankme'"):
+        trainer.train()
+
+
+# ---- packaging --------------------------------------------------------------------------------------
+def test_adapters_need_only_their_own_framework():
+    hf_only = "import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\nimport reprmetrics.callbacks.huggingface"
+    assert subprocess.run([sys.executable, "-c", hf_only], capture_output=True, text=True).returncode == 0
+    # The Lightning adapter imports nothing of transformers (torchmetrics itself imports transformers when it is
+    # installed, so blocking the package in a subprocess would test torchmetrics, not us).
+    for name in ("__init__", "representation_monitor", "collapse_early_stopping"):
+        tree = ast.parse((CALLBACKS / f"{name}.py").read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not any(m.split(".")[0] == "transformers" or m.endswith("huggingface") for m in imported), name
+    missing = "import sys, reprmetrics\nsys.modules['transformers'] = None\nimport reprmetrics.callbacks.huggingface"
+    result = subprocess.run([sys.executable, "-c", missing], capture_output=True, text=True)
+    assert result.returncode != 0 and 'pip install "reprmetrics[huggingface]"' in result.stderr
