@@ -17,6 +17,7 @@ pytest.importorskip("matplotlib")
 
 import collapse_caught  # noqa: E402
 import finetune_stopped  # noqa: E402
+import hf_finetune_digits  # noqa: E402
 import make_figures  # noqa: E402
 import ssl_digits  # noqa: E402
 
@@ -35,7 +36,7 @@ def scalar_tags(path):
     return set(accumulator.Tags()["scalars"])
 
 
-@pytest.mark.parametrize("example", [ssl_digits, collapse_caught, finetune_stopped, make_figures])
+@pytest.mark.parametrize("example", [ssl_digits, collapse_caught, finetune_stopped, hf_finetune_digits, make_figures])
 def test_help_explains_the_example(example, capsys):
     with pytest.raises(SystemExit) as exit_info:
         example.main(["--help"])
@@ -118,6 +119,24 @@ def test_harmful_fine_tune_is_stopped_and_its_best_checkpoint_kept(tmp_path, cap
     )
     assert finetune_stopped.backbone_rankme(best, held_out) == pytest.approx(result["best_score"], rel=1e-4)
     assert event_files(result["log_dir"])
+
+
+def test_hugging_face_trainer_fine_tune_is_stopped_and_the_healthy_one_is_not(tmp_path, capsys, hf_trainer):
+    result = hf_finetune_digits.main(["--fast", "--log-dir", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    args = hf_finetune_digits.parse_args(["--fast"])
+
+    assert result["stopped"] and result["epochs_run"] < args.epochs
+    assert result["reason"].startswith("Representation drift: CKA to the reference backbone") and result["reason"] in out
+    assert all(c < args.min_cka for c in result["cka"][-args.patience :]) and len(result["cka"]) == result["epochs_run"]
+    healthy = result["healthy"]
+    assert not healthy["stopped"] and healthy["epochs_run"] == args.epochs and min(healthy["cka"]) > args.min_cka
+    assert healthy["accuracy"][-1] > result["accuracy"][-1]
+    # load_best_model_at_end kept the epoch with the best eval_accuracy (the least damaged one after the stop).
+    for run in (result, healthy):
+        assert run["best_metric"] == pytest.approx(max(run["accuracy"])) and os.path.isdir(run["best_checkpoint"])
+        (events,) = event_files(run["log_dir"])
+        assert {"eval/repr/backbone/cka_to_reference", "eval/repr/backbone/normalized_std", "eval/accuracy"} <= scalar_tags(events)
 
 
 def test_make_figures_writes_the_readme_figure(tmp_path, capsys):
