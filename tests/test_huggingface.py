@@ -309,3 +309,86 @@ def test_adapters_need_only_their_own_framework():
     missing = "import sys, reprmetrics\nsys.modules['transformers'] = None\nimport reprmetrics.callbacks.huggingface"
     result = subprocess.run([sys.executable, "-c", missing], capture_output=True, text=True)
     assert result.returncode != 0 and 'pip install "reprmetrics[huggingface]"' in result.stderr
+
+
+# ---- sentence-transformers ----------------------------------------------------------------------------
+SENTENCE_TRANSFORMERS_RUN = r'''
+import json, os, random, string, sys
+sys.path.append(sys.argv[2])  # tests/ last: its datasets.py must not shadow Hugging Face's datasets
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertModel, BertTokenizerFast
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+try:
+    from sentence_transformers.sentence_transformer import losses, modules
+except ImportError:  # sentence-transformers < 5.3
+    from sentence_transformers import losses, models as modules
+from references import rankme_ref
+from reprmetrics.callbacks.huggingface import RepresentationCallback
+from reprmetrics.monitor import Tap
+
+root = sys.argv[1]
+words = [a + b for a in "abcdef" for b in string.ascii_lowercase][:60]
+vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})  # built here: nothing downloaded
+torch.manual_seed(0)
+config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=len(vocab), max_position_embeddings=32)
+BertModel(config).save_pretrained(root)
+tokenizer.save_pretrained(root)
+transformer = modules.Transformer(root)
+model = SentenceTransformer(modules=[transformer, modules.Pooling(transformer.get_word_embedding_dimension(), "mean")], device="cpu")
+
+rng = random.Random(0)
+def sentences(n):
+    return [" ".join(rng.choice(words) for _ in range(6)) for _ in range(n)]
+train = Dataset.from_dict({"anchor": sentences(256), "positive": sentences(256)})
+evaluation = Dataset.from_dict({"anchor": sentences(128), "positive": sentences(128)})
+# The Pooling module (submodule "1") returns the features dict: its sentence embeddings are the tap.
+# The loss embeds anchor and positive with two forward calls: views 1 and 2.
+callback = RepresentationCallback(
+    [Tap("1", reduce=lambda features: features["sentence_embedding"])], num_views=2, view_layout="calls", every_n_train_steps=0,
+    stop_on="repr/eval/1/rankme", min_value=1000.0, patience=2,  # an impossible floor: stops at the 2nd evaluation
+)
+args = SentenceTransformerTrainingArguments(
+    output_dir=os.path.join(root, "out"), max_steps=40, eval_strategy="steps", eval_steps=8, per_device_train_batch_size=32,
+    per_device_eval_batch_size=64, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+)
+trainer = SentenceTransformerTrainer(
+    model=model, args=args, train_dataset=train, eval_dataset=evaluation, loss=losses.MultipleNegativesRankingLoss(model), callbacks=[callback]
+)
+trainer.train()
+last = [e for e in trainer.state.log_history if "eval_loss" in e][-1]
+anchors = model.encode(evaluation["anchor"], convert_to_numpy=True).astype(np.float64)
+print(json.dumps({"last": last, "reference_rankme": rankme_ref(anchors), "global_step": trainer.state.global_step, "reason": callback.stopping_reason}))
+'''
+
+
+@pytest.mark.slow
+def test_sentence_transformers_trainer_offline(tmp_path):
+    import importlib.metadata
+    import json
+
+    # Not imported here: in this process tests/datasets.py shadows Hugging Face's datasets, which both need.
+    for distribution in ("sentence-transformers", "datasets"):
+        try:
+            importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip(f"{distribution} is not installed")
+
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-c", SENTENCE_TRANSFORMERS_RUN, str(tmp_path), tests_dir], capture_output=True, text=True, cwd=str(tmp_path), env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    last = out["last"]
+    assert last["eval_repr/1/num_samples"] == 128
+    for metric in ("rankme", "normalized_std", "lidar", "alignment", "uniformity"):
+        assert math.isfinite(last[f"eval_repr/1/{metric}"])
+    # Evaluation-stage values are over the anchors (view 1) of the whole evaluation set: encode() agrees.
+    assert last["eval_repr/1/rankme"] == pytest.approx(out["reference_rankme"], rel=1e-4)
+    # control.should_training_stop stops sentence-transformers' trainer too: at the 2nd evaluation, step 16 of 40.
+    assert out["global_step"] == 16 and "collapse: eval_repr/1/rankme = " in out["reason"] and "below the floor 1000" in out["reason"]
+    assert last["eval_repr/stop_reason"] == out["reason"]
