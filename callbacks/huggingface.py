@@ -23,17 +23,31 @@ except ModuleNotFoundError as error:  # exercised in a subprocess test
         f'reprmetrics.callbacks.huggingface needs transformers: pip install "reprmetrics[huggingface]" (importing transformers failed: {error})',
         name=error.name,
     ) from error
-from torch import nn
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from reprmetrics.monitor import DEFAULT_MIN_SAMPLES, MONITOR_MAX_SAMPLES, MonitorConfigurationError, RepresentationTracker, Tap, warn
 from reprmetrics.stopping import CollapseCriteria
 
-__all__ = ["RepresentationCallback"]
+__all__ = ["RepresentationCallback", "first_token"]
 
 logger = logging.getLogger(__name__)
 _OWNER = "RepresentationCallback"
 _STAGES = {"eval": "val", "train": "train"}  # stop_on stage -> the tracker's stage
+
+
+def first_token(output: Any) -> Tensor:
+    """A ``reduce`` for hidden-state taps: the first token's vector of a ``(B, T, D)`` output, BERT's ``[CLS]``.
+
+    A transformer layer returns the hidden states (transformers 5) or a tuple whose first element they
+    are (transformers 4): both work. ``Tap("bert.encoder.layer.1", reduce=first_token)``.
+    """
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, Tensor) or output.ndim != 3:
+        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise MonitorConfigurationError(f"first_token: expected (B, T, D) hidden states (or a tuple starting with them), got {shape}")
+    return output[:, 0]
 
 
 class RepresentationCallback(TrainerCallback):
@@ -43,11 +57,11 @@ class RepresentationCallback(TrainerCallback):
     :class:`~reprmetrics.callbacks.CollapseEarlyStopping` give a Lightning user, for
     ``transformers.Trainer`` and the trainers built on it (sentence-transformers' included)::
 
-        from reprmetrics.callbacks.huggingface import RepresentationCallback
+        from reprmetrics.callbacks.huggingface import RepresentationCallback, first_token
         from reprmetrics.monitor import Tap
 
         callback = RepresentationCallback(
-            ["bert.pooler", Tap("bert.encoder.layer.1", reduce=lambda out: out[0][:, 0])],  # [CLS] of layer 1
+            ["bert.pooler", Tap("bert.encoder.layer.1", reduce=first_token)],  # [CLS] of layer 1
             reference="initial",                                   # drift from the pretrained weights
             stop_on="repr/eval/bert.pooler/cka_to_reference", min_value=0.7, patience=2,
         )
@@ -58,10 +72,16 @@ class RepresentationCallback(TrainerCallback):
     keys of the dict-like output of the model's forward (``ModelOutput`` or a plain dict, e.g. an
     ``nn.Module`` returning ``{"loss": ..., "logits": ..., "embeddings": ...}``). For a hidden-state
     output ``(B, T, D)`` pass a :class:`~reprmetrics.monitor.Tap` with a ``reduce``:
-    ``Tap("bert.encoder.layer.1", reduce=lambda out: out[0][:, 0])`` (the first token; a layer's
-    output is a tuple) or a masked mean of your own. A tap that is neither raises
+    ``Tap("bert.encoder.layer.1", reduce=first_token)`` (the first token, :func:`first_token`), or a
+    function of your own (a forward hook sees the module's output only, not the attention mask). A tap that is neither raises
     :class:`~reprmetrics.monitor.MonitorConfigurationError` (a ``ValueError``) at the end of the first
     training step (or evaluation), naming the closest submodules and output keys.
+
+    **sentence-transformers.** ``SentenceTransformerTrainer`` is a ``Trainer``: the same callback
+    works. A ``SentenceTransformer``'s submodules are numbered (``"0"`` the transformer, ``"1"`` the
+    pooling), and they return the features dict, so tap the sentence embeddings with
+    ``Tap("1", reduce=lambda features: features["sentence_embedding"])``; a loss over (anchor,
+    positive) columns embeds each with its own forward call: ``num_views=2, view_layout="calls"``.
 
     **When.** Evaluation-stage values stream over the whole evaluation set at every evaluation the
     Trainer runs (``eval_strategy``; ``trainer.evaluate()``): capture starts at the first forward
@@ -124,7 +144,9 @@ class RepresentationCallback(TrainerCallback):
             (for every ``stop_on`` key, unless the key gives its own).
 
     Under DDP every rank computes the same values from synced metric states, so every rank takes the
-    same decision.
+    same decision. With a dict of evaluation sets every evaluation pass (one per set) is a check of
+    each ``stop_on`` key. The callback is not an ``ExportableState``: resuming from a checkpoint
+    starts its criteria afresh (:meth:`state_dict` / :meth:`load_state_dict` carry them by hand).
     """
 
     def __init__(

@@ -25,7 +25,7 @@ pytest.importorskip("accelerate")
 
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
 
-from reprmetrics.callbacks.huggingface import RepresentationCallback  # noqa: E402
+from reprmetrics.callbacks.huggingface import RepresentationCallback, first_token  # noqa: E402
 from reprmetrics.monitor import MonitorConfigurationError, Tap  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("hf_trainer")
@@ -107,9 +107,11 @@ def eval_logs(trainer):
 
 
 @torch.no_grad()
-def pooler_outputs(model, dataset):
+def bert_outputs(model, dataset):
+    """The pooler output and layer 1's first-token hidden state, computed outside the Trainer."""
     model.eval()
-    return model.bert(input_ids=dataset.ids).pooler_output.double().numpy()
+    out = model.bert(input_ids=dataset.ids, output_hidden_states=True)
+    return out.pooler_output.double().numpy(), out.hidden_states[2][:, 0].double().numpy()  # hidden_states[0]: the embeddings
 
 
 # ---- logging --------------------------------------------------------------------------------------
@@ -119,7 +121,7 @@ def test_values_reach_log_history_and_tensorboard(tmp_path):
     model = tiny_bert()
     eval_set = Tokens(256, seed=1)
     callback = RepresentationCallback(
-        ["bert.pooler", Tap("bert.encoder.layer.1", reduce=lambda out: (out[0] if isinstance(out, tuple) else out)[:, 0])],
+        ["bert.pooler", Tap("bert.encoder.layer.1", reduce=first_token)],
         every_n_train_steps=4, train_buffer_size=128,
     )
     args = training_args(tmp_path, num_train_epochs=2, report_to=["tensorboard"])
@@ -135,9 +137,10 @@ def test_values_reach_log_history_and_tensorboard(tmp_path):
                 assert math.isfinite(entry[f"eval_repr/{tap}/{metric}"])
             assert entry[f"eval_repr/{tap}/num_samples"] == 256
     # The last evaluation ran on the final weights, over the whole evaluation set: an independent reference agrees.
-    pooled = pooler_outputs(model, eval_set)
+    pooled, first_tokens = bert_outputs(model, eval_set)
     assert evals[-1]["eval_repr/bert.pooler/rankme"] == pytest.approx(rankme_ref(pooled), rel=1e-4)
     assert evals[-1]["eval_repr/bert.pooler/normalized_std"] == pytest.approx(normalized_std_ref(pooled), rel=1e-4)
+    assert evals[-1]["eval_repr/bert.encoder.layer.1/rankme"] == pytest.approx(rankme_ref(first_tokens), rel=1e-4)
 
     # Training-stage values: every 4 steps, in the training log of that step.
     train_steps = [e["step"] for e in trainer.state.log_history if "repr/bert.pooler/rankme" in e]
