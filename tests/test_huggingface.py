@@ -87,6 +87,8 @@ class Encoder(nn.Module):
         logits = self.head(z)
         if self.objective == "collapse":
             loss = 1 - F.normalize(z, dim=1).mean(0).pow(2).sum()  # 0 when every embedding points the same way
+        elif self.objective == "diverge":
+            loss = -z.pow(2).mean()  # unbounded below: with a large learning rate the weights overflow
         else:
             loss = F.cross_entropy(logits, labels)
         return {"loss": loss, "logits": logits, "embeddings": z}
@@ -211,6 +213,32 @@ def test_healthy_run_is_not_stopped(tmp_path, caplog):
     assert trainer.state.global_step == 100 and callback.stopping_reason is None
     assert not any("stop_reason" in key for entry in trainer.state.log_history for key in entry)
     assert min(e["eval_repr/encoder/rankme"] for e in eval_logs(trainer)) > 2.0
+
+
+def test_training_stage_key_stops_between_evaluations(tmp_path, caplog):
+    model = Encoder("collapse")
+    callback = RepresentationCallback(["encoder"], every_n_train_steps=5, train_buffer_size=128, stop_on="repr/train/encoder/normalized_std", min_value=FLOOR, patience=1)
+    args = training_args(tmp_path, max_steps=100, eval_strategy="no", learning_rate=0.02, lr_scheduler_type="constant")
+    trainer = Trainer(model=model, args=args, train_dataset=Points(512, seed=0), callbacks=[callback])
+    with caplog.at_level(logging.WARNING, logger="reprmetrics.callbacks.huggingface"):
+        trainer.train()
+    assert trainer.state.global_step < 100 and trainer.state.global_step % 5 == 0
+    entry = next(e for e in trainer.state.log_history if "repr/stop_reason" in e)
+    assert entry["step"] == trainer.state.global_step and entry["repr/encoder/normalized_std"] < FLOOR
+    assert entry["repr/stop_reason"] == callback.stopping_reason and callback.stopping_reason.startswith("Complete collapse: repr/encoder/normalized_std")
+    assert callback.stopping_reason in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:.*divergence.*", "ignore:.*non-finite.*")
+def test_divergence_stops_at_once_and_says_so(tmp_path):
+    model = Encoder("diverge")
+    callback = RepresentationCallback(["encoder"], every_n_train_steps=0, stop_on="repr/eval/encoder/rankme", min_value=1.0, patience=5)
+    args = training_args(tmp_path, max_steps=100, eval_strategy="steps", eval_steps=2, learning_rate=1e4, optim="sgd", max_grad_norm=0.0)
+    trainer = Trainer(model=model, args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=[callback])
+    trainer.train()
+    last = eval_logs(trainer)[-1]
+    assert trainer.state.global_step < 100 and last["eval_repr/encoder/nonfinite_fraction"] > 0 and math.isnan(last["eval_repr/encoder/rankme"])
+    assert callback.stopping_reason.startswith("Divergence: tap encoder produced non-finite embeddings")  # patience does not apply
 
 
 def test_training_with_and_without_the_callback_gives_identical_weights(tmp_path):
