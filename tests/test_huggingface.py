@@ -157,6 +157,22 @@ def test_values_reach_log_history_and_tensorboard(tmp_path):
     assert [s.step for s in accumulator.Scalars("train/repr/bert.encoder.layer.1/lid")] == train_steps
 
 
+@pytest.mark.gpu
+def test_on_cuda_the_metrics_run_where_the_model_is(tmp_path):
+    model = tiny_bert()
+    eval_set = Tokens(256, seed=1)
+    callback = RepresentationCallback(["bert.pooler"], every_n_train_steps=2, train_buffer_size=128, reference="initial")
+    args = training_args(tmp_path, num_train_epochs=1, use_cpu=False)
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(256, seed=0), eval_dataset=eval_set, callbacks=[callback])
+    trainer.train()
+    assert next(model.parameters()).is_cuda
+    assert all(m.device.type == "cuda" for m in callback.tracker.metric_sets("val")["bert.pooler"].metrics.values())
+    last = eval_logs(trainer)[-1]
+    assert 0 < last["eval_repr/bert.pooler/cka_to_reference"] <= 1 + 1e-6
+    pooled, _ = bert_outputs(model.cpu(), eval_set)
+    assert last["eval_repr/bert.pooler/rankme"] == pytest.approx(rankme_ref(pooled), rel=1e-3)
+
+
 def test_evaluate_alone_returns_the_values_and_drift_starts_at_one(tmp_path):
     model = Encoder()
     eval_set = Points(256, seed=1)
