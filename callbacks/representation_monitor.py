@@ -154,6 +154,12 @@ class RepresentationMonitor(Callback):
         self.tracker.expect_eval = is_overridden("validation_step", pl_module) and trainer.limit_val_batches != 0
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.tracker.reference == "initial":
+            # The weights as training starts, once the strategy has broadcast them to every rank.
+            self.tracker.retake_reference(pl_module)
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.tracker.detach()
 

@@ -474,7 +474,9 @@ class RepresentationTracker:
         strict: raise instead of warning once and skipping a metric that cannot be computed.
         reference: drift from a reference representation, logged as ``cka_to_reference`` (linear CKA
             over the whole evaluation pass, val stage only): ``"initial"`` keeps a frozen copy (eval
-            mode, no grad) of each tapped submodule as it is at :meth:`attach` (the start of fit);
+            mode, no grad) of each tapped submodule as it is at :meth:`attach` (Lightning: at the start
+            of each fit, after the weights are synchronised across ranks; a resumed fit copies the
+            resumed weights, so pass the pretrained module or checkpoint to keep the original);
             an ``nn.Module`` with the same submodule names (e.g. the pretrained model), or a path to a
             ``torch.save``-d state dict or Lightning checkpoint of the same model class, gives the
             reference weights. At each evaluation step the copy runs on the inputs the live submodule
@@ -603,6 +605,12 @@ class RepresentationTracker:
             self._module_taps.add(tap.name)
             self._found.add(tap.name)
             self._handles.append(module.register_forward_hook(self._make_hook(tap), with_kwargs=True))
+
+    def retake_reference(self, model: nn.Module) -> None:
+        """Take the reference copies again from ``model`` (and re-attach): adapters call this when
+        training starts, after the framework has synchronised the weights across ranks."""
+        self._reference_modules = {}
+        self.attach(model)
 
     def _reference_submodules(self, model: nn.Module) -> dict[str, nn.Module]:
         """Frozen copies of the tapped submodules: of ``model`` now, or of the given reference."""
