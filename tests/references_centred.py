@@ -63,3 +63,14 @@ def lidar_ref(views, delta: float = 1e-4, eps: float = 1e-8) -> float:
     lam = np.clip(np.linalg.eigvalsh(inv_sqrt @ between @ inv_sqrt), 0, None)
     p = lam / lam.sum() + eps
     return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def views_at_offset(n: int, q: int, d: int, offset: float, within: float = 0.3, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """(n, q, d) views: sample means with a decaying spectrum (spread ≈ 1 per entry scale), within-sample
+    noise of relative size ``within``, all shifted by entries of ± (0.5..1.5) × ``offset`` × the spread."""
+    rng = np.random.default_rng(seed)
+    means = exact_power_law(n, d, 1.0, 0.0, seed=seed).numpy()
+    spread = np.sqrt(np.mean(means**2))
+    noise = within * spread * rng.standard_normal((n, q, d)) * np.linspace(1.0, 0.2, d)
+    mu = offset * spread * rng.uniform(0.5, 1.5, d) * rng.choice([-1.0, 1.0], d)
+    return torch.from_numpy(means[:, None, :] + noise + mu).to(dtype)

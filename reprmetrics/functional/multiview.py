@@ -19,7 +19,14 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from reprmetrics._linalg import add_gram_, no_autocast, symmetric_from_upper
+from reprmetrics._linalg import (
+    add_gram_,
+    centred_moments,
+    centred_moments_update_,
+    no_autocast,
+    symmetric_from_upper,
+    zero_eigenvalue_tolerance,
+)
 from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
 
 __all__ = ["alignment", "lidar", "uniformity"]
@@ -77,27 +84,42 @@ def _group_moments(views: Tensor) -> tuple[Tensor, Tensor]:
     return means, centred
 
 
-def _add_lidar_moments_(within: Tensor, means_gram: Tensor, means_sum: Tensor, views: Tensor) -> None:
-    """Add one batch of whole groups to the sum states (upper triangles valid only)."""
+def _add_lidar_moments_(within: Tensor, means_moments: Tensor, views: Tensor) -> Tensor:
+    """Add one batch of whole groups: the within-group scatter into ``within`` (upper triangle, in
+    place) and the group means into the packed centred moments ``means_moments`` (returned; see
+    :func:`reprmetrics._linalg.centred_moments_update_`)."""
     means, centred = _group_moments(views)
     add_gram_(within, centred)
-    add_gram_(means_gram, means)
-    means_sum += means.sum(dim=0)
+    return centred_moments_update_(means_moments, means)
+
+
+def _lidar_zero_tolerance(
+    between_trace: float, within_trace: float, mean: Tensor, num_groups: int, num_features: int, input_eps: float
+) -> float:
+    """tr Σ_b at or below this is noise: every sample has the same mean view.
+
+    The same rule as for covariance eigenvalues (:func:`reprmetrics._linalg.nonzero_eigenvalue_tolerance`),
+    applied to the n group means: the views were rounded to their dtype at their own magnitude, so
+    each mean carries rounding noise of about ``input_eps`` × rms(view), with rms(view)² = ‖μ‖²/d +
+    tr Σ_w/d + tr Σ_b/d; d such eigenvalues of noise are no signal.
+    """
+    offset_ms = float(mean.square().mean()) + within_trace / num_features
+    return num_features * zero_eigenvalue_tolerance(between_trace, num_groups, num_features, input_eps, offset_ms)
 
 
 def _lidar_scatter_from_moments(
-    within: Tensor, means_gram: Tensor, means_sum: Tensor, num_groups: int, num_views: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Full symmetric Σ_b and Σ_w (without δ) from the streamed sums, and Σ_b's round-off scale."""
-    mean = means_sum / num_groups
-    between = (symmetric_from_upper(means_gram) - num_groups * torch.outer(mean, mean)) / (num_groups - 1)
-    within_cov = symmetric_from_upper(within) / (num_groups * (num_views - 1))
-    return between, within_cov, means_gram.diagonal().sum() / (num_groups - 1)
+    within: Tensor, means_moments: Tensor, num_views: int, input_eps: float
+) -> tuple[Tensor, Tensor, float, int]:
+    """Full symmetric Σ_b and Σ_w (without δ) from the streamed state, the zero tolerance of tr Σ_b, and n."""
+    n, mean, scatter = centred_moments(means_moments)
+    between = symmetric_from_upper(scatter) / (n - 1)
+    within_cov = symmetric_from_upper(within) / (n * (num_views - 1))
+    d = between.shape[0]
+    tol = _lidar_zero_tolerance(float(between.diagonal().sum()), float(within_cov.diagonal().sum()), mean, n, d, input_eps)
+    return between, within_cov, tol, n
 
 
-def _lidar_eigenvalues(
-    between: Tensor, within: Tensor, delta: float, between_scale: Tensor, num_groups: int, metric: str = "lidar"
-) -> Tensor:
+def _lidar_eigenvalues(between: Tensor, within: Tensor, delta: float, zero_tolerance: float, metric: str = "lidar") -> Tensor:
     r"""Eigenvalues of Σ_w^{-1/2} Σ_b Σ_w^{-1/2}, with Σ_w ← Σ_w + δI, clamped at 0.
 
     Solved as the generalised symmetric problem Σ_b v = λ Σ_w v through the Cholesky factor
@@ -105,13 +127,13 @@ def _lidar_eigenvalues(
     Cholesky factor and two triangular solves cost less than an eigendecomposition of Σ_w, and are
     stable because δ > 0 keeps Σ_w positive definite.
 
-    If tr Σ_b is at the float64 round-off of forming it (``between_scale``: the un-centred
-    Σ‖μ_i‖²/(n − 1) that cancels in it), every sample has the same mean view and all λ are 0.
-    Otherwise the normalised spectrum of round-off noise would be reported as a rank.
+    If tr Σ_b is at or below ``zero_tolerance`` (see :func:`_lidar_zero_tolerance`: the input's
+    rounding noise, not the offset's float64 round-off, since Σ_b is formed centred), every sample has
+    the same mean view and all λ are 0. Otherwise the normalised spectrum of noise would be reported
+    as a rank.
     """
     d = within.shape[0]
-    round_off = max(num_groups, d) * torch.finfo(torch.float64).eps * float(between_scale)
-    if float(between.diagonal().sum()) <= round_off:
+    if float(between.diagonal().sum()) <= zero_tolerance:
         return torch.zeros(d, dtype=between.dtype, device=between.device)
     regularised = within + delta * torch.eye(d, dtype=within.dtype, device=within.device)
     factor, info = torch.linalg.cholesky_ex(regularised)
@@ -328,8 +350,10 @@ def lidar(views: Tensor, delta: float = 1e-4, eps: float = 1e-8) -> Tensor:
         \operatorname{LiDAR} = \exp\Big(-\sum_{k=1}^{d} p_k \log p_k\Big).
 
     Σ_b has rank at most min(n − 1, d), so LiDAR is at most about min(n − 1, d); higher is better.
-    If every sample has the same mean view (Σ_b = 0, up to float64 round-off) all λ are 0 and LiDAR
-    is :math:`\exp(-d\,\varepsilon \log \varepsilon) \approx 1`, exactly 1 for ``eps=0``.
+    If every sample has the same mean view (tr Σ_b at the rounding noise of the input's dtype; see
+    :func:`_lidar_zero_tolerance`) all λ are 0 and LiDAR is
+    :math:`\exp(-d\,\varepsilon \log \varepsilon) \approx 1`, exactly 1 for ``eps=0``. Σ_b and Σ_w
+    are formed from centred values, so a common offset far larger than the spread costs no accuracy.
     Computed in float64 through the Cholesky factor of Σ_w (same eigenvalues as the symmetric form).
 
     Args:
@@ -356,12 +380,15 @@ def lidar(views: Tensor, delta: float = 1e-4, eps: float = 1e-8) -> Tensor:
     n, q, _ = v.shape
     with no_autocast(v.device):
         means, centred = _group_moments(v.to(torch.float64))
-        # Direct centring (not the streamed moments): exact even for large offsets.
-        spread = means - means.mean(dim=0)
+        # Direct centring: exact even for large offsets (the class's shifted sums agree).
+        mean = means.mean(dim=0)
+        spread = means - mean
         between = spread.T @ spread / (n - 1)
         within = centred.T @ centred / (n * (q - 1))
-        between_scale = means.square().sum() / (n - 1)
-        value = _smooth_effective_rank(_lidar_eigenvalues(between, within, delta, between_scale, n, name), eps)
+        tol = _lidar_zero_tolerance(
+            float(between.diagonal().sum()), float(within.diagonal().sum()), mean, n, v.shape[2], torch.finfo(v.dtype).eps
+        )
+        value = _smooth_effective_rank(_lidar_eigenvalues(between, within, delta, tol, name), eps)
     return value.to(result_dtype(v))
 
 
