@@ -188,6 +188,9 @@ class Alignment(ReprMetric):
         - a scalar float32 tensor ≥ 0 (at most :math:`2^\alpha` when normalised); lower is better,
           0 for identical views.
 
+    Differentiable: ``metric(x, y)`` (``forward``) returns the batch's alignment with its autograd
+    graph, usable as a loss (as Wang & Isola and lightly do); the accumulated state is detached.
+
     Args:
         alpha: exponent > 0 (the paper's 2).
         normalize: L2-normalise the rows first (zero-norm rows then raise ``ValueError``).
@@ -205,6 +208,7 @@ class Alignment(ReprMetric):
     """
 
     _reset_attributes = ("_num_features",)
+    is_differentiable = True
     higher_is_better = False
     plot_lower_bound = 0.0
 
@@ -271,6 +275,9 @@ class Uniformity(BoundedSampleMetric):
     As output of ``compute``:
         - a scalar float32 tensor ≤ 0; lower is better (more uniform). About :math:`-2t + 2t^2/D` for
           points uniform on the sphere, 0 for identical points.
+
+    Not differentiable (the kept sample is detached, so ``is_differentiable`` is False): as a training
+    loss use :func:`reprmetrics.functional.uniformity`, whose tiled backward never forms N×N either.
 
     Args:
         t: temperature > 0 (the paper's 2).
