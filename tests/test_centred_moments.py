@@ -277,3 +277,12 @@ def test_lidar_identical_sample_means_far_from_origin_give_one():
     for b in views.split(64):
         metric.update(b)
     assert metric.compute().item() == 1.0
+
+
+@pytest.mark.parametrize("offset", [1e0, 1e4, 1e6])
+def test_lidar_and_normalized_std_float32_hold_up_to_1e6(offset):
+    """Measured bounds for float32 input (the reference centres the same float32 data in float64)."""
+    views = views_at_offset(1024, 2, 32, offset, dtype=torch.float32)
+    assert rel(lidar(views), lidar_ref(views.double().numpy())) <= 1e-6
+    z = exact_power_law(2048, 64, 1.0, offset, dtype=torch.float32)
+    assert rel(normalized_std(z), normalized_std_ref(z.double().numpy())) <= 1e-6

@@ -97,15 +97,18 @@ def _add_lidar_moments_(within: Tensor, means_moments: Tensor, views: Tensor) ->
 def _lidar_zero_tolerance(
     between_trace: float, within_trace: float, mean: Tensor, num_groups: int, num_features: int, input_eps: float
 ) -> float:
-    """tr Σ_b at or below this is noise: every sample has the same mean view.
+    """tr Σ_b at or below this is rounding noise: every sample has the same mean view.
 
-    The same rule as for covariance eigenvalues (:func:`reprmetrics._linalg.nonzero_eigenvalue_tolerance`),
-    applied to the n group means: the views were rounded to their dtype at their own magnitude, so
-    each mean carries rounding noise of about ``input_eps`` × rms(view), with rms(view)² = ‖μ‖²/d +
-    tr Σ_w/d + tr Σ_b/d; d such eigenvalues of noise are no signal.
+    The views were rounded to their dtype before we saw them, each entry by at most ``input_eps`` ×
+    its magnitude (float32 rounds the *un-centred* value, so the offset counts). Noise alone would
+    give the group means a covariance of trace at most about ε²·E‖z‖² = ε²(‖μ‖² + tr Σ_w + tr Σ_b);
+    four times that is the tolerance. Σ_b is formed from centred values (shifted sums), so float64
+    round-off adds only about ε₆₄² ‖μ‖² on top, which the rule covers. Below it, the normalised
+    spectrum of noise would be reported as a rank, so all λ are 0 instead.
     """
-    offset_ms = float(mean.square().mean()) + within_trace / num_features
-    return num_features * zero_eigenvalue_tolerance(between_trace, num_groups, num_features, input_eps, offset_ms)
+    del num_groups, num_features  # the bound is on the trace: it does not grow with n or d
+    magnitude = float(mean.square().sum()) + within_trace + between_trace
+    return 4.0 * input_eps**2 * magnitude
 
 
 def _lidar_scatter_from_moments(
