@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from references_multiview import lidar_ref  # noqa: F401  (re-exported for the centred tests)
 
 
 def exact_power_law(n: int, d: int, alpha: float, offset: float, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -47,22 +48,6 @@ def normalized_std_ref(z) -> float:
     z = np.asarray(z, dtype=np.float64)
     zn = z / np.linalg.norm(z, axis=1, keepdims=True)
     return float(np.mean(np.std(zn, axis=0, ddof=1)))
-
-
-def lidar_ref(views, delta: float = 1e-4, eps: float = 1e-8) -> float:
-    """LiDAR from the definition: centre in float64, then Σ_w^{-1/2} Σ_b Σ_w^{-1/2} by eigh."""
-    v = np.asarray(views, dtype=np.float64)
-    n, q, d = v.shape
-    mu_i = v.mean(axis=1)
-    dev_b = mu_i - mu_i.mean(axis=0)
-    between = dev_b.T @ dev_b / (n - 1)
-    dev_w = (v - mu_i[:, None, :]).reshape(n * q, d)
-    within = dev_w.T @ dev_w / (n * (q - 1)) + delta * np.eye(d)
-    w_val, w_vec = np.linalg.eigh(within)
-    inv_sqrt = (w_vec / np.sqrt(w_val)) @ w_vec.T
-    lam = np.clip(np.linalg.eigvalsh(inv_sqrt @ between @ inv_sqrt), 0, None)
-    p = lam / lam.sum() + eps
-    return float(np.exp(-np.sum(p * np.log(p))))
 
 
 def views_at_offset(n: int, q: int, d: int, offset: float, within: float = 0.3, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
