@@ -174,7 +174,9 @@ def merge_centred_moments(parts: Tensor) -> Tensor:
         M_2 = \sum_i \Big(S_{2,i} - \frac{S_{1,i} S_{1,i}^\top}{n_i}\Big)
               + \sum_i n_i (m_i - \bar m)(m_i - \bar m)^\top,
 
-    stored back as ``n``, shift :math:`c_0 + \bar m` (the mean), :math:`S_1 = 0`, :math:`S_2 = M_2`.
+    stored back as ``n``, shift :math:`c = \mathrm{fl}(c_0 + \bar m)` (the mean, rounded), and the
+    rounding residual :math:`r = \bar m - (c - c_0)` as :math:`S_1 = n r`,
+    :math:`S_2 = M_2 + n r r^\top`, so that the state describes the exact mean and :math:`M_2`.
     Every subtraction is at the scale of the spread, so no digit is lost to the offset.
     """
     if parts.ndim == 2:  # a single state (torchmetrics may hand one over when nothing was stacked)
@@ -200,10 +202,20 @@ def merge_centred_moments(parts: Tensor) -> Tensor:
         second = live[:, _SECOND].sum(dim=0) - first.square().sum(dim=0) + dev.square().sum(dim=0)
     else:
         second = live[:, _SECOND:].sum(dim=0) - first.T @ first + dev.T @ dev
+    # The new shift c0 + m is rounded at the offset's scale; the residual r (exact to the spread's
+    # scale, as shift − c0 is an exact difference) goes into S1 so that shift + S1/n is the mean and
+    # S2 − S1 S1ᵀ/n is M2 to full precision: otherwise a later merge would see the mean off by
+    # ε·|offset| and err to first order in it.
+    shift = c0 + m
+    residual = m - (shift - c0)
     out = torch.zeros_like(parts[0])
     out[_COUNT, 0] = n
-    out[_SHIFT] = c0 + m
-    out[_SECOND:] = second
+    out[_SHIFT] = shift
+    out[_FIRST] = n * residual
+    if _is_diagonal(parts[0]):
+        out[_SECOND] = second + n * residual.square()
+    else:
+        out[_SECOND:] = second + n * torch.outer(residual, residual)
     return out
 
 

@@ -286,3 +286,31 @@ def test_lidar_and_normalized_std_float32_hold_up_to_1e6(offset):
     assert rel(lidar(views), lidar_ref(views.double().numpy())) <= 1e-6
     z = exact_power_law(2048, 64, 1.0, offset, dtype=torch.float32)
     assert rel(normalized_std(z), normalized_std_ref(z.double().numpy())) <= 1e-6
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cuts=st.lists(st.integers(min_value=1, max_value=199), min_size=1, max_size=6),
+    log_offset=st.integers(min_value=0, max_value=8),
+    diagonal=st.booleans(),
+)
+def test_any_split_merged_in_any_grouping_equals_centring_first(cuts, log_offset, diagonal):
+    z = exact_power_law(200, 6, 1.0, 10.0**log_offset, seed=len(cuts))
+    bounds = [0, *sorted(set(cuts)), 200]
+    parts = [centred_moments_of(z[a:b], diagonal=diagonal) for a, b in zip(bounds, bounds[1:])]
+    # Merge pairwise left to right (as forward() does) and all at once (as a DDP sync does).
+    running = parts[0]
+    for p in parts[1:]:
+        running = merge_centred_moments(torch.stack([running, p]))
+    at_once = merge_centred_moments(torch.stack(parts)) if len(parts) > 1 else parts[0]
+    ref = scatter_ref(z.numpy())
+    for state in (running, at_once):
+        n, mean, scatter = centred_moments(state)
+        assert n == 200
+        got = scatter.numpy() if diagonal else symmetric_from_upper(scatter).numpy()
+        want = np.diag(ref) if diagonal else ref
+        assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max()
