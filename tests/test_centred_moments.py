@@ -129,9 +129,9 @@ def test_collapse_towards_a_point_keeps_the_fit_range(spread):
     assert metric.spectrum_fit()["last"] == 100
 
 
-@pytest.mark.parametrize("offset", [1e0, 1e2, 1e4, 1e5])
-def test_float32_input_holds_up_to_offsets_of_1e5(offset):
-    """Measured bound: float32 data holds α to 1e-6 of the reference on the same data up to 1e5 × the spread."""
+@pytest.mark.parametrize("offset", [1e0, 1e2, 1e4, 1e5, 2e5])
+def test_float32_input_holds_up_to_offsets_of_2e5(offset):
+    """Measured bound: float32 data holds α to 1e-6 of the reference on the same data up to 2e5 × the spread."""
     z = exact_power_law(2048, 128, 1.003, offset, dtype=torch.float32)
     expected, _ = alpha_req_centred_ref(z.double().numpy())
     assert rel(alpha_req(z), expected) <= 1e-6
