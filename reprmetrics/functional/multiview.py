@@ -26,7 +26,6 @@ from reprmetrics._linalg import (
     centred_moments_update_,
     no_autocast,
     symmetric_from_upper,
-    zero_eigenvalue_tolerance,
 )
 from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
 
@@ -94,9 +93,7 @@ def _add_lidar_moments_(within: Tensor, means_moments: Tensor, views: Tensor) ->
     return centred_moments_update_(means_moments, means)
 
 
-def _lidar_zero_tolerance(
-    between_trace: float, within_trace: float, mean: Tensor, num_groups: int, num_features: int, input_eps: float
-) -> float:
+def _lidar_zero_tolerance(between_trace: float, within_trace: float, mean: Tensor, input_eps: float) -> float:
     """tr Σ_b at or below this is rounding noise: every sample has the same mean view.
 
     The views were rounded to their dtype before we saw them, each entry by at most ``input_eps`` ×
@@ -106,7 +103,6 @@ def _lidar_zero_tolerance(
     round-off adds only about ε₆₄² ‖μ‖² on top, which the rule covers. Below it, the normalised
     spectrum of noise would be reported as a rank, so all λ are 0 instead.
     """
-    del num_groups, num_features  # the bound is on the trace: it does not grow with n or d
     magnitude = float(mean.square().sum()) + within_trace + between_trace
     return 4.0 * input_eps**2 * magnitude
 
@@ -118,8 +114,7 @@ def _lidar_scatter_from_moments(
     n, mean, scatter = centred_moments(means_moments)
     between = symmetric_from_upper(scatter) / (n - 1)
     within_cov = symmetric_from_upper(within) / (n * (num_views - 1))
-    d = between.shape[0]
-    tol = _lidar_zero_tolerance(float(between.diagonal().sum()), float(within_cov.diagonal().sum()), mean, n, d, input_eps)
+    tol = _lidar_zero_tolerance(float(between.diagonal().sum()), float(within_cov.diagonal().sum()), mean, input_eps)
     return between, within_cov, tol, n
 
 
@@ -462,9 +457,7 @@ def lidar(views: Tensor, delta: float = 1e-4, eps: float = 1e-8) -> Tensor:
         spread = means - mean
         between = spread.T @ spread / (n - 1)
         within = centred.T @ centred / (n * (q - 1))
-        tol = _lidar_zero_tolerance(
-            float(between.diagonal().sum()), float(within.diagonal().sum()), mean, n, v.shape[2], torch.finfo(v.dtype).eps
-        )
+        tol = _lidar_zero_tolerance(float(between.diagonal().sum()), float(within.diagonal().sum()), mean, torch.finfo(v.dtype).eps)
         value = _smooth_effective_rank(_lidar_eigenvalues(between, within, delta, tol, name), eps)
     return value.to(result_dtype(v))
 
