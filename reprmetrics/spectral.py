@@ -34,6 +34,7 @@ from reprmetrics.functional.spectral import (
     _power_law_fit,
     _rankme_from_singular_values,
     _singular_values_from_gram,
+    _spectrum_diagnostics,
 )
 
 __all__ = ["AlphaReQ", "RankMe"]
@@ -102,15 +103,26 @@ class _SecondMoments(ReprMetric):
         # Upper triangle valid only (see add_gram_); the eigensolver reads just that triangle.
         return self.gram.to(torch.float64), self.total.to(torch.float64), n
 
+    def _singular_values(self) -> Tensor:
+        gram, _, n = self._checked_moments()
+        with no_autocast(gram.device):
+            return _singular_values_from_gram(gram, n, gram.shape[0], torch.finfo(self.accumulate_dtype).eps)
+
     def singular_values(self) -> Tensor:
-        """Singular values of the un-centred matrix of all embeddings seen (synced across ranks), descending."""
+        """Singular values of the un-centred matrix of all embeddings seen (synced across ranks), descending.
+
+        Those at the Gram's round-off level are exact zeros (see
+        :func:`reprmetrics._linalg.gram_zero_tolerance`).
+        """
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
-            gram, _, n = self._checked_moments()
-            with no_autocast(gram.device):
-                return _singular_values_from_gram(gram, n)
+            return self._singular_values()
 
     def covariance_eigenvalues(self) -> Tensor:
-        """Eigenvalues of the covariance of all embeddings seen (synced across ranks), descending."""
+        """Eigenvalues of the covariance of all embeddings seen (synced across ranks), descending.
+
+        Formed from the un-centred ZᵀZ that RankMe keeps, so it loses about log10(‖mean‖²/λ) of
+        float64's digits on an eigenvalue λ; :class:`AlphaReQ` keeps centred moments and does not.
+        """
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
             gram, total, n = self._checked_moments()
             if n < 2:
@@ -126,7 +138,10 @@ class RankMe(_SecondMoments):
         \operatorname{RankMe} = \exp\Big(-\sum_{k=1}^{\min(N,D)} p_k \log p_k\Big)
 
     with :math:`\sigma_k` the singular values of the un-centred matrix of all embeddings seen, taken
-    as square roots of the eigenvalues of the accumulated ZᵀZ. Equals
+    as square roots of the eigenvalues of the accumulated ZᵀZ; eigenvalues at the Gram's round-off
+    level, :math:`(\sqrt N + \sqrt D)\,\varepsilon\,\operatorname{tr} Z^\top Z`, are exact zeros
+    (:func:`reprmetrics._linalg.gram_zero_tolerance`), so exactly rank-r embeddings give RankMe within
+    1e-9 of an SVD. :meth:`diagnostics` adds σ₁ and the condition number. Equals
     :func:`reprmetrics.functional.rankme` on the concatenation of every batch of every rank.
 
     As input to ``update``:
@@ -170,10 +185,25 @@ class RankMe(_SecondMoments):
 
     def compute(self) -> Tensor:
         """RankMe of everything seen so far."""
-        gram, _, n = self._checked_moments()
-        with no_autocast(gram.device):
-            value = _rankme_from_singular_values(_singular_values_from_gram(gram, n), self.eps)
+        sigma = self._singular_values()
+        with no_autocast(sigma.device):
+            value = _rankme_from_singular_values(sigma, self.eps)
         return value.to(torch.get_default_dtype())
+
+    def diagnostics(self) -> dict[str, float | int]:
+        """RankMe plus σ₁, the condition number and the numerical rank, synced across ranks, from one
+        eigendecomposition of the accumulated Gram (what stable-pretraining's verbose mode logs).
+
+        Returns ``{"rankme", "top_singular_value", "condition_number", "numerical_rank"}`` as Python
+        numbers; ``condition_number`` is σ₁ / (smallest non-zero σ), finite for rank-deficient
+        embeddings, whose zero singular values show in ``numerical_rank`` instead. Costs what
+        ``compute()`` costs; call it where the values are logged, not per step.
+        """
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
+            sigma = self._singular_values()
+        out: dict[str, float | int] = {"rankme": float(_rankme_from_singular_values(sigma, self.eps))}
+        out.update(_spectrum_diagnostics(sigma))
+        return out
 
 
 class _CentredSecondMoments(ReprMetric):
@@ -235,7 +265,7 @@ class _CentredSecondMoments(ReprMetric):
             state, n = self._checked_state()
             with no_autocast(state.device):
                 _, mean, scatter = centred_moments(state)
-                return _singular_values_from_gram(scatter + n * torch.outer(mean, mean), n)
+                return _singular_values_from_gram(scatter + n * torch.outer(mean, mean), n, scatter.shape[0])
 
 
 class AlphaReQ(_CentredSecondMoments):
