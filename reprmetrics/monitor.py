@@ -366,12 +366,14 @@ class MetricSet:
     Samples with a non-finite value in any view are counted, not fed to the metrics.
     """
 
-    def __init__(self, metrics: Mapping[str, Metric], label: str, strict: bool, warned: set[str]) -> None:
+    def __init__(self, metrics: Mapping[str, Metric], label: str, strict: bool, warned: set[str], rankme_diagnostics: bool = False) -> None:
         self.metrics = dict(metrics)
         self.label = label
         self.strict = strict
         self._warned = warned
+        self.rankme_diagnostics = rankme_diagnostics
         self.last_failures: dict[str, str] = {}
+        self.last_spectra: dict[str, dict[str, Any]] = {}  # AlphaReQ fits of the last compute(), for figures
 
     def _fail(self, name: str, error: Exception) -> None:
         if self.strict:
@@ -405,18 +407,52 @@ class MetricSet:
         return num_finite
 
     def compute(self) -> dict[str, Tensor]:
-        """Every computable value (all ranks call this together: metrics sync under DDP)."""
-        values = {}
+        """Every computable value (all ranks call this together: metrics sync under DDP).
+
+        An α-ReQ metric ``name`` also gives ``{name}_r2``, the R² of its log-log fit (from the same
+        eigendecomposition); with ``rankme_diagnostics`` a RankMe ``name`` also gives
+        ``{name}_top_singular_value`` and ``{name}_condition_number``.
+        """
+        values: dict[str, Tensor] = {}
         self.last_failures = {}
+        self.last_spectra = {}
         with torch.no_grad():
             for name, metric in self.metrics.items():
                 try:
                     with warnings.catch_warnings():
                         warnings.filterwarnings("ignore", message=".*was called before the ``update``.*")
-                        values[name] = metric.compute().detach()
+                        values.update(self._values(name, metric))
                 except (ValueError, RuntimeError) as error:
                     self._fail(name, error)
         return values
+
+    def _values(self, name: str, metric: Metric) -> dict[str, Tensor]:
+        dtype = torch.get_default_dtype()
+        if isinstance(metric, AlphaReQ):
+            fit = metric.spectrum_fit()
+            self.last_spectra[name] = fit
+            device = fit["eigenvalues"].device
+            return {name: torch.tensor(fit["alpha"], dtype=dtype, device=device), f"{name}_r2": torch.tensor(fit["r2"], dtype=dtype, device=device)}
+        if isinstance(metric, RankMe) and self.rankme_diagnostics:
+            found = metric.diagnostics()
+            device = metric.device
+            return {
+                name: torch.tensor(found["rankme"], dtype=dtype, device=device),
+                f"{name}_top_singular_value": torch.tensor(found["top_singular_value"], dtype=dtype, device=device),
+                f"{name}_condition_number": torch.tensor(found["condition_number"], dtype=dtype, device=device),
+            }
+        return {name: metric.compute().detach()}
+
+    def value_names(self) -> list[str]:
+        """The names :meth:`compute` reports (when every metric can be computed)."""
+        names = []
+        for name, metric in self.metrics.items():
+            names.append(name)
+            if isinstance(metric, AlphaReQ):
+                names.append(f"{name}_r2")
+            elif isinstance(metric, RankMe) and self.rankme_diagnostics:
+                names += [f"{name}_top_singular_value", f"{name}_condition_number"]
+        return names
 
     def reset(self) -> None:
         for metric in self.metrics.values():
@@ -472,6 +508,8 @@ class RepresentationTracker:
         default_metrics: include RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic
             dimension, and with views LiDAR and alignment.
         strict: raise instead of warning once and skipping a metric that cannot be computed.
+        rankme_diagnostics: also report RankMe's top singular value and condition number
+            (``rankme_top_singular_value``, ``rankme_condition_number``; same eigendecomposition).
         reference: drift from a reference representation, logged as ``cka_to_reference`` (linear CKA
             over the whole evaluation pass, val stage only): ``"initial"`` keeps a frozen copy (eval
             mode, no grad) of each tapped submodule as it is at :meth:`attach` (Lightning: at the start
@@ -485,7 +523,8 @@ class RepresentationTracker:
             submodules per evaluation batch. Output-key taps read the reference embeddings from the
             key ``"{tap}_reference"`` of the same step output (same rows, same layout).
 
-    Reported per tap and stage, besides the metrics: ``num_samples`` (samples the metrics used) and
+    Reported per tap and stage, besides the metrics: ``alpha_req_r2`` (the R² of α-ReQ's log-log fit:
+    near 1, α describes the spectrum; much lower, it does not), ``num_samples`` (samples the metrics used) and
     ``nonfinite_fraction`` (of the samples captured, those with a NaN/inf value). When any captured
     sample is non-finite the run has diverged: every metric of that tap and stage is reported as NaN.
     """
@@ -503,6 +542,7 @@ class RepresentationTracker:
         view_layout: str = "auto",
         min_samples: int = DEFAULT_MIN_SAMPLES,
         reference: str | os.PathLike | nn.Module | None = None,
+        rankme_diagnostics: bool = False,
     ) -> None:
         if isinstance(taps, (str, Tap)):
             taps = [taps]
@@ -544,6 +584,7 @@ class RepresentationTracker:
         self.use_default_metrics = default_metrics
         self.strict = strict
         self.reference = reference
+        self.rankme_diagnostics = bool(rankme_diagnostics)
         # Set by an adapter that knows an evaluation pass will come (Lightning: validation_step exists):
         # an output tap missing from the training outputs may still appear in the evaluation outputs.
         self.expect_eval = False
@@ -886,7 +927,7 @@ class RepresentationTracker:
             metrics = default_metrics(d, q, self.max_samples) if self.use_default_metrics else {}
             metrics.update({name: m.clone() for name, m in self.extra_metrics.items()})
             metrics = {name: m.to(device) for name, m in metrics.items()}  # embeddings stay where they are
-            self._metric_sets[key] = MetricSet(metrics, f"{stage}/{tap}", self.strict, self._warned)
+            self._metric_sets[key] = MetricSet(metrics, f"{stage}/{tap}", self.strict, self._warned, self.rankme_diagnostics)
         return self._metric_sets[key]
 
     def metric_sets(self, stage: str) -> dict[str, MetricSet]:
@@ -896,7 +937,7 @@ class RepresentationTracker:
     def metric_names(self, stage: str) -> dict[str, list[str]]:
         """``{tap: [names it reports]}`` for the taps of a stage seen so far, the counts included."""
         drift = ["cka_to_reference"] if stage == "val" and self.reference is not None else []
-        return {tap: [*s.metrics, *drift, "num_samples", "nonfinite_fraction"] for tap, s in self.metric_sets(stage).items()}
+        return {tap: [*s.value_names(), *drift, "num_samples", "nonfinite_fraction"] for tap, s in self.metric_sets(stage).items()}
 
     def _feed_drift(self, tap: str, views: Tensor, reference: Tensor) -> None:
         from reprmetrics.similarity import LinearCKA
@@ -967,7 +1008,7 @@ class RepresentationTracker:
                 f"reprmetrics monitor: divergence: tap {tap!r} produced non-finite embeddings ({report.nonfinite_fraction:.0%} of"
                 f" {report.seen} samples, {label}); its metrics are reported as NaN"
             )
-            names = list(metric_set.metrics) if metric_set is not None else []
+            names = metric_set.value_names() if metric_set is not None else []
             names += ["cka_to_reference"] if stage == "val" and tap in self._drift else []
             values.update({f"{tap}/{name}": torch.tensor(float("nan"), device=device) for name in names})
             return values

@@ -9,11 +9,12 @@ from reprmetrics.functional.intrinsic_dimension import (
 )
 from reprmetrics.functional.multiview import alignment, lidar, uniformity
 from reprmetrics.functional.similarity import cka, linear_cka
-from reprmetrics.functional.spectral import alpha_req, eigenspectrum, rankme, singular_values
+from reprmetrics.functional.spectral import alpha_req, alpha_req_fit, eigenspectrum, rankme, rankme_diagnostics, singular_values
 
 __all__ = [
     "alignment",
     "alpha_req",
+    "alpha_req_fit",
     "cka",
     "eigenspectrum",
     "ldreg_regularizer",
@@ -23,6 +24,7 @@ __all__ = [
     "mle_dimension",
     "normalized_std",
     "rankme",
+    "rankme_diagnostics",
     "singular_values",
     "twonn_dimension",
     "uniformity",
