@@ -6,19 +6,22 @@ Functions live in :mod:`reprmetrics.functional`; Lightning callbacks in :mod:`re
 
 from reprmetrics.collapse import NormalizedStd
 from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, MLEDimension, TwoNN
+from reprmetrics.isotropy import SIGReg
 from reprmetrics.multiview import Alignment, LiDAR, Uniformity
-from reprmetrics.spectral import AlphaReQ, RankMe
+from reprmetrics.spectral import AlphaReQ, CodingRate, RankMe
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Alignment",
     "AlphaReQ",
+    "CodingRate",
     "LiDAR",
     "LocalIntrinsicDimension",
     "MLEDimension",
     "NormalizedStd",
     "RankMe",
+    "SIGReg",
     "TwoNN",
     "Uniformity",
     "__version__",

@@ -15,15 +15,18 @@ from torch import Tensor
 from reprmetrics._base import ReprMetric
 from reprmetrics._linalg import add_gram_, eigvalsh_descending, no_autocast, nonzero_eigenvalue_tolerance
 from reprmetrics._validation import check_nonnegative_float, check_positive_int, check_tensor
+from reprmetrics.functional.collapse import _l2_normalize
 from reprmetrics.functional.spectral import (
+    _check_coding_rate_eps,
     _check_fit_range,
+    _coding_rate_from_gram,
     _covariance_from_moments,
     _power_law_fit,
     _rankme_from_singular_values,
     _singular_values_from_gram,
 )
 
-__all__ = ["AlphaReQ", "RankMe"]
+__all__ = ["AlphaReQ", "CodingRate", "RankMe"]
 
 
 class _SecondMoments(ReprMetric):
@@ -238,3 +241,72 @@ class AlphaReQ(_SecondMoments):
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
             lam, slope, intercept, first, last = self._fit()
         return {"eigenvalues": lam, "alpha": float(-slope), "intercept": float(intercept), "first": first, "last": last}
+
+
+class CodingRate(_SecondMoments):
+    r"""Coding rate (Yu et al., NeurIPS 2020, MCR²), streamed over batches.
+
+    .. math::
+        R(Z; \varepsilon) = \frac12 \log\det\Big(I_D + \frac{D}{N \varepsilon^2} Z^\top Z\Big)
+
+    with Z all embeddings seen, rows L2-normalised when ``normalize=True`` (the default, as in MCR²)
+    and not centred. States: ZᵀZ of the (normalised) rows (D×D) and N, sum-reduced (the inherited
+    Σz state holds the sum of the normalised rows). The log-determinant is taken by a float64 Cholesky
+    factorisation of the positive definite matrix. Equals :func:`reprmetrics.functional.coding_rate`
+    on the concatenation of every batch of every rank.
+
+    As input to ``update``:
+        - ``embeddings`` (:class:`~torch.Tensor`): ``(B, D)`` floating tensor.
+
+    As output of ``compute``:
+        - a scalar float32 tensor ≥ 0 (nats); higher is better: it grows with the rank and spread of
+          the embeddings (½ log(1 + D/ε²) when they all point one way).
+
+    Args:
+        eps: ε > 0, the allowed distortion (MCR²'s 0.5).
+        normalize: L2-normalise each row before accumulating (zero rows stay zero).
+        num_features, accumulate_dtype, kwargs: as for :class:`RankMe`.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics import CodingRate
+        >>> low, high = CodingRate(), CodingRate()
+        >>> basis = torch.randn(4, 32)
+        >>> for _ in range(4):
+        ...     low.update(torch.randn(256, 4) @ basis)    # rank 4
+        ...     high.update(torch.randn(256, 32))          # full rank
+        >>> bool(low.compute() < high.compute())
+        True
+    """
+
+    higher_is_better = True
+    plot_lower_bound = 0.0
+
+    def __init__(
+        self,
+        eps: float = 0.5,
+        normalize: bool = True,
+        num_features: int | None = None,
+        accumulate_dtype: torch.dtype = torch.float64,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_features=num_features, accumulate_dtype=accumulate_dtype, **kwargs)
+        self.eps = _check_coding_rate_eps(eps, "CodingRate")
+        if not isinstance(normalize, bool):
+            raise ValueError(f"CodingRate: `normalize` must be True or False, got {normalize!r}")
+        self.normalize = normalize
+
+    def update(self, embeddings: Tensor) -> None:
+        """Add a ``(B, D)`` batch (normalised first if asked). Raises ``ValueError`` (state untouched) on bad input."""
+        z = self._check_batch(embeddings)
+        if self.normalize:
+            with no_autocast(z.device):
+                z = _l2_normalize(z.to(device=self.gram.device, dtype=torch.float64))
+        super().update(z)
+
+    def compute(self) -> Tensor:
+        """The coding rate of everything seen so far (nats)."""
+        gram, _, n = self._checked_moments()
+        with no_autocast(gram.device):
+            value = _coding_rate_from_gram(gram, n, gram.shape[0], self.eps)
+        return value.to(torch.get_default_dtype())

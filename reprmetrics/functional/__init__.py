@@ -7,20 +7,26 @@ from reprmetrics.functional.intrinsic_dimension import (
     mle_dimension,
     twonn_dimension,
 )
+from reprmetrics.functional.isotropy import isoscore, sigreg, wasserstein_uniformity
 from reprmetrics.functional.multiview import alignment, lidar, uniformity
-from reprmetrics.functional.spectral import alpha_req, eigenspectrum, rankme, singular_values
+from reprmetrics.functional.spectral import alpha_req, coding_rate, eigenspectrum, nesum, rankme, singular_values
 
 __all__ = [
     "alignment",
     "alpha_req",
+    "coding_rate",
     "eigenspectrum",
+    "isoscore",
     "ldreg_regularizer",
     "lidar",
     "local_intrinsic_dimension",
     "mle_dimension",
+    "nesum",
     "normalized_std",
     "rankme",
+    "sigreg",
     "singular_values",
     "twonn_dimension",
     "uniformity",
+    "wasserstein_uniformity",
 ]
