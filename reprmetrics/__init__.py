@@ -6,9 +6,9 @@ Functions live in :mod:`reprmetrics.functional`; Lightning callbacks in :mod:`re
 
 from reprmetrics.collapse import NormalizedStd
 from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, MLEDimension, TwoNN
-from reprmetrics.isotropy import SIGReg
+from reprmetrics.isotropy import IsoScore, SIGReg, WassersteinUniformity
 from reprmetrics.multiview import Alignment, LiDAR, Uniformity
-from reprmetrics.spectral import AlphaReQ, CodingRate, RankMe
+from reprmetrics.spectral import AlphaReQ, CodingRate, NESum, RankMe
 
 __version__ = "0.1.0"
 
@@ -16,13 +16,16 @@ __all__ = [
     "Alignment",
     "AlphaReQ",
     "CodingRate",
+    "IsoScore",
     "LiDAR",
     "LocalIntrinsicDimension",
     "MLEDimension",
+    "NESum",
     "NormalizedStd",
     "RankMe",
     "SIGReg",
     "TwoNN",
     "Uniformity",
+    "WassersteinUniformity",
     "__version__",
 ]

@@ -17,18 +17,23 @@ import torch
 from torch import Tensor
 
 from reprmetrics._base import ReprMetric
-from reprmetrics._linalg import no_autocast
-from reprmetrics._validation import check_tensor
+from reprmetrics._linalg import centred_moments_update_, no_autocast
+from reprmetrics._validation import check_positive_int, check_tensor
+from reprmetrics.functional.collapse import _l2_normalize
 from reprmetrics.functional.isotropy import (
     _add_characteristic_sums_,
+    _check_isoscore_width,
     _check_sigreg_arguments,
     _epps_pulley_grid,
+    _isoscore_from_state,
     _normalized_directions,
     _seeded_directions,
     _sigreg_from_sums,
+    _wasserstein_uniformity_from_state,
 )
+from reprmetrics.spectral import _CentredSecondMoments
 
-__all__ = ["SIGReg"]
+__all__ = ["IsoScore", "SIGReg", "WassersteinUniformity"]
 
 
 class SIGReg(ReprMetric):
@@ -152,3 +157,114 @@ class SIGReg(ReprMetric):
         super().reset()
         if self._given_directions is None:
             self._num_features = None
+
+
+class WassersteinUniformity(_CentredSecondMoments):
+    r"""Wasserstein uniformity (Fang et al., ICLR 2024), streamed over batches.
+
+    With :math:`\hat z_i = z_i / \lVert z_i \rVert_2` for all embeddings seen, their mean μ and
+    covariance Σ (divided by N),
+
+    .. math::
+        W_2 = \sqrt{\lVert \mu \rVert^2 + 1 + \operatorname{tr} \Sigma - \tfrac{2}{\sqrt D} \operatorname{tr} \Sigma^{1/2}},
+
+    the 2-Wasserstein distance between :math:`\mathcal N(\mu, \Sigma)` and :math:`\mathcal N(0, I_D/D)`
+    (see :func:`reprmetrics.functional.wasserstein_uniformity`, which this equals on the concatenation
+    of every batch of every rank). State: the packed centred moments of the normalised rows, merged
+    exactly across batches and ranks (:func:`reprmetrics._linalg.merge_centred_moments`).
+
+    As input to ``update``:
+        - ``embeddings`` (:class:`~torch.Tensor`): ``(B, D)`` floating tensor (zero rows stay zero).
+
+    As output of ``compute``:
+        - a scalar float32 tensor in ``[0, √2]``; lower is better (about 0 for points uniform on the
+          sphere, √2 when they all point one way).
+
+    Args:
+        num_features: D, if known up front (otherwise taken from the first batch).
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics import WassersteinUniformity
+        >>> metric = WassersteinUniformity()
+        >>> for _ in range(4):
+        ...     metric.update(torch.randn(1000, 16))
+        >>> metric.compute().item() < 0.1
+        True
+    """
+
+    higher_is_better = False
+    plot_lower_bound = 0.0
+    _min_samples = 1
+
+    def update(self, embeddings: Tensor) -> None:
+        """Add a ``(B, D)`` batch (rows L2-normalised first). Raises ``ValueError`` (state untouched) on bad input."""
+        z = self._check_batch(embeddings)
+        with no_autocast(z.device):
+            self.moments = centred_moments_update_(self.moments, _l2_normalize(z.to(device=self.moments.device, dtype=torch.float64)))
+            self.input_eps.clamp_(min=torch.finfo(z.dtype).eps)
+
+    def compute(self) -> Tensor:
+        """Wasserstein uniformity of everything seen so far."""
+        state, _ = self._checked_state()
+        with no_autocast(state.device):
+            value = _wasserstein_uniformity_from_state(state)
+        return value.to(torch.get_default_dtype())
+
+
+class IsoScore(_CentredSecondMoments):
+    r"""IsoScore (Rudman et al., Findings of ACL 2022), streamed over batches.
+
+    .. math::
+        \operatorname{IsoScore} = \frac{k - 1}{D - 1}, \qquad
+        k = \frac{(\operatorname{tr}\Sigma)^2}{\lVert\Sigma\rVert_F^2} = \frac{(\sum_k \lambda_k)^2}{\sum_k \lambda_k^2},
+
+    with Σ the covariance of all embeddings seen: the paper's steps (PCA rotation, normalised
+    diagonal, isotropy defect, dimensions used k) in closed form (see
+    :func:`reprmetrics.functional.isoscore`, which this equals on the concatenation of every batch of
+    every rank). State: the packed centred moments, merged exactly across batches and ranks. O(D²) at
+    compute: no eigendecomposition.
+
+    As input to ``update``:
+        - ``embeddings`` (:class:`~torch.Tensor`): ``(B, D)`` floating tensor, D ≥ 2.
+
+    As output of ``compute``:
+        - a scalar float32 tensor in ``[0, 1]``; higher is more isotropic (1: isotropic covariance;
+          0: one line, or no spread above the rounding of the input's dtype).
+
+    Args:
+        num_features: D, if known up front (otherwise taken from the first batch).
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics import IsoScore
+        >>> metric = IsoScore()
+        >>> for _ in range(4):
+        ...     metric.update(torch.randn(1000, 8))
+        >>> metric.compute().item() > 0.98
+        True
+    """
+
+    higher_is_better = True
+    plot_lower_bound = 0.0
+    plot_upper_bound = 1.0
+
+    def __init__(self, num_features: int | None = None, **kwargs: Any) -> None:
+        if num_features is not None:
+            check_positive_int(num_features, "IsoScore", "num_features")
+            _check_isoscore_width(num_features, "IsoScore")
+        super().__init__(num_features=num_features, **kwargs)
+
+    def _check_batch(self, embeddings: Tensor) -> Tensor:
+        z = super()._check_batch(embeddings)
+        _check_isoscore_width(z.shape[1], "IsoScore")
+        return z
+
+    def compute(self) -> Tensor:
+        """IsoScore of everything seen so far."""
+        state, _ = self._checked_state()
+        with no_autocast(state.device):
+            value = _isoscore_from_state(state, float(self.input_eps))
+        return value.to(torch.get_default_dtype())

@@ -34,12 +34,13 @@ from reprmetrics.functional.spectral import (
     _coding_rate_from_gram,
     _covariance_from_moments,
     _covariance_spectrum_from_state,
+    _nesum_from_state,
     _power_law_fit,
     _rankme_from_singular_values,
     _singular_values_from_gram,
 )
 
-__all__ = ["AlphaReQ", "CodingRate", "RankMe"]
+__all__ = ["AlphaReQ", "CodingRate", "NESum", "RankMe"]
 
 
 class _SecondMoments(ReprMetric):
@@ -396,4 +397,48 @@ class CodingRate(_SecondMoments):
         gram, _, n = self._checked_moments()
         with no_autocast(gram.device):
             value = _coding_rate_from_gram(gram, n, gram.shape[0], self.eps)
+        return value.to(torch.get_default_dtype())
+
+
+class NESum(_CentredSecondMoments):
+    r"""NESum, the normalised eigenvalue sum (He & Ozay, ICML 2022), streamed over batches.
+
+    .. math::
+        \operatorname{NESum} = \sum_{k=1}^{D} \frac{\lambda_k}{\lambda_1} = \frac{\operatorname{tr}\Sigma}{\lambda_1}
+
+    over the eigenvalues of the covariance Σ of all embeddings seen (centred). State: the packed
+    centred moments (N, a shift, Σ(z − c), Σ(z − c)(z − c)ᵀ), merged exactly across batches and ranks
+    (see :func:`reprmetrics._linalg.merge_centred_moments`), so an offset far larger than the spread
+    cancels nothing. Equals :func:`reprmetrics.functional.nesum` on the concatenation of every batch of
+    every rank.
+
+    As input to ``update``:
+        - ``embeddings`` (:class:`~torch.Tensor`): ``(B, D)`` floating tensor.
+
+    As output of ``compute``:
+        - a scalar float32 tensor in ``[1, D]``; higher is healthier (1: one direction; about D:
+          isotropic). 0 when the embeddings have no spread above the rounding of their dtype.
+
+    Args:
+        num_features: D, if known up front (otherwise taken from the first batch).
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics import NESum
+        >>> metric = NESum()
+        >>> for _ in range(4):
+        ...     metric.update(torch.randn(2048, 16))
+        >>> 14 < metric.compute().item() <= 16
+        True
+    """
+
+    higher_is_better = True
+    plot_lower_bound = 0.0
+
+    def compute(self) -> Tensor:
+        """NESum of everything seen so far."""
+        state, _ = self._checked_state()
+        with no_autocast(state.device):
+            value = _nesum_from_state(state, float(self.input_eps))
         return value.to(torch.get_default_dtype())

@@ -19,7 +19,14 @@ import math
 import torch
 from torch import Tensor
 
-from reprmetrics._linalg import eigvalsh_descending, gram_upper, no_autocast, symmetric_from_upper
+from reprmetrics._linalg import (
+    centred_moments,
+    centred_moments_of,
+    eigvalsh_descending,
+    no_autocast,
+    nonzero_eigenvalue_tolerance,
+    symmetric_from_upper,
+)
 from reprmetrics._validation import check_positive_int, check_tensor, result_dtype
 from reprmetrics.functional.collapse import _l2_normalize
 
@@ -27,43 +34,24 @@ __all__ = ["isoscore", "sigreg", "wasserstein_uniformity"]
 
 
 # ----------------------------------------------------------------------------------------------
-# centred covariance (functional path; the Metric classes stream the same quantity)
-# ----------------------------------------------------------------------------------------------
-
-
-def _centred(z: Tensor) -> tuple[Tensor, Tensor]:
-    """The float64 rows centred on their mean, and the mean.
-
-    The rows are first shifted by the first row, so that a common offset far larger than the spread
-    (collapse to a point) cancels exactly before the mean is taken: identical rows give exactly 0.
-    """
-    shift = z[:1]
-    shifted = z - shift
-    mean_shifted = shifted.mean(dim=0, keepdim=True)
-    return shifted - mean_shifted, (shift + mean_shifted).squeeze(0)
-
-
-def _round_off_floor(eigenvalues: Tensor, num_samples: int) -> float:
-    """Covariance eigenvalues at or below this are float64 round-off of the eigensolver and of forming
-    the matrix: about (N + D)·eps₆₄ of the largest one."""
-    top = float(eigenvalues[0]) if eigenvalues.numel() else 0.0
-    return top * (num_samples + eigenvalues.numel()) * torch.finfo(torch.float64).eps
-
-
-# ----------------------------------------------------------------------------------------------
 # Wasserstein uniformity
 # ----------------------------------------------------------------------------------------------
 
 
-def _wasserstein_uniformity_from_moments(mean: Tensor, covariance_eigenvalues: Tensor, trace: Tensor, num_features: int, num_samples: int) -> Tensor:
-    r"""W₂ between N(μ, Σ) and N(0, I/D) from μ, the eigenvalues and the trace of Σ (the 1/N covariance).
+def _wasserstein_uniformity_from_state(state: Tensor) -> Tensor:
+    r"""W₂ between N(μ, Σ) and N(0, I/D) from the packed centred moments of the normalised rows (Σ with 1/N).
 
-    Eigenvalues at float64 round-off level are dropped from tr Σ^{1/2}: their square roots would add
-    noise of about sqrt(eps₆₄) each.
+    Eigenvalues at or below float64 round-off, (N + D)·eps₆₄·tr Σ (what forming the scatter matrix
+    and the eigensolver lose), count as 0 in tr Σ^{1/2}: their square roots would add noise of about
+    sqrt(eps₆₄) each.
     """
-    lam = covariance_eigenvalues.clamp_min(0)
-    lam = torch.where(lam > _round_off_floor(lam, num_samples), lam, torch.zeros_like(lam))
-    squared = mean.square().sum() + 1.0 + trace - (2.0 / math.sqrt(num_features)) * lam.sqrt().sum()
+    n, mean, scatter = centred_moments(state)
+    d = scatter.shape[0]
+    lam = eigvalsh_descending(scatter) / n
+    trace = scatter.diagonal().sum() / n
+    round_off = float(trace) * (n + d) * torch.finfo(torch.float64).eps
+    lam = torch.where(lam > round_off, lam, torch.zeros_like(lam))
+    squared = mean.square().sum() + 1.0 + trace - (2.0 / math.sqrt(d)) * lam.sqrt().sum()
     return squared.clamp_min(0).sqrt()
 
 
@@ -79,11 +67,12 @@ def wasserstein_uniformity(embeddings: Tensor) -> Tensor:
         W_2 = \sqrt{\lVert \mu \rVert^2 + 1 + \operatorname{tr} \Sigma - \tfrac{2}{\sqrt D} \operatorname{tr} \Sigma^{1/2}}
 
     :math:`\operatorname{tr}\Sigma^{1/2} = \sum_k \sqrt{\lambda_k}` from the eigenvalues of Σ
-    (negative round-off clamped to 0; eigenvalues at float64 round-off level, about (N + D)·eps₆₄·λ₁,
+    (negative round-off clamped to 0; eigenvalues at float64 round-off level, (N + D)·eps₆₄·tr Σ,
     counted as 0). Lower is better: about 0 for points spread uniformly over the sphere (as D
     grows), √2 when every embedding points the same way, and in between for dimensional collapse,
     which Wang & Isola's uniformity hardly registers. Zero rows stay zero after normalisation (they
-    count as points at the origin).
+    count as points at the origin). The moments are accumulated about a shift inside the cloud, so
+    nothing cancels when the normalised embeddings are concentrated around one direction.
 
     Args:
         embeddings: ``(N, D)`` tensor, N ≥ 1.
@@ -101,13 +90,8 @@ def wasserstein_uniformity(embeddings: Tensor) -> Tensor:
     """
     z = check_tensor(embeddings, "wasserstein_uniformity", min_rows=1)
     with no_autocast(z.device):
-        zn = _l2_normalize(z.to(torch.float64))
-        centred, mean = _centred(zn)
-        n, d = zn.shape
-        gram = gram_upper(centred) if n >= d else gram_upper(centred.T)  # same non-zero eigenvalues
-        lam = eigvalsh_descending(gram) / n
-        trace = centred.square().sum() / n
-        value = _wasserstein_uniformity_from_moments(mean, lam, trace, d, n)
+        state = centred_moments_of(_l2_normalize(z.to(torch.float64)))
+        value = _wasserstein_uniformity_from_state(state)
     return value.to(result_dtype(z))
 
 
@@ -116,23 +100,32 @@ def wasserstein_uniformity(embeddings: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def _isoscore_from_covariance(covariance: Tensor) -> Tensor:
-    r"""IsoScore from a covariance (full symmetric matrix; any positive scaling of it gives the same value).
+def _isoscore_from_state(state: Tensor, input_eps: float) -> Tensor:
+    r"""IsoScore from packed centred moments; ``input_eps``: machine epsilon of the embeddings' dtype.
 
-    The paper's steps 2–7 reduce to the participation ratio of the eigenvalues λ of the covariance:
-    with :math:`\hat\lambda = \sqrt D\,\lambda / \lVert\lambda\rVert_2` and the isotropy defect
+    The paper's steps 2–7 reduce to the participation ratio of the covariance eigenvalues λ: with
+    :math:`\hat\lambda = \sqrt D\,\lambda / \lVert\lambda\rVert_2` and the isotropy defect
     :math:`\delta^2 = \lVert\hat\lambda - 1\rVert^2 / (2(D - \sqrt D))`, one has
-    :math:`D - \delta^2 (D - \sqrt D) = \sum_k \hat\lambda_k`, so the number of dimensions used is
+    :math:`D - \delta^2 (D - \sqrt D) = \sum_k \hat\lambda_k` (expand the square, using
+    :math:`\lVert\hat\lambda\rVert^2 = D`), so the number of dimensions used is
     :math:`k = (\sum\hat\lambda)^2 / D = (\sum\lambda)^2 / \sum\lambda^2`, and
     :math:`\sum\lambda = \operatorname{tr}\Sigma`, :math:`\sum\lambda^2 = \lVert\Sigma\rVert_F^2` need no
     eigendecomposition (the PCA rotation of step 2 leaves both unchanged).
+
+    A covariance no larger than what rounding the input to its dtype puts there (see
+    :func:`reprmetrics._linalg.nonzero_eigenvalue_tolerance`: embeddings collapsed to one point far
+    from the origin) is zero: IsoScore 0, not the near-isotropy of rounding noise.
     """
-    d = covariance.shape[0]
-    trace = covariance.diagonal().sum()
+    n, mean, scatter = centred_moments(state)
+    d = scatter.shape[0]
+    covariance = symmetric_from_upper(scatter) / (n - 1)
+    diagonal = covariance.diagonal().clamp_min(0)
     frobenius_sq = covariance.square().sum()
-    if float(frobenius_sq) <= 0.0:
-        return torch.zeros((), dtype=covariance.dtype, device=covariance.device)  # zero covariance: no dimension used
-    dims_used = trace.square() / frobenius_sq
+    # The tolerance reads only the sum of the eigenvalues it is given: the diagonal has the same sum.
+    tol = nonzero_eigenvalue_tolerance(diagonal, n, d, input_eps, float(mean.square().mean()))
+    if float(frobenius_sq) <= tol**2:  # λ₁ ≤ ‖Σ‖_F ≤ tol: every eigenvalue is zero
+        return torch.zeros((), dtype=covariance.dtype, device=covariance.device)
+    dims_used = diagonal.sum().square() / frobenius_sq
     return ((dims_used - 1.0) / (d - 1)).clamp(0.0, 1.0)
 
 
@@ -155,10 +148,11 @@ def isoscore(embeddings: Tensor) -> Tensor:
         = \frac{(\operatorname{tr}\Sigma)^2 / \lVert\Sigma\rVert_F^2 - 1}{D - 1},
 
     the second form being the same quantity written without the eigendecomposition (computed that
-    way: it is exact and avoids the cancellation in the first). In ``[0, 1]``: 1 for an isotropic
-    covariance, 0 when the embeddings lie on one line; higher is more isotropic. The covariance is
-    centred (the paper's is the sample covariance; its 1/(N − 1) cancels). Identical embeddings (zero
-    covariance) give 0.
+    way: it is exact, costs O(D²), and avoids the cancellation in the first). In ``[0, 1]``: 1 for an
+    isotropic covariance, 0 when the embeddings vary along one line only; higher is more isotropic.
+    The covariance is the centred sample covariance (its scale cancels), accumulated about a shift
+    inside the cloud so that a large common offset does not cancel digits. Identical embeddings, or
+    a spread no larger than the rounding of the input to its dtype, give 0.
 
     Args:
         embeddings: ``(N, D)`` tensor, N ≥ 2, D ≥ 2.
@@ -169,8 +163,8 @@ def isoscore(embeddings: Tensor) -> Tensor:
     Example:
         >>> import torch
         >>> from reprmetrics.functional import isoscore
-        >>> line = torch.randn(500, 1) * torch.tensor([[1.0, 0.0, 0.0]])
-        >>> isoscore(line).item()
+        >>> line = torch.randn(500, 1) * torch.tensor([[1.0, 2.0, 3.0]])
+        >>> round(isoscore(line).item(), 6)
         0.0
         >>> isoscore(torch.randn(20000, 3)).item() > 0.99
         True
@@ -179,9 +173,7 @@ def isoscore(embeddings: Tensor) -> Tensor:
     z = check_tensor(embeddings, name, min_rows=2)
     _check_isoscore_width(z.shape[1], name)
     with no_autocast(z.device):
-        centred, _ = _centred(z.to(torch.float64))
-        covariance = symmetric_from_upper(gram_upper(centred)) / (z.shape[0] - 1)
-        value = _isoscore_from_covariance(covariance)
+        value = _isoscore_from_state(centred_moments_of(z.to(torch.float64)), torch.finfo(z.dtype).eps)
     return value.to(result_dtype(z))
 
 

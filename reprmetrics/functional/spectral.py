@@ -13,6 +13,7 @@ from torch import Tensor
 
 from reprmetrics._linalg import (
     centred_moments,
+    centred_moments_of,
     eigvalsh_descending,
     gram_upper,
     no_autocast,
@@ -244,12 +245,22 @@ def alpha_req(embeddings: Tensor, fit_range: tuple[int, int] = (11, 100)) -> Ten
 # ----------------------------------------------------------------------------------------------
 
 
-def _nesum_from_eigenvalues(eigenvalues: Tensor, trace: Tensor) -> Tensor:
-    """Σλ_k / λ₁ with the trace for Σλ_k (exact, no eigensolver error); 0 for a zero covariance."""
-    top = eigenvalues[0] if eigenvalues.numel() else torch.zeros((), dtype=trace.dtype, device=trace.device)
-    if float(trace) <= 0.0 or float(top) <= 0.0:
-        return torch.zeros((), dtype=trace.dtype, device=trace.device)  # identical embeddings: no direction
-    return trace / top
+def _nesum_from_state(state: Tensor, input_eps: float) -> Tensor:
+    """NESum from packed centred moments; ``input_eps``: machine epsilon of the embeddings' dtype.
+
+    Σλ_k is the trace (exact, no eigensolver error). A covariance whose largest eigenvalue is at or
+    below the zero tolerance of :func:`reprmetrics._linalg.nonzero_eigenvalue_tolerance` (identical
+    embeddings, or a spread no larger than the rounding of the input to its dtype) gives 0: the
+    ratio would otherwise read rounding noise as an isotropic spread.
+    """
+    n, mean, scatter = centred_moments(state)
+    d = scatter.shape[0]
+    lam = eigvalsh_descending(scatter) / (n - 1)
+    trace = scatter.diagonal().sum() / (n - 1)
+    tol = nonzero_eigenvalue_tolerance(lam, n, d, input_eps, float(mean.square().mean()))
+    if float(lam[0]) <= tol:
+        return torch.zeros((), dtype=trace.dtype, device=trace.device)  # no direction at all
+    return trace / lam[0]
 
 
 def nesum(embeddings: Tensor) -> Tensor:
@@ -262,10 +273,12 @@ def nesum(embeddings: Tensor) -> Tensor:
 
     over the eigenvalues :math:`\lambda_1 \ge \lambda_2 \ge \dots` of the covariance Σ of the
     **centred** embeddings (its normalisation cancels). In ``[1, D]``: 1 when the embeddings vary
-    along one direction only, D for an isotropic covariance; higher is healthier. The trace is
-    computed from the diagonal, λ₁ by the symmetric eigensolver. Identical embeddings (zero
-    covariance) give 0: they have no direction at all. The rows are centred after subtracting the
-    first row, so a common offset far larger than the spread cancels exactly.
+    along one direction only, D for an isotropic covariance; higher is healthier. (A sample
+    covariance overstates λ₁: for N(0, I) data NESum is about D / (1 + √(D/N))².) The trace is taken
+    from the diagonal, λ₁ from the symmetric eigensolver, both in float64 from moments accumulated
+    about a shift inside the cloud (a large common offset cancels nothing). Identical embeddings, or
+    a spread no larger than the rounding of the input to its dtype (see
+    :func:`reprmetrics._linalg.nonzero_eigenvalue_tolerance`), give 0: no direction at all.
 
     Args:
         embeddings: ``(N, D)`` tensor, N ≥ 2.
@@ -284,13 +297,7 @@ def nesum(embeddings: Tensor) -> Tensor:
     name = "nesum"
     z = check_tensor(embeddings, name, min_rows=2)
     with no_autocast(z.device):
-        z64 = z.to(torch.float64)
-        shifted = z64 - z64[:1]  # a common offset cancels exactly before centring
-        centred = shifted - shifted.mean(dim=0, keepdim=True)
-        n = z.shape[0]
-        lam = eigvalsh_descending(_smaller_gram(centred)) / (n - 1)
-        trace = centred.square().sum() / (n - 1)
-        value = _nesum_from_eigenvalues(lam, trace)
+        value = _nesum_from_state(centred_moments_of(z.to(torch.float64)), torch.finfo(z.dtype).eps)
     return value.to(result_dtype(z))
 
 
