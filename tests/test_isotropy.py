@@ -477,3 +477,25 @@ def test_moment_classes_cuda_match_cpu():
             metric.update(b)
         assert metric.compute().device.type == "cuda"
         assert rel_err(metric.compute().cpu(), ref(z.double().numpy())) <= 1e-6
+
+
+def test_metrics_table_example_reads_the_new_metrics(capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "metrics_table.py")
+    spec = importlib.util.spec_from_file_location("metrics_table_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--samples", "600", "--dim", "32", "--batch", "200"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in lines[2].split("|")]
+    rows = {line.split("|")[0].strip(): [float(c) for c in line.split("|")[1:]] for line in lines[4:] if "|" in line}
+    for name in ("NESum ↑", "coding rate ↑", "W-uniformity ↓", "SIGReg ↓", "IsoScore ↑"):
+        assert name in header
+    column = {name: header.index(name) - 1 for name in header[1:]}
+    healthy, dimensional, complete = (rows[k] for k in rows)
+    # Collapse towards one direction: coding rate falls, Wasserstein uniformity rises towards √2.
+    assert healthy[column["coding rate ↑"]] > dimensional[column["coding rate ↑"]] > complete[column["coding rate ↑"]]
+    assert healthy[column["W-uniformity ↓"]] < dimensional[column["W-uniformity ↓"]] < complete[column["W-uniformity ↓"]] <= math.sqrt(2) + 1e-3
+    assert healthy[column["IsoScore ↑"]] > dimensional[column["IsoScore ↑"]]
