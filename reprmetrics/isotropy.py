@@ -139,8 +139,8 @@ class SIGReg(ReprMetric):
             if self._num_features is None:
                 self._num_features = z.shape[1]
             a = self.directions()
-            t, _, _ = _epps_pulley_grid(self.t_max, self.num_points, a.device)
-            _add_characteristic_sums_(self.cos_sum, self.sin_sum, z.to(device=a.device, dtype=torch.float64), a, t)
+            delta = self.t_max / (self.num_points - 1)
+            _add_characteristic_sums_(self.cos_sum, self.sin_sum, z.to(device=a.device, dtype=torch.float64), a, delta)
             self.num_samples += z.shape[0]
 
     def compute(self) -> Tensor:

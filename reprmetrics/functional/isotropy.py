@@ -181,8 +181,11 @@ def isoscore(embeddings: Tensor) -> Tensor:
 # SIGReg (sliced Epps–Pulley)
 # ----------------------------------------------------------------------------------------------
 
-# Rows of projections turned into cos/sin at once: bounds the (rows, K, num_points) temporaries.
-_SIGREG_CHUNK_ELEMENTS = 1 << 22
+# Elements of the (rows, K) temporaries of the cos/sin recurrence per chunk of rows: small enough to
+# stay in cache on CPU (measured 2.7× faster than whole-tensor cos/sin at 2**16), large on GPUs so
+# that the ~100 small kernels per chunk are not launch-bound.
+_SIGREG_CHUNK_ELEMENTS = {"cpu": 1 << 16}
+_SIGREG_CHUNK_ELEMENTS_DEFAULT = 1 << 22
 
 
 def _check_sigreg_arguments(num_slices: int, seed: int, t_max: float, num_points: int, metric: str) -> tuple[int, int, float, int]:
@@ -237,14 +240,26 @@ def _epps_pulley_grid(t_max: float, num_points: int, device: torch.device) -> tu
     return t, phi, weights * phi
 
 
-def _add_characteristic_sums_(cos_sum: Tensor, sin_sum: Tensor, z: Tensor, directions: Tensor, t: Tensor) -> None:
-    """Add Σ_i cos(t·yᵢⱼ) and Σ_i sin(t·yᵢⱼ), y = Z A, into the (K, num_points) sums (float64)."""
-    k, p = directions.shape[1], t.numel()
-    rows = max(1, _SIGREG_CHUNK_ELEMENTS // (k * p))
+def _add_characteristic_sums_(cos_sum: Tensor, sin_sum: Tensor, z: Tensor, directions: Tensor, delta: float) -> None:
+    """Add Σ_i cos(t_k·yᵢⱼ) and Σ_i sin(t_k·yᵢⱼ), y = Z A, t_k = k·Δ, into the (K, num_points) sums.
+
+    Only cos(Δy) and sin(Δy) are evaluated; the other nodes follow from the angle-addition recurrence
+    cos((k+1)θ) = cos kθ·cos θ − sin kθ·sin θ, sin((k+1)θ) = sin kθ·cos θ + cos kθ·sin θ, exact up to
+    about k·eps₆₄ per term in float64 (whatever the size of θ), and 2–3× faster than a cos and a sin
+    per node on CPU.
+    """
+    k, p = directions.shape[1], cos_sum.shape[1]
+    rows = max(1, _SIGREG_CHUNK_ELEMENTS.get(z.device.type, _SIGREG_CHUNK_ELEMENTS_DEFAULT) // k)
     for start in range(0, z.shape[0], rows):
-        phase = (z[start : start + rows] @ directions).unsqueeze(-1) * t  # (rows, K, num_points)
-        cos_sum += phase.cos().sum(dim=0)
-        sin_sum += phase.sin().sum(dim=0)
+        theta = (z[start : start + rows] @ directions).mul_(delta)  # (rows, K)
+        cos_1, sin_1 = theta.cos(), theta.sin()
+        cos_sum[:, 0] += theta.shape[0]  # t = 0: cos = 1, sin = 0
+        cos_k, sin_k = cos_1, sin_1
+        for node in range(1, p):
+            if node > 1:
+                cos_k, sin_k = cos_k * cos_1 - sin_k * sin_1, sin_k * cos_1 + cos_k * sin_1
+            cos_sum[:, node] += cos_k.sum(dim=0)
+            sin_sum[:, node] += sin_k.sum(dim=0)
 
 
 def _sigreg_from_sums(cos_sum: Tensor, sin_sum: Tensor, num_samples: int, phi: Tensor, weights: Tensor) -> Tensor:
@@ -319,9 +334,9 @@ def sigreg(
             a = _seeded_directions(d, num_slices, seed, z.device)
         else:
             a = _normalized_directions(directions, name, num_features=d).to(z.device)
-        t, phi, weights = _epps_pulley_grid(t_max, num_points, z.device)
+        _, phi, weights = _epps_pulley_grid(t_max, num_points, z.device)
         cos_sum = torch.zeros(a.shape[1], num_points, dtype=torch.float64, device=z.device)
         sin_sum = torch.zeros_like(cos_sum)
-        _add_characteristic_sums_(cos_sum, sin_sum, z64, a, t)
+        _add_characteristic_sums_(cos_sum, sin_sum, z64, a, t_max / (num_points - 1))
         value = _sigreg_from_sums(cos_sum, sin_sum, z.shape[0], phi, weights)
     return value.to(result_dtype(z))
