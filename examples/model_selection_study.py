@@ -354,7 +354,7 @@ def plot_grid(rows: Sequence[dict[str, Any]], correlations: Sequence[dict[str, A
 
     spearman = {(c["metric"], c["tap"], c["group"]): c["spearman"] for c in correlations}
     panels = [(tap, metric) for tap in analysis.TAPS for metric in analysis.METRICS]
-    columns = 4  # backbone on the top half, projector on the bottom half: fits a README's width
+    columns = 4  # backbone panels first, then projector: fits a README's width
     grid_rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(grid_rows, columns, figsize=(3.2 * columns, 2.7 * grid_rows + 0.5), squeeze=False)
     for index, (tap, metric) in enumerate(panels):
@@ -374,6 +374,8 @@ def plot_grid(rows: Sequence[dict[str, Any]], correlations: Sequence[dict[str, A
         ax.tick_params(labelsize=7)
         if index % columns == 0:
             ax.set_ylabel("5-shot probe accuracy", fontsize=8)
+    for index in range(len(panels), grid_rows * columns):
+        axes[index // columns][index % columns].set_visible(False)  # the last row's unused panels
     handles = [Line2D([], [], color=c, marker="o", linestyle="", label=m) for m, c in METHOD_COLOURS.items()]
     handles += [Line2D([], [], color="gray", marker=mk, linestyle="", label=f"collapse setting: {s}") for s, mk in COLLAPSE_MARKERS.items()]
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
