@@ -13,15 +13,18 @@ from torch import Tensor
 
 from reprmetrics._linalg import (
     centred_moments,
+    centred_moments_of,
     eigvalsh_descending,
     gram_upper,
     gram_zero_tolerance,
     no_autocast,
     nonzero_eigenvalue_tolerance,
+    symmetric_from_upper,
 )
 from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
+from reprmetrics.functional.collapse import _l2_normalize
 
-__all__ = ["alpha_req", "alpha_req_fit", "eigenspectrum", "rankme", "rankme_diagnostics", "singular_values"]
+__all__ = ["alpha_req", "alpha_req_fit", "coding_rate", "eigenspectrum", "nesum", "rankme", "rankme_diagnostics", "singular_values"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,3 +321,130 @@ def alpha_req_fit(embeddings: Tensor, fit_range: tuple[int, int] = (11, 100)) ->
         "first": first,
         "last": last,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# NESum and coding rate (issue 14)
+# ----------------------------------------------------------------------------------------------
+
+
+def _nesum_from_state(state: Tensor, input_eps: float) -> Tensor:
+    """NESum from packed centred moments; ``input_eps``: machine epsilon of the embeddings' dtype.
+
+    Σλ_k is the trace (exact, no eigensolver error). A covariance whose largest eigenvalue is at or
+    below the zero tolerance of :func:`reprmetrics._linalg.nonzero_eigenvalue_tolerance` (identical
+    embeddings, or a spread no larger than the rounding of the input to its dtype) gives 0: the
+    ratio would otherwise read rounding noise as an isotropic spread.
+    """
+    n, mean, scatter = centred_moments(state)
+    d = scatter.shape[0]
+    lam = eigvalsh_descending(scatter) / (n - 1)
+    trace = scatter.diagonal().sum() / (n - 1)
+    tol = nonzero_eigenvalue_tolerance(lam, n, d, input_eps, float(mean.square().mean()))
+    if float(lam[0]) <= tol:
+        return torch.zeros((), dtype=trace.dtype, device=trace.device)  # no direction at all
+    return trace / lam[0]
+
+
+def nesum(embeddings: Tensor) -> Tensor:
+    r"""NESum, the normalised eigenvalue sum of the covariance (He & Ozay, 2022, "Exploring the gap
+    between collapsed and whitened features in self-supervised learning", ICML 2022).
+
+    .. math::
+        \operatorname{NESum}(Z) = \sum_{k=1}^{D} \frac{\lambda_k}{\lambda_1}
+        = \frac{\operatorname{tr} \Sigma}{\lambda_1}
+
+    over the eigenvalues :math:`\lambda_1 \ge \lambda_2 \ge \dots` of the covariance Σ of the
+    **centred** embeddings (its normalisation cancels). In ``[1, D]``: 1 when the embeddings vary
+    along one direction only, D for an isotropic covariance; higher is healthier. (A sample
+    covariance overstates λ₁: for N(0, I) data NESum is about D / (1 + √(D/N))².) The trace is taken
+    from the diagonal, λ₁ from the symmetric eigensolver, both in float64 from moments accumulated
+    about a shift inside the cloud (a large common offset cancels nothing). Identical embeddings, or
+    a spread no larger than the rounding of the input to its dtype (see
+    :func:`reprmetrics._linalg.nonzero_eigenvalue_tolerance`), give 0: no direction at all.
+
+    Args:
+        embeddings: ``(N, D)`` tensor, N ≥ 2.
+
+    Returns:
+        A scalar tensor in ``{0} ∪ [1, D]``.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics.functional import nesum
+        >>> round(nesum(torch.randn(1000, 1) * torch.ones(1, 16)).item(), 6)   # one direction
+        1.0
+        >>> 14 < nesum(torch.randn(20000, 16)).item() <= 16                     # isotropic: about D
+        True
+    """
+    name = "nesum"
+    z = check_tensor(embeddings, name, min_rows=2)
+    with no_autocast(z.device):
+        value = _nesum_from_state(centred_moments_of(z.to(torch.float64)), torch.finfo(z.dtype).eps)
+    return value.to(result_dtype(z))
+
+
+def _check_coding_rate_eps(eps: float, metric: str) -> float:
+    value = check_nonnegative_float(eps, metric, "eps", strictly_positive=True)
+    if value == float("inf"):
+        raise ValueError(f"{metric}: `eps` must be a finite number > 0, got {eps!r}")
+    return value
+
+
+def _coding_rate_from_gram(gram_upper_triangle: Tensor, num_samples: int, num_features: int, eps: float) -> Tensor:
+    r"""½ log det(I + D/(N ε²) G) for the Gram matrix G (upper triangle valid) of the rows.
+
+    G may be ZᵀZ (D×D) or ZZᵀ (N×N): det(I_D + c ZᵀZ) = det(I_N + c ZZᵀ). The matrix is symmetric
+    positive definite with eigenvalues ≥ 1, so its Cholesky factor exists and log det = 2 Σ log Lᵢᵢ is
+    accurate; if the factorisation still fails (non-finite entries), the eigenvalues are used.
+    """
+    scale = num_features / (num_samples * eps**2)
+    m = symmetric_from_upper(gram_upper_triangle) * scale
+    m.diagonal().add_(1.0)
+    factor, info = torch.linalg.cholesky_ex(m)
+    if int(info) == 0:
+        return factor.diagonal().log().sum()
+    return 0.5 * torch.log1p(scale * eigvalsh_descending(gram_upper_triangle)).sum()
+
+
+def coding_rate(embeddings: Tensor, eps: float = 0.5, normalize: bool = True) -> Tensor:
+    r"""Coding rate of the embeddings (Yu, Chan, You, Song & Ma, NeurIPS 2020, MCR²).
+
+    .. math::
+        R(Z; \varepsilon) = \frac12 \log\det\Big(I_D + \frac{D}{N \varepsilon^2} Z^\top Z\Big)
+
+    the number of nats needed to code the N rows of Z up to distortion ε², with Z the ``(N, D)``
+    embeddings, their rows L2-normalised first when ``normalize=True`` (the default, as in MCR², whose
+    features live on the unit sphere; zero rows stay zero). Z is **not** centred. Computed in float64
+    from the smaller Gram matrix (ZᵀZ or ZZᵀ; same determinant) by a Cholesky factorisation. Grows
+    with the rank and spread of the embeddings: 0 for all-zero embeddings, about ½ log(1 + D/ε²) for
+    embeddings that all point one way, and up to about (D/2)·log(1 + 1/ε²) for unit rows spread
+    isotropically; higher is better.
+
+    Args:
+        embeddings: ``(N, D)`` tensor, N ≥ 1.
+        eps: ε > 0, the allowed distortion (MCR²'s default 0.5).
+        normalize: L2-normalise the rows first.
+
+    Returns:
+        A scalar tensor ≥ 0 (nats).
+
+    Example:
+        >>> import math, torch
+        >>> from reprmetrics.functional import coding_rate
+        >>> z = torch.ones(100, 8)                      # one direction: ½ log(1 + D/ε²)
+        >>> round(coding_rate(z).item(), 5) == round(0.5 * math.log(1 + 8 / 0.25), 5)
+        True
+    """
+    name = "coding_rate"
+    eps = _check_coding_rate_eps(eps, name)
+    if not isinstance(normalize, bool):
+        raise ValueError(f"{name}: `normalize` must be True or False, got {normalize!r}")
+    z = check_tensor(embeddings, name, min_rows=1)
+    with no_autocast(z.device):
+        z64 = z.to(torch.float64)
+        if normalize:
+            z64 = _l2_normalize(z64)
+        n, d = z.shape
+        value = _coding_rate_from_gram(_smaller_gram(z64), n, d, eps)
+    return value.to(result_dtype(z))
