@@ -82,9 +82,12 @@ class RepresentationMonitor(Callback):
             each tapped submodule at the start of fit: the pretrained encoder when fine-tuning), an
             ``nn.Module`` with the same submodule names, or a checkpoint path. See
             :class:`~reprmetrics.monitor.RepresentationTracker` for the memory cost and output-key taps.
-        metrics: extra ``{name: Metric}``, cloned per tap and stage (they receive ``(B, D)``).
+        metrics: extra metrics: opt-in names (``["sigreg", "twonn", "mle_dimension"]``, see
+            :func:`reprmetrics.monitor.available_metrics`) or ``{name: Metric}``, cloned per tap and
+            stage (they receive ``(B, D)``).
         default_metrics: RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic
-            dimension, and with views LiDAR and alignment.
+            dimension, NESum, coding rate, Wasserstein uniformity, IsoScore, and with views LiDAR
+            and alignment.
         progress_bar: the validation metric shown in the progress bar for each tap (``None``: none).
         log_figures: add the spectrum figure and histograms when the logger is TensorBoard.
         figures_every_n_epochs: draw them every this many validation epochs (drawing costs time on CPU).
@@ -103,7 +106,7 @@ class RepresentationMonitor(Callback):
         every_n_train_steps: int = 200,
         train_buffer_size: int = 1024,
         max_samples: int = MONITOR_MAX_SAMPLES,
-        metrics: Mapping[str, Metric] | None = None,
+        metrics: Mapping[str, Metric] | list[str] | None = None,
         default_metrics: bool = True,
         progress_bar: str | None = "rankme",
         log_figures: bool = True,

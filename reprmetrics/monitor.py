@@ -49,9 +49,12 @@ __all__ = [
     "DEFAULT_MIN_SAMPLES",
     "VIEW_LAYOUTS",
     "MetricSet",
+    "MetricSpec",
     "MonitorConfigurationError",
     "RepresentationTracker",
     "Tap",
+    "available_metrics",
+    "check_metric_names",
     "default_metrics",
     "flatten_output",
     "group_views",
@@ -297,21 +300,85 @@ def _input_kind(metric: Metric) -> str:
     return POINTS
 
 
-def default_metrics(num_features: int, num_views: int, max_samples: int = MONITOR_MAX_SAMPLES) -> dict[str, Metric]:
-    """The default set for one tap: see :class:`RepresentationTracker`."""
-    from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension
-    from reprmetrics.multiview import Alignment, LiDAR, Uniformity
+@dataclass(frozen=True)
+class MetricSpec:
+    """How the monitor (and :func:`reprmetrics.evaluate`) builds one named metric.
 
-    metrics: dict[str, Metric] = {"rankme": RankMe()}
-    if num_features >= 13:  # α-ReQ fits ranks 11..100: needs at least 3 of them
-        metrics["alpha_req"] = AlphaReQ()
-    metrics["normalized_std"] = NormalizedStd()
-    metrics["uniformity"] = Uniformity(max_samples=max_samples)
-    metrics["lid"] = LocalIntrinsicDimension(max_samples=max_samples)
-    if num_views >= 2:
-        metrics["lidar"] = LiDAR()
-        metrics["alignment"] = Alignment()
-    return metrics
+    ``factory(max_samples)`` makes a fresh Metric; ``direction`` is the healthy direction (``"↑"``,
+    ``"↓"``, ``"≈1"``); ``default`` says whether it is in the default set; it is included only when
+    the embeddings have at least ``min_features`` dimensions and, for ``needs_views``, 2 views.
+    """
+
+    factory: Callable[[int], Metric]
+    direction: str
+    default: bool = True
+    min_features: int = 1
+    needs_views: bool = False
+
+
+def _registry() -> dict[str, MetricSpec]:
+    from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, MLEDimension, TwoNN
+    from reprmetrics.isotropy import IsoScore, SIGReg, WassersteinUniformity
+    from reprmetrics.multiview import Alignment, LiDAR, Uniformity
+    from reprmetrics.spectral import CodingRate, NESum
+
+    return {
+        "rankme": MetricSpec(lambda m: RankMe(), "↑"),
+        "alpha_req": MetricSpec(lambda m: AlphaReQ(), "≈1", min_features=13),  # fits ranks 11..100: needs 3 of them
+        "normalized_std": MetricSpec(lambda m: NormalizedStd(), "↑"),
+        "uniformity": MetricSpec(lambda m: Uniformity(max_samples=m), "↓"),
+        "lid": MetricSpec(lambda m: LocalIntrinsicDimension(max_samples=m), "↑"),
+        "nesum": MetricSpec(lambda m: NESum(), "↑"),
+        "coding_rate": MetricSpec(lambda m: CodingRate(), "↑"),
+        "wasserstein_uniformity": MetricSpec(lambda m: WassersteinUniformity(), "↓"),
+        "isoscore": MetricSpec(lambda m: IsoScore(), "↑", min_features=2),
+        "lidar": MetricSpec(lambda m: LiDAR(), "↑", needs_views=True),
+        "alignment": MetricSpec(lambda m: Alignment(), "↓", needs_views=True),
+        # Opt-in: more than one D×D eigendecomposition's worth of work, or a global kNN estimate.
+        "sigreg": MetricSpec(lambda m: SIGReg(), "↓", default=False),
+        "twonn": MetricSpec(lambda m: TwoNN(max_samples=m), "↑", default=False),
+        "mle_dimension": MetricSpec(lambda m: MLEDimension(max_samples=m), "↑", default=False),
+    }
+
+
+_METRICS: dict[str, MetricSpec] | None = None
+
+
+def available_metrics() -> dict[str, MetricSpec]:
+    """Every metric the monitor can compute by name: ``{name: MetricSpec}`` (default and opt-in)."""
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = _registry()
+    return dict(_METRICS)
+
+
+def check_metric_names(names: Iterable[str], owner: str = "RepresentationMonitor") -> list[str]:
+    """``names`` as a list, or :class:`MonitorConfigurationError` naming the closest known names."""
+    known = available_metrics()
+    names = list(names)
+    for name in names:
+        if name not in known:
+            close = _closest(str(name), known)
+            raise MonitorConfigurationError(
+                f"{owner}: unknown metric {name!r}" + (f"; did you mean {_quoted(close)}?" if close else "") + f" Known: {_quoted(sorted(known), limit=20)}"
+            )
+    return names
+
+
+def default_metrics(num_features: int, num_views: int, max_samples: int = MONITOR_MAX_SAMPLES, names: Iterable[str] | None = None) -> dict[str, Metric]:
+    """The metrics for one tap: the default set (or ``names``) that fits ``num_features`` and ``num_views``.
+
+    The default set: RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic dimension,
+    NESum, coding rate, Wasserstein uniformity, IsoScore, and with views LiDAR and alignment. Opt in to
+    the others (SIGReg, TwoNN, MLE dimension) by name.
+    """
+    specs = available_metrics()
+    chosen = [n for n, spec in specs.items() if spec.default] if names is None else check_metric_names(names)
+    return {
+        name: specs[name].factory(max_samples)
+        for name in chosen
+        if num_features >= specs[name].min_features and (num_views >= 2 or not specs[name].needs_views)
+    }
 
 
 class _CaptureCounts(Metric):
@@ -503,10 +570,12 @@ class RepresentationTracker:
         min_samples: a tap's metric values are reported only when at least this many samples (after
             dropping ungroupable batches and non-finite samples) reached them; ``num_samples`` is
             reported always. Each metric's own minimum (e.g. k + 1 for LID) applies on top.
-        metrics: extra metrics, ``{name: Metric}``, cloned for every tap and stage; they receive
-            ``(B, D)`` embeddings (LiDAR views, Alignment view pairs).
-        default_metrics: include RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic
-            dimension, and with views LiDAR and alignment.
+        metrics: extra metrics: names from :func:`available_metrics` (opt-in ones such as
+            ``["sigreg", "twonn"]``), or ``{name: Metric}`` cloned for every tap and stage (they receive
+            ``(B, D)`` embeddings; LiDAR views, Alignment view pairs).
+        default_metrics: include the default set (see :func:`default_metrics`): RankMe, α-ReQ
+            (D ≥ 13), normalised std, uniformity, local intrinsic dimension, NESum, coding rate,
+            Wasserstein uniformity, IsoScore, and with views LiDAR and alignment.
         strict: raise instead of warning once and skipping a metric that cannot be computed.
         rankme_diagnostics: also report RankMe's top singular value and condition number
             (``rankme_top_singular_value``, ``rankme_condition_number``; same eigendecomposition).
@@ -536,7 +605,7 @@ class RepresentationTracker:
         every_n_train_steps: int = 200,
         train_buffer_size: int = 1024,
         max_samples: int = MONITOR_MAX_SAMPLES,
-        metrics: Mapping[str, Metric] | None = None,
+        metrics: Mapping[str, Metric] | Sequence[str] | None = None,
         default_metrics: bool = True,
         strict: bool = False,
         view_layout: str = "auto",
@@ -565,11 +634,15 @@ class RepresentationTracker:
             raise MonitorConfigurationError(f"RepresentationMonitor: `view_layout` must be one of {VIEW_LAYOUTS}, got {view_layout!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         if view_layout in ("concat", "stacked") and num_views == 1:
             raise MonitorConfigurationError(f"RepresentationMonitor: view_layout={view_layout!r} needs num_views >= 2")
+        if isinstance(metrics, str):
+            metrics = [metrics]
+        self.named_metrics = [] if metrics is None or isinstance(metrics, Mapping) else check_metric_names(metrics)
+        metrics = metrics if isinstance(metrics, Mapping) else None
         if reference is not None and not isinstance(reference, (str, os.PathLike, nn.Module)):
             raise MonitorConfigurationError(f"RepresentationMonitor: `reference` must be 'initial', an nn.Module or a checkpoint path, got {type(reference).__name__}")
         if isinstance(reference, str) and reference != "initial" and not os.path.exists(reference):
             raise MonitorConfigurationError(f"RepresentationMonitor: `reference` is neither 'initial' nor an existing checkpoint file: {reference!r}")
-        if not default_metrics and not metrics:
+        if not default_metrics and not metrics and not self.named_metrics:
             raise MonitorConfigurationError("RepresentationMonitor: no metrics to compute (default_metrics=False and no `metrics`)")
         for name, metric in (metrics or {}).items():
             if not isinstance(metric, Metric):
@@ -925,6 +998,7 @@ class RepresentationTracker:
             q = views.shape[1] if views is not None else num_views
             device = views.device if views is not None else self._device()
             metrics = default_metrics(d, q, self.max_samples) if self.use_default_metrics else {}
+            metrics.update(default_metrics(d, q, self.max_samples, names=self.named_metrics) if self.named_metrics else {})
             metrics.update({name: m.clone() for name, m in self.extra_metrics.items()})
             metrics = {name: m.to(device) for name, m in metrics.items()}  # embeddings stay where they are
             self._metric_sets[key] = MetricSet(metrics, f"{stage}/{tap}", self.strict, self._warned, self.rankme_diagnostics)

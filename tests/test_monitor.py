@@ -178,3 +178,23 @@ def test_alpha_req_fit_quality_and_rankme_diagnostics_are_reported():
     assert values["z/alpha_req"].item() == pytest.approx(-slope, rel=1e-5)
     assert values["z/alpha_req_r2"].item() == pytest.approx(r2, rel=1e-5)
     assert {"alpha_req_r2", "rankme_condition_number"} <= set(tracker.metric_names("val")["z"])
+
+
+def test_metrics_by_name_opt_in_and_unknown_names():
+    from reprmetrics.functional import sigreg, twonn_dimension
+    from reprmetrics.monitor import available_metrics, default_metrics
+
+    assert {"nesum", "coding_rate", "wasserstein_uniformity", "isoscore"} <= set(default_metrics(64, 1))
+    assert not {"sigreg", "twonn", "lidar"} & set(default_metrics(64, 1))
+    assert "alpha_req" not in default_metrics(8, 2) and "lidar" in default_metrics(8, 2)
+    assert {name for name, spec in available_metrics().items() if not spec.default} == {"sigreg", "twonn", "mle_dimension"}
+    torch.manual_seed(0)
+    z = torch.randn(400, 16, dtype=torch.float64)
+    tracker = RepresentationTracker(["z"], default_metrics=False, metrics=["sigreg", "twonn"])
+    tracker.start_eval()
+    tracker.end_eval_step({"z": z})
+    values = tracker.end_eval()
+    assert values["z/sigreg"].item() == pytest.approx(sigreg(z).item(), rel=1e-5)
+    assert values["z/twonn"].item() == pytest.approx(twonn_dimension(z).item(), rel=1e-5)
+    with pytest.raises(MonitorConfigurationError, match="unknown metric 'sigrge'; did you mean 'sigreg'"):
+        RepresentationTracker(["z"], metrics=["sigrge"])
