@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from reprmetrics.monitor import MonitorConfigurationError
+from reprmetrics.monitor import MonitorConfigurationError, warn
 from reprmetrics.stopping import CollapseCriteria, collapse_kind
 
 __all__ = ["CollapseEarlyStopping", "MonitoredKeyError", "collapse_kind"]
@@ -141,7 +140,7 @@ class CollapseEarlyStopping(EarlyStopping):
             raise MonitoredKeyError(message)
         if not self._warned_unknown:
             self._warned_unknown = True
-            warnings.warn(message + " (strict=False: this stopper never acts)", RuntimeWarning, stacklevel=2)
+            warn(message + " (strict=False: this stopper never acts)")
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

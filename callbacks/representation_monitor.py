@@ -76,14 +76,18 @@ class RepresentationMonitor(Callback):
         max_samples: cap on points kept by uniformity and local intrinsic dimension (8,192: lower than
             the Metric classes' 25,600 because this runs every validation epoch; both cost O(N²·D)).
         min_samples: values computed on fewer usable samples are not logged (``num_samples`` is).
+        rankme_diagnostics: also log RankMe's top singular value and condition number.
         reference: log ``{prefix}/val/{tap}/cka_to_reference``, the linear CKA between each tap's
             embeddings and a reference's on the same validation inputs: ``"initial"`` (a frozen copy of
             each tapped submodule at the start of fit: the pretrained encoder when fine-tuning), an
             ``nn.Module`` with the same submodule names, or a checkpoint path. See
             :class:`~reprmetrics.monitor.RepresentationTracker` for the memory cost and output-key taps.
-        metrics: extra ``{name: Metric}``, cloned per tap and stage (they receive ``(B, D)``).
+        metrics: extra metrics: opt-in names (``["sigreg", "twonn", "mle_dimension"]``, see
+            :func:`reprmetrics.monitor.available_metrics`) or ``{name: Metric}``, cloned per tap and
+            stage (they receive ``(B, D)``).
         default_metrics: RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic
-            dimension, and with views LiDAR and alignment.
+            dimension, NESum, coding rate, Wasserstein uniformity, IsoScore, and with views LiDAR
+            and alignment.
         progress_bar: the validation metric shown in the progress bar for each tap (``None``: none).
         log_figures: add the spectrum figure and histograms when the logger is TensorBoard.
         figures_every_n_epochs: draw them every this many validation epochs (drawing costs time on CPU).
@@ -102,7 +106,7 @@ class RepresentationMonitor(Callback):
         every_n_train_steps: int = 200,
         train_buffer_size: int = 1024,
         max_samples: int = MONITOR_MAX_SAMPLES,
-        metrics: Mapping[str, Metric] | None = None,
+        metrics: Mapping[str, Metric] | list[str] | None = None,
         default_metrics: bool = True,
         progress_bar: str | None = "rankme",
         log_figures: bool = True,
@@ -112,6 +116,7 @@ class RepresentationMonitor(Callback):
         view_layout: str = "auto",
         min_samples: int = DEFAULT_MIN_SAMPLES,
         reference: Any = None,
+        rankme_diagnostics: bool = False,
     ) -> None:
         super().__init__()
         with _as_misconfiguration():
@@ -127,6 +132,7 @@ class RepresentationMonitor(Callback):
                 view_layout=view_layout,
                 min_samples=min_samples,
                 reference=reference,
+                rankme_diagnostics=rankme_diagnostics,
             )
         self.progress_bar = progress_bar
         if isinstance(figures_every_n_epochs, bool) or not isinstance(figures_every_n_epochs, int) or figures_every_n_epochs < 1:
@@ -152,6 +158,12 @@ class RepresentationMonitor(Callback):
             self.tracker.attach(pl_module)
         # An output-key tap missing from training_step's dict may come from validation_step.
         self.tracker.expect_eval = is_overridden("validation_step", pl_module) and trainer.limit_val_batches != 0
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.tracker.reference == "initial":
+            # The weights as training starts, once the strategy has broadcast them to every rank.
+            self.tracker.retake_reference(pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -240,7 +252,7 @@ class RepresentationMonitor(Callback):
             if report is None or report.nonfinite or report.used < self.tracker.min_samples:
                 continue  # nothing trustworthy to draw (the same decision on every rank: counts are synced)
             # Syncing reads happen on every rank (collective); only rank 0 writes.
-            artifacts = self._spectral_artifacts(metric_set.metrics)
+            artifacts = self._spectral_artifacts(metric_set.metrics, metric_set.last_spectra)
             if not trainer.is_global_zero:
                 continue
             writer = tensorboard.experiment
@@ -254,16 +266,16 @@ class RepresentationMonitor(Callback):
                 if figure is not None:
                     writer.add_figure(f"{base}/spectrum", figure, step)
 
-    def _spectral_artifacts(self, metrics: Mapping[str, Metric]) -> dict[str, Any]:
+    def _spectral_artifacts(self, metrics: Mapping[str, Metric], spectra: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for metric in metrics.values():
+            for name, metric in metrics.items():
                 try:
                     if isinstance(metric, RankMe) and "singular_values" not in out:
                         out["singular_values"] = metric.singular_values()
                     elif isinstance(metric, AlphaReQ) and "spectrum" not in out:
-                        out["spectrum"] = metric.spectrum_fit()
+                        out["spectrum"] = spectra[name] if name in spectra else metric.spectrum_fit()
                     elif hasattr(metric, "per_sample") and "lid" not in out:
                         out["lid"] = metric.per_sample()
                 except (ValueError, RuntimeError):

@@ -49,9 +49,12 @@ __all__ = [
     "DEFAULT_MIN_SAMPLES",
     "VIEW_LAYOUTS",
     "MetricSet",
+    "MetricSpec",
     "MonitorConfigurationError",
     "RepresentationTracker",
     "Tap",
+    "available_metrics",
+    "check_metric_names",
     "default_metrics",
     "flatten_output",
     "group_views",
@@ -297,21 +300,85 @@ def _input_kind(metric: Metric) -> str:
     return POINTS
 
 
-def default_metrics(num_features: int, num_views: int, max_samples: int = MONITOR_MAX_SAMPLES) -> dict[str, Metric]:
-    """The default set for one tap: see :class:`RepresentationTracker`."""
-    from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension
-    from reprmetrics.multiview import Alignment, LiDAR, Uniformity
+@dataclass(frozen=True)
+class MetricSpec:
+    """How the monitor (and :func:`reprmetrics.evaluate`) builds one named metric.
 
-    metrics: dict[str, Metric] = {"rankme": RankMe()}
-    if num_features >= 13:  # α-ReQ fits ranks 11..100: needs at least 3 of them
-        metrics["alpha_req"] = AlphaReQ()
-    metrics["normalized_std"] = NormalizedStd()
-    metrics["uniformity"] = Uniformity(max_samples=max_samples)
-    metrics["lid"] = LocalIntrinsicDimension(max_samples=max_samples)
-    if num_views >= 2:
-        metrics["lidar"] = LiDAR()
-        metrics["alignment"] = Alignment()
-    return metrics
+    ``factory(max_samples)`` makes a fresh Metric; ``direction`` is the healthy direction (``"↑"``,
+    ``"↓"``, ``"≈1"``); ``default`` says whether it is in the default set; it is included only when
+    the embeddings have at least ``min_features`` dimensions and, for ``needs_views``, 2 views.
+    """
+
+    factory: Callable[[int], Metric]
+    direction: str
+    default: bool = True
+    min_features: int = 1
+    needs_views: bool = False
+
+
+def _registry() -> dict[str, MetricSpec]:
+    from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, MLEDimension, TwoNN
+    from reprmetrics.isotropy import IsoScore, SIGReg, WassersteinUniformity
+    from reprmetrics.multiview import Alignment, LiDAR, Uniformity
+    from reprmetrics.spectral import CodingRate, NESum
+
+    return {
+        "rankme": MetricSpec(lambda m: RankMe(), "↑"),
+        "alpha_req": MetricSpec(lambda m: AlphaReQ(), "≈1", min_features=13),  # fits ranks 11..100: needs 3 of them
+        "normalized_std": MetricSpec(lambda m: NormalizedStd(), "↑"),
+        "uniformity": MetricSpec(lambda m: Uniformity(max_samples=m), "↓"),
+        "lid": MetricSpec(lambda m: LocalIntrinsicDimension(max_samples=m), "↑"),
+        "nesum": MetricSpec(lambda m: NESum(), "↑"),
+        "coding_rate": MetricSpec(lambda m: CodingRate(), "↑"),
+        "wasserstein_uniformity": MetricSpec(lambda m: WassersteinUniformity(), "↓"),
+        "isoscore": MetricSpec(lambda m: IsoScore(), "↑", min_features=2),
+        "lidar": MetricSpec(lambda m: LiDAR(), "↑", needs_views=True),
+        "alignment": MetricSpec(lambda m: Alignment(), "↓", needs_views=True),
+        # Opt-in: more than one D×D eigendecomposition's worth of work, or a global kNN estimate.
+        "sigreg": MetricSpec(lambda m: SIGReg(), "↓", default=False),
+        "twonn": MetricSpec(lambda m: TwoNN(max_samples=m), "↑", default=False),
+        "mle_dimension": MetricSpec(lambda m: MLEDimension(max_samples=m), "↑", default=False),
+    }
+
+
+_METRICS: dict[str, MetricSpec] | None = None
+
+
+def available_metrics() -> dict[str, MetricSpec]:
+    """Every metric the monitor can compute by name: ``{name: MetricSpec}`` (default and opt-in)."""
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = _registry()
+    return dict(_METRICS)
+
+
+def check_metric_names(names: Iterable[str], owner: str = "RepresentationMonitor") -> list[str]:
+    """``names`` as a list, or :class:`MonitorConfigurationError` naming the closest known names."""
+    known = available_metrics()
+    names = list(names)
+    for name in names:
+        if name not in known:
+            close = _closest(str(name), known)
+            raise MonitorConfigurationError(
+                f"{owner}: unknown metric {name!r}" + (f"; did you mean {_quoted(close)}?" if close else "") + f" Known: {_quoted(sorted(known), limit=20)}"
+            )
+    return names
+
+
+def default_metrics(num_features: int, num_views: int, max_samples: int = MONITOR_MAX_SAMPLES, names: Iterable[str] | None = None) -> dict[str, Metric]:
+    """The metrics for one tap: the default set (or ``names``) that fits ``num_features`` and ``num_views``.
+
+    The default set: RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic dimension,
+    NESum, coding rate, Wasserstein uniformity, IsoScore, and with views LiDAR and alignment. Opt in to
+    the others (SIGReg, TwoNN, MLE dimension) by name.
+    """
+    specs = available_metrics()
+    chosen = [n for n, spec in specs.items() if spec.default] if names is None else check_metric_names(names)
+    return {
+        name: specs[name].factory(max_samples)
+        for name in chosen
+        if num_features >= specs[name].min_features and (num_views >= 2 or not specs[name].needs_views)
+    }
 
 
 class _CaptureCounts(Metric):
@@ -366,12 +433,14 @@ class MetricSet:
     Samples with a non-finite value in any view are counted, not fed to the metrics.
     """
 
-    def __init__(self, metrics: Mapping[str, Metric], label: str, strict: bool, warned: set[str]) -> None:
+    def __init__(self, metrics: Mapping[str, Metric], label: str, strict: bool, warned: set[str], rankme_diagnostics: bool = False) -> None:
         self.metrics = dict(metrics)
         self.label = label
         self.strict = strict
         self._warned = warned
+        self.rankme_diagnostics = rankme_diagnostics
         self.last_failures: dict[str, str] = {}
+        self.last_spectra: dict[str, dict[str, Any]] = {}  # AlphaReQ fits of the last compute(), for figures
 
     def _fail(self, name: str, error: Exception) -> None:
         if self.strict:
@@ -405,18 +474,52 @@ class MetricSet:
         return num_finite
 
     def compute(self) -> dict[str, Tensor]:
-        """Every computable value (all ranks call this together: metrics sync under DDP)."""
-        values = {}
+        """Every computable value (all ranks call this together: metrics sync under DDP).
+
+        An α-ReQ metric ``name`` also gives ``{name}_r2``, the R² of its log-log fit (from the same
+        eigendecomposition); with ``rankme_diagnostics`` a RankMe ``name`` also gives
+        ``{name}_top_singular_value`` and ``{name}_condition_number``.
+        """
+        values: dict[str, Tensor] = {}
         self.last_failures = {}
+        self.last_spectra = {}
         with torch.no_grad():
             for name, metric in self.metrics.items():
                 try:
                     with warnings.catch_warnings():
                         warnings.filterwarnings("ignore", message=".*was called before the ``update``.*")
-                        values[name] = metric.compute().detach()
+                        values.update(self._values(name, metric))
                 except (ValueError, RuntimeError) as error:
                     self._fail(name, error)
         return values
+
+    def _values(self, name: str, metric: Metric) -> dict[str, Tensor]:
+        dtype = torch.get_default_dtype()
+        if isinstance(metric, AlphaReQ):
+            fit = metric.spectrum_fit()
+            self.last_spectra[name] = fit
+            device = fit["eigenvalues"].device
+            return {name: torch.tensor(fit["alpha"], dtype=dtype, device=device), f"{name}_r2": torch.tensor(fit["r2"], dtype=dtype, device=device)}
+        if isinstance(metric, RankMe) and self.rankme_diagnostics:
+            found = metric.diagnostics()
+            device = metric.device
+            return {
+                name: torch.tensor(found["rankme"], dtype=dtype, device=device),
+                f"{name}_top_singular_value": torch.tensor(found["top_singular_value"], dtype=dtype, device=device),
+                f"{name}_condition_number": torch.tensor(found["condition_number"], dtype=dtype, device=device),
+            }
+        return {name: metric.compute().detach()}
+
+    def value_names(self) -> list[str]:
+        """The names :meth:`compute` reports (when every metric can be computed)."""
+        names = []
+        for name, metric in self.metrics.items():
+            names.append(name)
+            if isinstance(metric, AlphaReQ):
+                names.append(f"{name}_r2")
+            elif isinstance(metric, RankMe) and self.rankme_diagnostics:
+                names += [f"{name}_top_singular_value", f"{name}_condition_number"]
+        return names
 
     def reset(self) -> None:
         for metric in self.metrics.values():
@@ -467,14 +570,20 @@ class RepresentationTracker:
         min_samples: a tap's metric values are reported only when at least this many samples (after
             dropping ungroupable batches and non-finite samples) reached them; ``num_samples`` is
             reported always. Each metric's own minimum (e.g. k + 1 for LID) applies on top.
-        metrics: extra metrics, ``{name: Metric}``, cloned for every tap and stage; they receive
-            ``(B, D)`` embeddings (LiDAR views, Alignment view pairs).
-        default_metrics: include RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic
-            dimension, and with views LiDAR and alignment.
+        metrics: extra metrics: names from :func:`available_metrics` (opt-in ones such as
+            ``["sigreg", "twonn"]``), or ``{name: Metric}`` cloned for every tap and stage (they receive
+            ``(B, D)`` embeddings; LiDAR views, Alignment view pairs).
+        default_metrics: include the default set (see :func:`default_metrics`): RankMe, α-ReQ
+            (D ≥ 13), normalised std, uniformity, local intrinsic dimension, NESum, coding rate,
+            Wasserstein uniformity, IsoScore, and with views LiDAR and alignment.
         strict: raise instead of warning once and skipping a metric that cannot be computed.
+        rankme_diagnostics: also report RankMe's top singular value and condition number
+            (``rankme_top_singular_value``, ``rankme_condition_number``; same eigendecomposition).
         reference: drift from a reference representation, logged as ``cka_to_reference`` (linear CKA
             over the whole evaluation pass, val stage only): ``"initial"`` keeps a frozen copy (eval
-            mode, no grad) of each tapped submodule as it is at :meth:`attach` (the start of fit);
+            mode, no grad) of each tapped submodule as it is at :meth:`attach` (Lightning: at the start
+            of each fit, after the weights are synchronised across ranks; a resumed fit copies the
+            resumed weights, so pass the pretrained module or checkpoint to keep the original);
             an ``nn.Module`` with the same submodule names (e.g. the pretrained model), or a path to a
             ``torch.save``-d state dict or Lightning checkpoint of the same model class, gives the
             reference weights. At each evaluation step the copy runs on the inputs the live submodule
@@ -483,7 +592,8 @@ class RepresentationTracker:
             submodules per evaluation batch. Output-key taps read the reference embeddings from the
             key ``"{tap}_reference"`` of the same step output (same rows, same layout).
 
-    Reported per tap and stage, besides the metrics: ``num_samples`` (samples the metrics used) and
+    Reported per tap and stage, besides the metrics: ``alpha_req_r2`` (the R² of α-ReQ's log-log fit:
+    near 1, α describes the spectrum; much lower, it does not), ``num_samples`` (samples the metrics used) and
     ``nonfinite_fraction`` (of the samples captured, those with a NaN/inf value). When any captured
     sample is non-finite the run has diverged: every metric of that tap and stage is reported as NaN.
     """
@@ -495,12 +605,13 @@ class RepresentationTracker:
         every_n_train_steps: int = 200,
         train_buffer_size: int = 1024,
         max_samples: int = MONITOR_MAX_SAMPLES,
-        metrics: Mapping[str, Metric] | None = None,
+        metrics: Mapping[str, Metric] | Sequence[str] | None = None,
         default_metrics: bool = True,
         strict: bool = False,
         view_layout: str = "auto",
         min_samples: int = DEFAULT_MIN_SAMPLES,
         reference: str | os.PathLike | nn.Module | None = None,
+        rankme_diagnostics: bool = False,
     ) -> None:
         if isinstance(taps, (str, Tap)):
             taps = [taps]
@@ -523,11 +634,15 @@ class RepresentationTracker:
             raise MonitorConfigurationError(f"RepresentationMonitor: `view_layout` must be one of {VIEW_LAYOUTS}, got {view_layout!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         if view_layout in ("concat", "stacked") and num_views == 1:
             raise MonitorConfigurationError(f"RepresentationMonitor: view_layout={view_layout!r} needs num_views >= 2")
+        if isinstance(metrics, str):
+            metrics = [metrics]
+        self.named_metrics = [] if metrics is None or isinstance(metrics, Mapping) else check_metric_names(metrics)
+        metrics = metrics if isinstance(metrics, Mapping) else None
         if reference is not None and not isinstance(reference, (str, os.PathLike, nn.Module)):
             raise MonitorConfigurationError(f"RepresentationMonitor: `reference` must be 'initial', an nn.Module or a checkpoint path, got {type(reference).__name__}")
         if isinstance(reference, str) and reference != "initial" and not os.path.exists(reference):
             raise MonitorConfigurationError(f"RepresentationMonitor: `reference` is neither 'initial' nor an existing checkpoint file: {reference!r}")
-        if not default_metrics and not metrics:
+        if not default_metrics and not metrics and not self.named_metrics:
             raise MonitorConfigurationError("RepresentationMonitor: no metrics to compute (default_metrics=False and no `metrics`)")
         for name, metric in (metrics or {}).items():
             if not isinstance(metric, Metric):
@@ -542,6 +657,7 @@ class RepresentationTracker:
         self.use_default_metrics = default_metrics
         self.strict = strict
         self.reference = reference
+        self.rankme_diagnostics = bool(rankme_diagnostics)
         # Set by an adapter that knows an evaluation pass will come (Lightning: validation_step exists):
         # an output tap missing from the training outputs may still appear in the evaluation outputs.
         self.expect_eval = False
@@ -603,6 +719,12 @@ class RepresentationTracker:
             self._module_taps.add(tap.name)
             self._found.add(tap.name)
             self._handles.append(module.register_forward_hook(self._make_hook(tap), with_kwargs=True))
+
+    def retake_reference(self, model: nn.Module) -> None:
+        """Take the reference copies again from ``model`` (and re-attach): adapters call this when
+        training starts, after the framework has synchronised the weights across ranks."""
+        self._reference_modules = {}
+        self.attach(model)
 
     def _reference_submodules(self, model: nn.Module) -> dict[str, nn.Module]:
         """Frozen copies of the tapped submodules: of ``model`` now, or of the given reference."""
@@ -876,9 +998,10 @@ class RepresentationTracker:
             q = views.shape[1] if views is not None else num_views
             device = views.device if views is not None else self._device()
             metrics = default_metrics(d, q, self.max_samples) if self.use_default_metrics else {}
+            metrics.update(default_metrics(d, q, self.max_samples, names=self.named_metrics) if self.named_metrics else {})
             metrics.update({name: m.clone() for name, m in self.extra_metrics.items()})
             metrics = {name: m.to(device) for name, m in metrics.items()}  # embeddings stay where they are
-            self._metric_sets[key] = MetricSet(metrics, f"{stage}/{tap}", self.strict, self._warned)
+            self._metric_sets[key] = MetricSet(metrics, f"{stage}/{tap}", self.strict, self._warned, self.rankme_diagnostics)
         return self._metric_sets[key]
 
     def metric_sets(self, stage: str) -> dict[str, MetricSet]:
@@ -888,7 +1011,7 @@ class RepresentationTracker:
     def metric_names(self, stage: str) -> dict[str, list[str]]:
         """``{tap: [names it reports]}`` for the taps of a stage seen so far, the counts included."""
         drift = ["cka_to_reference"] if stage == "val" and self.reference is not None else []
-        return {tap: [*s.metrics, *drift, "num_samples", "nonfinite_fraction"] for tap, s in self.metric_sets(stage).items()}
+        return {tap: [*s.value_names(), *drift, "num_samples", "nonfinite_fraction"] for tap, s in self.metric_sets(stage).items()}
 
     def _feed_drift(self, tap: str, views: Tensor, reference: Tensor) -> None:
         from reprmetrics.similarity import LinearCKA
@@ -959,7 +1082,7 @@ class RepresentationTracker:
                 f"reprmetrics monitor: divergence: tap {tap!r} produced non-finite embeddings ({report.nonfinite_fraction:.0%} of"
                 f" {report.seen} samples, {label}); its metrics are reported as NaN"
             )
-            names = list(metric_set.metrics) if metric_set is not None else []
+            names = metric_set.value_names() if metric_set is not None else []
             names += ["cka_to_reference"] if stage == "val" and tap in self._drift else []
             values.update({f"{tap}/{name}": torch.tensor(float("nan"), device=device) for name in names})
             return values

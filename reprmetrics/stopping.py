@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from reprmetrics.monitor import CaptureReport, MonitorConfigurationError
+from reprmetrics.monitor import CaptureReport, MonitorConfigurationError, available_metrics
 
 __all__ = ["CollapseCriteria", "check_criteria_fit", "collapse_kind"]
 
@@ -20,9 +20,9 @@ GLOBAL_DIMENSION_METRICS = ("twonn", "mle_dimension")
 SPREAD_METRICS = ("normalized_std",)
 # Metrics whose healthy value scales with the embedding width D (at most about D).
 FRACTION_OF_DIM_METRICS = ("rankme", "lidar", "lid", "twonn", "mle_dimension", "nesum")
-LOWER_IS_HEALTHIER = ("uniformity", "alignment", "wasserstein_uniformity", "sigreg")
+LOWER_IS_HEALTHIER = tuple(name for name, spec in available_metrics().items() if spec.direction == "↓")
 DRIFT_METRICS = ("cka_to_reference",)
-KNOWN_METRICS = (*FRACTION_OF_DIM_METRICS, *LOWER_IS_HEALTHIER, *DRIFT_METRICS, "normalized_std", "alpha_req", "isoscore", "coding_rate")
+KNOWN_METRICS = (*available_metrics(), *DRIFT_METRICS)
 
 
 def collapse_kind(metric: str, value: float, normalized_std: float | None = None, dim: int | None = None) -> str:

@@ -153,3 +153,48 @@ def test_state_dict_round_trip():
     fresh = RepresentationTracker(["z"], every_n_train_steps=2, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=16)
     fresh.load_state_dict(state)
     assert fresh.train_steps == 4 and fresh.history == tracker.history and len(fresh.history["train/z/rankme"]) == 2
+
+
+def test_alpha_req_fit_quality_and_rankme_diagnostics_are_reported():
+    import numpy as np
+
+    torch.manual_seed(0)
+    z = torch.randn(300, 40, dtype=torch.float64) * torch.arange(1, 41, dtype=torch.float64).pow(-0.6)
+    tracker = RepresentationTracker(["z"], default_metrics=False, metrics={"rankme": RankMe(), "alpha_req": AlphaReQ()}, rankme_diagnostics=True)
+    tracker.start_eval()
+    for chunk in z.split(100):
+        tracker.end_eval_step({"z": chunk})
+    values = tracker.end_eval()
+    sigma = np.linalg.svd(z.numpy(), compute_uv=False)
+    assert values["z/rankme_top_singular_value"].item() == pytest.approx(sigma[0], rel=1e-5)
+    assert values["z/rankme_condition_number"].item() == pytest.approx(sigma[0] / sigma[-1], rel=1e-4)
+    # The 1/k-weighted R² of the log-log fit over ranks 11..40, from numpy.
+    lam = np.linalg.eigvalsh(np.cov(z.numpy(), rowvar=False, bias=False))[::-1][10:40]
+    k = np.arange(11, 41, dtype=np.float64)
+    w, x, y = 1 / k, np.log(k), np.log(lam)
+    slope, intercept = np.polyfit(x, y, 1, w=np.sqrt(w))
+    residual = y - (slope * x + intercept)
+    r2 = 1 - np.sum(w * residual**2) / np.sum(w * (y - np.average(y, weights=w)) ** 2)
+    assert values["z/alpha_req"].item() == pytest.approx(-slope, rel=1e-5)
+    assert values["z/alpha_req_r2"].item() == pytest.approx(r2, rel=1e-5)
+    assert {"alpha_req_r2", "rankme_condition_number"} <= set(tracker.metric_names("val")["z"])
+
+
+def test_metrics_by_name_opt_in_and_unknown_names():
+    from reprmetrics.functional import sigreg, twonn_dimension
+    from reprmetrics.monitor import available_metrics, default_metrics
+
+    assert {"nesum", "coding_rate", "wasserstein_uniformity", "isoscore"} <= set(default_metrics(64, 1))
+    assert not {"sigreg", "twonn", "lidar"} & set(default_metrics(64, 1))
+    assert "alpha_req" not in default_metrics(8, 2) and "lidar" in default_metrics(8, 2)
+    assert {name for name, spec in available_metrics().items() if not spec.default} == {"sigreg", "twonn", "mle_dimension"}
+    torch.manual_seed(0)
+    z = torch.randn(400, 16, dtype=torch.float64)
+    tracker = RepresentationTracker(["z"], default_metrics=False, metrics=["sigreg", "twonn"])
+    tracker.start_eval()
+    tracker.end_eval_step({"z": z})
+    values = tracker.end_eval()
+    assert values["z/sigreg"].item() == pytest.approx(sigreg(z).item(), rel=1e-5)
+    assert values["z/twonn"].item() == pytest.approx(twonn_dimension(z).item(), rel=1e-5)
+    with pytest.raises(MonitorConfigurationError, match="unknown metric 'sigrge'; did you mean 'sigreg'"):
+        RepresentationTracker(["z"], metrics=["sigrge"])
