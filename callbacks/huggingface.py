@@ -12,7 +12,7 @@ import difflib
 import logging
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 try:
@@ -131,9 +131,12 @@ class RepresentationCallback(TrainerCallback):
 
     Args:
         taps, num_views, view_layout, every_n_train_steps, train_buffer_size, max_samples,
-        min_samples, metrics, default_metrics, strict, reference: as for
-            :class:`~reprmetrics.monitor.RepresentationTracker` (``reference="initial"`` copies the
-            tapped submodules when the Trainer is built, i.e. the weights fine-tuning starts from).
+        min_samples, metrics, default_metrics, strict, reference, rankme_diagnostics: as for
+            :class:`~reprmetrics.monitor.RepresentationTracker`. ``reference="initial"`` copies the
+            tapped submodules when the Trainer is built (so ``trainer.evaluate()`` before training
+            has a reference) and again when training begins (after the Trainer has prepared the
+            model, under DDP broadcast it to every rank, and loaded a ``resume_from_checkpoint``: a
+            resumed run's reference is the checkpoint's weights).
         prefix: first component of every logged name.
         stop_on: key(s) to stop on (``None``: monitor only): a key, a list of keys (each with the
             criteria below), or ``{key: {criterion: value}}`` to give a key criteria of its own, e.g.
@@ -156,13 +159,14 @@ class RepresentationCallback(TrainerCallback):
         every_n_train_steps: int = 200,
         train_buffer_size: int = 1024,
         max_samples: int = MONITOR_MAX_SAMPLES,
-        metrics: Mapping[str, Metric] | None = None,
+        metrics: Mapping[str, Metric] | Sequence[str] | None = None,
         default_metrics: bool = True,
         strict: bool = False,
         prefix: str = "repr",
         view_layout: str = "auto",
         min_samples: int = DEFAULT_MIN_SAMPLES,
         reference: str | os.PathLike | nn.Module | None = None,
+        rankme_diagnostics: bool = False,
         stop_on: str | Iterable[str] | Mapping[str, Mapping[str, Any]] | None = None,
         patience: int = 3,
         min_value: float | None = None,
@@ -185,6 +189,7 @@ class RepresentationCallback(TrainerCallback):
             view_layout=view_layout,
             min_samples=min_samples,
             reference=reference,
+            rankme_diagnostics=rankme_diagnostics,
         )
         if not isinstance(prefix, str) or not prefix or "/" in prefix:
             raise MonitorConfigurationError(f"{_OWNER}: `prefix` must be a non-empty string without '/', got {prefix!r}")
@@ -325,6 +330,8 @@ class RepresentationCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, **kwargs: Any) -> None:
         self._setup(args, model)
+        if model is not None and self.tracker.reference == "initial":
+            self.tracker.retake_reference(model)  # the weights training starts from, the same on every rank
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._start_train_step()
