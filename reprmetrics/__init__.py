@@ -5,6 +5,7 @@ Functions live in :mod:`reprmetrics.functional`; Lightning callbacks in :mod:`re
 """
 
 from reprmetrics.collapse import NormalizedStd
+from reprmetrics.evaluate import evaluate
 from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, MLEDimension, TwoNN
 from reprmetrics.multiview import Alignment, LiDAR, Uniformity
 from reprmetrics.spectral import AlphaReQ, RankMe
@@ -22,4 +23,5 @@ __all__ = [
     "TwoNN",
     "Uniformity",
     "__version__",
+    "evaluate",
 ]

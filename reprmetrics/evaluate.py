@@ -28,7 +28,7 @@ from reprmetrics.spectral import AlphaReQ, RankMe
 __all__ = ["HEALTHY_DIRECTION", "METRIC_NAMES", "NonFiniteRowsError", "evaluate"]
 
 #: Default rows per batch when a tensor or array is streamed (also the CLI's ``--batch-size``).
-DEFAULT_BATCH_SIZE = 16_384
+DEFAULT_BATCH_SIZE = 4096
 #: The monitor's default for the point metrics' bounded sample.
 DEFAULT_MAX_SAMPLES = 8192
 
@@ -228,7 +228,7 @@ def _check_names(metrics: str | Sequence[str], has_views: bool, has_reference: b
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(f"evaluate: unknown metric {name!r}{hint} Known metrics: {', '.join(known)}")
+            raise ValueError(f"evaluate: unknown metric {name!r}{hint} (known: {', '.join(known)})")
     if len(set(metrics)) != len(metrics):
         raise ValueError(f"evaluate: `metrics` names a metric twice: {list(metrics)}")
     needs_views = [n for n in metrics if n in ("lidar", "alignment")]
@@ -350,12 +350,13 @@ class _Evaluation:
         if self.metrics is None:
             raise ValueError("evaluate: every row contains NaN or infinite values; nothing left to evaluate")
         self.result.dropped = {k: v for k, v in self.bad.items() if v}
-        for name, metric in self.metrics.items():
-            self.result.values[name] = _compute(name, metric)
-        if self.cka is not None:
-            self.result.values[_REFERENCE_METRIC] = _compute(_REFERENCE_METRIC, self.cka)
         if self.spectrum_metric is not None:
             self.result.spectrum = _spectrum(self.spectrum_metric)
+        for name, metric in self.metrics.items():
+            self.result.values[name] = _compute(name, metric)
+            metric.reset()  # frees a point metric's sample before the next one computes on its own
+        if self.cka is not None:
+            self.result.values[_REFERENCE_METRIC] = _compute(_REFERENCE_METRIC, self.cka)
         return self.result
 
 
