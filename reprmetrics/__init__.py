@@ -8,6 +8,7 @@ from reprmetrics.collapse import NormalizedStd
 from reprmetrics.evaluate import evaluate
 from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, MLEDimension, TwoNN
 from reprmetrics.multiview import Alignment, LiDAR, Uniformity
+from reprmetrics.similarity import LinearCKA, MinibatchCKA
 from reprmetrics.spectral import AlphaReQ, RankMe
 
 __version__ = "0.1.0"
@@ -16,8 +17,10 @@ __all__ = [
     "Alignment",
     "AlphaReQ",
     "LiDAR",
+    "LinearCKA",
     "LocalIntrinsicDimension",
     "MLEDimension",
+    "MinibatchCKA",
     "NormalizedStd",
     "RankMe",
     "TwoNN",

@@ -10,6 +10,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_sum
 
+from reprmetrics._linalg import merge_centred_moments
+
 
 class ReprMetric(Metric):
     """A torchmetrics Metric with two guarantees that ``Metric`` does not give by itself.
@@ -17,8 +19,9 @@ class ReprMetric(Metric):
     - ``forward()`` leaves the accumulated state as it was when the batch is rejected or its own value
       cannot be computed (torchmetrics resets the state before updating on the batch, so an error
       there would otherwise drop everything accumulated).
-    - Sum states that take their shape from the first batch (0-sized placeholders until then) merge
-      correctly in ``forward()``.
+    - Sum states and packed centred-moment states (``dist_reduce_fx=merge_centred_moments``) that take
+      their shape from the first batch (0-sized placeholders until then) merge correctly in
+      ``forward()``.
     """
 
     is_differentiable = False
@@ -59,6 +62,12 @@ class ReprMetric(Metric):
             local = getattr(self, attr)
             if self._reductions[attr] is dim_zero_sum and isinstance(value, Tensor) and value.numel() == 0 and local.numel() > 0:
                 incoming_state[attr] = torch.zeros_like(local)  # nothing accumulated yet
+            elif self._reductions[attr] is merge_centred_moments and isinstance(value, Tensor):
+                # One side saw nothing yet: give it the other's shape with n = 0, which the merge ignores.
+                if value.numel() == 0 and local.numel() > 0:
+                    incoming_state[attr] = torch.zeros_like(local)
+                elif local.numel() == 0 and value.numel() > 0:
+                    setattr(self, attr, torch.zeros_like(value))
         super()._reduce_states(incoming_state)
 
     def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> Any:

@@ -1,8 +1,11 @@
 r"""Streaming spectral metrics: :class:`RankMe` and :class:`AlphaReQ`.
 
-Both keep the sufficient statistics of the embeddings, not the embeddings: the Gram matrix ZᵀZ
-(D×D), the sum Σz (D) and the count N, all sum-reduced. Memory is O(D²) whatever the number of
-samples, a DDP sync moves O(D²) numbers, and every rank computes the same value.
+Both keep sufficient statistics of the embeddings, not the embeddings. RankMe's definition is
+un-centred, so it keeps the Gram matrix ZᵀZ (D×D), Σz and N, sum-reduced. α-ReQ is centred, so it
+keeps shifted moments (N, a shift c, Σ(z − c), Σ(z − c)(z − c)ᵀ in one packed tensor, see
+:func:`reprmetrics._linalg.centred_moments_update_`) merged exactly across batches and ranks: an
+offset far larger than the spread does not cancel. Memory is O(D²) whatever the number of samples,
+a DDP sync moves O(D²) numbers, and every rank computes the same value.
 """
 
 from __future__ import annotations
@@ -13,11 +16,21 @@ import torch
 from torch import Tensor
 
 from reprmetrics._base import ReprMetric
-from reprmetrics._linalg import add_gram_, eigvalsh_descending, no_autocast, nonzero_eigenvalue_tolerance
+from reprmetrics._linalg import (
+    add_gram_,
+    centred_moments,
+    centred_moments_count,
+    centred_moments_state,
+    centred_moments_update_,
+    eigvalsh_descending,
+    merge_centred_moments,
+    no_autocast,
+)
 from reprmetrics._validation import check_nonnegative_float, check_positive_int, check_tensor
 from reprmetrics.functional.spectral import (
     _check_fit_range,
     _covariance_from_moments,
+    _covariance_spectrum_from_state,
     _power_law_fit,
     _rankme_from_singular_values,
     _singular_values_from_gram,
@@ -163,7 +176,69 @@ class RankMe(_SecondMoments):
         return value.to(torch.get_default_dtype())
 
 
-class AlphaReQ(_SecondMoments):
+class _CentredSecondMoments(ReprMetric):
+    """Base class: streams the packed centred moments of ``(B, D)`` batches (float64).
+
+    ``num_features`` may be given up front; otherwise the state takes its shape from the first batch
+    (every DDP rank must then see at least one batch before ``compute()``).
+    """
+
+    _min_samples = 2
+
+    moments: Tensor
+    input_eps: Tensor
+
+    def __init__(self, num_features: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if num_features is not None:
+            check_positive_int(num_features, type(self).__name__, "num_features")
+        self.add_state("moments", centred_moments_state(num_features), dist_reduce_fx=merge_centred_moments)
+        # Machine epsilon of the coarsest input seen: what counts as a zero eigenvalue depends on it.
+        self.add_state("input_eps", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
+
+    def _known_features(self) -> int | None:
+        return self.moments.shape[1] if self.moments.numel() else None
+
+    def _check_batch(self, embeddings: Tensor) -> Tensor:
+        return check_tensor(embeddings, type(self).__name__, min_rows=1, features=self._known_features())
+
+    def update(self, embeddings: Tensor) -> None:
+        """Add a ``(B, D)`` batch. Raises ``ValueError`` (state untouched) on bad input."""
+        z = self._check_batch(embeddings)
+        with no_autocast(z.device):
+            self.moments = centred_moments_update_(self.moments, z)
+            self.input_eps.clamp_(min=torch.finfo(z.dtype).eps)
+
+    def _checked_state(self) -> tuple[Tensor, int]:
+        n = centred_moments_count(self.moments)
+        name = type(self).__name__
+        if n == 0:
+            raise ValueError(f"{name}: compute() called before any update() (no embeddings seen)")
+        if n < self._min_samples:
+            raise ValueError(f"{name}: needs at least {self._min_samples} samples, got {n}")
+        return self.moments, n
+
+    def _spectrum(self) -> tuple[Tensor, float]:
+        state, _ = self._checked_state()
+        with no_autocast(state.device):
+            lam, tol, _ = _covariance_spectrum_from_state(state, float(self.input_eps))
+        return lam, tol
+
+    def covariance_eigenvalues(self) -> Tensor:
+        """Eigenvalues of the covariance of all embeddings seen (synced across ranks), descending, ``min(N, D)``."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
+            return self._spectrum()[0]
+
+    def singular_values(self) -> Tensor:
+        """Singular values of the un-centred matrix of all embeddings seen (synced), from scatter + N·μμᵀ."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
+            state, n = self._checked_state()
+            with no_autocast(state.device):
+                _, mean, scatter = centred_moments(state)
+                return _singular_values_from_gram(scatter + n * torch.outer(mean, mean), n)
+
+
+class AlphaReQ(_CentredSecondMoments):
     r"""α-ReQ (Agrawal et al., NeurIPS 2022), streamed over batches.
 
     With :math:`\lambda_1 \ge \lambda_2 \ge \dots` the eigenvalues of the covariance of all embeddings
@@ -172,10 +247,12 @@ class AlphaReQ(_SecondMoments):
     .. math::
         \log \lambda_k \approx -b_0 \log k + b_1, \qquad k \in [k_{lo}, k_{hi}],\ \text{weights } 1/k.
 
-    The covariance is formed from the accumulated ZᵀZ, Σz and N in float64. That one-pass formula
-    loses about log10(‖mean‖² / λ_k) of float64's 16 digits on the k-th eigenvalue, which is harmless
-    for embeddings (offsets of 1e3 against unit spread keep 1e-9 relative accuracy).
-    Equals :func:`reprmetrics.functional.alpha_req` on the concatenation of every batch of every rank.
+    The covariance comes from shifted moments (the first batch's mean as shift, merged exactly across
+    batches and ranks with Chan et al.'s pairwise update), so a common offset does not cancel: at
+    offsets up to 1e8 × the spread (float64 input) α stays within 1e-6 of a reference that centres
+    before any product. Eigenvalues at the input's rounding noise or float64 round-off are zero (see
+    :func:`reprmetrics._linalg.nonzero_eigenvalue_tolerance`); the fit range ends at the last non-zero
+    one. Equals :func:`reprmetrics.functional.alpha_req` on the concatenation of every batch of every rank.
 
     As input to ``update``:
         - ``embeddings`` (:class:`~torch.Tensor`): ``(B, D)`` floating tensor.
@@ -183,12 +260,13 @@ class AlphaReQ(_SecondMoments):
     As output of ``compute``:
         - a scalar float32 tensor, α. Around 1 is best in the paper; α ≪ 1 is a flat, noisy
           spectrum, α ≫ 1 a few dominant directions (towards collapse). Neither direction is simply
-          better, so ``higher_is_better`` is ``None``.
+          better, so ``higher_is_better`` is ``None``. :meth:`spectrum_fit` adds the fit's R².
 
     Args:
         fit_range: 1-indexed inclusive ranks ``(first, last)``; the end is clipped to the non-zero
             eigenvalues, and fewer than 3 ranks left raise ``ValueError`` at compute.
-        num_features, accumulate_dtype, kwargs: as for :class:`RankMe`.
+        num_features: D, if known up front (otherwise taken from the first batch).
+        kwargs: passed to :class:`torchmetrics.Metric`.
 
     Example:
         >>> import torch
@@ -202,7 +280,6 @@ class AlphaReQ(_SecondMoments):
     """
 
     higher_is_better = None
-    _min_samples = 2
 
     def __init__(
         self,
@@ -211,30 +288,40 @@ class AlphaReQ(_SecondMoments):
         accumulate_dtype: torch.dtype = torch.float64,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_features=num_features, accumulate_dtype=accumulate_dtype, **kwargs)
+        if accumulate_dtype != torch.float64:
+            raise ValueError(
+                f"AlphaReQ: `accumulate_dtype` must be torch.float64 (the centred moments are float64), got {accumulate_dtype}"
+            )
+        super().__init__(num_features=num_features, **kwargs)
+        self.accumulate_dtype = accumulate_dtype
         self.fit_range = _check_fit_range(fit_range, "AlphaReQ")
 
-    def _fit(self) -> tuple[Tensor, Tensor, Tensor, int, int]:
-        gram, total, n = self._checked_moments()
-        with no_autocast(gram.device):
-            lam = eigvalsh_descending(_covariance_from_moments(gram, total, n))[: min(n, gram.shape[0])]
-            d = gram.shape[0]
-            mean_square = float(gram.diagonal().sum()) / (n * d)
-            tol = nonzero_eigenvalue_tolerance(lam, mean_square, n, d, float(self.input_eps))
-            slope, intercept, first, last = _power_law_fit(lam, self.fit_range, tol, "AlphaReQ")
-        return lam, slope, intercept, first, last
+    def _fit(self) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int]:
+        lam, tol = self._spectrum()
+        with no_autocast(lam.device):
+            slope, intercept, r2, first, last = _power_law_fit(lam, self.fit_range, tol, "AlphaReQ")
+        return lam, slope, intercept, r2, first, last
 
     def compute(self) -> Tensor:
         """α of everything seen so far."""
-        _, slope, _, _, _ = self._fit()
+        _, slope, _, _, _, _ = self._fit()
         return (-slope).to(torch.get_default_dtype())
 
     def spectrum_fit(self) -> dict[str, Any]:
-        """The covariance eigenvalues and the α-ReQ fit, synced across ranks, for plotting.
+        """The covariance eigenvalues and the α-ReQ fit, synced across ranks, for plotting and diagnostics.
 
-        Returns ``{"eigenvalues", "alpha", "intercept", "first", "last"}``: the fitted line is
-        ``log λ_k = −alpha·log k + intercept`` for ranks ``first..last``.
+        Returns ``{"eigenvalues", "alpha", "intercept", "r2", "first", "last"}``: the fitted line is
+        ``log λ_k = −alpha·log k + intercept`` for ranks ``first..last``; ``r2`` is its 1/k-weighted
+        R² in log-log space (near 1: the spectrum is a power law there and α describes it; much
+        lower: α is a poor summary).
         """
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
-            lam, slope, intercept, first, last = self._fit()
-        return {"eigenvalues": lam, "alpha": float(-slope), "intercept": float(intercept), "first": first, "last": last}
+            lam, slope, intercept, r2, first, last = self._fit()
+        return {
+            "eigenvalues": lam,
+            "alpha": float(-slope),
+            "intercept": float(intercept),
+            "r2": float(r2),
+            "first": first,
+            "last": last,
+        }

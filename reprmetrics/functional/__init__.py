@@ -8,14 +8,17 @@ from reprmetrics.functional.intrinsic_dimension import (
     twonn_dimension,
 )
 from reprmetrics.functional.multiview import alignment, lidar, uniformity
+from reprmetrics.functional.similarity import cka, linear_cka
 from reprmetrics.functional.spectral import alpha_req, eigenspectrum, rankme, singular_values
 
 __all__ = [
     "alignment",
     "alpha_req",
+    "cka",
     "eigenspectrum",
     "ldreg_regularizer",
     "lidar",
+    "linear_cka",
     "local_intrinsic_dimension",
     "mle_dimension",
     "normalized_std",

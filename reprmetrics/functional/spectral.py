@@ -11,7 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reprmetrics._linalg import eigvalsh_descending, gram_upper, no_autocast, nonzero_eigenvalue_tolerance
+from reprmetrics._linalg import (
+    centred_moments,
+    eigvalsh_descending,
+    gram_upper,
+    no_autocast,
+    nonzero_eigenvalue_tolerance,
+)
 from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
 
 __all__ = ["alpha_req", "eigenspectrum", "rankme", "singular_values"]
@@ -41,18 +47,39 @@ def _rankme_from_singular_values(sigma: Tensor, eps: float) -> Tensor:
 
 
 def _covariance_from_moments(gram_matrix: Tensor, total: Tensor, num_samples: int) -> Tensor:
-    """Unbiased covariance from ZᵀZ (upper triangle), Σz and N: one pass, sum-reducible across ranks."""
+    """Unbiased covariance from un-centred ZᵀZ, Σz and N (cancels ‖μ‖²/λ digits; RankMe's helpers only)."""
     mean = total / num_samples
     centred = gram_matrix - num_samples * torch.outer(mean, mean)
     return centred / (num_samples - 1)
 
 
+def _covariance_spectrum_from_state(state: Tensor, input_eps: float) -> tuple[Tensor, float, int]:
+    """Covariance eigenvalues (descending, ``min(N, D)``), their zero tolerance and N of a packed
+    centred-moments state (see :func:`reprmetrics._linalg.centred_moments_update_`)."""
+    n, mean, scatter = centred_moments(state)
+    d = scatter.shape[0]
+    lam = eigvalsh_descending(scatter)[: min(n, d)] / (n - 1)
+    tol = nonzero_eigenvalue_tolerance(lam, n, d, input_eps, float(mean.square().mean()))
+    return lam, tol, n
+
+
+def _centred_covariance_spectrum(z64: Tensor, input_eps: float) -> tuple[Tensor, float]:
+    """Covariance eigenvalues and zero tolerance of float64 ``(N, D)`` data, centred directly."""
+    n, d = z64.shape
+    mean = z64.mean(dim=0, keepdim=True)
+    lam = eigvalsh_descending(_smaller_gram(z64 - mean))[: min(n, d)] / (n - 1)
+    return lam, nonzero_eigenvalue_tolerance(lam, n, d, input_eps, float(mean.square().mean()))
+
+
 def _power_law_fit(
     eigenvalues: Tensor, fit_range: tuple[int, int], tolerance: float, metric: str = "alpha_req"
-) -> tuple[Tensor, Tensor, int, int]:
-    """Weighted (1/k) least-squares fit log λ_k ≈ slope·log k + intercept over fit_range.
+) -> tuple[Tensor, Tensor, Tensor, int, int]:
+    r"""Weighted (1/k) least-squares fit log λ_k ≈ slope·log k + intercept over fit_range.
 
-    Returns ``(slope, intercept, first, last)`` with ``last`` clipped to the non-zero eigenvalues.
+    Returns ``(slope, intercept, r2, first, last)`` with ``last`` clipped to the non-zero eigenvalues.
+    ``r2`` is the coefficient of determination of the fit in log-log space with the same 1/k weights,
+    :math:`R^2 = 1 - \sum_k w_k (y_k - \hat y_k)^2 / \sum_k w_k (y_k - \bar y_w)^2` (1 for an exact power
+    law; the weighted fit maximises it).
     """
     first, last = fit_range
     num_nonzero = int((eigenvalues > tolerance).sum())
@@ -70,14 +97,19 @@ def _power_law_fit(
     x_mean = (w * log_k).sum() / w.sum()
     y_mean = (w * log_lam).sum() / w.sum()
     slope = (w * (log_k - x_mean) * (log_lam - y_mean)).sum() / (w * (log_k - x_mean).square()).sum()
-    return slope, y_mean - slope * x_mean, first, last
+    intercept = y_mean - slope * x_mean
+    residual = (w * (log_lam - (slope * log_k + intercept)).square()).sum()
+    spread = (w * (log_lam - y_mean).square()).sum()
+    # A perfectly flat spectrum (every λ equal) is fitted exactly: R² = 1 rather than 0/0.
+    r2 = torch.where(spread > 0, 1 - residual / spread.clamp_min(torch.finfo(spread.dtype).tiny), torch.ones_like(spread))
+    return slope, intercept, r2, first, last
 
 
 def _alpha_req_from_eigenvalues(
     eigenvalues: Tensor, fit_range: tuple[int, int], tolerance: float, metric: str = "alpha_req"
 ) -> Tensor:
     """α = −slope of the weighted log-log fit (see :func:`_power_law_fit`)."""
-    slope, _, _, _ = _power_law_fit(eigenvalues, fit_range, tolerance, metric)
+    slope, _, _, _, _ = _power_law_fit(eigenvalues, fit_range, tolerance, metric)
     return -slope
 
 
@@ -200,12 +232,6 @@ def alpha_req(embeddings: Tensor, fit_range: tuple[int, int] = (11, 100)) -> Ten
     fit_range = _check_fit_range(fit_range, name)
     z = check_tensor(embeddings, name, min_rows=2)
     with no_autocast(z.device):
-        z64 = z.to(torch.float64)
-        zc = z64 - z64.mean(dim=0, keepdim=True)
-        g = _smaller_gram(zc)
-        n, d = z.shape
-        lam = eigvalsh_descending(g)[: min(n, d)] / (n - 1)
-        mean_square = float(z64.square().mean())
-        tol = nonzero_eigenvalue_tolerance(lam, mean_square, n, d, torch.finfo(z.dtype).eps)
+        lam, tol = _centred_covariance_spectrum(z.to(torch.float64), torch.finfo(z.dtype).eps)
         value = _alpha_req_from_eigenvalues(lam, fit_range, tol, name)
     return value.to(result_dtype(z))
