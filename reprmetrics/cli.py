@@ -185,32 +185,52 @@ def _open_npz(path: str, key: str | None) -> ArrayFile:
     return ArrayFile(path, tuple(shape), str(dtype), read, close)
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+}
+
+
 def _open_safetensors(path: str, key: str | None) -> ArrayFile:
+    """Keys, shape and dtype through the ``safetensors`` package; chunks by plain reads of their bytes.
+
+    ``safe_open`` maps the whole file, and every page a slice touches stays resident, so a file
+    larger than memory would end up resident. The chunks are read instead from the byte range the
+    format's header gives for the tensor (8-byte little-endian header length, JSON header with
+    ``data_offsets`` relative to the end of the header), one chunk at a time.
+    """
     try:
         from safetensors import safe_open  # noqa: PLC0415
     except ImportError as error:  # pragma: no cover - a core dependency
         raise CliError(f"{path}: reading .safetensors needs the `safetensors` package: pip install safetensors") from error
     try:
-        handle = safe_open(path, framework="pt")
-        opened = handle.__enter__()
-        keys = list(opened.keys())
+        with safe_open(path, framework="pt") as opened:
+            keys = list(opened.keys())
+            name = _choose_key(path, keys, key, what="tensor")
+            view = opened.get_slice(name)
+            shape, dtype_name = tuple(view.get_shape()), str(view.get_dtype()).upper()
+        with open(path, "rb") as file:
+            header_length = int.from_bytes(file.read(8), "little")
+            begin, _ = json.loads(file.read(header_length))[name]["data_offsets"]
+    except CliError:
+        raise
     except Exception as error:  # noqa: BLE001  (safetensors raises its own error types)
         raise CliError(f"{path}: cannot read as .safetensors: {_one_line(error)}") from error
-    try:
-        name = _choose_key(path, keys, key, what="tensor")
-        view = opened.get_slice(name)
-        shape, dtype = tuple(view.get_shape()), str(view.get_dtype())
-    except CliError:
-        handle.__exit__(None, None, None)
-        raise
-    if dtype.upper() in ("BOOL", "C64", "C128") or dtype.upper().startswith("F8"):
-        handle.__exit__(None, None, None)
-        raise CliError(f"{path}: tensor {name!r} holds {dtype} values; expected real numbers (float or integer)")
+    if dtype_name not in _SAFETENSORS_DTYPES:
+        raise CliError(f"{path}: tensor {name!r} holds {dtype_name} values; expected real numbers (float or integer)")
+    dtype = _SAFETENSORS_DTYPES[dtype_name]
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    data_start = 8 + header_length + begin
+    file = open(path, "rb")  # noqa: SIM115  (closed by ArrayFile.close)
 
     def read(start: int, stop: int) -> Tensor:
-        return view[start:stop].clone()
+        file.seek(data_start + start * row_bytes)
+        data = bytearray((stop - start) * row_bytes)
+        if file.readinto(data) != len(data):
+            raise ValueError("the file is truncated")
+        return torch.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:])
 
-    return ArrayFile(path, shape, dtype, read, lambda: handle.__exit__(None, None, None))
+    return ArrayFile(path, shape, dtype_name, read, file.close)
 
 
 def _open_torch(path: str, key: str | None) -> ArrayFile:
@@ -547,7 +567,7 @@ def compare(a: str, b: str, keys: tuple[str, ...], fmt: str, output: str | None,
     key_b = keys[-1] if keys else None
     options = {"quiet": quiet, "batch_size": batch_size, "max_samples": DEFAULT_MAX_SAMPLES, "device": _check_device(device), "drop_nonfinite": drop_nonfinite}
     result = _evaluate_file(a, key_a, None, None, b, key_b, [], options, with_spectrum=False)
-    row = {"a": a, "b": b, "N": result.num_samples, "D_a": result.num_features, "cka": result.values["cka"]}
+    row = {"a": a, "b": b, "N": result.num_samples, "D_a": result.num_features, "D_b": result.reference_features, "cka": result.values["cka"]}
     _emit(render([row], list(row), fmt), output, quiet)
 
 

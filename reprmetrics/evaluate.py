@@ -211,6 +211,7 @@ class EvaluationResult:
     num_samples: int = 0
     num_features: int = 0
     num_views: int = 1
+    reference_features: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     spectrum: dict[str, Any] | None = None
 
@@ -329,6 +330,7 @@ class _Evaluation:
             self.spectrum_metric.update(z)
         if self.cka is not None and ref is not None:
             self.cka.update(z, ref)
+            self.result.reference_features = ref.shape[-1]
         self.result.num_samples += z.shape[0]
 
     def update_views(self, v: Tensor) -> None:
