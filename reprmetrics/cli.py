@@ -353,6 +353,7 @@ def plot_spectra(spectra: list[tuple[str, dict[str, Any]]], path: str) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=150)
+    fit_ranges = set()
     for index, (label, spectrum) in enumerate(spectra):
         color = f"C{index % 10}"
         eigenvalues = spectrum["eigenvalues"].double().numpy()
@@ -360,13 +361,18 @@ def plot_spectra(spectra: list[tuple[str, dict[str, Any]]], path: str) -> None:
         positive = eigenvalues > 0
         alpha = spectrum.get("alpha")
         name = f"{label} (α = {alpha:.2f})" if alpha is not None else f"{label} (no α-ReQ fit)"
-        axes.loglog(ranks[positive], eigenvalues[positive], color=color, lw=1.6, label=name)
+        axes.loglog(ranks[positive], eigenvalues[positive], color=color, lw=1.3, label=name)
         if alpha is not None:
             k = np.arange(spectrum["first"], spectrum["last"] + 1, dtype=np.float64)
-            axes.loglog(k, np.exp(spectrum["intercept"] - alpha * np.log(k)), color=color, ls="--", lw=1.2, alpha=0.9)
+            fit = np.exp(spectrum["intercept"] - alpha * np.log(k))
+            axes.loglog(k, fit, color="white", lw=3.2, zorder=3)  # a halo keeps the fit visible on its curve
+            axes.loglog(k, fit, color=color, ls=(0, (4, 2)), lw=1.8, zorder=4)
+            fit_ranges.add((spectrum["first"], spectrum["last"]))
+    for first, last in fit_ranges:
+        axes.axvspan(first, last, color="0.5", alpha=0.08, lw=0)
     axes.set_xlabel("rank k")
     axes.set_ylabel("covariance eigenvalue λ_k")
-    axes.set_title("Covariance spectra (dashed: α-ReQ fit, log λ_k ≈ −α log k + b)", fontsize=9)
+    axes.set_title("Covariance spectra; dashed: α-ReQ fit log λ_k ≈ −α log k + b over the shaded ranks", fontsize=8.5)
     axes.grid(True, which="both", alpha=0.25)
     axes.legend(fontsize=8)
     figure.tight_layout()
