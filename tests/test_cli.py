@@ -391,3 +391,33 @@ def test_report_streams_a_1gb_npy_under_400mb(tmp_path):
     assert 100 < row["rankme"] <= 128 and 0.9 < row["alpha_req"] < 1.1  # λ_k ∝ 1/k: α ≈ 1
     print(f"report on {ROWS:,} × {FEATURES} float32: peak RSS {peak_mb:.0f} MB")
     assert peak_mb < 400, f"peak RSS {peak_mb:.0f} MB"
+
+
+@pytest.mark.slow
+def test_save_embeddings_example_feeds_report(tmp_path, capsys):
+    """examples/save_embeddings.py on a SimCLR checkpoint of the main job's model, then `report` on its files."""
+    pytest.importorskip("sklearn")
+    pl = pytest.importorskip("lightning.pytorch")
+    sys.path.insert(0, str(ROOT / "examples"))
+    import digits_ssl
+    import save_embeddings
+
+    splits = digits_ssl.digit_splits()
+    model = digits_ssl.SimCLR()
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+    )
+    trainer.fit(model, digits_ssl.train_loader(splits, 64))
+    checkpoint = tmp_path / "epoch0.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    written = save_embeddings.main([str(checkpoint), "--out-dir", str(tmp_path / "emb"), "--views", "--format", "safetensors"])
+    capsys.readouterr()
+    assert [p.name for p in written] == ["epoch0.safetensors", "epoch0_views.safetensors"]
+    status, out, err = run_cli("report", written[0], "--views", written[1], "--format", "json", capsys=capsys)
+    assert status == 0, err
+    model.eval()
+    with torch.no_grad():
+        z = model.backbone(splits.held_out_images)
+        views = torch.stack([model.backbone(v) for v in digits_ssl.fixed_views(splits.held_out_images)], dim=1)
+    assert_values(json.loads(out)[0], evaluate(z, views=views))
