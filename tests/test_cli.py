@@ -421,3 +421,16 @@ def test_save_embeddings_example_feeds_report(tmp_path, capsys):
         z = model.backbone(splits.held_out_images)
         views = torch.stack([model.backbone(v) for v in digits_ssl.fixed_views(splits.held_out_images)], dim=1)
     assert_values(json.loads(out)[0], evaluate(z, views=views))
+
+
+@pytest.mark.gpu
+def test_device_cuda_gives_the_cpu_numbers(tmp_path, capsys):
+    z = embeddings(3000, 64)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "v.npy", np.stack([z, z + 0.1], axis=1))
+    outputs = []
+    for device in ("cpu", "cuda"):
+        status, out, err = run_cli("report", tmp_path / "z.npy", "--views", tmp_path / "v.npy", "--device", device, "--format", "json", capsys=capsys)
+        assert status == 0, err
+        outputs.append(json.loads(out)[0])
+    assert_values(outputs[1], {k: v for k, v in outputs[0].items() if isinstance(v, float)}, rtol=1e-5)
