@@ -601,7 +601,6 @@ def _return_freed_memory_to_the_os() -> None:
 
 def main(argv: Sequence[str] | None = None, prog_name: str = "reprmetrics") -> int:
     """Run the command line; returns the exit status (0 ok, 2 bad input or usage, 1 anything else)."""
-    _return_freed_memory_to_the_os()
     try:
         status = cli.main(args=list(argv) if argv is not None else None, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as error:
@@ -625,9 +624,11 @@ def main(argv: Sequence[str] | None = None, prog_name: str = "reprmetrics") -> i
     return status if isinstance(status, int) else 0
 
 
-def console_main() -> None:
-    """The ``reprmetrics`` console script."""
-    sys.exit(main())
+def console_main(prog_name: str = "reprmetrics") -> None:
+    """The ``reprmetrics`` console script and ``python -m reprmetrics``: a process of its own, so it
+    also tunes the allocator for streaming (see :func:`_return_freed_memory_to_the_os`)."""
+    _return_freed_memory_to_the_os()
+    sys.exit(main(prog_name=prog_name))
 
 
 if __name__ == "__main__":  # pragma: no cover
