@@ -4,6 +4,8 @@
   once: per-sample centring, Σ_w^{-1/2} from an eigendecomposition, then the eigenvalues (float64).
 - Blocked exact uniformity vs Wang & Isola's one-liner
   ``torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()`` on L2-normalised points.
+- Uniformity as a loss, forward + backward: the tiled autograd.Function (backward recomputes tiles)
+  vs autograd through the same one-liner, which stores the N(N−1)/2 pair distances.
 """
 
 from __future__ import annotations
@@ -62,6 +64,23 @@ def _pdist_uniformity(x: torch.Tensor, t: float = 2.0) -> float:
     return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log().item()
 
 
+def _blocked_uniformity_backward(x: torch.Tensor) -> torch.Tensor:
+    leaf = x.detach().requires_grad_()
+    uniformity(leaf, t=2.0).backward()
+    return leaf.grad
+
+
+def _pdist_uniformity_backward(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    leaf = x.detach().requires_grad_()
+    normalised = torch.nn.functional.normalize(leaf, dim=1)
+    torch.pdist(normalised, p=2).pow(2).mul(-t).exp().mean().log().backward()
+    return leaf.grad
+
+
+def _gradient_agreement(ours: torch.Tensor, base: torch.Tensor) -> str:
+    return f"gradient rel. diff {float((ours - base).norm() / base.norm()):.1e}"
+
+
 def _agreement(ours: float, base: float) -> str:
     return f"rel. diff {abs(ours - base) / abs(base):.1e}"
 
@@ -92,6 +111,18 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                 make_input=lambda n=n: _points(n, width, device),
                 input_desc=f"{n:,} × {width} float32, t = 2",
                 check=_agreement,
+            )
+        )
+    for n in (512, 1_024) if quick else (4_096, 16_384):
+        out.append(
+            Case(
+                name="uniformity forward+backward",
+                ours=_blocked_uniformity_backward,
+                baseline=_pdist_uniformity_backward,
+                baseline_name="autograd through torch.pdist(x̂).pow(2).mul(-t).exp().mean().log()",
+                make_input=lambda n=n: _points(n, width, device),
+                input_desc=f"{n:,} × {width} float32, t = 2, gradient w.r.t. x",
+                check=_gradient_agreement,
             )
         )
     return out

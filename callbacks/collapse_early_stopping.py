@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from typing import Any
@@ -15,29 +16,17 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from reprmetrics.monitor import MonitorConfigurationError, warn
+from reprmetrics.stopping import CollapseCriteria, collapse_kind
+
+__all__ = ["CollapseEarlyStopping", "MonitoredKeyError", "collapse_kind"]
+
 log = logging.getLogger(__name__)
-
-_RANK_METRICS = ("rankme", "lidar")
-_LOCAL_METRICS = ("lid",)
-_GLOBAL_DIMENSION_METRICS = ("twonn", "mle_dimension")
-_SPREAD_METRICS = ("normalized_std",)
+_STAGES = ("train", "val")
 
 
-def collapse_kind(metric: str, value: float, normalized_std: float | None = None, dim: int | None = None) -> str:
-    """Which collapse a low value of ``metric`` means: complete, dimensional or local.
-
-    ``normalized_std`` (of the same tap, when the monitor computes it) below a quarter of its healthy
-    value 1/√D means every embedding points nearly the same way: complete collapse, whatever the metric.
-    """
-    if normalized_std is not None and dim and normalized_std < 0.25 / math.sqrt(dim):
-        return "complete"
-    if metric in _SPREAD_METRICS or (metric in _RANK_METRICS and value <= 1.5):
-        return "complete"
-    if metric in _LOCAL_METRICS:
-        return "local"
-    if metric in _RANK_METRICS or metric in _GLOBAL_DIMENSION_METRICS:
-        return "dimensional"
-    return "representation"
+class MonitoredKeyError(MisconfigurationException, RuntimeError):
+    """The monitored key is never produced (a ``RuntimeError`` like Lightning's ``EarlyStopping`` raises)."""
 
 
 class CollapseEarlyStopping(EarlyStopping):
@@ -71,8 +60,12 @@ class CollapseEarlyStopping(EarlyStopping):
         baseline: reference value for ``max_relative_drop`` (default: the first value seen).
         dim: embedding width for ``min_fraction_of_dim`` (default: from the RepresentationMonitor).
         kind: override the collapse kind named in the reason.
-        check_finite: stop at once on a NaN/inf value.
-        strict: raise if the monitored key is never logged.
+        check_finite: stop at once on a NaN/inf value. The monitor logs NaN when a tap's embeddings
+            are non-finite (a diverged run), and the reason then says so: "Divergence: tap projector
+            produced non-finite embeddings (37 % of 512 samples) ...".
+        strict: raise if the monitored key is never produced: a stage or tap the monitor does not
+            have at setup, a metric name once the monitor has computed that stage (listing the keys
+            that exist, like Lightning's ``EarlyStopping``). With ``strict=False`` a warning says so.
         verbose: log each check's outcome.
     """
 
@@ -91,23 +84,29 @@ class CollapseEarlyStopping(EarlyStopping):
         verbose: bool = False,
     ) -> None:
         super().__init__(monitor=monitor, patience=patience, mode="max", strict=strict, check_finite=check_finite, verbose=verbose, check_on_train_epoch_end=False)
-        if min_value is None and min_fraction_of_dim is None and max_relative_drop is None:
-            raise MisconfigurationException("CollapseEarlyStopping: give at least one of min_value, min_fraction_of_dim, max_relative_drop")
-        for name, value in (("min_fraction_of_dim", min_fraction_of_dim), ("max_relative_drop", max_relative_drop)):
-            if value is not None and not 0 < value < 1:
-                raise MisconfigurationException(f"CollapseEarlyStopping: `{name}` must be in (0, 1), got {value}")
-        if not isinstance(patience, int) or patience < 1:
-            raise MisconfigurationException(f"CollapseEarlyStopping: `patience` must be a positive integer, got {patience}")
-        if baseline is not None and not (math.isfinite(baseline) and baseline > 0):
-            raise MisconfigurationException(f"CollapseEarlyStopping: `baseline` must be a positive finite number, got {baseline}")
+        try:
+            self.criteria = CollapseCriteria(
+                monitor, patience, min_value, min_fraction_of_dim, max_relative_drop, baseline, dim, kind, check_finite
+            )
+        except MonitorConfigurationError as error:
+            raise MisconfigurationException(str(error)) from error
         self.min_value = min_value
         self.min_fraction_of_dim = min_fraction_of_dim
         self.max_relative_drop = max_relative_drop
-        self.baseline = baseline
         self.dim = dim
         self.kind = kind
-        self.values_seen: list[float] = []
         self._history_seen = 0
+        self._key_verified = False
+        self._warned_unknown = False
+
+    @property
+    def baseline(self) -> float | None:
+        """The reference for ``max_relative_drop``: the given one, else the first value seen."""
+        return self.criteria.baseline
+
+    @property
+    def values_seen(self) -> list[float]:
+        return self.criteria.values_seen
 
     @property
     @override
@@ -125,6 +124,72 @@ class CollapseEarlyStopping(EarlyStopping):
             if isinstance(callback, RepresentationMonitor) and self.monitor.startswith(callback.prefix + "/"):
                 return callback, self.monitor[len(callback.prefix) + 1 :]
         return None
+
+    def _parts(self, trainer: pl.Trainer) -> tuple[Any, str, str, str] | None:
+        """``(monitor callback, stage, tap, metric)`` when a RepresentationMonitor's prefix matches."""
+        source = self._source(trainer)
+        if source is None:
+            return None
+        callback, key = source
+        stage, _, rest = key.partition("/")
+        tap, _, metric = rest.rpartition("/")
+        return callback, stage, tap, metric
+
+    def _unknown(self, message: str) -> None:
+        if self.strict:
+            raise MonitoredKeyError(message)
+        if not self._warned_unknown:
+            self._warned_unknown = True
+            warn(message + " (strict=False: this stopper never acts)")
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        parts = self._parts(trainer)
+        if parts is None:
+            if self.min_fraction_of_dim is not None and self.dim is None:
+                raise MisconfigurationException(
+                    f"CollapseEarlyStopping({self.monitor!r}): min_fraction_of_dim needs D: no RepresentationMonitor produces this key, so pass dim="
+                )
+            return  # another callback or the module logs it: Lightning's own check applies
+        callback, key_stage, tap, metric = parts
+        prefix = callback.prefix
+        taps = [t.name for t in callback.tracker.taps]
+        if key_stage not in _STAGES or not tap or not metric:
+            raise MisconfigurationException(
+                f"CollapseEarlyStopping: {self.monitor!r} is not a monitor key; they read {prefix}/{{train|val}}/{{tap}}/{{metric}},"
+                f" e.g. {prefix}/val/{taps[0]}/rankme"
+            )
+        if tap not in taps:
+            close = difflib.get_close_matches(tap, taps, n=3, cutoff=0.5)
+            self._unknown(
+                f"CollapseEarlyStopping: the RepresentationMonitor has no tap {tap!r} (in {self.monitor!r}); its taps are"
+                f" {', '.join(repr(t) for t in taps)}" + (f"; did you mean {prefix}/{key_stage}/{close[0]}/{metric}?" if close else "")
+            )
+        if key_stage == "train" and callback.tracker.every_n_train_steps == 0:
+            raise MisconfigurationException(
+                f"CollapseEarlyStopping({self.monitor!r}): the RepresentationMonitor computes no train-stage values"
+                " (every_n_train_steps=0); monitor a val-stage key or set every_n_train_steps"
+            )
+
+    def _verify_metric_name(self, callback: Any, stage: str, tap: str, metric: str) -> None:
+        """Once the monitor has computed ``stage`` for ``tap``, the metric name must be one it reports."""
+        if self._key_verified:
+            return
+        names = callback.tracker.metric_names(stage)
+        if tap not in names:
+            return  # this tap has produced nothing yet: the monitor warns about that
+        self._key_verified = True
+        if metric in names[tap]:
+            return
+        prefix = callback.prefix
+        existing = [f"{prefix}/{stage}/{t}/{m}" for t, ms in names.items() for m in ms]
+        close = difflib.get_close_matches(self.monitor, existing, n=3, cutoff=0.5)
+        self._unknown(
+            f"Early stopping conditioned on metric `{self.monitor}` which is not available: the RepresentationMonitor does not"
+            f" compute {metric!r} for tap {tap!r}. Pass in or modify your `CollapseEarlyStopping` callback to use any of the"
+            f" following: {', '.join(f'`{k}`' for k in existing)}" + (f" (closest: {', '.join(f'`{k}`' for k in close)})" if close else "")
+        )
 
     def _embedding_dim(self, trainer: pl.Trainer) -> int | None:
         if self.dim is not None:
@@ -156,10 +221,14 @@ class CollapseEarlyStopping(EarlyStopping):
 
     def _check_new_values(self, trainer: pl.Trainer, source: tuple[Any, str]) -> None:
         monitor_cb, key = source
+        stage, _, rest = key.partition("/")
+        tap, _, metric = rest.rpartition("/")
+        self._verify_metric_name(monitor_cb, stage, tap, metric)
         history = monitor_cb.tracker.history.get(key, [])
         if len(history) <= self._history_seen:
             return
         self._history_seen = len(history)
+        self._report_for_check = monitor_cb.tracker.reports.get((stage, tap))
         self._decide(trainer, torch.tensor(history[-1][1]))
 
     @override
@@ -203,59 +272,27 @@ class CollapseEarlyStopping(EarlyStopping):
     # ---- the criteria ------------------------------------------------------------------------
     @override
     def _evaluate_stopping_criteria(self, current: Tensor) -> tuple[bool, str | None]:
-        value = float(current)
-        metric = self.monitor.rsplit("/", 1)[-1]
-        if self.check_finite and not math.isfinite(value):
-            self.stopping_reason = EarlyStoppingReason.NON_FINITE_METRIC
-            return True, f"Monitored metric {self.monitor} = {value} is not finite. Signaling Trainer to stop."
-        self.values_seen.append(value)
-        if value > float(self.best_score):
-            self.best_score = torch.tensor(value)
-        if self.baseline is None and len(self.values_seen) == 1:
-            self.baseline = value  # first value seen
-
-        reasons = []
-        if self.min_value is not None and value < self.min_value:
-            reasons.append(f"below the floor {self.min_value:g}")
         dim = getattr(self, "_dim_for_check", None) or self.dim
-        if self.min_fraction_of_dim is not None and dim:
-            threshold = self.min_fraction_of_dim * dim
-            if value < threshold:
-                reasons.append(f"below {self.min_fraction_of_dim:g} × D = {threshold:.4g} (D = {dim})")
-        if self.max_relative_drop is not None and self.baseline:
-            threshold = (1 - self.max_relative_drop) * self.baseline
-            if value < threshold:
-                reasons.append(
-                    f"{1 - value / self.baseline:.0%} below the baseline {self.baseline:.4g} (allowed drop {self.max_relative_drop:.0%})"
-                )
-
-        if not reasons:
-            self.wait_count = 0
-            return False, f"{self.monitor} = {value:.4g}: healthy"
-        self.wait_count += 1
-        if self.wait_count < self.patience:
-            return False, f"{self.monitor} = {value:.4g}: {'; '.join(reasons)} ({self.wait_count}/{self.patience})"
-        std = getattr(self, "_std_for_check", None)
-        kind = self.kind or collapse_kind(metric, value, std, dim)
-        recent = ", ".join(f"{v:.4g}" for v in self.values_seen[-(self.patience + 2) :])
-        std_note = f"; normalized std {std:.3g} vs healthy 1/√D = {1 / math.sqrt(dim):.3g}" if std is not None and dim else ""
-        self.stopping_reason = EarlyStoppingReason.PATIENCE_EXHAUSTED
-        return True, (
-            f"{kind.capitalize()} collapse: {self.monitor} = {value:.4g} is {'; '.join(reasons)},"
-            f" for {self.wait_count} consecutive checks (recent values: {recent}; best seen {float(self.best_score):.4g}{std_note})."
-            " Signaling Trainer to stop."
+        should_stop, reason = self.criteria.check(
+            float(current), dim, getattr(self, "_std_for_check", None), getattr(self, "_report_for_check", None)
         )
+        self.wait_count = self.criteria.wait_count
+        if math.isfinite(self.criteria.best):
+            self.best_score = torch.tensor(self.criteria.best)
+        if should_stop:
+            self.stopping_reason = EarlyStoppingReason.NON_FINITE_METRIC if self.criteria.diverged else EarlyStoppingReason.PATIENCE_EXHAUSTED
+        return should_stop, reason
 
     # ---- persistence ---------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(baseline=self.baseline, values_seen=list(self.values_seen), history_seen=self._history_seen)
+        state.update(criteria=self.criteria.state_dict(), history_seen=self._history_seen, key_verified=self._key_verified)
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.baseline = state_dict.get("baseline", self.baseline)
-        self.values_seen = list(state_dict.get("values_seen", []))
+        self.criteria.load_state_dict(state_dict.get("criteria", {}))
         self._history_seen = state_dict.get("history_seen", 0)
+        self._key_verified = state_dict.get("key_verified", False)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,12 +12,28 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
-from reprmetrics.monitor import RepresentationTracker, Tap
+from reprmetrics.monitor import DEFAULT_MIN_SAMPLES, MONITOR_MAX_SAMPLES, MonitorConfigurationError, RepresentationTracker, Tap
+from reprmetrics.plotting import spectrum_figure
 from reprmetrics.spectral import AlphaReQ, RankMe
+
+
+def _logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's logger connector gives epoch-end values, so figures and scalars line up."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
+@contextlib.contextmanager
+def _as_misconfiguration() -> Iterator[None]:
+    """Re-raise the tracker's configuration errors as Lightning's MisconfigurationException."""
+    try:
+        yield
+    except MonitorConfigurationError as error:
+        raise MisconfigurationException(str(error)) from error
 
 
 class RepresentationMonitor(Callback):
@@ -32,6 +49,13 @@ class RepresentationMonitor(Callback):
     - ``val``: over the whole validation set, at each validation epoch end (streamed; point-based
       metrics keep a uniform sample of at most ``max_samples``).
 
+    Each tap and stage also logs ``num_samples`` (samples the metrics used) and
+    ``nonfinite_fraction``. Embeddings with NaN/inf values (a diverged run) make every metric of that
+    tap and stage NaN, so ``check_finite`` stoppers act on them and ``ModelCheckpoint`` still finds
+    its key; values computed on fewer than ``min_samples`` samples are not logged at all (a warning
+    says why). Scalars, figures and histograms of one validation epoch share one logger step (the
+    one Lightning gives epoch-end values).
+
     With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, each validation epoch also adds,
     per tap, the covariance eigenvalue spectrum as a log-log figure with the α-ReQ fit
     (``{prefix}/val/{tap}/spectrum``), and histograms of the singular values and of the per-sample
@@ -42,14 +66,28 @@ class RepresentationMonitor(Callback):
             :class:`reprmetrics.monitor.Tap` for pooling feature maps) and/or keys of the dict that
             ``training_step``/``validation_step`` return, holding ``(B, D)``, ``(B, q, D)`` or a list
             of q ``(B, D)`` tensors.
-        num_views: views per sample. With q ≥ 2, the q forward calls of a tapped module in one step
-            are views 1..q; a single call on a ``torch.cat``-ed batch of q·B rows is split into q chunks.
+        num_views: views per sample (LiDAR and alignment need q ≥ 2).
+        view_layout: how the q views of one step arrive: ``"calls"`` (q forward calls of the tapped
+            module, or a list of q tensors), ``"concat"`` (one call on ``torch.cat([view_1, ...])``),
+            ``"stacked"`` (one ``(B, q, D)`` tensor), or ``"auto"`` (calls or stacked; one 2-D tensor
+            is ambiguous and raises). Captures that do not match raise ``MisconfigurationException``.
         every_n_train_steps: training-stage cadence (0 disables training-stage metrics).
         train_buffer_size: samples per tap that training-stage metrics read.
-        max_samples: cap on points kept by uniformity and local intrinsic dimension.
-        metrics: extra ``{name: Metric}``, cloned per tap and stage (they receive ``(B, D)``).
+        max_samples: cap on points kept by uniformity and local intrinsic dimension (8,192: lower than
+            the Metric classes' 25,600 because this runs every validation epoch; both cost O(N²·D)).
+        min_samples: values computed on fewer usable samples are not logged (``num_samples`` is).
+        rankme_diagnostics: also log RankMe's top singular value and condition number.
+        reference: log ``{prefix}/val/{tap}/cka_to_reference``, the linear CKA between each tap's
+            embeddings and a reference's on the same validation inputs: ``"initial"`` (a frozen copy of
+            each tapped submodule at the start of fit: the pretrained encoder when fine-tuning), an
+            ``nn.Module`` with the same submodule names, or a checkpoint path. See
+            :class:`~reprmetrics.monitor.RepresentationTracker` for the memory cost and output-key taps.
+        metrics: extra metrics: opt-in names (``["sigreg", "twonn", "mle_dimension"]``, see
+            :func:`reprmetrics.monitor.available_metrics`) or ``{name: Metric}``, cloned per tap and
+            stage (they receive ``(B, D)``).
         default_metrics: RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic
-            dimension, and with views LiDAR and alignment.
+            dimension, NESum, coding rate, Wasserstein uniformity, IsoScore, and with views LiDAR
+            and alignment.
         progress_bar: the validation metric shown in the progress bar for each tap (``None``: none).
         log_figures: add the spectrum figure and histograms when the logger is TensorBoard.
         figures_every_n_epochs: draw them every this many validation epochs (drawing costs time on CPU).
@@ -67,17 +105,21 @@ class RepresentationMonitor(Callback):
         num_views: int = 1,
         every_n_train_steps: int = 200,
         train_buffer_size: int = 1024,
-        max_samples: int = 8192,
-        metrics: Mapping[str, Metric] | None = None,
+        max_samples: int = MONITOR_MAX_SAMPLES,
+        metrics: Mapping[str, Metric] | list[str] | None = None,
         default_metrics: bool = True,
         progress_bar: str | None = "rankme",
         log_figures: bool = True,
         figures_every_n_epochs: int = 1,
         strict: bool = False,
         prefix: str = "repr",
+        view_layout: str = "auto",
+        min_samples: int = DEFAULT_MIN_SAMPLES,
+        reference: Any = None,
+        rankme_diagnostics: bool = False,
     ) -> None:
         super().__init__()
-        try:
+        with _as_misconfiguration():
             self.tracker = RepresentationTracker(
                 taps,
                 num_views=num_views,
@@ -87,9 +129,11 @@ class RepresentationMonitor(Callback):
                 metrics=metrics,
                 default_metrics=default_metrics,
                 strict=strict,
+                view_layout=view_layout,
+                min_samples=min_samples,
+                reference=reference,
+                rankme_diagnostics=rankme_diagnostics,
             )
-        except ValueError as error:
-            raise MisconfigurationException(str(error)) from error
         self.progress_bar = progress_bar
         if isinstance(figures_every_n_epochs, bool) or not isinstance(figures_every_n_epochs, int) or figures_every_n_epochs < 1:
             raise MisconfigurationException(f"RepresentationMonitor: `figures_every_n_epochs` must be a positive integer, got {figures_every_n_epochs!r}")
@@ -110,10 +154,16 @@ class RepresentationMonitor(Callback):
     # ---- lifecycle -----------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        try:
+        with _as_misconfiguration():
             self.tracker.attach(pl_module)
-        except ValueError as error:
-            raise MisconfigurationException(str(error)) from error
+        # An output-key tap missing from training_step's dict may come from validation_step.
+        self.tracker.expect_eval = is_overridden("validation_step", pl_module) and trainer.limit_val_batches != 0
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.tracker.reference == "initial":
+            # The weights as training starts, once the strategy has broadcast them to every rank.
+            self.tracker.retake_reference(pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -126,7 +176,8 @@ class RepresentationMonitor(Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        values = self.tracker.end_train_step(outputs)
+        with _as_misconfiguration():
+            values = self.tracker.end_train_step(outputs)
         if values:
             self._log(trainer, pl_module, "train", values, on_step=True)
             # Collapse checks on these keys run now, whatever the callbacks' order.
@@ -135,6 +186,10 @@ class RepresentationMonitor(Callback):
             for callback in trainer.callbacks:
                 if isinstance(callback, CollapseEarlyStopping):
                     callback.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.tracker.end_train_epoch()
 
     # ---- validation ------------------------------------------------------------------------------
     @override
@@ -146,14 +201,18 @@ class RepresentationMonitor(Callback):
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if not trainer.sanity_checking:
-            self.tracker.end_eval_step(outputs)
+        with _as_misconfiguration():
+            if trainer.sanity_checking:
+                self.tracker.observe(outputs, "eval")  # output keys only: tap names are checked early
+            else:
+                self.tracker.end_eval_step(outputs)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        values = self.tracker.end_eval()
+        with _as_misconfiguration():
+            values = self.tracker.end_eval()
         if values:
             self._log(trainer, pl_module, "val", values, on_step=False)
         if self.log_figures and self._val_epochs % self.figures_every_n_epochs == 0:
@@ -173,7 +232,7 @@ class RepresentationMonitor(Callback):
                 on_step=on_step,
                 on_epoch=not on_step,
                 prog_bar=metric == self.progress_bar and stage == "val",
-                # Step values go to the loggers below: Lightning would keep only those on its
+                # Train values go to the loggers below: Lightning would keep only those on its
                 # `log_every_n_steps` grid, which need not meet `every_n_train_steps`.
                 logger=not on_step,
                 sync_dist=False,  # already identical on every rank
@@ -181,16 +240,19 @@ class RepresentationMonitor(Callback):
             )
         if on_step:
             for logger in trainer.loggers:
-                logger.log_metrics({k: float(v) for k, v in named.items()}, step=trainer.global_step)
+                logger.log_metrics({k: float(v) for k, v in named.items()}, step=_logger_step(trainer))
 
     def _log_figures(self, trainer: pl.Trainer) -> None:
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tensorboard is None:
             return
-        step = trainer.global_step
+        step = _logger_step(trainer)
         for tap, metric_set in self.tracker.metric_sets("val").items():
+            report = self.tracker.reports.get(("val", tap))
+            if report is None or report.nonfinite or report.used < self.tracker.min_samples:
+                continue  # nothing trustworthy to draw (the same decision on every rank: counts are synced)
             # Syncing reads happen on every rank (collective); only rank 0 writes.
-            artifacts = self._spectral_artifacts(metric_set.metrics)
+            artifacts = self._spectral_artifacts(metric_set.metrics, metric_set.last_spectra)
             if not trainer.is_global_zero:
                 continue
             writer = tensorboard.experiment
@@ -200,20 +262,20 @@ class RepresentationMonitor(Callback):
             if "lid" in artifacts:
                 writer.add_histogram(f"{base}/lid_per_sample", artifacts["lid"].float().cpu(), step)
             if "spectrum" in artifacts:
-                figure = spectrum_figure(artifacts["spectrum"], title=f"{tap}: covariance spectrum")
+                figure = spectrum_figure(artifacts["spectrum"], title=f"{tap}: covariance spectrum", missing_ok=True)
                 if figure is not None:
                     writer.add_figure(f"{base}/spectrum", figure, step)
 
-    def _spectral_artifacts(self, metrics: Mapping[str, Metric]) -> dict[str, Any]:
+    def _spectral_artifacts(self, metrics: Mapping[str, Metric], spectra: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for metric in metrics.values():
+            for name, metric in metrics.items():
                 try:
                     if isinstance(metric, RankMe) and "singular_values" not in out:
                         out["singular_values"] = metric.singular_values()
                     elif isinstance(metric, AlphaReQ) and "spectrum" not in out:
-                        out["spectrum"] = metric.spectrum_fit()
+                        out["spectrum"] = spectra[name] if name in spectra else metric.spectrum_fit()
                     elif hasattr(metric, "per_sample") and "lid" not in out:
                         out["lid"] = metric.per_sample()
                 except (ValueError, RuntimeError):
@@ -229,28 +291,3 @@ class RepresentationMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict)
 
-
-def spectrum_figure(spectrum: Mapping[str, Any], title: str = "covariance spectrum") -> Any:
-    """A log-log plot of covariance eigenvalues with the α-ReQ fit, or ``None`` without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    lam = spectrum["eigenvalues"].double().cpu()
-    lam = lam[lam > 0]
-    ranks = torch.arange(1, len(lam) + 1, dtype=torch.float64)
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
-    ax.loglog(ranks.numpy(), lam.numpy(), ".", markersize=3, label="eigenvalues")
-    first, last = spectrum["first"], spectrum["last"]
-    k = torch.arange(first, last + 1, dtype=torch.float64)
-    fit = torch.exp(-spectrum["alpha"] * k.log() + spectrum["intercept"])
-    ax.loglog(k.numpy(), fit.numpy(), "-", color="C3", label=f"α-ReQ fit: α = {spectrum['alpha']:.2f}")
-    ax.set_xlabel("rank k")
-    ax.set_ylabel("eigenvalue λ_k")
-    ax.set_title(title)
-    ax.legend(loc="lower left")
-    fig.tight_layout()
-    return fig

@@ -13,7 +13,21 @@ import argparse
 
 import torch
 
-from reprmetrics import Alignment, AlphaReQ, LiDAR, LocalIntrinsicDimension, NormalizedStd, RankMe, TwoNN, Uniformity
+from reprmetrics import (
+    Alignment,
+    AlphaReQ,
+    CodingRate,
+    IsoScore,
+    LiDAR,
+    LocalIntrinsicDimension,
+    NESum,
+    NormalizedStd,
+    RankMe,
+    SIGReg,
+    TwoNN,
+    Uniformity,
+    WassersteinUniformity,
+)
 
 
 def generated_embeddings(n: int, d: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -37,6 +51,11 @@ def metric_set(d: int) -> dict[str, object]:
         "alignment ↓": Alignment(),
         "LID ↑": LocalIntrinsicDimension(),
         "TwoNN ↑": TwoNN(),
+        "NESum ↑": NESum(),
+        "coding rate ↑": CodingRate(),
+        "W-uniformity ↓": WassersteinUniformity(),
+        "SIGReg ↓": SIGReg(),
+        "IsoScore ↑": IsoScore(),
     }
 
 
@@ -68,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     names = list(rows[0][1])
     width = max(len(label) for label, _ in rows)
     print(f"{args.samples} × {args.dim} embeddings, streamed in batches of {args.batch}\n")
-    print(f"{'embeddings':<{width}} | " + " | ".join(f"{n:>12}" for n in names))
-    print("-" * width + "-|-" + "-|-".join("-" * 12 for _ in names))
+    print(f"{'embeddings':<{width}} | " + " | ".join(f"{n:>14}" for n in names))
+    print("-" * width + "-|-" + "-|-".join("-" * 14 for _ in names))
     for label, values in rows:
-        print(f"{label:<{width}} | " + " | ".join(f"{values[n]:>12.3f}" for n in names))
+        print(f"{label:<{width}} | " + " | ".join(f"{values[n]:>14.{3 if abs(values[n]) < 1e5 else 0}f}" for n in names))
     return 0
 
 

@@ -10,7 +10,8 @@ with scikit-learn (temperature, learning rate, projector width, augmentation str
 settings that collapse partly or fully), then, on the 500 held-out digits (two fixed augmented views):
 
 - every label-free metric of the toolkit on the backbone and the projector outputs: RankMe, LiDAR,
-  alpha-ReQ, local intrinsic dimension, TwoNN, uniformity, alignment (and the normalised std);
+  alpha-ReQ, local intrinsic dimension, TwoNN, uniformity, alignment, the normalised std, NESum,
+  coding rate, Wasserstein uniformity, SIGReg and IsoScore;
 - with labels, used for evaluation only: a 5-shot linear probe of the backbone (mean over draws),
   the accuracy the metrics are compared with, and a k-NN on all training labels.
 
@@ -20,8 +21,8 @@ metric with the probe accuracy, within each method and overall), picks.csv/.md (
 metric would choose and its accuracy gap to the best one) and metric_vs_accuracy.png.
 
 Correlations are of the metric read in its "better" direction (see study_analysis.DIRECTIONS:
-uniformity and alignment lower is better, alpha-ReQ closest to 1, the rest higher), so a positive
-value means the metric ranks configurations as the probe does.
+uniformity, alignment, Wasserstein uniformity and SIGReg lower is better, alpha-ReQ closest to 1, the
+rest higher), so a positive value means the metric ranks configurations as the probe does.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import study_analysis as analysis  # noqa: E402
+from reprmetrics.functional import coding_rate, isoscore, nesum, sigreg, wasserstein_uniformity  # noqa: E402
 from reprmetrics.functional.intrinsic_dimension import twonn_dimension  # noqa: E402
 
 
@@ -77,8 +79,10 @@ class StudyConfig:
     collapse_setting: str = "none"  # "partial" / "full": built to collapse (marked in the plot)
 
     def key(self, epochs: int, seed: int, probe_draws: int) -> str:
-        """Changes whenever anything that affects the record changes: a stale record is retrained."""
-        payload = json.dumps({**asdict(self), "epochs": epochs, "seed": seed, "probe_draws": probe_draws}, sort_keys=True)
+        """Changes whenever anything that affects the record changes (the metrics scored included, so a
+        record made before a metric was added lacks it and is retrained)."""
+        payload = {**asdict(self), "epochs": epochs, "seed": seed, "probe_draws": probe_draws, "metrics": list(analysis.METRICS)}
+        payload = json.dumps(payload, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -194,13 +198,25 @@ def build_model(config: StudyConfig) -> pl.LightningModule:
     return model
 
 
+# Metrics outside the monitor's default set, computed here on view 1 of the held-out digits, as the
+# monitor computes its point metrics: TwoNN and the isotropy / spectral signals of issue 14.
+EXTRA_METRICS = {
+    "twonn": twonn_dimension,
+    "nesum": nesum,
+    "coding_rate": coding_rate,  # ε = 0.5, rows L2-normalised (MCR²'s defaults)
+    "wasserstein_uniformity": wasserstein_uniformity,
+    "sigreg": sigreg,  # K = 256 directions of seed 0, on the embeddings as they are (not standardised)
+    "isoscore": isoscore,
+}
+
+
 @torch.no_grad()
-def twonn_values(model: pl.LightningModule, images: Tensor) -> dict[str, float]:
-    """TwoNN is not in the monitor's default set: computed here on view 1, as the point metrics are."""
+def extra_metric_values(model: pl.LightningModule, images: Tensor) -> dict[str, float]:
+    """``{"tap/metric": value}`` for :data:`EXTRA_METRICS` on the backbone and projector outputs of ``images``."""
     model.eval()
     features = model.backbone(images)
-    embeddings = model.projector(features)
-    return {"backbone/twonn": float(twonn_dimension(features.double())), "projector/twonn": float(twonn_dimension(embeddings.double()))}
+    outputs = {"backbone": features.double(), "projector": model.projector(features).double()}
+    return {f"{tap}/{name}": float(fn(z)) for tap, z in outputs.items() for name, fn in EXTRA_METRICS.items()}
 
 
 def train_and_score(config: StudyConfig, epochs: int, seed: int, probe_draws: int) -> dict[str, Any]:
@@ -215,7 +231,7 @@ def train_and_score(config: StudyConfig, epochs: int, seed: int, probe_draws: in
 
     val = validation_loader(splits)
     values: dict[str, Any] = representation_metrics(model, val)
-    values.update(twonn_values(model, val.dataset.tensors[0]))
+    values.update(extra_metric_values(model, val.dataset.tensors[0]))
     values["knn_accuracy"] = knn_accuracy(model.backbone, splits)
     values["probe_accuracy"], values["probe_std"] = few_shot_probe_accuracy(model.backbone, splits, draws=probe_draws)
     return {**asdict(config), "epochs": epochs, "seed": seed, "train_seconds": train_seconds, **values}
@@ -338,7 +354,7 @@ def plot_grid(rows: Sequence[dict[str, Any]], correlations: Sequence[dict[str, A
 
     spearman = {(c["metric"], c["tap"], c["group"]): c["spearman"] for c in correlations}
     panels = [(tap, metric) for tap in analysis.TAPS for metric in analysis.METRICS]
-    columns = 4  # backbone on the top half, projector on the bottom half: fits a README's width
+    columns = 4  # backbone panels first, then projector: fits a README's width
     grid_rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(grid_rows, columns, figsize=(3.2 * columns, 2.7 * grid_rows + 0.5), squeeze=False)
     for index, (tap, metric) in enumerate(panels):
@@ -358,6 +374,8 @@ def plot_grid(rows: Sequence[dict[str, Any]], correlations: Sequence[dict[str, A
         ax.tick_params(labelsize=7)
         if index % columns == 0:
             ax.set_ylabel("5-shot probe accuracy", fontsize=8)
+    for index in range(len(panels), grid_rows * columns):
+        axes[index // columns][index % columns].set_visible(False)  # the last row's unused panels
     handles = [Line2D([], [], color=c, marker="o", linestyle="", label=m) for m, c in METHOD_COLOURS.items()]
     handles += [Line2D([], [], color="gray", marker=mk, linestyle="", label=f"collapse setting: {s}") for s, mk in COLLAPSE_MARKERS.items()]
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)

@@ -34,6 +34,15 @@ DIRECTIONS: dict[str, str] = {
     "uniformity": "min",
     "alignment": "min",
     "normalized_std": "max",
+    # Issue 14. NESum, coding rate and IsoScore: more (evenly) used directions is read as better, as the
+    # papers do; Wasserstein uniformity: closer to the uniform-on-the-sphere Gaussian is better (Fang et
+    # al.); SIGReg: closer to N(0, I) is better, LeJEPA's target. These are choices for model selection:
+    # none of the papers claims its metric ranks hyperparameters.
+    "nesum": "max",
+    "coding_rate": "max",
+    "wasserstein_uniformity": "min",
+    "sigreg": "min",
+    "isoscore": "max",
 }
 METRICS = tuple(DIRECTIONS)
 

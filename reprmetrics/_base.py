@@ -60,6 +60,13 @@ class ReprMetric(Metric):
     def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
         for attr, value in incoming_state.items():
             local = getattr(self, attr)
+            # forward() of a differentiable metric updates on the batch with grad enabled; the value it
+            # returns keeps its graph, the accumulated state must not (it would chain every batch's graph).
+            if isinstance(local, Tensor) and local.requires_grad:
+                local = local.detach()
+                setattr(self, attr, local)
+            if isinstance(value, Tensor) and value.requires_grad:
+                value = incoming_state[attr] = value.detach()
             if self._reductions[attr] is dim_zero_sum and isinstance(value, Tensor) and value.numel() == 0 and local.numel() > 0:
                 incoming_state[attr] = torch.zeros_like(local)  # nothing accumulated yet
             elif self._reductions[attr] is merge_centred_moments and isinstance(value, Tensor):

@@ -15,6 +15,7 @@ from torch import Tensor
 
 # Above this width the Gram update is split into column blocks and only the upper triangle is
 # computed: about half the multiply-adds of a full ``x.T @ x``, still one GEMM per block.
+_EPS64 = torch.finfo(torch.float64).eps
 _BLOCKED_GRAM_MIN_FEATURES = 512
 _GRAM_BLOCK = 256
 
@@ -69,6 +70,24 @@ def eigvalsh_descending(upper: Tensor) -> Tensor:
     return torch.sort(values, descending=True).values.clamp_min(0)
 
 
+def gram_zero_tolerance(trace: float, num_samples: int, num_features: int, accumulate_eps: float = _EPS64) -> float:
+    r"""Eigenvalues of an un-centred Gram matrix (ZᵀZ or ZZᵀ) at or below this are round-off of zeros.
+
+    Forming an entry :math:`G_{ij} = \sum_t z_{ti} z_{tj}` over the m = N (or D) terms of the inner
+    dimension rounds each product and partial sum; with rounding errors of random sign they grow as
+    :math:`\sqrt m\,\varepsilon\,\lVert z_{\cdot i}\rVert \lVert z_{\cdot j}\rVert`, so the error matrix
+    has norm about :math:`\sqrt m\,\varepsilon\,\operatorname{tr} G` (as :math:`\lVert |Z|^\top |Z| \rVert
+    \le \lVert Z \rVert_F^2`). The symmetric eigensolver adds a backward error of about
+    :math:`\sqrt k\,\varepsilon\,\lVert G \rVert` for a k×k matrix. By Weyl's inequality a zero eigenvalue
+    then comes out anywhere in :math:`\pm(\sqrt N + \sqrt D)\,\varepsilon\,\operatorname{tr} G`, which is this
+    tolerance (ε of the accumulator). Measured on exact rank-r input (r = 1..16, N, D up to 4,096), the
+    spurious eigenvalues stay below a tenth of it; an eigenvalue this small is not resolved by the Gram
+    route anyway, so zeroing it changes no result by more than its own error.
+    """
+    n, d = max(int(num_samples), 1), max(int(num_features), 1)
+    return accumulate_eps * (n**0.5 + d**0.5) * max(float(trace), 0.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # streaming centred moments
 # ----------------------------------------------------------------------------------------------
@@ -78,21 +97,35 @@ def eigvalsh_descending(upper: Tensor) -> Tensor:
 #   row 1             c, the shift: the mean of the first batch (of the merged parts after a merge)
 #   row 2             S1 = Σ (x − c)
 #   rows 3 .. D + 2   S2 = Σ (x − c)(x − c)ᵀ, upper triangle (diagonal included) valid only
-# A 0-sized tensor stands for "no batch yet, width unknown" (the width is taken from the first batch).
+# or, for per-feature variances only (``diagonal=True``), shape (4, D) with row 3 = Σ (x − c)² (for
+# D = 1 the two layouts coincide). A 0-sized tensor, (0,) or (4, 0) for diagonal, stands for "no
+# batch yet, width unknown" (the width is taken from the first batch).
 
 _COUNT, _SHIFT, _FIRST, _SECOND = 0, 1, 2, 3
 
 
 def centred_moments_state(
-    num_features: int | None = None, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+    num_features: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    diagonal: bool = False,
 ) -> Tensor:
     """Empty packed centred-moments state: ``(D + 3, D)`` zeros, or 0-sized when D is not known yet.
 
-    Use it as the default of a Metric state with ``dist_reduce_fx=merge_centred_moments``.
+    ``diagonal=True`` keeps only the per-feature sums of squares (shape ``(4, D)``, O(D) memory and
+    work): for variances and standard deviations. Use it as the default of a Metric state with
+    ``dist_reduce_fx=merge_centred_moments``.
     """
-    if num_features is None or num_features == 0:
+    d = num_features or 0
+    if diagonal:
+        return torch.zeros(4, d, dtype=dtype, device=device)
+    if d == 0:
         return torch.zeros(0, dtype=dtype, device=device)
-    return torch.zeros(num_features + 3, num_features, dtype=dtype, device=device)
+    return torch.zeros(d + 3, d, dtype=dtype, device=device)
+
+
+def _is_diagonal(state: Tensor) -> bool:
+    return state.ndim == 2 and state.shape[0] == 4 and state.shape[1] != 1
 
 
 def centred_moments_update_(state: Tensor, x: Tensor) -> Tensor:
@@ -106,9 +139,11 @@ def centred_moments_update_(state: Tensor, x: Tensor) -> Tensor:
     if x.ndim != 2:
         raise ValueError(f"centred_moments_update_: `x` must be (B, D), got shape {tuple(x.shape)}")
     d = x.shape[1]
+    diagonal = _is_diagonal(state)
     if state.numel() == 0:
-        state = torch.zeros(d + 3, d, dtype=state.dtype, device=state.device)
-    elif state.shape != (d + 3, d):
+        state = torch.zeros(4 if diagonal else d + 3, d, dtype=state.dtype, device=state.device)
+        diagonal = diagonal and d != 1
+    elif state.shape[1] != d:
         raise ValueError(f"centred_moments_update_: state is for {state.shape[1]} features, `x` has {d}")
     if x.shape[0] == 0:
         return state
@@ -117,7 +152,10 @@ def centred_moments_update_(state: Tensor, x: Tensor) -> Tensor:
     state[_SHIFT] = torch.where(state[_COUNT, 0] == 0, x.mean(dim=0), state[_SHIFT])
     centred = x - state[_SHIFT]
     state[_FIRST] += centred.sum(dim=0)
-    add_gram_(state[_SECOND:], centred)
+    if diagonal:
+        state[_SECOND] += centred.square().sum(dim=0)
+    else:
+        add_gram_(state[_SECOND:], centred)
     state[_COUNT, 0] += x.shape[0]
     return state
 
@@ -136,7 +174,9 @@ def merge_centred_moments(parts: Tensor) -> Tensor:
         M_2 = \sum_i \Big(S_{2,i} - \frac{S_{1,i} S_{1,i}^\top}{n_i}\Big)
               + \sum_i n_i (m_i - \bar m)(m_i - \bar m)^\top,
 
-    stored back as ``n``, shift :math:`c_0 + \bar m` (the mean), :math:`S_1 = 0`, :math:`S_2 = M_2`.
+    stored back as ``n``, shift :math:`c = \mathrm{fl}(c_0 + \bar m)` (the mean, rounded), and the
+    rounding residual :math:`r = \bar m - (c - c_0)` as :math:`S_1 = n r`,
+    :math:`S_2 = M_2 + n r r^\top`, so that the state describes the exact mean and :math:`M_2`.
     Every subtraction is at the scale of the spread, so no digit is lost to the offset.
     """
     if parts.ndim == 2:  # a single state (torchmetrics may hand one over when nothing was stacked)
@@ -158,26 +198,44 @@ def merge_centred_moments(parts: Tensor) -> Tensor:
     dev = (m_i - m) * n_i[:, None].sqrt()
     first = live[:, _FIRST] / n_i[:, None].sqrt()
     # Σ S2_i − Σ S1_i S1_iᵀ / n_i + Σ n_i (m_i − m)(m_i − m)ᵀ: two small GEMMs over the P parts.
-    second = live[:, _SECOND:].sum(dim=0) - first.T @ first + dev.T @ dev
+    if _is_diagonal(parts[0]):
+        second = live[:, _SECOND].sum(dim=0) - first.square().sum(dim=0) + dev.square().sum(dim=0)
+    else:
+        second = live[:, _SECOND:].sum(dim=0) - first.T @ first + dev.T @ dev
+    # The new shift c0 + m is rounded at the offset's scale; the residual r (exact to the spread's
+    # scale, as shift − c0 is an exact difference) goes into S1 so that shift + S1/n is the mean and
+    # S2 − S1 S1ᵀ/n is M2 to full precision: otherwise a later merge would see the mean off by
+    # ε·|offset| and err to first order in it.
+    shift = c0 + m
+    residual = m - (shift - c0)
     out = torch.zeros_like(parts[0])
     out[_COUNT, 0] = n
-    out[_SHIFT] = c0 + m
-    out[_SECOND:] = second
+    out[_SHIFT] = shift
+    out[_FIRST] = n * residual
+    if _is_diagonal(parts[0]):
+        out[_SECOND] = second + n * residual.square()
+    else:
+        out[_SECOND:] = second + n * torch.outer(residual, residual)
     return out
 
 
 def centred_moments(state: Tensor) -> tuple[int, Tensor, Tensor]:
     """``(n, mean, scatter)`` of a packed state: scatter = Σ (x − mean)(x − mean)ᵀ, upper triangle valid.
 
-    Divide the scatter by n − 1 for the unbiased covariance. An empty state gives ``(0, …)`` zeros.
+    For a diagonal state the scatter is the ``(D,)`` vector Σ (x − mean)². Divide by n − 1 for the
+    unbiased (co)variance. A shaped state with n = 0 gives ``(0, shift, zeros)``.
     """
     if state.numel() == 0:
         raise ValueError("centred_moments: the state is empty (no batch seen, width unknown)")
     n = int(state[_COUNT, 0])
+    first = state[_FIRST]
+    if _is_diagonal(state):
+        if n == 0:
+            return 0, state[_SHIFT].clone(), torch.zeros_like(first)
+        return n, state[_SHIFT] + first / n, state[_SECOND] - first.square() / n
     if n == 0:
         d = state.shape[1]
         return 0, state[_SHIFT].clone(), torch.zeros(d, d, dtype=state.dtype, device=state.device)
-    first = state[_FIRST]
     mean = state[_SHIFT] + first / n
     scatter = state[_SECOND:] - torch.outer(first, first) / n
     return n, mean, scatter
@@ -188,9 +246,9 @@ def centred_moments_count(state: Tensor) -> int:
     return 0 if state.numel() == 0 else int(state[_COUNT, 0])
 
 
-def centred_moments_of(x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+def centred_moments_of(x: Tensor, dtype: torch.dtype = torch.float64, diagonal: bool = False) -> Tensor:
     """Packed state of the rows of ``x`` in one go (the functional twin of streaming ``x``)."""
-    return centred_moments_update_(centred_moments_state(x.shape[1], dtype=dtype, device=x.device), x)
+    return centred_moments_update_(centred_moments_state(x.shape[1], dtype=dtype, device=x.device, diagonal=diagonal), x)
 
 
 def nonzero_eigenvalue_tolerance(
@@ -223,8 +281,15 @@ def nonzero_eigenvalue_tolerance(
     For float64 input at offsets up to 1e8 × the spread both bounds stay far below the spectrum of
     real embeddings; see the README for the measured accuracy.
     """
-    n, d = max(int(num_samples), 1), max(int(num_features), 1)
     trace = float(eigenvalues.clamp_min(0).sum()) if eigenvalues.numel() else 0.0
+    return zero_eigenvalue_tolerance(trace, num_samples, num_features, input_eps, offset_mean_square)
+
+
+def zero_eigenvalue_tolerance(
+    trace: float, num_samples: int, num_features: int, input_eps: float, offset_mean_square: float = 0.0
+) -> float:
+    """:func:`nonzero_eigenvalue_tolerance` from the covariance's trace instead of its eigenvalues."""
+    n, d = max(int(num_samples), 1), max(int(num_features), 1)
     centred_mean_square = trace * max(n - 1, 1) / (n * d)
     round_off = trace * (n + d) * torch.finfo(torch.float64).eps
     noise_sigma = 10.0 * input_eps * (centred_mean_square + max(offset_mean_square, 0.0)) ** 0.5 * (n**0.5 + d**0.5)

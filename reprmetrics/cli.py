@@ -524,7 +524,8 @@ def report(files: tuple[str, ...], key: str | None, views: tuple[str, ...], view
 
     The header marks each metric's healthy direction: ↑ higher is healthier, ↓ lower, ≈1 closest to 1
     (α-ReQ). Default metrics, names and settings are those RepresentationMonitor logs: rankme,
-    alpha_req (D >= 13), normalized_std, uniformity, lid, and with --views lidar and alignment.
+    alpha_req (D >= 13), normalized_std, uniformity, lid, nesum, coding_rate, wasserstein_uniformity,
+    isoscore, and with --views lidar and alignment.
     Sufficient-statistic metrics see every row; uniformity and LID use a uniform sample of at most
     --max-samples rows. A progress bar is shown on a terminal unless --quiet.
     """

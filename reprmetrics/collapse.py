@@ -8,9 +8,15 @@ import torch
 from torch import Tensor
 
 from reprmetrics._base import ReprMetric
-from reprmetrics._linalg import no_autocast
+from reprmetrics._linalg import (
+    centred_moments_count,
+    centred_moments_state,
+    centred_moments_update_,
+    merge_centred_moments,
+    no_autocast,
+)
 from reprmetrics._validation import check_tensor
-from reprmetrics.functional.collapse import _l2_normalize, _normalized_std_from_sums
+from reprmetrics.functional.collapse import _l2_normalize, _normalized_std_from_state
 
 __all__ = ["NormalizedStd"]
 
@@ -22,8 +28,11 @@ class NormalizedStd(ReprMetric):
         \hat z_i = z_i / \lVert z_i \rVert_2, \qquad
         \operatorname{std} = \frac{1}{D} \sum_{d=1}^{D} \operatorname{std}_i(\hat z_{i,d})
 
-    States: Σẑ and Σẑ² (D each, float64) and N, sum-reduced across ranks. Equals
-    :func:`reprmetrics.functional.normalized_std` on the concatenation of all batches.
+    State: per-dimension shifted centred moments of ẑ (N, a shift, Σ(ẑ − c), Σ(ẑ − c)²; one ``(4, D)``
+    float64 tensor) merged exactly across batches and ranks (Chan et al.; see
+    :func:`reprmetrics._linalg.merge_centred_moments`), so collapse towards a point far from the
+    origin does not cancel. Equals :func:`reprmetrics.functional.normalized_std` on the concatenation
+    of all batches.
 
     As input to ``update``:
         - ``embeddings`` (:class:`~torch.Tensor`): ``(B, D)``.
@@ -44,37 +53,27 @@ class NormalizedStd(ReprMetric):
     higher_is_better = True
     plot_lower_bound = 0.0
 
-    total: Tensor
-    total_sq: Tensor
-    num_samples: Tensor
+    moments: Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.add_state("total", torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total_sq", torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("num_samples", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("moments", centred_moments_state(diagonal=True), dist_reduce_fx=merge_centred_moments)
 
     def _check_batch(self, embeddings: Tensor) -> Tensor:
-        known = self.total.shape[0] if self.total.numel() else None
+        known = self.moments.shape[1] if self.moments.numel() else None
         return check_tensor(embeddings, "NormalizedStd", features=known)
 
     def update(self, embeddings: Tensor) -> None:
         """Add a ``(B, D)`` batch; bad input raises ``ValueError`` and leaves the state unchanged."""
-        known = self.total.shape[0] if self.total.numel() else None
         z = self._check_batch(embeddings)
         with no_autocast(z.device):
-            zn = _l2_normalize(z.to(device=self.total.device, dtype=torch.float64))
-            if known is None:
-                self.total = torch.zeros(z.shape[1], dtype=torch.float64, device=self.total.device)
-                self.total_sq = torch.zeros_like(self.total)
-            self.total += zn.sum(0)
-            self.total_sq += zn.square().sum(0)
-            self.num_samples += z.shape[0]
+            zn = _l2_normalize(z.to(device=self.moments.device, dtype=torch.float64))
+            self.moments = centred_moments_update_(self.moments, zn)
 
     def compute(self) -> Tensor:
-        n = int(self.num_samples)
+        n = centred_moments_count(self.moments)
         if n == 0:
             raise ValueError("NormalizedStd: compute() called before any update() (no embeddings seen)")
         if n < 2:
             raise ValueError(f"NormalizedStd: needs at least 2 samples, got {n}")
-        return _normalized_std_from_sums(self.total, self.total_sq, n).to(torch.get_default_dtype())
+        return _normalized_std_from_state(self.moments).to(torch.get_default_dtype())

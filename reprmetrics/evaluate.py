@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,63 +20,32 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, MLEDimension, TwoNN
-from reprmetrics.monitor import default_metrics
-from reprmetrics.multiview import Alignment, LiDAR, Uniformity
-from reprmetrics.spectral import AlphaReQ, RankMe
+from reprmetrics.monitor import MONITOR_MAX_SAMPLES, available_metrics, default_metrics
+from reprmetrics.multiview import Alignment, LiDAR
+from reprmetrics.spectral import AlphaReQ
 
 __all__ = ["HEALTHY_DIRECTION", "METRIC_NAMES", "NonFiniteRowsError", "evaluate"]
 
 #: Default rows per batch when a tensor or array is streamed (also the CLI's ``--batch-size``).
 DEFAULT_BATCH_SIZE = 4096
 #: The monitor's default for the point metrics' bounded sample.
-DEFAULT_MAX_SAMPLES = 8192
+DEFAULT_MAX_SAMPLES = MONITOR_MAX_SAMPLES
 
 POINTS, VIEWS, PAIRS = "points", "views", "pairs"
-
-# name -> (factory(max_samples), input kind). Metrics of the monitor's default set are taken from
-# default_metrics() instead, so their settings cannot drift from what the monitor logs.
-_EXTRA_FACTORIES: dict[str, tuple[Callable[[int], Metric], str]] = {
-    "rankme": (lambda m: RankMe(), POINTS),
-    "alpha_req": (lambda m: AlphaReQ(), POINTS),
-    "uniformity": (lambda m: Uniformity(max_samples=m), POINTS),
-    "lid": (lambda m: LocalIntrinsicDimension(max_samples=m), POINTS),
-    "lidar": (lambda m: LiDAR(), VIEWS),
-    "alignment": (lambda m: Alignment(), PAIRS),
-    "twonn": (lambda m: TwoNN(max_samples=m), POINTS),
-    "mle_dimension": (lambda m: MLEDimension(max_samples=m), POINTS),
-}
 _REFERENCE_METRIC = "cka"
-
-#: The healthy direction of each metric, as the README's table gives it (↑ higher, ↓ lower, ≈1).
-#: CKA is a similarity to the reference, not a health signal: no direction.
-HEALTHY_DIRECTION: dict[str, str] = {
-    "rankme": "↑",
-    "alpha_req": "≈1",
-    "normalized_std": "↑",
-    "uniformity": "↓",
-    "lid": "↑",
-    "lidar": "↑",
-    "alignment": "↓",
-    "twonn": "↑",
-    "mle_dimension": "↑",
-    "cka": "",
-}
-
-
-def _default_names() -> list[str]:
-    # Learned from the monitor's own function, so a metric the monitor adds is accepted here too.
-    return list(default_metrics(num_features=128, num_views=2, max_samples=DEFAULT_MAX_SAMPLES))
 
 
 def _known_names() -> list[str]:
-    names = _default_names()
-    names += [n for n in _EXTRA_FACTORIES if n not in names]
-    return [*names, _REFERENCE_METRIC]
+    # The monitor's registry (default and opt-in metrics), so every name it logs is accepted here too.
+    return [*available_metrics(), _REFERENCE_METRIC]
 
 
 #: Every name ``metrics=[...]`` accepts (``"cka"`` needs ``reference``).
 METRIC_NAMES: tuple[str, ...] = tuple(_known_names())
+
+#: The healthy direction of each metric from the monitor's registry (↑ higher, ↓ lower, ≈1).
+#: CKA is a similarity to the reference, not a health signal: no direction.
+HEALTHY_DIRECTION: dict[str, str] = {name: spec.direction for name, spec in available_metrics().items()} | {_REFERENCE_METRIC: ""}
 
 
 def _input_kind(metric: Metric) -> str:
@@ -232,7 +201,8 @@ def _check_names(metrics: str | Sequence[str], has_views: bool, has_reference: b
             raise ValueError(f"evaluate: unknown metric {name!r}{hint} (known: {', '.join(known)})")
     if len(set(metrics)) != len(metrics):
         raise ValueError(f"evaluate: `metrics` names a metric twice: {list(metrics)}")
-    needs_views = [n for n in metrics if n in ("lidar", "alignment")]
+    specs = available_metrics()
+    needs_views = [n for n in metrics if n in specs and specs[n].needs_views]
     if needs_views and not has_views:
         raise ValueError(f"evaluate: {', '.join(needs_views)} need(s) augmented views: pass `views` of shape (N, q, D), q >= 2")
     if _REFERENCE_METRIC in metrics and not has_reference:
@@ -243,18 +213,15 @@ def _check_names(metrics: str | Sequence[str], has_views: bool, has_reference: b
 
 
 def _build(names: list[str] | None, num_features: int, num_views: int, max_samples: int) -> dict[str, Metric]:
-    defaults = default_metrics(num_features, num_views, max_samples)
+    """The monitor's default set for this D and q, or exactly the named metrics.
+
+    A named metric that this D cannot support (α-ReQ below 13 features) is still built, so that its
+    compute() raises an error that names it instead of the name being dropped silently.
+    """
     if names is None:
-        return defaults
-    built = {}
-    for name in names:
-        if name in defaults:
-            built[name] = defaults[name]
-        elif name in _EXTRA_FACTORIES:
-            built[name] = _EXTRA_FACTORIES[name][0](max_samples)
-        else:  # a default of the monitor that this num_features/num_views leaves out (alpha_req, D < 13)
-            built[name] = default_metrics(max(num_features, 128), max(num_views, 2), max_samples)[name]
-    return built
+        return default_metrics(num_features, num_views, max_samples)
+    specs = available_metrics()
+    return {name: specs[name].factory(max_samples) for name in names}
 
 
 def _finite_rows(x: Tensor) -> Tensor:
@@ -499,8 +466,10 @@ def evaluate(
             a list of q ``(N, D)`` tensors (view j of every sample), or an iterable of ``(B, q, D)``
             batches. They need not be the samples of ``embeddings``; each group must arrive whole.
         metrics: ``"default"``, the monitor's set for this D and q (:func:`reprmetrics.monitor.default_metrics`:
-            rankme, alpha_req for D ≥ 13, normalized_std, uniformity, lid, and with views lidar and
-            alignment), or a list of names from :data:`METRIC_NAMES` (adds twonn, mle_dimension, cka).
+            rankme, alpha_req for D ≥ 13, normalized_std, uniformity, lid, nesum, coding_rate,
+            wasserstein_uniformity, isoscore, and with views lidar and alignment), or a list of names
+            from :data:`METRIC_NAMES` (the monitor's registry, with the opt-in sigreg, twonn and
+            mle_dimension, plus cka).
             An unknown name raises ``ValueError`` naming the closest known ones.
         reference: embeddings of the *same N samples* in the same row order, any width, in any of the
             forms ``embeddings`` takes: adds ``"cka"``, linear CKA between the two sets.

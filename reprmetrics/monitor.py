@@ -1,7 +1,7 @@
-"""Framework-agnostic representation monitoring: taps, view grouping, schedule and metric sets.
+"""Framework-agnostic representation monitoring: taps, view layout, schedule, sample counts, metric sets.
 
 :class:`RepresentationTracker` is what ``reprmetrics.callbacks.RepresentationMonitor`` adapts to
-Lightning; it serves a plain PyTorch loop as well::
+Lightning; it serves a plain PyTorch loop as well (the README has a complete, tested loop)::
 
     tracker = RepresentationTracker(["backbone"], every_n_train_steps=50)
     tracker.attach(model)
@@ -9,14 +9,29 @@ Lightning; it serves a plain PyTorch loop as well::
         tracker.start_train_step()
         loss = model(batch).loss; loss.backward(); opt.step()
         values = tracker.end_train_step()      # {"backbone/rankme": tensor, ...} on scheduled steps
+    tracker.start_eval()
+    for batch in val_loader:
+        model(batch)
+        tracker.end_eval_step()
+    values = tracker.end_eval()                # over the whole evaluation pass
 
 Capture never changes training: forward hooks only read (and ``detach``) outputs, nothing uses the
 global random generator, and every computation runs under ``torch.no_grad``.
+
+Never silent: a tap that is neither a submodule nor a step-output key, a view layout that does not
+match what was captured, or a feature map without a ``reduce`` raises
+:class:`MonitorConfigurationError`; a capture that produced nothing, batches that could not be
+grouped into views and non-finite embeddings are counted, logged (``num_samples``,
+``nonfinite_fraction``) and warned about.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,22 +45,133 @@ from torchmetrics import Metric
 from reprmetrics.collapse import NormalizedStd
 from reprmetrics.spectral import AlphaReQ, RankMe
 
-__all__ = ["MetricSet", "RepresentationTracker", "Tap", "default_metrics", "flatten_output", "group_views"]
+__all__ = [
+    "DEFAULT_MIN_SAMPLES",
+    "VIEW_LAYOUTS",
+    "MetricSet",
+    "MetricSpec",
+    "MonitorConfigurationError",
+    "RepresentationTracker",
+    "Tap",
+    "available_metrics",
+    "check_metric_names",
+    "default_metrics",
+    "flatten_output",
+    "group_views",
+]
 
 POINTS, VIEWS, PAIRS = "points", "views", "pairs"
+VIEW_LAYOUTS = ("auto", "calls", "concat", "stacked")
+# Below this many usable samples a tap's values are not reported: 4 samples gave RankMe 3.5, a false
+# collapse. 64 is max(2k + 2, 64) for the LID default k = 20; a metric's own minimum still applies.
+DEFAULT_MIN_SAMPLES = 64
+# The monitor computes every validation epoch, so its point metrics keep fewer points than the Metric
+# classes' one-off default (25,600): uniformity and LID cost O(N²·D) per computation.
+MONITOR_MAX_SAMPLES = 8192
+
+# Frames in these directories are library code: warnings point at the first frame outside them.
+_LIBRARY_DIRS: tuple[str, ...] = tuple(
+    os.path.dirname(os.path.abspath(path)) + os.sep
+    for path in (torch.__file__, __import__("torchmetrics").__file__, os.path.join(os.path.dirname(__file__), "__init__.py"))
+)
+_LIBRARY_PACKAGES = ("lightning", "lightning_fabric", "pytorch_lightning", "lightning_utilities", "transformers", "accelerate")
+_STDLIB_DIR = os.path.dirname(os.__file__) + os.sep
+
+
+def register_library_dir(path: str) -> None:
+    """Treat frames under ``path`` as library code when warnings look for the user's code (adapters)."""
+    global _LIBRARY_DIRS
+    _LIBRARY_DIRS = (*_LIBRARY_DIRS, os.path.abspath(path) + os.sep)
+
+
+def _is_library_frame(filename: str) -> bool:
+    filename = os.path.abspath(filename)
+    if filename.startswith(_LIBRARY_DIRS):
+        return True
+    if any(f"{os.sep}{package}{os.sep}" in filename for package in _LIBRARY_PACKAGES):
+        return True
+    # The standard library (contextlib, threading, ...), but not packages installed beside it.
+    return filename.startswith(_STDLIB_DIR) and "site-packages" not in filename
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called right here that points at the user's code.
+
+    Walks out of reprmetrics, torch, torchmetrics, Lightning, transformers and the standard library
+    (decorators such as ``torch.no_grad`` add frames in ``torch/utils/_contextlib.py``). Falls back to
+    the outermost library frame when every frame is library code.
+    """
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and _is_library_frame(frame.f_code.co_filename):
+        if frame.f_back is None:
+            return level
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """Warn with the location of the user's code (see :func:`user_stacklevel`)."""
+    warnings.warn(message, category, stacklevel=user_stacklevel())
+
+
+class MonitorConfigurationError(ValueError):
+    """A tap, view layout or setting that cannot work. Framework adapters re-raise it as their own
+    misconfiguration error (Lightning's ``MisconfigurationException``)."""
+
+
+def _closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    return difflib.get_close_matches(name, sorted(set(candidates)), n=n, cutoff=0.5)
+
+
+def _quoted(names: Iterable[str], limit: int = 8) -> str:
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return (shown + f", ... ({len(names)} in all)") if len(names) > limit else (shown or "none")
+
+
+_FEATURE_MAP_HINT = (
+    "pass a `reduce` that gives (B, D) embeddings, e.g. Tap({name!r}, reduce=lambda y: y.mean((2, 3))) to"
+    " average-pool a (B, C, H, W) feature map, or Tap({name!r}, reduce=lambda y: y[:, 0]) to take the first"
+    " token of a (B, T, D) sequence; to flatten on purpose, Tap({name!r}, reduce=flatten_output)"
+    " (from reprmetrics.monitor)"
+)
 
 
 def flatten_output(output: Any) -> Tensor:
-    """Default tap reduction: the first tensor of a tuple/list output, flattened to ``(B, D)``.
+    """Explicit flattening: the first tensor of a tuple/list output, flattened to ``(B, D)``.
 
-    Feature maps ``(B, C, H, W)`` and sequences ``(B, T, D)`` are flattened; pass your own ``reduce``
-    to a :class:`Tap` to pool them (``lambda y: y.mean((2, 3))``) or select a token (``lambda y: y[:, 0]``).
+    Not the default: a (B, 64, 56, 56) feature map would become a 200,704-wide embedding. Pass it as a
+    tap's ``reduce`` when that is what you want: ``Tap("layer4", reduce=flatten_output)``.
     """
     if isinstance(output, (tuple, list)) and output:
         output = output[0]
     if not isinstance(output, Tensor):
-        raise ValueError(f"RepresentationMonitor: a tap produced {type(output).__name__}; give the Tap a `reduce` function returning a (B, D) tensor")
+        raise MonitorConfigurationError(f"RepresentationMonitor: a tap produced {type(output).__name__}; give the Tap a `reduce` function returning a (B, D) tensor")
     return output.unsqueeze(1) if output.ndim == 1 else output.flatten(1)
+
+
+def _module_embeddings(output: Any, tap: str) -> Tensor:
+    """Default ``reduce`` of a module tap: its output (or the first tensor of a tuple) as ``(B, D)``."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if isinstance(output, Mapping):
+        keys = list(output.keys())
+        raise MonitorConfigurationError(
+            f"RepresentationMonitor: module tap {tap!r} returns a mapping with keys {_quoted(keys)}; pick the embeddings"
+            f" with a `reduce`, e.g. Tap({tap!r}, reduce=lambda out: out[{keys[0] if keys else 'key'!r}])"
+        )
+    if not isinstance(output, Tensor):
+        raise MonitorConfigurationError(f"RepresentationMonitor: module tap {tap!r} returns {type(output).__name__}; give the Tap a `reduce` returning a (B, D) tensor")
+    if output.ndim == 1:
+        return output.unsqueeze(1)
+    if output.ndim > 2:
+        raise MonitorConfigurationError(
+            f"RepresentationMonitor: module tap {tap!r} returns a {output.ndim}-D tensor of shape {tuple(output.shape)};"
+            f" embeddings must be (B, D): {_FEATURE_MAP_HINT.format(name=tap)}"
+        )
+    return output
 
 
 @dataclass
@@ -55,8 +181,12 @@ class Tap:
     Args:
         name: a submodule path of the model (``"backbone"``, ``"encoder.layer4"``) or a key of the dict
             that the training/validation step returns.
-        source: ``"module"``, ``"output"``, or ``"auto"`` (a module when the model has such a submodule).
-        reduce: module taps only: maps the module's output to ``(B, D)`` (default :func:`flatten_output`).
+        source: ``"module"``, ``"output"``, or ``"auto"`` (a module when the model has such a submodule,
+            otherwise an output key).
+        reduce: maps what the tap captures to ``(B, D)`` embeddings: a module's output (one call) or an
+            output key's value (each tensor of a list value separately). Without it a module output
+            must already be ``(B, D)`` (or a tuple whose first element is); a 3-D or 4-D output raises
+            with the ``reduce`` to use. :func:`flatten_output` flattens on purpose.
     """
 
     name: str
@@ -64,40 +194,100 @@ class Tap:
     reduce: Callable[[Any], Tensor] | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise MonitorConfigurationError(f"RepresentationMonitor: a tap name must be a non-empty string, got {self.name!r}")
         if self.source not in ("auto", "module", "output"):
-            raise ValueError(f"RepresentationMonitor: Tap source must be 'auto', 'module' or 'output', got {self.source!r}")
+            raise MonitorConfigurationError(f"RepresentationMonitor: Tap source must be 'auto', 'module' or 'output', got {self.source!r}")
+        if self.reduce is not None and not callable(self.reduce):
+            raise MonitorConfigurationError(f"RepresentationMonitor: Tap {self.name!r}: `reduce` must be callable, got {type(self.reduce).__name__}")
 
 
-def group_views(chunks: Sequence[Tensor], num_views: int, tap: str) -> Tensor:
+def _follow_device(copy_: nn.Module, live: nn.Module) -> None:
+    """Move a reference copy to the live module's device (Lightning moves the model after attach)."""
+    live_tensor = next(iter((*live.parameters(), *live.buffers())), None)
+    copy_tensor = next(iter((*copy_.parameters(), *copy_.buffers())), None)
+    if live_tensor is not None and copy_tensor is not None and copy_tensor.device != live_tensor.device:
+        copy_.to(live_tensor.device)
+
+
+class _UngroupableBatch(ValueError):
+    """A batch that the declared layout cannot split into views (e.g. 63 rows into 2 views)."""
+
+    def __init__(self, message: str, samples: int) -> None:
+        super().__init__(message)
+        self.samples = samples
+
+
+def group_views(chunks: Sequence[Tensor], num_views: int, tap: str, layout: str = "auto") -> Tensor:
     """``(B, q, D)`` views from the tensors one step produced for one tap.
 
-    With ``num_views = q > 1``: q tensors (q forward calls, or a list of q outputs) are views 1..q in
-    call order; a single tensor of ``q·B`` rows is read as q consecutive chunks (view-major, as
-    ``torch.cat([view1, view2])`` gives); a ``(B, q, D)`` tensor is taken as is.
-    With ``num_views = 1`` every row of every tensor is one sample.
+    With ``num_views = 1`` every row of every tensor is one sample. With ``num_views = q > 1`` the
+    ``layout`` says how views arrive in one step:
+
+    - ``"calls"``: q tensors ``(B, D)``, one per forward call (or a list of q from an output key),
+      views 1..q in call order;
+    - ``"concat"``: one ``(q·B, D)`` tensor, view-major (``torch.cat([view_1, view_2])``);
+    - ``"stacked"``: one ``(B, q, D)`` tensor;
+    - ``"auto"``: ``calls`` for q tensors, ``stacked`` for one 3-D tensor. One 2-D tensor is ambiguous
+      (a concatenated batch, or a batch without views) and raises: declare the layout.
+
+    Raises :class:`MonitorConfigurationError` when the captured tensors do not match the layout.
     """
     chunks = [c for c in chunks if c is not None]
     if not chunks:
-        raise ValueError(f"RepresentationMonitor: tap {tap!r} captured nothing this step")
-    if len(chunks) == 1 and chunks[0].ndim == 3:
-        views = chunks[0]
-        if views.shape[1] != num_views:
-            raise ValueError(f"RepresentationMonitor: tap {tap!r} gave {views.shape[1]} views, num_views={num_views}")
-        return views
-    if any(c.ndim != 2 for c in chunks):
-        raise ValueError(f"RepresentationMonitor: tap {tap!r} must give (B, D), (B, q, D) or q (B, D) tensors, got shapes {[tuple(c.shape) for c in chunks]}")
+        raise MonitorConfigurationError(f"RepresentationMonitor: tap {tap!r} captured nothing this step")
+    shapes = [tuple(c.shape) for c in chunks]
     if num_views == 1:
+        if any(c.ndim != 2 for c in chunks):
+            raise MonitorConfigurationError(
+                f"RepresentationMonitor: tap {tap!r} captured tensors of shapes {shapes} with num_views=1; each must be (B, D):"
+                f" {_FEATURE_MAP_HINT.format(name=tap)}, or set num_views if a (B, q, D) tensor holds views"
+            )
         return torch.cat(chunks).unsqueeze(1)
-    if len(chunks) == num_views:
-        if len({c.shape for c in chunks}) != 1:
-            raise ValueError(f"RepresentationMonitor: the {num_views} views of tap {tap!r} differ in shape: {[tuple(c.shape) for c in chunks]}")
+    q = num_views
+    if layout == "auto":
+        if len(chunks) == q and all(c.ndim == 2 for c in chunks):
+            layout = "calls"
+        elif len(chunks) == 1 and chunks[0].ndim == 3:
+            layout = "stacked"
+        elif len(chunks) == 1 and chunks[0].ndim == 2:
+            raise MonitorConfigurationError(
+                f"RepresentationMonitor: tap {tap!r} captured one {shapes[0]} tensor per step with num_views={q}: ambiguous."
+                f" Pass view_layout='concat' if it is torch.cat([view_1, ..., view_{q}]) (view-major), or num_views=1 if its"
+                " rows are distinct samples"
+            )
+        else:
+            raise MonitorConfigurationError(
+                f"RepresentationMonitor: tap {tap!r} captured {len(chunks)} tensor(s) of shapes {shapes} in one step; with"
+                f" num_views={q} expected {q} forward calls (view_layout='calls'), one (B, {q}, D) tensor ('stacked') or one"
+                f" ({q}·B, D) tensor ('concat')"
+            )
+    if layout == "calls":
+        if len(chunks) != q or any(c.ndim != 2 for c in chunks):
+            raise MonitorConfigurationError(
+                f"RepresentationMonitor: tap {tap!r}: view_layout='calls' expects {q} (B, D) tensors per step (one per forward"
+                f" call, or a list of {q}), got {len(chunks)} of shapes {shapes}"
+            )
+        if len(set(shapes)) != 1:
+            raise MonitorConfigurationError(f"RepresentationMonitor: the {q} views of tap {tap!r} differ in shape: {shapes}")
         return torch.stack(chunks, dim=1)
-    if len(chunks) == 1 and chunks[0].shape[0] % num_views == 0:
-        return rearrange(chunks[0], "(q b) d -> b q d", q=num_views)
-    raise ValueError(
-        f"RepresentationMonitor: tap {tap!r} captured {len(chunks)} tensor(s) of shapes {[tuple(c.shape) for c in chunks]}"
-        f" in one step; with num_views={num_views} expected {num_views} calls or one batch of {num_views}·B rows"
-    )
+    if layout == "stacked":
+        if len(chunks) != 1 or chunks[0].ndim != 3 or chunks[0].shape[1] != q:
+            raise MonitorConfigurationError(
+                f"RepresentationMonitor: tap {tap!r}: view_layout='stacked' expects one (B, {q}, D) tensor per step, got shapes {shapes}"
+            )
+        return chunks[0]
+    if layout == "concat":
+        if len(chunks) != 1 or chunks[0].ndim != 2:
+            raise MonitorConfigurationError(
+                f"RepresentationMonitor: tap {tap!r}: view_layout='concat' expects one ({q}·B, D) tensor per step, got"
+                f" {len(chunks)} of shapes {shapes}"
+            )
+        rows = chunks[0].shape[0]
+        if rows % q:
+            raise _UngroupableBatch(f"a batch of {rows} rows cannot be split into {q} views", samples=rows // q)
+        return rearrange(chunks[0], "(q b) d -> b q d", q=q)
+    raise MonitorConfigurationError(f"RepresentationMonitor: `view_layout` must be one of {VIEW_LAYOUTS}, got {layout!r}")
 
 
 def _input_kind(metric: Metric) -> str:
@@ -110,21 +300,128 @@ def _input_kind(metric: Metric) -> str:
     return POINTS
 
 
-def default_metrics(num_features: int, num_views: int, max_samples: int = 8192) -> dict[str, Metric]:
-    """The default set for one tap: see :class:`RepresentationTracker`."""
-    from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension
-    from reprmetrics.multiview import Alignment, LiDAR, Uniformity
+@dataclass(frozen=True)
+class MetricSpec:
+    """How the monitor (and :func:`reprmetrics.evaluate`) builds one named metric.
 
-    metrics: dict[str, Metric] = {"rankme": RankMe()}
-    if num_features >= 13:  # α-ReQ fits ranks 11..100: needs at least 3 of them
-        metrics["alpha_req"] = AlphaReQ()
-    metrics["normalized_std"] = NormalizedStd()
-    metrics["uniformity"] = Uniformity(max_samples=max_samples)
-    metrics["lid"] = LocalIntrinsicDimension(max_samples=max_samples)
-    if num_views >= 2:
-        metrics["lidar"] = LiDAR()
-        metrics["alignment"] = Alignment()
-    return metrics
+    ``factory(max_samples)`` makes a fresh Metric; ``direction`` is the healthy direction (``"↑"``,
+    ``"↓"``, ``"≈1"``); ``default`` says whether it is in the default set; it is included only when
+    the embeddings have at least ``min_features`` dimensions and, for ``needs_views``, 2 views.
+    """
+
+    factory: Callable[[int], Metric]
+    direction: str
+    default: bool = True
+    min_features: int = 1
+    needs_views: bool = False
+
+
+def _registry() -> dict[str, MetricSpec]:
+    from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, MLEDimension, TwoNN
+    from reprmetrics.isotropy import IsoScore, SIGReg, WassersteinUniformity
+    from reprmetrics.multiview import Alignment, LiDAR, Uniformity
+    from reprmetrics.spectral import CodingRate, NESum
+
+    return {
+        "rankme": MetricSpec(lambda m: RankMe(), "↑"),
+        "alpha_req": MetricSpec(lambda m: AlphaReQ(), "≈1", min_features=13),  # fits ranks 11..100: needs 3 of them
+        "normalized_std": MetricSpec(lambda m: NormalizedStd(), "↑"),
+        "uniformity": MetricSpec(lambda m: Uniformity(max_samples=m), "↓"),
+        "lid": MetricSpec(lambda m: LocalIntrinsicDimension(max_samples=m), "↑"),
+        "nesum": MetricSpec(lambda m: NESum(), "↑"),
+        "coding_rate": MetricSpec(lambda m: CodingRate(), "↑"),
+        "wasserstein_uniformity": MetricSpec(lambda m: WassersteinUniformity(), "↓"),
+        "isoscore": MetricSpec(lambda m: IsoScore(), "↑", min_features=2),
+        "lidar": MetricSpec(lambda m: LiDAR(), "↑", needs_views=True),
+        "alignment": MetricSpec(lambda m: Alignment(), "↓", needs_views=True),
+        # Opt-in: more than one D×D eigendecomposition's worth of work, or a global kNN estimate.
+        "sigreg": MetricSpec(lambda m: SIGReg(), "↓", default=False),
+        "twonn": MetricSpec(lambda m: TwoNN(max_samples=m), "↑", default=False),
+        "mle_dimension": MetricSpec(lambda m: MLEDimension(max_samples=m), "↑", default=False),
+    }
+
+
+_METRICS: dict[str, MetricSpec] | None = None
+
+
+def available_metrics() -> dict[str, MetricSpec]:
+    """Every metric the monitor can compute by name: ``{name: MetricSpec}`` (default and opt-in)."""
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = _registry()
+    return dict(_METRICS)
+
+
+def check_metric_names(names: Iterable[str], owner: str = "RepresentationMonitor") -> list[str]:
+    """``names`` as a list, or :class:`MonitorConfigurationError` naming the closest known names."""
+    known = available_metrics()
+    names = list(names)
+    for name in names:
+        if name not in known:
+            close = _closest(str(name), known)
+            raise MonitorConfigurationError(
+                f"{owner}: unknown metric {name!r}" + (f"; did you mean {_quoted(close)}?" if close else "") + f" Known: {_quoted(sorted(known), limit=20)}"
+            )
+    return names
+
+
+def default_metrics(num_features: int, num_views: int, max_samples: int = MONITOR_MAX_SAMPLES, names: Iterable[str] | None = None) -> dict[str, Metric]:
+    """The metrics for one tap: the default set (or ``names``) that fits ``num_features`` and ``num_views``.
+
+    The default set: RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic dimension,
+    NESum, coding rate, Wasserstein uniformity, IsoScore, and with views LiDAR and alignment. Opt in to
+    the others (SIGReg, TwoNN, MLE dimension) by name.
+    """
+    specs = available_metrics()
+    chosen = [n for n, spec in specs.items() if spec.default] if names is None else check_metric_names(names)
+    return {
+        name: specs[name].factory(max_samples)
+        for name in chosen
+        if num_features >= specs[name].min_features and (num_views >= 2 or not specs[name].needs_views)
+    }
+
+
+class _CaptureCounts(Metric):
+    """Samples used, non-finite and dropped (ungroupable), width and views: sum/max-reduced across ranks,
+    so every rank makes the same report-or-withhold decision."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("used", "nonfinite", "dropped"):
+            self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("width", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
+        self.add_state("views", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
+
+    def update(self, used: int = 0, nonfinite: int | Tensor = 0, dropped: int = 0, width: int = 0, views: int = 0) -> None:
+        self.used += used
+        self.nonfinite += nonfinite
+        self.dropped += dropped
+        self.width.clamp_(min=float(width))
+        self.views.clamp_(min=float(views))
+
+    def compute(self) -> Tensor:
+        return torch.stack([self.used, self.nonfinite, self.dropped, self.width, self.views])
+
+
+@dataclass
+class CaptureReport:
+    """What one computation of a tap and stage saw: samples captured, used, non-finite and dropped."""
+
+    stage: str
+    tap: str
+    used: int
+    nonfinite: int
+    dropped: int
+
+    @property
+    def seen(self) -> int:
+        return self.used + self.nonfinite + self.dropped
+
+    @property
+    def nonfinite_fraction(self) -> float:
+        return self.nonfinite / self.seen if self.seen else 0.0
 
 
 class MetricSet:
@@ -133,14 +430,17 @@ class MetricSet:
 
     Point metrics receive the first view of each sample (views of one sample are near-duplicates
     that would distort neighbourhoods); LiDAR receives all views; Alignment views 1 and 2.
+    Samples with a non-finite value in any view are counted, not fed to the metrics.
     """
 
-    def __init__(self, metrics: Mapping[str, Metric], label: str, strict: bool, warned: set[str]) -> None:
+    def __init__(self, metrics: Mapping[str, Metric], label: str, strict: bool, warned: set[str], rankme_diagnostics: bool = False) -> None:
         self.metrics = dict(metrics)
         self.label = label
         self.strict = strict
         self._warned = warned
+        self.rankme_diagnostics = rankme_diagnostics
         self.last_failures: dict[str, str] = {}
+        self.last_spectra: dict[str, dict[str, Any]] = {}  # AlphaReQ fits of the last compute(), for figures
 
     def _fail(self, name: str, error: Exception) -> None:
         if self.strict:
@@ -149,35 +449,77 @@ class MetricSet:
         key = f"{self.label}/{name}: {type(error).__name__}"
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"reprmetrics monitor: skipping {self.label}/{name}: {error}", RuntimeWarning, stacklevel=3)
+            warn(f"reprmetrics monitor: skipping {self.label}/{name}: {error}")
 
-    @torch.no_grad()
-    def update(self, views: Tensor) -> None:
-        for name, metric in self.metrics.items():
-            kind = _input_kind(metric)
-            try:
-                if kind == VIEWS:
-                    metric.update(views)
-                elif kind == PAIRS:
-                    metric.update(views[:, 0], views[:, 1])
-                else:
-                    metric.update(views[:, 0])
-            except (ValueError, RuntimeError) as error:
-                self._fail(name, error)
+    def update(self, views: Tensor) -> int:
+        """Feed a ``(B, q, D)`` batch; samples with a non-finite value are left out. Returns how many were used."""
+        with torch.no_grad():
+            finite = torch.isfinite(views).flatten(1).all(dim=1)
+            num_finite = int(finite.sum())
+            if num_finite < len(views):
+                views = views[finite]
+            if num_finite == 0:
+                return 0
+            for name, metric in self.metrics.items():
+                kind = _input_kind(metric)
+                try:
+                    if kind == VIEWS:
+                        metric.update(views)
+                    elif kind == PAIRS:
+                        metric.update(views[:, 0], views[:, 1])
+                    else:
+                        metric.update(views[:, 0])
+                except (ValueError, RuntimeError) as error:
+                    self._fail(name, error)
+        return num_finite
 
-    @torch.no_grad()
     def compute(self) -> dict[str, Tensor]:
-        """Every computable value (all ranks call this together: metrics sync under DDP)."""
-        values = {}
+        """Every computable value (all ranks call this together: metrics sync under DDP).
+
+        An α-ReQ metric ``name`` also gives ``{name}_r2``, the R² of its log-log fit (from the same
+        eigendecomposition); with ``rankme_diagnostics`` a RankMe ``name`` also gives
+        ``{name}_top_singular_value`` and ``{name}_condition_number``.
+        """
+        values: dict[str, Tensor] = {}
         self.last_failures = {}
-        for name, metric in self.metrics.items():
-            try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*was called before the ``update``.*")
-                    values[name] = metric.compute().detach()
-            except (ValueError, RuntimeError) as error:
-                self._fail(name, error)
+        self.last_spectra = {}
+        with torch.no_grad():
+            for name, metric in self.metrics.items():
+                try:
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message=".*was called before the ``update``.*")
+                        values.update(self._values(name, metric))
+                except (ValueError, RuntimeError) as error:
+                    self._fail(name, error)
         return values
+
+    def _values(self, name: str, metric: Metric) -> dict[str, Tensor]:
+        dtype = torch.get_default_dtype()
+        if isinstance(metric, AlphaReQ):
+            fit = metric.spectrum_fit()
+            self.last_spectra[name] = fit
+            device = fit["eigenvalues"].device
+            return {name: torch.tensor(fit["alpha"], dtype=dtype, device=device), f"{name}_r2": torch.tensor(fit["r2"], dtype=dtype, device=device)}
+        if isinstance(metric, RankMe) and self.rankme_diagnostics:
+            found = metric.diagnostics()
+            device = metric.device
+            return {
+                name: torch.tensor(found["rankme"], dtype=dtype, device=device),
+                f"{name}_top_singular_value": torch.tensor(found["top_singular_value"], dtype=dtype, device=device),
+                f"{name}_condition_number": torch.tensor(found["condition_number"], dtype=dtype, device=device),
+            }
+        return {name: metric.compute().detach()}
+
+    def value_names(self) -> list[str]:
+        """The names :meth:`compute` reports (when every metric can be computed)."""
+        names = []
+        for name, metric in self.metrics.items():
+            names.append(name)
+            if isinstance(metric, AlphaReQ):
+                names.append(f"{name}_r2")
+            elif isinstance(metric, RankMe) and self.rankme_diagnostics:
+                names += [f"{name}_top_singular_value", f"{name}_condition_number"]
+        return names
 
     def reset(self) -> None:
         for metric in self.metrics.values():
@@ -209,8 +551,13 @@ class RepresentationTracker:
     """Captures embeddings at taps and computes representation metrics on a schedule.
 
     Args:
-        taps: tap names or :class:`Tap` objects.
-        num_views: views per sample q (LiDAR and alignment need q ≥ 2); see :func:`group_views`.
+        taps: tap names or :class:`Tap` objects. A name is a submodule of the model or a key of the
+            dict the training/validation step returns; one that is neither by the end of the first
+            training step (or evaluation pass) that could have produced it raises
+            :class:`MonitorConfigurationError` with the closest submodule names and output keys.
+        num_views: views per sample q (LiDAR and alignment need q ≥ 2).
+        view_layout: how the q views of a step arrive: ``"calls"``, ``"concat"``, ``"stacked"`` or
+            ``"auto"`` (see :func:`group_views`); captures that do not match raise.
         every_n_train_steps: compute training-stage metrics every this many training steps (0: never).
             A step is one training batch (with gradient accumulation, not an optimizer step). The
             default keeps the overhead on a small CPU model within 5 % (``benchmarks/bench_monitor.py``):
@@ -218,11 +565,37 @@ class RepresentationTracker:
         train_buffer_size: the training-stage metrics read the most recent this many samples per tap,
             captured over the steps just before a scheduled step; other steps capture nothing.
         max_samples: cap on the points kept by point-based metrics (uniformity, LID) per evaluation.
-        metrics: extra metrics, ``{name: Metric}``, cloned for every tap and stage; they receive
-            ``(B, D)`` embeddings (LiDAR views, Alignment view pairs).
-        default_metrics: include RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic
-            dimension, and with views LiDAR and alignment.
+            8,192, below the Metric classes' 25,600: the monitor computes every validation epoch, and
+            those metrics cost O(N²·D).
+        min_samples: a tap's metric values are reported only when at least this many samples (after
+            dropping ungroupable batches and non-finite samples) reached them; ``num_samples`` is
+            reported always. Each metric's own minimum (e.g. k + 1 for LID) applies on top.
+        metrics: extra metrics: names from :func:`available_metrics` (opt-in ones such as
+            ``["sigreg", "twonn"]``), or ``{name: Metric}`` cloned for every tap and stage (they receive
+            ``(B, D)`` embeddings; LiDAR views, Alignment view pairs).
+        default_metrics: include the default set (see :func:`default_metrics`): RankMe, α-ReQ
+            (D ≥ 13), normalised std, uniformity, local intrinsic dimension, NESum, coding rate,
+            Wasserstein uniformity, IsoScore, and with views LiDAR and alignment.
         strict: raise instead of warning once and skipping a metric that cannot be computed.
+        rankme_diagnostics: also report RankMe's top singular value and condition number
+            (``rankme_top_singular_value``, ``rankme_condition_number``; same eigendecomposition).
+        reference: drift from a reference representation, logged as ``cka_to_reference`` (linear CKA
+            over the whole evaluation pass, val stage only): ``"initial"`` keeps a frozen copy (eval
+            mode, no grad) of each tapped submodule as it is at :meth:`attach` (Lightning: at the start
+            of each fit, after the weights are synchronised across ranks; a resumed fit copies the
+            resumed weights, so pass the pretrained module or checkpoint to keep the original);
+            an ``nn.Module`` with the same submodule names (e.g. the pretrained model), or a path to a
+            ``torch.save``-d state dict or Lightning checkpoint of the same model class, gives the
+            reference weights. At each evaluation step the copy runs on the inputs the live submodule
+            received (its forward hook sees them). Memory: one copy of each tapped submodule's
+            parameters and buffers, on the live module's device; time: one extra forward of the tapped
+            submodules per evaluation batch. Output-key taps read the reference embeddings from the
+            key ``"{tap}_reference"`` of the same step output (same rows, same layout).
+
+    Reported per tap and stage, besides the metrics: ``alpha_req_r2`` (the R² of α-ReQ's log-log fit:
+    near 1, α describes the spectrum; much lower, it does not), ``num_samples`` (samples the metrics used) and
+    ``nonfinite_fraction`` (of the samples captured, those with a NaN/inf value). When any captured
+    sample is non-finite the run has diverged: every metric of that tap and stage is reported as NaN.
     """
 
     def __init__(
@@ -231,110 +604,293 @@ class RepresentationTracker:
         num_views: int = 1,
         every_n_train_steps: int = 200,
         train_buffer_size: int = 1024,
-        max_samples: int = 8192,
-        metrics: Mapping[str, Metric] | None = None,
+        max_samples: int = MONITOR_MAX_SAMPLES,
+        metrics: Mapping[str, Metric] | Sequence[str] | None = None,
         default_metrics: bool = True,
         strict: bool = False,
+        view_layout: str = "auto",
+        min_samples: int = DEFAULT_MIN_SAMPLES,
+        reference: str | os.PathLike | nn.Module | None = None,
+        rankme_diagnostics: bool = False,
     ) -> None:
+        if isinstance(taps, (str, Tap)):
+            taps = [taps]
         self.taps = [t if isinstance(t, Tap) else Tap(t) for t in taps]
         if not self.taps:
-            raise ValueError("RepresentationMonitor: give at least one tap")
+            raise MonitorConfigurationError("RepresentationMonitor: give at least one tap")
         if len({t.name for t in self.taps}) != len(self.taps):
-            raise ValueError("RepresentationMonitor: tap names must be unique")
-        for value, name, low in ((num_views, "num_views", 1), (every_n_train_steps, "every_n_train_steps", 0), (train_buffer_size, "train_buffer_size", 2), (max_samples, "max_samples", 2)):
+            raise MonitorConfigurationError("RepresentationMonitor: tap names must be unique")
+        for value, name, low in (
+            (num_views, "num_views", 1),
+            (every_n_train_steps, "every_n_train_steps", 0),
+            (train_buffer_size, "train_buffer_size", 2),
+            (max_samples, "max_samples", 2),
+            (min_samples, "min_samples", 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"RepresentationMonitor: `{name}` must be an integer >= {low}, got {value!r}")
-        if not default_metrics and not metrics:
-            raise ValueError("RepresentationMonitor: no metrics to compute (default_metrics=False and no `metrics`)")
+                raise MonitorConfigurationError(f"RepresentationMonitor: `{name}` must be an integer >= {low}, got {value!r}")
+        if view_layout not in VIEW_LAYOUTS:
+            close = _closest(str(view_layout), VIEW_LAYOUTS)
+            raise MonitorConfigurationError(f"RepresentationMonitor: `view_layout` must be one of {VIEW_LAYOUTS}, got {view_layout!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if view_layout in ("concat", "stacked") and num_views == 1:
+            raise MonitorConfigurationError(f"RepresentationMonitor: view_layout={view_layout!r} needs num_views >= 2")
+        if isinstance(metrics, str):
+            metrics = [metrics]
+        self.named_metrics = [] if metrics is None or isinstance(metrics, Mapping) else check_metric_names(metrics)
+        metrics = metrics if isinstance(metrics, Mapping) else None
+        if reference is not None and not isinstance(reference, (str, os.PathLike, nn.Module)):
+            raise MonitorConfigurationError(f"RepresentationMonitor: `reference` must be 'initial', an nn.Module or a checkpoint path, got {type(reference).__name__}")
+        if isinstance(reference, str) and reference != "initial" and not os.path.exists(reference):
+            raise MonitorConfigurationError(f"RepresentationMonitor: `reference` is neither 'initial' nor an existing checkpoint file: {reference!r}")
+        if not default_metrics and not metrics and not self.named_metrics:
+            raise MonitorConfigurationError("RepresentationMonitor: no metrics to compute (default_metrics=False and no `metrics`)")
         for name, metric in (metrics or {}).items():
             if not isinstance(metric, Metric):
-                raise ValueError(f"RepresentationMonitor: metric {name!r} must be a torchmetrics.Metric, got {type(metric).__name__}")
+                raise MonitorConfigurationError(f"RepresentationMonitor: metric {name!r} must be a torchmetrics.Metric, got {type(metric).__name__}")
         self.num_views = num_views
+        self.view_layout = view_layout
         self.every_n_train_steps = every_n_train_steps
         self.train_buffer_size = train_buffer_size
         self.max_samples = max_samples
+        self.min_samples = min_samples
         self.extra_metrics = dict(metrics or {})
         self.use_default_metrics = default_metrics
         self.strict = strict
+        self.reference = reference
+        self.rankme_diagnostics = bool(rankme_diagnostics)
+        # Set by an adapter that knows an evaluation pass will come (Lightning: validation_step exists):
+        # an output tap missing from the training outputs may still appear in the evaluation outputs.
+        self.expect_eval = False
 
         self.train_steps = 0  # training steps seen (the schedule's clock)
+        self.epoch = 0  # advanced by end_train_epoch(); warnings about empty captures are once per epoch
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.num_features: dict[str, int] = {}
+        self.reports: dict[tuple[str, str], CaptureReport] = {}
         self._warned: set[str] = set()
         self._metric_sets: dict[tuple[str, str], MetricSet] = {}
+        self._counts = {(stage, t.name): _CaptureCounts() for stage in ("train", "val") for t in self.taps}
         self._buffers = {t.name: _RecentBuffer(train_buffer_size) for t in self.taps}
         self._captured: dict[str, list[Tensor]] = {t.name: [] for t in self.taps}
+        self._train_dropped = {t.name: 0 for t in self.taps}
+        self._epoch_train_captures = {t.name: 0 for t in self.taps}
+        self._epoch_capture_steps = 0
         self._batch_size: int | None = None
         self._mode: str | None = None  # "train", "eval" or None (capture off)
         self._handles: list[Any] = []
         self._module_taps: set[str] = set()
+        self._submodule_names: list[str] = []
+        self._model: nn.Module | None = None
+        self._found: set[str] = set()  # taps known to exist (a submodule, or a key seen in a step output)
+        self._output_keys: dict[str, set[str]] = {"train": set(), "eval": set()}
+        self._steps_seen = {"train": 0, "eval": 0}
+        self._taps_checked = False
+        self._capture_error: MonitorConfigurationError | None = None
+        self.eval_passes = 0
+        self._reference_modules: dict[str, nn.Module] = {}
+        self._reference_captured: dict[str, list[Tensor]] = {t.name: [] for t in self.taps}
+        self._drift: dict[str, Metric] = {}
 
     # ---- attaching -------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
-        """Register forward hooks for the module taps (idempotent)."""
+        """Register forward hooks on the module taps (idempotent; replaces earlier hooks).
+
+        A tap with ``source="module"`` that the model lacks raises :class:`MonitorConfigurationError`
+        naming the closest submodules; ``"auto"`` taps that are not submodules become output taps.
+        """
         self.detach()
+        self._model = model
         self._module_taps = set()
+        self._submodule_names = [name for name, _ in model.named_modules() if name]
+        if self.reference is not None and not self._reference_modules:
+            self._reference_modules = self._reference_submodules(model)  # before our hooks exist: copies carry none
         for tap in self.taps:
             try:
                 module = model.get_submodule(tap.name)
             except AttributeError:
                 module = None
             if tap.source == "module" and module is None:
-                raise ValueError(f"RepresentationMonitor: the model has no submodule {tap.name!r}")
+                close = _closest(tap.name, self._submodule_names)
+                raise MonitorConfigurationError(
+                    f"RepresentationMonitor: the model has no submodule {tap.name!r}; closest submodules: {_quoted(close)}"
+                )
             if module is None or tap.source == "output":
                 continue
             self._module_taps.add(tap.name)
-            self._handles.append(module.register_forward_hook(self._make_hook(tap)))
+            self._found.add(tap.name)
+            self._handles.append(module.register_forward_hook(self._make_hook(tap), with_kwargs=True))
+
+    def retake_reference(self, model: nn.Module) -> None:
+        """Take the reference copies again from ``model`` (and re-attach): adapters call this when
+        training starts, after the framework has synchronised the weights across ranks."""
+        self._reference_modules = {}
+        self.attach(model)
+
+    def _reference_submodules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Frozen copies of the tapped submodules: of ``model`` now, or of the given reference."""
+        if isinstance(self.reference, nn.Module):
+            source = self.reference
+        elif self.reference == "initial":
+            source = model
+        else:
+            state = torch.load(self.reference, map_location="cpu", weights_only=False)
+            state = state.get("state_dict", state) if isinstance(state, Mapping) else state
+            source = copy.deepcopy(model)
+            try:
+                source.load_state_dict(state)
+            except (RuntimeError, TypeError) as error:
+                raise MonitorConfigurationError(f"RepresentationMonitor: the reference checkpoint {str(self.reference)!r} does not fit the model: {error}") from error
+        names = [name for name, _ in source.named_modules() if name]
+        frozen = {}
+        for tap in self.taps:
+            try:
+                module = model.get_submodule(tap.name)
+            except AttributeError:
+                continue  # an output tap: its reference comes from the step output
+            try:
+                reference = source.get_submodule(tap.name) if source is not model else module
+            except AttributeError:
+                raise MonitorConfigurationError(
+                    f"RepresentationMonitor: the reference model has no submodule {tap.name!r}; closest: {_quoted(_closest(tap.name, names))}"
+                ) from None
+            frozen[tap.name] = copy.deepcopy(reference).eval().requires_grad_(False)
+        return frozen
 
     def detach(self) -> None:
+        """Remove the forward hooks."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
     def _make_hook(self, tap: Tap) -> Callable[..., None]:
-        reduce = tap.reduce or flatten_output
+        def embed(output: Any) -> Tensor:
+            embeddings = tap.reduce(output) if tap.reduce is not None else _module_embeddings(output, tap.name)
+            if not isinstance(embeddings, Tensor):
+                raise MonitorConfigurationError(f"RepresentationMonitor: the `reduce` of tap {tap.name!r} returned {type(embeddings).__name__}, not a tensor")
+            return embeddings.detach()
 
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._mode is None:
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if self._mode is None or self._capture_error is not None:
                 return  # off-schedule: costs one attribute read
             with torch.no_grad():
-                self._captured[tap.name].append(reduce(output).detach())
+                try:
+                    self._captured[tap.name].append(embed(output))
+                    reference = self._reference_modules.get(tap.name)
+                    if reference is not None and self._mode == "eval":
+                        _follow_device(reference, module)
+                        self._reference_captured[tap.name].append(embed(reference(*args, **kwargs)))
+                except MonitorConfigurationError as error:
+                    self._capture_error = error  # raised from the next end_*_step, outside the model's forward
 
         return hook
 
     # ---- capture ---------------------------------------------------------------------------
-    def observe(self, outputs: Any) -> None:
-        """Read output taps from the dict a step returned (ignored when not capturing)."""
+    def observe(self, outputs: Any, stage: str = "train") -> None:
+        """Read output taps from what a step returned (``stage``: ``"train"`` or ``"eval"``).
+
+        Keys are recorded even when not capturing, so a misspelt tap is caught at the first step.
+        """
+        self._steps_seen[stage] += 1
+        if isinstance(outputs, Mapping):
+            if not self._taps_checked:
+                self._output_keys[stage].update(str(k) for k in outputs.keys())
+                self._found.update(t.name for t in self.taps if t.name in outputs)
         if self._mode is None or not isinstance(outputs, Mapping):
             return
         for tap in self.taps:
             if tap.name in self._module_taps or tap.name not in outputs:
                 continue
-            value = outputs[tap.name]
-            if isinstance(value, (list, tuple)):
-                self._captured[tap.name].extend(v.detach() for v in value)
-            elif isinstance(value, Tensor):
-                self._captured[tap.name].append(value.detach())
+            self._captured[tap.name].extend(self._output_tensors(tap, outputs[tap.name], tap.name))
+            if self.reference is not None and self._mode == "eval":
+                key = f"{tap.name}_reference"
+                if key not in outputs:
+                    raise MonitorConfigurationError(
+                        f"RepresentationMonitor: with `reference`, output tap {tap.name!r} needs the reference embeddings under the key"
+                        f" {key!r} of the validation step output (same rows and layout); keys seen: {_quoted(sorted(map(str, outputs)))}"
+                    )
+                self._reference_captured[tap.name].extend(self._output_tensors(tap, outputs[key], key))
 
-    def _take_views(self) -> dict[str, Tensor]:
+    def _output_tensors(self, tap: Tap, value: Any, key: str) -> list[Tensor]:
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if tap.reduce is not None:
+            values = [tap.reduce(v) for v in values]
+        out = []
+        for v in values:
+            if not isinstance(v, Tensor):
+                raise MonitorConfigurationError(f"RepresentationMonitor: output key {key!r} holds {type(v).__name__}; it must hold (B, D), (B, q, D) or a list of q (B, D) tensors")
+            if v.ndim > 3 or (v.ndim == 3 and self.num_views == 1):
+                raise MonitorConfigurationError(
+                    f"RepresentationMonitor: output key {key!r} holds a tensor of shape {tuple(v.shape)}; embeddings must be (B, D)"
+                    f"{' or (B, q, D) views' if self.num_views > 1 else ''}: {_FEATURE_MAP_HINT.format(name=tap.name)}"
+                )
+            out.append(v.detach())
+        return out
+
+    def _raise_capture_error(self) -> None:
+        if self._capture_error is not None:
+            error, self._capture_error = self._capture_error, None
+            self._mode = None
+            raise error
+
+    def check_taps(self, stage: str) -> None:
+        """Raise for taps that are neither submodules nor step-output keys (called by the step ends).
+
+        After the first training step a tap not found is an error, unless ``expect_eval`` says an
+        evaluation pass is still to come that could produce it and no evaluation step has been seen
+        (Lightning's sanity check counts); after the first evaluation pass it is an error.
+        """
+        if self._taps_checked:
+            return
+        missing = [t for t in self.taps if t.name not in self._found]
+        if not missing:
+            self._taps_checked = True
+            return
+        if stage == "train" and self.expect_eval and not self._steps_seen["eval"] and not self.eval_passes:
+            return  # the evaluation pass to come may produce them
+        keys = sorted(self._output_keys["train"] | self._output_keys["eval"])
+        lines = []
+        for tap in missing:
+            close_modules = _closest(tap.name, self._submodule_names)
+            close_keys = _closest(tap.name, keys)
+            lines.append(
+                f"tap {tap.name!r} is neither a submodule of the model nor a key of any step output"
+                f" (closest submodules: {_quoted(close_modules)}; closest output keys: {_quoted(close_keys)};"
+                f" output keys seen: {_quoted(keys)})"
+            )
+        self._taps_checked = True
+        raise MonitorConfigurationError("RepresentationMonitor: " + "; ".join(lines) + ". Fix the tap name, or return that key from the step.")
+
+    def _group(self, stage: str) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Group this step's captures per tap (and their reference); count and skip batches the layout cannot split."""
         grouped = {}
         for tap in self.taps:
             chunks, self._captured[tap.name] = self._captured[tap.name], []
+            reference_chunks, self._reference_captured[tap.name] = self._reference_captured[tap.name], []
             if not chunks:
                 continue
             try:
-                views = group_views(chunks, self.num_views, tap.name)
-            except ValueError as error:
-                if self.strict:
-                    raise
-                key = f"views/{tap.name}"
-                if key not in self._warned:
-                    self._warned.add(key)
-                    warnings.warn(f"reprmetrics monitor: {error}", RuntimeWarning, stacklevel=3)
+                views = group_views(chunks, self.num_views, tap.name, self.view_layout)
+                reference = group_views(reference_chunks, self.num_views, tap.name, self.view_layout) if reference_chunks else None
+            except _UngroupableBatch as error:
+                self._count_dropped(stage, tap.name, error.samples, str(error))
                 continue
+            if reference is not None and reference.shape[:2] != views.shape[:2]:
+                raise MonitorConfigurationError(
+                    f"RepresentationMonitor: tap {tap.name!r}: the reference gave {tuple(reference.shape[:2])} samples × views, the live model {tuple(views.shape[:2])}"
+                )
             self.num_features[tap.name] = views.shape[-1]
-            grouped[tap.name] = views
+            grouped[tap.name] = (views, reference)
         return grouped
+
+    def _count_dropped(self, stage: str, tap: str, samples: int, reason: str) -> None:
+        if stage == "train":
+            self._train_dropped[tap] += samples
+        else:
+            self._counts[("val", tap)].update(dropped=samples)
+        key = f"dropped/{stage}/{tap}"
+        if key not in self._warned:
+            self._warned.add(key)
+            warn(f"reprmetrics monitor: tap {tap!r} ({stage}): {reason}; such batches are left out and counted (see num_samples)")
 
     # ---- training schedule -----------------------------------------------------------------
     def _capture_window(self) -> int:
@@ -348,22 +904,48 @@ class RepresentationTracker:
         n = self.every_n_train_steps
         capture = n > 0 and (self.train_steps % n) >= n - self._capture_window()
         self._mode = "train" if capture else None
+        self._epoch_capture_steps += capture
         return capture
 
     def end_train_step(self, outputs: Any = None) -> dict[str, Tensor] | None:
-        """Call after each training step; returns ``{"tap/metric": value}`` on scheduled steps."""
-        if outputs is not None:
-            self.observe(outputs)
+        """Call after each training step, with what the step returned when output taps are used.
+
+        Returns ``{"tap/metric": value}`` on scheduled steps (every ``every_n_train_steps``), else
+        ``None``. Raises :class:`MonitorConfigurationError` for a misconfigured tap.
+        """
+        self._raise_capture_error()
+        self.observe(outputs, "train")
+        self.check_taps("train")
         result = None
         if self._mode == "train":
-            for tap, views in self._take_views().items():
+            for tap, (views, _) in self._group("train").items():
                 self._batch_size = views.shape[0]
                 self._buffers[tap].add(views)
+                self._epoch_train_captures[tap] += len(views)
             self._mode = None
             if (self.train_steps + 1) % self.every_n_train_steps == 0:
-                result = self._compute_stage("train", {tap: buf.take() for tap, buf in self._buffers.items()})
+                result = self._compute_train()
         self.train_steps += 1
         return result
+
+    def end_train_epoch(self) -> None:
+        """Call at the end of each training epoch: warns about taps that captured nothing in it."""
+        if self._epoch_capture_steps:
+            for tap in self.taps:
+                if not self._epoch_train_captures[tap.name]:
+                    warn(
+                        f"reprmetrics monitor: tap {tap.name!r} captured nothing during the {self._epoch_capture_steps} capturing training"
+                        f" steps of epoch {self.epoch} ({self._nothing_hint(tap, 'train')}); no train-stage values for it"
+                    )
+        self.epoch += 1
+        self._epoch_capture_steps = 0
+        self._epoch_train_captures = {t.name: 0 for t in self.taps}
+
+    def _nothing_hint(self, tap: Tap, stage: str) -> str:
+        if tap.name in self._module_taps:
+            return "its module was never called"
+        step = "training_step" if stage == "train" else "validation_step"
+        return f"the key is missing from the {step} outputs"
 
     # ---- evaluation ------------------------------------------------------------------------
     def start_eval(self) -> None:
@@ -371,53 +953,159 @@ class RepresentationTracker:
         for (stage, _), metric_set in self._metric_sets.items():
             if stage == "val":
                 metric_set.reset()
+        for (stage, _), counts in self._counts.items():
+            if stage == "val":
+                counts.reset()
+        for drift in self._drift.values():
+            drift.reset()
+        self._captured = {t.name: [] for t in self.taps}
+        self._reference_captured = {t.name: [] for t in self.taps}
         self._mode = "eval"
 
     def end_eval_step(self, outputs: Any = None) -> None:
-        if outputs is not None:
-            self.observe(outputs)
+        """Call after each evaluation batch, with what the step returned when output taps are used."""
+        self._raise_capture_error()
+        self.observe(outputs, "eval")
         if self._mode != "eval":
             return
-        for tap, views in self._take_views().items():
-            self.metric_set("val", tap, views).update(views)
+        for tap, (views, reference) in self._group("val").items():
+            self._feed("val", tap, views)
+            if reference is not None:
+                self._feed_drift(tap, views, reference)
 
     def end_eval(self) -> dict[str, Tensor]:
-        """Values over the whole evaluation pass (every rank must call it: metrics sync)."""
+        """Values over the whole evaluation pass: ``{"tap/metric": value}``.
+
+        Every rank must call it (metrics sync). Taps that captured nothing warn; see the class
+        docstring for ``num_samples``, ``nonfinite_fraction`` and what is withheld.
+        """
+        self._raise_capture_error()
         self._mode = None
+        self.eval_passes += 1
+        self.check_taps("eval")
         values = {}
         for tap in self.taps:
-            metric_set = self._metric_sets.get(("val", tap.name))
-            if metric_set is None:
-                continue
-            for name, value in metric_set.compute().items():
-                values[f"{tap.name}/{name}"] = value
+            values.update(self._compute_tap("val", tap.name))
         self._record("val", values)
         return values
 
     # ---- metrics ---------------------------------------------------------------------------
-    def metric_set(self, stage: str, tap: str, views: Tensor) -> MetricSet:
+    def metric_set(self, stage: str, tap: str, views: Tensor | None = None, width: int | None = None, num_views: int | None = None) -> MetricSet:
+        """The metrics of ``tap`` at ``stage``, created from the first batch's width and views."""
         key = (stage, tap)
         if key not in self._metric_sets:
-            metrics = default_metrics(views.shape[-1], views.shape[1], self.max_samples) if self.use_default_metrics else {}
+            d = views.shape[-1] if views is not None else width
+            q = views.shape[1] if views is not None else num_views
+            device = views.device if views is not None else self._device()
+            metrics = default_metrics(d, q, self.max_samples) if self.use_default_metrics else {}
+            metrics.update(default_metrics(d, q, self.max_samples, names=self.named_metrics) if self.named_metrics else {})
             metrics.update({name: m.clone() for name, m in self.extra_metrics.items()})
-            metrics = {name: m.to(views.device) for name, m in metrics.items()}  # embeddings stay where they are
-            self._metric_sets[key] = MetricSet(metrics, f"{stage}/{tap}", self.strict, self._warned)
+            metrics = {name: m.to(device) for name, m in metrics.items()}  # embeddings stay where they are
+            self._metric_sets[key] = MetricSet(metrics, f"{stage}/{tap}", self.strict, self._warned, self.rankme_diagnostics)
         return self._metric_sets[key]
 
     def metric_sets(self, stage: str) -> dict[str, MetricSet]:
+        """``{tap: MetricSet}`` of a stage (``"train"`` or ``"val"``)."""
         return {tap: s for (st, tap), s in self._metric_sets.items() if st == stage}
 
-    def _compute_stage(self, stage: str, views_by_tap: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
+    def metric_names(self, stage: str) -> dict[str, list[str]]:
+        """``{tap: [names it reports]}`` for the taps of a stage seen so far, the counts included."""
+        drift = ["cka_to_reference"] if stage == "val" and self.reference is not None else []
+        return {tap: [*s.value_names(), *drift, "num_samples", "nonfinite_fraction"] for tap, s in self.metric_sets(stage).items()}
+
+    def _feed_drift(self, tap: str, views: Tensor, reference: Tensor) -> None:
+        from reprmetrics.similarity import LinearCKA
+
+        live, ref = views[:, 0], reference[:, 0]
+        finite = torch.isfinite(live).all(dim=1) & torch.isfinite(ref).all(dim=1)
+        if not bool(finite.all()):
+            live, ref = live[finite], ref[finite]
+        if tap not in self._drift:
+            self._drift[tap] = LinearCKA(num_features=(live.shape[-1], ref.shape[-1])).to(live.device)
+        if len(live):
+            self._drift[tap].update(live, ref)
+
+    def _device(self) -> torch.device:
+        if self._model is not None:
+            for tensor in (*self._model.parameters(), *self._model.buffers()):
+                return tensor.device
+        return torch.device("cpu")
+
+    def _feed(self, stage: str, tap: str, views: Tensor) -> None:
+        used = self.metric_set(stage, tap, views).update(views)
+        counts = self._counts[(stage, tap)].to(views.device)
+        counts.update(used=used, nonfinite=len(views) - used, width=views.shape[-1], views=views.shape[1])
+
+    def _compute_train(self) -> dict[str, Tensor]:
         values = {}
-        for tap, views in views_by_tap.items():
-            if views is None:
-                continue
-            metric_set = self.metric_set(stage, tap, views)
-            metric_set.reset()
-            metric_set.update(views)
-            for name, value in metric_set.compute().items():
-                values[f"{tap}/{name}"] = value
-        self._record(stage, values)
+        for tap in self.taps:
+            views = self._buffers[tap.name].take()
+            dropped, self._train_dropped[tap.name] = self._train_dropped[tap.name], 0
+            counts = self._counts[("train", tap.name)]
+            counts.reset()
+            if views is not None:
+                self.metric_set("train", tap.name, views).reset()
+                self._feed("train", tap.name, views)
+            counts.update(dropped=dropped)
+            values.update(self._compute_tap("train", tap.name))
+        self._record("train", values)
+        return values
+
+    def _compute_tap(self, stage: str, tap: str) -> dict[str, Tensor]:
+        """One tap's values. The counts are synced first, so every rank takes the same branch."""
+        counts = self._counts[(stage, tap)]
+        metric_set = self._metric_sets.get((stage, tap))
+        counts.to(next(iter(metric_set.metrics.values())).device if metric_set is not None else self._device())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was called before the ``update``.*")
+            used, nonfinite, dropped, width, num_views = (int(v) for v in counts.compute().tolist())
+        report = CaptureReport(stage, tap, used, nonfinite, dropped)
+        self.reports[(stage, tap)] = report
+        label = {"train": "training", "val": "validation"}[stage]
+        if report.seen == 0:
+            if stage == "val":
+                tap_obj = next(t for t in self.taps if t.name == tap)
+                warn(
+                    f"reprmetrics monitor: tap {tap!r} captured nothing during validation pass {self.eval_passes}"
+                    f" ({self._nothing_hint(tap_obj, stage)}); no val-stage values for it"
+                )
+            return {}
+        device = counts.used.device
+        values = {
+            f"{tap}/num_samples": torch.tensor(float(used), device=device),
+            f"{tap}/nonfinite_fraction": torch.tensor(report.nonfinite_fraction, device=device),
+        }
+        if metric_set is None and width:  # nothing reached this rank but others have data: join their sync
+            metric_set = self.metric_set(stage, tap, width=width, num_views=num_views)
+        if nonfinite:
+            warn(
+                f"reprmetrics monitor: divergence: tap {tap!r} produced non-finite embeddings ({report.nonfinite_fraction:.0%} of"
+                f" {report.seen} samples, {label}); its metrics are reported as NaN"
+            )
+            names = metric_set.value_names() if metric_set is not None else []
+            names += ["cka_to_reference"] if stage == "val" and tap in self._drift else []
+            values.update({f"{tap}/{name}": torch.tensor(float("nan"), device=device) for name in names})
+            return values
+        if dropped:
+            warn(
+                f"reprmetrics monitor: tap {tap!r} ({label}): only {used} of {report.seen} samples were usable; {dropped} were in"
+                f" batches that could not be grouped into {self.num_views} views (view_layout={self.view_layout!r})"
+            )
+        if used < self.min_samples:
+            warn(
+                f"reprmetrics monitor: tap {tap!r} ({label}): {used} usable samples, fewer than min_samples={self.min_samples};"
+                " its metrics are not reported (num_samples is). Use more or larger batches, or lower min_samples"
+            )
+            return values
+        if metric_set is not None:
+            values.update({f"{tap}/{name}": value for name, value in metric_set.compute().items()})
+        if stage == "val" and tap in self._drift:
+            try:
+                values[f"{tap}/cka_to_reference"] = self._drift[tap].compute().detach()
+            except (ValueError, RuntimeError) as error:
+                if self.strict:
+                    raise
+                warn(f"reprmetrics monitor: skipping {stage}/{tap}/cka_to_reference: {error}")
         return values
 
     def _record(self, stage: str, values: Mapping[str, Tensor]) -> None:
@@ -426,15 +1114,19 @@ class RepresentationTracker:
 
     # ---- persistence -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The schedule's clock, the history of values and the widths seen (for checkpoints)."""
         return {
             "train_steps": self.train_steps,
+            "epoch": self.epoch,
             "history": {k: list(v) for k, v in self.history.items()},
             "num_features": dict(self.num_features),
             "batch_size": self._batch_size,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
         self.train_steps = int(state["train_steps"])
+        self.epoch = int(state.get("epoch", 0))
         self.history = {k: [tuple(x) for x in v] for k, v in state["history"].items()}
         self.num_features = dict(state.get("num_features", {}))
         self._batch_size = state.get("batch_size")

@@ -1,7 +1,8 @@
 r"""Streaming multi-view metrics: :class:`LiDAR`, :class:`Alignment` and :class:`Uniformity`.
 
-- :class:`LiDAR` keeps sufficient statistics of whole groups of views (two D×D scatter sums, a
-  D-vector and counts), all sum-reduced: memory and DDP traffic are O(D²) whatever the number of samples.
+- :class:`LiDAR` keeps sufficient statistics of whole groups of views (the within-group scatter,
+  sum-reduced, and shifted centred moments of the group means, merged exactly): memory and DDP
+  traffic are O(D²) whatever the number of samples.
 - :class:`Alignment` keeps a sum and a count.
 - :class:`Uniformity` needs the points: it keeps a uniform random sample of at most ``max_samples``
   of them, the same sample on every rank (see :class:`reprmetrics._sampling.BoundedSampleMetric`),
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from reprmetrics._base import ReprMetric
-from reprmetrics._linalg import no_autocast
+from reprmetrics._linalg import centred_moments_state, merge_centred_moments, no_autocast
 from reprmetrics._sampling import BoundedSampleMetric
 from reprmetrics._validation import check_nonnegative_float, check_positive_int
 from reprmetrics.functional.multiview import (
@@ -52,10 +53,13 @@ class LiDAR(ReprMetric):
         p_k = \frac{\lambda_k}{\sum_l \lambda_l} + \varepsilon, \qquad
         \operatorname{LiDAR} = \exp\Big(-\sum_{k=1}^{d} p_k \log p_k\Big).
 
-    The state is sum-reduced float64: the within-group scatter :math:`\sum_{ij} (z_{ij}-\mu_i)(z_{ij}-\mu_i)^\top`
-    (each group is centred on its own mean inside its batch, so no cancellation), :math:`\sum_i \mu_i \mu_i^\top`,
-    :math:`\sum_i \mu_i`, n and q. Σ_b is formed from the last three in one pass, which loses about
-    log10(‖μ‖² / λ) of float64's 16 digits on an eigenvalue λ of Σ_b (harmless for embeddings).
+    The state is float64: the within-group scatter :math:`\sum_{ij} (z_{ij}-\mu_i)(z_{ij}-\mu_i)^\top`
+    (each group is centred on its own mean inside its batch, so no cancellation; sum-reduced), the
+    group means' shifted centred moments (n, a shift, Σ(μ_i − c), Σ(μ_i − c)(μ_i − c)ᵀ, merged exactly
+    across batches and ranks with Chan et al.'s update, see
+    :func:`reprmetrics._linalg.merge_centred_moments`), q and the input's precision. A common offset
+    does not cancel: at offsets up to 1e8 × the spread (float64 input) LiDAR stays within 1e-6 of a
+    reference that centres before any product.
     Equals :func:`reprmetrics.functional.lidar` on the concatenation of every batch of every rank.
 
     As input to ``update``:
@@ -66,7 +70,7 @@ class LiDAR(ReprMetric):
 
     As output of ``compute``:
         - a scalar float32 tensor in about ``[1, min(n − 1, d)]``; higher is better. If every sample
-          has the same mean view (up to float64 round-off), all λ are 0 and LiDAR is
+          has the same mean view (up to the input's rounding noise), all λ are 0 and LiDAR is
           :math:`\exp(-d\varepsilon\log\varepsilon) \approx 1`.
 
     Args:
@@ -94,8 +98,7 @@ class LiDAR(ReprMetric):
     _reset_attributes = ("_known_views",)
 
     within: Tensor
-    means_gram: Tensor
-    means_sum: Tensor
+    means_moments: Tensor
     num_groups: Tensor
     num_views: Tensor
     total_views: Tensor
@@ -108,12 +111,13 @@ class LiDAR(ReprMetric):
             check_positive_int(num_features, "LiDAR", "num_features")
         d = num_features or 0
         self.add_state("within", torch.zeros(d, d, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("means_gram", torch.zeros(d, d, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("means_sum", torch.zeros(d, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("means_moments", centred_moments_state(num_features), dist_reduce_fx=merge_centred_moments)
         self.add_state("num_groups", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         # q is fixed: "max" carries it through a sync, and total_views = n·q checks that ranks agree.
         self.add_state("num_views", torch.tensor(0, dtype=torch.long), dist_reduce_fx="max")
         self.add_state("total_views", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        # Machine epsilon of the coarsest input seen: sets when Σ_b is indistinguishable from 0.
+        self.add_state("input_eps", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
         self._known_views: int | None = None  # q of earlier batches, checked without a device sync
 
     def _validated(self, views: Any) -> Tensor:
@@ -127,10 +131,9 @@ class LiDAR(ReprMetric):
         with no_autocast(v.device):
             if self.within.numel() == 0:
                 self.within = torch.zeros(d, d, dtype=torch.float64, device=self.within.device)
-                self.means_gram = torch.zeros(d, d, dtype=torch.float64, device=self.means_gram.device)
-                self.means_sum = torch.zeros(d, dtype=torch.float64, device=self.means_sum.device)
             v64 = v.to(device=self.within.device, dtype=torch.float64)
-            _add_lidar_moments_(self.within, self.means_gram, self.means_sum, v64)
+            self.means_moments = _add_lidar_moments_(self.within, self.means_moments, v64)
+            self.input_eps.clamp_(min=torch.finfo(v.dtype).eps)
             self.num_groups += b
             self.num_views.fill_(q)
             self.total_views += b * q
@@ -149,8 +152,8 @@ class LiDAR(ReprMetric):
                 f" in {n} groups, at most {q} per group); every group must have the same q"
             )
         with no_autocast(self.within.device):
-            between, within, scale = _lidar_scatter_from_moments(self.within, self.means_gram, self.means_sum, n, q)
-            value = _smooth_effective_rank(_lidar_eigenvalues(between, within, self.delta, scale, n, "LiDAR"), self.eps)
+            between, within, tol, _ = _lidar_scatter_from_moments(self.within, self.means_moments, q, float(self.input_eps))
+            value = _smooth_effective_rank(_lidar_eigenvalues(between, within, self.delta, tol, "LiDAR"), self.eps)
         return value.to(torch.get_default_dtype())
 
     def _check_forward(self, views: Any) -> Tensor:
@@ -185,6 +188,9 @@ class Alignment(ReprMetric):
         - a scalar float32 tensor ≥ 0 (at most :math:`2^\alpha` when normalised); lower is better,
           0 for identical views.
 
+    Differentiable: ``metric(x, y)`` (``forward``) returns the batch's alignment with its autograd
+    graph, usable as a loss (as Wang & Isola and lightly do); the accumulated state is detached.
+
     Args:
         alpha: exponent > 0 (the paper's 2).
         normalize: L2-normalise the rows first (zero-norm rows then raise ``ValueError``).
@@ -202,6 +208,7 @@ class Alignment(ReprMetric):
     """
 
     _reset_attributes = ("_num_features",)
+    is_differentiable = True
     higher_is_better = False
     plot_lower_bound = 0.0
 
@@ -268,6 +275,9 @@ class Uniformity(BoundedSampleMetric):
     As output of ``compute``:
         - a scalar float32 tensor ≤ 0; lower is better (more uniform). About :math:`-2t + 2t^2/D` for
           points uniform on the sphere, 0 for identical points.
+
+    Not differentiable (the kept sample is detached, so ``is_differentiable`` is False): as a training
+    loss use :func:`reprmetrics.functional.uniformity`, whose tiled backward never forms N×N either.
 
     Args:
         t: temperature > 0 (the paper's 2).

@@ -27,16 +27,21 @@ from reprmetrics._linalg import (
     no_autocast,
 )
 from reprmetrics._validation import check_nonnegative_float, check_positive_int, check_tensor
+from reprmetrics.functional.collapse import _l2_normalize
 from reprmetrics.functional.spectral import (
+    _check_coding_rate_eps,
     _check_fit_range,
+    _coding_rate_from_gram,
     _covariance_from_moments,
     _covariance_spectrum_from_state,
+    _nesum_from_state,
     _power_law_fit,
     _rankme_from_singular_values,
     _singular_values_from_gram,
+    _spectrum_diagnostics,
 )
 
-__all__ = ["AlphaReQ", "RankMe"]
+__all__ = ["AlphaReQ", "CodingRate", "NESum", "RankMe"]
 
 
 class _SecondMoments(ReprMetric):
@@ -102,15 +107,26 @@ class _SecondMoments(ReprMetric):
         # Upper triangle valid only (see add_gram_); the eigensolver reads just that triangle.
         return self.gram.to(torch.float64), self.total.to(torch.float64), n
 
+    def _singular_values(self) -> Tensor:
+        gram, _, n = self._checked_moments()
+        with no_autocast(gram.device):
+            return _singular_values_from_gram(gram, n, gram.shape[0], torch.finfo(self.accumulate_dtype).eps)
+
     def singular_values(self) -> Tensor:
-        """Singular values of the un-centred matrix of all embeddings seen (synced across ranks), descending."""
+        """Singular values of the un-centred matrix of all embeddings seen (synced across ranks), descending.
+
+        Those at the Gram's round-off level are exact zeros (see
+        :func:`reprmetrics._linalg.gram_zero_tolerance`).
+        """
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
-            gram, _, n = self._checked_moments()
-            with no_autocast(gram.device):
-                return _singular_values_from_gram(gram, n)
+            return self._singular_values()
 
     def covariance_eigenvalues(self) -> Tensor:
-        """Eigenvalues of the covariance of all embeddings seen (synced across ranks), descending."""
+        """Eigenvalues of the covariance of all embeddings seen (synced across ranks), descending.
+
+        Formed from the un-centred ZᵀZ that RankMe keeps, so it loses about log10(‖mean‖²/λ) of
+        float64's digits on an eigenvalue λ; :class:`AlphaReQ` keeps centred moments and does not.
+        """
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
             gram, total, n = self._checked_moments()
             if n < 2:
@@ -126,7 +142,10 @@ class RankMe(_SecondMoments):
         \operatorname{RankMe} = \exp\Big(-\sum_{k=1}^{\min(N,D)} p_k \log p_k\Big)
 
     with :math:`\sigma_k` the singular values of the un-centred matrix of all embeddings seen, taken
-    as square roots of the eigenvalues of the accumulated ZᵀZ. Equals
+    as square roots of the eigenvalues of the accumulated ZᵀZ; eigenvalues at the Gram's round-off
+    level, :math:`(\sqrt N + \sqrt D)\,\varepsilon\,\operatorname{tr} Z^\top Z`, are exact zeros
+    (:func:`reprmetrics._linalg.gram_zero_tolerance`), so exactly rank-r embeddings give RankMe within
+    1e-9 of an SVD. :meth:`diagnostics` adds σ₁ and the condition number. Equals
     :func:`reprmetrics.functional.rankme` on the concatenation of every batch of every rank.
 
     As input to ``update``:
@@ -170,10 +189,25 @@ class RankMe(_SecondMoments):
 
     def compute(self) -> Tensor:
         """RankMe of everything seen so far."""
-        gram, _, n = self._checked_moments()
-        with no_autocast(gram.device):
-            value = _rankme_from_singular_values(_singular_values_from_gram(gram, n), self.eps)
+        sigma = self._singular_values()
+        with no_autocast(sigma.device):
+            value = _rankme_from_singular_values(sigma, self.eps)
         return value.to(torch.get_default_dtype())
+
+    def diagnostics(self) -> dict[str, float | int]:
+        """RankMe plus σ₁, the condition number and the numerical rank, synced across ranks, from one
+        eigendecomposition of the accumulated Gram (what stable-pretraining's verbose mode logs).
+
+        Returns ``{"rankme", "top_singular_value", "condition_number", "numerical_rank"}`` as Python
+        numbers; ``condition_number`` is σ₁ / (smallest non-zero σ), finite for rank-deficient
+        embeddings, whose zero singular values show in ``numerical_rank`` instead. Costs what
+        ``compute()`` costs; call it where the values are logged, not per step.
+        """
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
+            sigma = self._singular_values()
+        out: dict[str, float | int] = {"rankme": float(_rankme_from_singular_values(sigma, self.eps))}
+        out.update(_spectrum_diagnostics(sigma))
+        return out
 
 
 class _CentredSecondMoments(ReprMetric):
@@ -235,7 +269,7 @@ class _CentredSecondMoments(ReprMetric):
             state, n = self._checked_state()
             with no_autocast(state.device):
                 _, mean, scatter = centred_moments(state)
-                return _singular_values_from_gram(scatter + n * torch.outer(mean, mean), n)
+                return _singular_values_from_gram(scatter + n * torch.outer(mean, mean), n, scatter.shape[0])
 
 
 class AlphaReQ(_CentredSecondMoments):
@@ -325,3 +359,116 @@ class AlphaReQ(_CentredSecondMoments):
             "first": first,
             "last": last,
         }
+
+
+class CodingRate(_SecondMoments):
+    r"""Coding rate (Yu et al., NeurIPS 2020, MCR²), streamed over batches.
+
+    .. math::
+        R(Z; \varepsilon) = \frac12 \log\det\Big(I_D + \frac{D}{N \varepsilon^2} Z^\top Z\Big)
+
+    with Z all embeddings seen, rows L2-normalised when ``normalize=True`` (the default, as in MCR²)
+    and not centred. States: ZᵀZ of the (normalised) rows (D×D) and N, sum-reduced (the inherited
+    Σz state holds the sum of the normalised rows). The log-determinant is taken by a float64 Cholesky
+    factorisation of the positive definite matrix. Equals :func:`reprmetrics.functional.coding_rate`
+    on the concatenation of every batch of every rank.
+
+    As input to ``update``:
+        - ``embeddings`` (:class:`~torch.Tensor`): ``(B, D)`` floating tensor.
+
+    As output of ``compute``:
+        - a scalar float32 tensor ≥ 0 (nats); higher is better: it grows with the rank and spread of
+          the embeddings (½ log(1 + D/ε²) when they all point one way).
+
+    Args:
+        eps: ε > 0, the allowed distortion (MCR²'s 0.5).
+        normalize: L2-normalise each row before accumulating (zero rows stay zero).
+        num_features, accumulate_dtype, kwargs: as for :class:`RankMe`.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics import CodingRate
+        >>> low, high = CodingRate(), CodingRate()
+        >>> basis = torch.randn(4, 32)
+        >>> for _ in range(4):
+        ...     low.update(torch.randn(256, 4) @ basis)    # rank 4
+        ...     high.update(torch.randn(256, 32))          # full rank
+        >>> bool(low.compute() < high.compute())
+        True
+    """
+
+    higher_is_better = True
+    plot_lower_bound = 0.0
+
+    def __init__(
+        self,
+        eps: float = 0.5,
+        normalize: bool = True,
+        num_features: int | None = None,
+        accumulate_dtype: torch.dtype = torch.float64,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_features=num_features, accumulate_dtype=accumulate_dtype, **kwargs)
+        self.eps = _check_coding_rate_eps(eps, "CodingRate")
+        if not isinstance(normalize, bool):
+            raise ValueError(f"CodingRate: `normalize` must be True or False, got {normalize!r}")
+        self.normalize = normalize
+
+    def update(self, embeddings: Tensor) -> None:
+        """Add a ``(B, D)`` batch (normalised first if asked). Raises ``ValueError`` (state untouched) on bad input."""
+        z = self._check_batch(embeddings)
+        if self.normalize:
+            with no_autocast(z.device):
+                z = _l2_normalize(z.to(device=self.gram.device, dtype=torch.float64))
+        super().update(z)
+
+    def compute(self) -> Tensor:
+        """The coding rate of everything seen so far (nats)."""
+        gram, _, n = self._checked_moments()
+        with no_autocast(gram.device):
+            value = _coding_rate_from_gram(gram, n, gram.shape[0], self.eps)
+        return value.to(torch.get_default_dtype())
+
+
+class NESum(_CentredSecondMoments):
+    r"""NESum, the normalised eigenvalue sum (He & Ozay, ICML 2022), streamed over batches.
+
+    .. math::
+        \operatorname{NESum} = \sum_{k=1}^{D} \frac{\lambda_k}{\lambda_1} = \frac{\operatorname{tr}\Sigma}{\lambda_1}
+
+    over the eigenvalues of the covariance Σ of all embeddings seen (centred). State: the packed
+    centred moments (N, a shift, Σ(z − c), Σ(z − c)(z − c)ᵀ), merged exactly across batches and ranks
+    (see :func:`reprmetrics._linalg.merge_centred_moments`), so an offset far larger than the spread
+    cancels nothing. Equals :func:`reprmetrics.functional.nesum` on the concatenation of every batch of
+    every rank.
+
+    As input to ``update``:
+        - ``embeddings`` (:class:`~torch.Tensor`): ``(B, D)`` floating tensor.
+
+    As output of ``compute``:
+        - a scalar float32 tensor in ``[1, D]``; higher is healthier (1: one direction; about D:
+          isotropic). 0 when the embeddings have no spread above the rounding of their dtype.
+
+    Args:
+        num_features: D, if known up front (otherwise taken from the first batch).
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics import NESum
+        >>> metric = NESum()
+        >>> for _ in range(4):
+        ...     metric.update(torch.randn(2048, 16))
+        >>> 14 < metric.compute().item() <= 16
+        True
+    """
+
+    higher_is_better = True
+    plot_lower_bound = 0.0
+
+    def compute(self) -> Tensor:
+        """NESum of everything seen so far."""
+        state, _ = self._checked_state()
+        with no_autocast(state.device):
+            value = _nesum_from_state(state, float(self.input_eps))
+        return value.to(torch.get_default_dtype())

@@ -58,3 +58,60 @@ class ToyEncoder(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class _NaNRows(nn.Module):
+    """Replaces a share of its input rows by NaN when ``active()`` says so."""
+
+    def __init__(self, share: float, active):
+        super().__init__()
+        self.share = share
+        self.active = active
+
+    def forward(self, z):
+        if not self.active():
+            return z
+        rows = int(round(self.share * len(z)))
+        return torch.cat([torch.full_like(z[:rows], float("nan")), z[rows:]])
+
+
+class DivergingEncoder(ToyEncoder):
+    """ToyEncoder whose projector output turns NaN in a share of the rows, in validation from
+    ``nan_from_epoch`` on (the embeddings of a diverged run; training itself stays finite)."""
+
+    def __init__(self, nan_from_epoch: int = 1, nan_share: float = 0.375, **kwargs):
+        super().__init__(**kwargs)
+        linear = self.projector
+        self.projector = nn.Sequential(linear, _NaNRows(nan_share, lambda: not self.training and self.current_epoch >= nan_from_epoch))
+
+
+class ConcatViewsEncoder(ToyEncoder):
+    """Calls the projector once per step on ``torch.cat([view_1, view_2])`` (one batch of 2B rows)."""
+
+    def _views(self, x):
+        z = self(torch.cat([x, x.flip(1) * 0.1 + x]))
+        return list(z.chunk(2))
+
+
+class ConvEncoder(pl.LightningModule):
+    """A small CNN whose ``features`` submodule outputs a (B, C, H, W) feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8 * 4 * 6, 16)
+
+    def forward(self, x):
+        return self.head(self.features(x.view(-1, 1, 4, 6)).flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        z = self(x)
+        return {"loss": z.square().mean(), "maps": self.features(x.view(-1, 1, 4, 6)).detach()}
+
+    def validation_step(self, batch, batch_idx):
+        (x,) = batch
+        return {"maps": self.features(x.view(-1, 1, 4, 6))}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)

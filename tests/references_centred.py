@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from references_multiview import lidar_ref  # noqa: F401  (re-exported for the centred tests)
 
 
 def exact_power_law(n: int, d: int, alpha: float, offset: float, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -49,17 +50,12 @@ def normalized_std_ref(z) -> float:
     return float(np.mean(np.std(zn, axis=0, ddof=1)))
 
 
-def lidar_ref(views, delta: float = 1e-4, eps: float = 1e-8) -> float:
-    """LiDAR from the definition: centre in float64, then Σ_w^{-1/2} Σ_b Σ_w^{-1/2} by eigh."""
-    v = np.asarray(views, dtype=np.float64)
-    n, q, d = v.shape
-    mu_i = v.mean(axis=1)
-    dev_b = mu_i - mu_i.mean(axis=0)
-    between = dev_b.T @ dev_b / (n - 1)
-    dev_w = (v - mu_i[:, None, :]).reshape(n * q, d)
-    within = dev_w.T @ dev_w / (n * (q - 1)) + delta * np.eye(d)
-    w_val, w_vec = np.linalg.eigh(within)
-    inv_sqrt = (w_vec / np.sqrt(w_val)) @ w_vec.T
-    lam = np.clip(np.linalg.eigvalsh(inv_sqrt @ between @ inv_sqrt), 0, None)
-    p = lam / lam.sum() + eps
-    return float(np.exp(-np.sum(p * np.log(p))))
+def views_at_offset(n: int, q: int, d: int, offset: float, within: float = 0.3, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """(n, q, d) views: sample means with a decaying spectrum (spread ≈ 1 per entry scale), within-sample
+    noise of relative size ``within``, all shifted by entries of ± (0.5..1.5) × ``offset`` × the spread."""
+    rng = np.random.default_rng(seed)
+    means = exact_power_law(n, d, 1.0, 0.0, seed=seed).numpy()
+    spread = np.sqrt(np.mean(means**2))
+    noise = within * spread * rng.standard_normal((n, q, d)) * np.linspace(1.0, 0.2, d)
+    mu = offset * spread * rng.uniform(0.5, 1.5, d) * rng.choice([-1.0, 1.0], d)
+    return torch.from_numpy(means[:, None, :] + noise + mu).to(dtype)

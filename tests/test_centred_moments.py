@@ -129,9 +129,9 @@ def test_collapse_towards_a_point_keeps_the_fit_range(spread):
     assert metric.spectrum_fit()["last"] == 100
 
 
-@pytest.mark.parametrize("offset", [1e0, 1e2, 1e4, 1e5])
-def test_float32_input_holds_up_to_offsets_of_1e5(offset):
-    """Measured bound: float32 data holds α to 1e-6 of the reference on the same data up to 1e5 × the spread."""
+@pytest.mark.parametrize("offset", [1e0, 1e2, 1e4, 1e5, 2e5])
+def test_float32_input_holds_up_to_offsets_of_2e5(offset):
+    """Measured bound: float32 data holds α to 1e-6 of the reference on the same data up to 2e5 × the spread."""
     z = exact_power_law(2048, 128, 1.003, offset, dtype=torch.float32)
     expected, _ = alpha_req_centred_ref(z.double().numpy())
     assert rel(alpha_req(z), expected) <= 1e-6
@@ -186,3 +186,131 @@ def test_forward_merges_lazily_shaped_state():
     for b in z.split(128):
         known(b)
     assert rel(known.compute(), expected) <= 1e-6
+
+
+# ---- LiDAR and NormalizedStd on the same accumulator ------------------------------------------------
+
+from references_centred import lidar_ref, normalized_std_ref, views_at_offset  # noqa: E402
+
+from reprmetrics import LiDAR, NormalizedStd  # noqa: E402
+from reprmetrics.functional import lidar, normalized_std  # noqa: E402
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_lidar_at_large_offsets_float64(offset):
+    views = views_at_offset(1024, 2, 32, offset)
+    expected = lidar_ref(views.numpy())
+    assert rel(lidar(views), expected) <= 1e-6
+    metric = LiDAR()
+    for b in views.split(128):
+        metric.update(b)
+    assert rel(metric.compute(), expected) <= 1e-6
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_normalized_std_at_large_offsets_float64(offset):
+    z = exact_power_law(2048, 64, 1.0, offset)
+    expected = normalized_std_ref(z.numpy())
+    assert rel(normalized_std(z), expected) <= 1e-6
+    metric = NormalizedStd()
+    for b in z.split(128):
+        metric.update(b)
+    assert rel(metric.compute(), expected) <= 1e-6
+
+
+def _ddp_lidar_std(rank, world_size, views, z, offsets):
+    mine_v, mine_z = views[rank::world_size].clone(), z[rank::world_size].clone()
+    mine_v[:1] += offsets[rank]  # each rank's first batch (hence its shift) sits elsewhere
+    mine_z[:1] += offsets[rank]
+    lid, std = LiDAR(), NormalizedStd()
+    for b in mine_v.split(128):
+        lid.update(b)
+    for b in mine_z.split(128):
+        std.update(b)
+    return lid.compute(), std.compute(), mine_v[:1], mine_z[:1]
+
+
+@pytest.mark.parametrize("offset", [1e0, 1e8])
+def test_ddp_lidar_and_normalized_std_with_different_shifts(offset):
+    views = views_at_offset(512, 2, 16, offset)
+    z = exact_power_law(1024, 32, 1.0, offset)
+    spread = float(z.std(dim=0).mean())
+    results = run_distributed(_ddp_lidar_std, views, z, [10 * spread, -30 * spread])
+    all_v = torch.cat([results[0][2], views[2::2], results[1][2], views[3::2]])
+    all_z = torch.cat([results[0][3], z[2::2], results[1][3], z[3::2]])
+    for lid_value, std_value, _, _ in results:
+        assert rel(lid_value, lidar_ref(all_v.numpy())) <= 1e-6
+        assert rel(std_value, normalized_std_ref(all_z.numpy())) <= 1e-6
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_normalized_std_streaming_forward_and_degenerate_cases():
+    z = exact_power_law(300, 16, 1.0, 1e3)
+    metric = NormalizedStd()
+    for b in z.split(100):
+        assert torch.isfinite(metric(b))
+    assert rel(metric.compute(), normalized_std_ref(z.numpy())) <= 1e-6
+    assert NormalizedStd.full_state_update is False and NormalizedStd.higher_is_better is True
+    same = NormalizedStd()
+    same.update(torch.ones(50, 8) * 1e6)
+    same.update(torch.ones(7, 8) * 3)
+    assert same.compute().item() == 0.0  # identical directions: exactly 0
+    single = NormalizedStd()
+    single.update(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="NormalizedStd: needs at least 2"):
+        single.compute()
+    with pytest.raises(ValueError, match="NormalizedStd: compute"):
+        NormalizedStd().compute()
+    before = single.moments.clone()
+    with pytest.raises(ValueError, match="NormalizedStd"):
+        single.update(torch.randn(4, 5))
+    assert torch.equal(before, single.moments)
+
+
+def test_lidar_identical_sample_means_far_from_origin_give_one():
+    """Σ_b is zero up to the input's rounding noise: all λ are 0 and LiDAR is 1 for eps = 0."""
+    base = torch.randn(1, 1, 16, dtype=torch.float64) * 1e6
+    noise = 0.1 * torch.randn(200, 1, 16, dtype=torch.float64)
+    views = base + torch.cat([noise, -noise], dim=1)  # every sample's mean view is `base`
+    assert lidar(views, eps=0.0).item() == 1.0
+    metric = LiDAR(eps=0.0)
+    for b in views.split(64):
+        metric.update(b)
+    assert metric.compute().item() == 1.0
+
+
+@pytest.mark.parametrize("offset", [1e0, 1e4, 1e6])
+def test_lidar_and_normalized_std_float32_hold_up_to_1e6(offset):
+    """Measured bounds for float32 input (the reference centres the same float32 data in float64)."""
+    views = views_at_offset(1024, 2, 32, offset, dtype=torch.float32)
+    assert rel(lidar(views), lidar_ref(views.double().numpy())) <= 1e-6
+    z = exact_power_law(2048, 64, 1.0, offset, dtype=torch.float32)
+    assert rel(normalized_std(z), normalized_std_ref(z.double().numpy())) <= 1e-6
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cuts=st.lists(st.integers(min_value=1, max_value=199), min_size=1, max_size=6),
+    log_offset=st.integers(min_value=0, max_value=8),
+    diagonal=st.booleans(),
+)
+def test_any_split_merged_in_any_grouping_equals_centring_first(cuts, log_offset, diagonal):
+    z = exact_power_law(200, 6, 1.0, 10.0**log_offset, seed=len(cuts))
+    bounds = [0, *sorted(set(cuts)), 200]
+    parts = [centred_moments_of(z[a:b], diagonal=diagonal) for a, b in zip(bounds, bounds[1:])]
+    # Merge pairwise left to right (as forward() does) and all at once (as a DDP sync does).
+    running = parts[0]
+    for p in parts[1:]:
+        running = merge_centred_moments(torch.stack([running, p]))
+    at_once = merge_centred_moments(torch.stack(parts)) if len(parts) > 1 else parts[0]
+    ref = scatter_ref(z.numpy())
+    for state in (running, at_once):
+        n, mean, scatter = centred_moments(state)
+        assert n == 200
+        got = scatter.numpy() if diagonal else symmetric_from_upper(scatter).numpy()
+        want = np.diag(ref) if diagonal else ref
+        assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max()

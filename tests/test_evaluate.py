@@ -14,19 +14,25 @@ from references_centred import alpha_req_centred_ref, lidar_ref, normalized_std_
 from references_intrinsic_dimension import lid_ref, mle_ref, twonn_ref
 from references import rankme_ref
 from references_multiview import alignment_ref, uniformity_ref
+from references_isotropy import coding_rate_ref, isoscore_steps_ref, nesum_ref, wasserstein_uniformity_ref
 from references_similarity import linear_cka_ref
 from reprmetrics import LocalIntrinsicDimension, TwoNN, Uniformity, evaluate
 from reprmetrics.functional import (
     alignment,
     alpha_req,
+    coding_rate,
+    isoscore,
     lidar,
     linear_cka,
     local_intrinsic_dimension,
     mle_dimension,
+    nesum,
     normalized_std,
     rankme,
+    sigreg,
     twonn_dimension,
     uniformity,
+    wasserstein_uniformity,
 )
 from reprmetrics.monitor import RepresentationTracker, default_metrics
 
@@ -62,6 +68,11 @@ def references(z: torch.Tensor, views: torch.Tensor | None = None) -> dict[str, 
         "lid": geometric_mean(lid_ref(x, 20)),
         "twonn": twonn_ref(x),
         "mle_dimension": mle_ref(x, 20),
+        "nesum": nesum_ref(x),
+        "coding_rate": coding_rate_ref(x),
+        "wasserstein_uniformity": wasserstein_uniformity_ref(x),
+        "isoscore": isoscore_steps_ref(x),
+        "sigreg": float(sigreg(z)),  # random directions: the functional twin, not a numpy reference
     }
     if z.shape[1] >= 13:
         refs["alpha_req"] = alpha_req_centred_ref(x, fit_range=(11, min(100, z.shape[1])))[0]  # full rank here
@@ -126,6 +137,10 @@ def test_input_forms_equal_the_functional_definitions(form):
         "normalized_std": normalized_std(x),
         "uniformity": uniformity(x),
         "lid": local_intrinsic_dimension(x).double().log().mean().exp(),
+        "nesum": nesum(x),
+        "coding_rate": coding_rate(x),
+        "wasserstein_uniformity": wasserstein_uniformity(x),
+        "isoscore": isoscore(x),
     }
     rtol = 1e-6 if form not in ("float16",) else 1e-5
     assert_close(values, {k: float(v) for k, v in functional.items()}, rtol=rtol)
@@ -152,7 +167,8 @@ def test_matches_what_the_monitor_logs():
         tracker.end_eval_step()
     logged = {k.split("/", 1)[1]: float(t) for k, t in tracker.end_eval().items()}
     values = evaluate(None, views=v, max_samples=500, batch_size=256)
-    assert set(values) == set(logged)
+    # The tracker also logs its sample counts and α-ReQ's fit quality next to the metrics.
+    assert set(values) == set(logged) - {"num_samples", "nonfinite_fraction", "alpha_req_r2"}
     assert_close(values, logged, rtol=1e-6)
 
 
@@ -175,6 +191,7 @@ def test_each_point_metric_alone(name):
     functional = {
         "rankme": rankme, "alpha_req": alpha_req, "normalized_std": normalized_std, "uniformity": uniformity,
         "lid": lambda x: local_intrinsic_dimension(x).log().mean().exp(), "twonn": twonn_dimension, "mle_dimension": mle_dimension,
+        "nesum": nesum, "coding_rate": coding_rate, "wasserstein_uniformity": wasserstein_uniformity, "isoscore": isoscore, "sigreg": sigreg,
     }[name]
     assert math.isclose(values[name], float(functional(z)), rel_tol=1e-6)  # Metric values are float32
 

@@ -102,8 +102,11 @@ def test_harmful_fine_tune_is_stopped_and_its_best_checkpoint_kept(tmp_path, cap
     args = finetune_stopped.parse_args(["--fast"])
 
     assert result["stopped"] and result["epochs_run"] < args.epochs
-    assert f"below the baseline {result['baseline']:.4g}" in result["reason"] and result["reason"] in out
-    assert result["ranks"][-1] < (1 - args.max_relative_drop) * result["baseline"]
+    assert result["reason"].startswith("Representation drift: CKA to the reference backbone") and result["reason"] in out
+    assert all(c < args.min_cka for c in result["cka"][-args.patience :])
+    # The healthy fine-tune, with the same guard, runs to the end.
+    healthy = result["healthy"]
+    assert not healthy["stopped"] and healthy["epochs_run"] == args.epochs and min(healthy["cka"]) > args.min_cka
 
     path = result["best_checkpoint"]
     assert os.path.isfile(path)

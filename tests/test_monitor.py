@@ -8,19 +8,32 @@ from torch import nn
 
 from reprmetrics import AlphaReQ, RankMe
 from reprmetrics.functional import rankme
-from reprmetrics.monitor import RepresentationTracker, Tap, flatten_output, group_views
+from reprmetrics.monitor import MonitorConfigurationError, RepresentationTracker, Tap, flatten_output, group_views
 
 
-def test_group_views_forms():
+def test_group_views_layouts():
     a, b = torch.randn(5, 3), torch.randn(5, 3)
-    assert torch.equal(group_views([a, b], 2, "t"), torch.stack([a, b], 1))  # q forward calls
-    assert torch.equal(group_views([torch.cat([a, b])], 2, "t"), torch.stack([a, b], 1))  # one concatenated batch
-    assert torch.equal(group_views([torch.stack([a, b], 1)], 2, "t"), torch.stack([a, b], 1))  # (B, q, D)
+    expected = torch.stack([a, b], 1)
+    assert torch.equal(group_views([a, b], 2, "t"), expected)  # q forward calls: unambiguous
+    assert torch.equal(group_views([a, b], 2, "t", "calls"), expected)
+    assert torch.equal(group_views([torch.cat([a, b])], 2, "t", "concat"), expected)  # view-major concatenation
+    assert torch.equal(group_views([expected], 2, "t"), expected)  # (B, q, D)
+    assert torch.equal(group_views([expected], 2, "t", "stacked"), expected)
     assert group_views([a, b], 1, "t").shape == (10, 1, 3)  # no views: every row a sample
-    with pytest.raises(ValueError, match="expected 3 calls"):
+    with pytest.raises(MonitorConfigurationError, match="ambiguous.*view_layout='concat'"):
+        group_views([torch.cat([a, b])], 2, "t")  # one (2B, D) batch: concatenated views, or no views at all?
+    with pytest.raises(MonitorConfigurationError, match="expected 3 forward calls"):
         group_views([a, b], 3, "t")
-    with pytest.raises(ValueError, match="differ in shape"):
+    with pytest.raises(MonitorConfigurationError, match="differ in shape"):
         group_views([a, torch.randn(4, 3)], 2, "t")
+    with pytest.raises(MonitorConfigurationError, match="'calls' expects 2"):
+        group_views([torch.cat([a, b])], 2, "t", "calls")
+    with pytest.raises(MonitorConfigurationError, match="'concat' expects one"):
+        group_views([a, b], 2, "t", "concat")
+    with pytest.raises(MonitorConfigurationError, match="'stacked' expects one"):
+        group_views([a], 2, "t", "stacked")
+    with pytest.raises(ValueError, match="cannot be split into 2 views"):
+        group_views([torch.randn(63, 3)], 2, "t", "concat")
 
 
 def test_flatten_output():
@@ -49,6 +62,7 @@ def test_plain_loop_schedule_and_values():
         train_buffer_size=20,
         default_metrics=False,
         metrics={"rankme": RankMe()},
+        min_samples=2,
     )
     tracker.attach(net)
     data = [torch.randn(10, 8) for _ in range(10)]
@@ -66,7 +80,8 @@ def test_plain_loop_schedule_and_values():
     with torch.no_grad():
         expected = rankme(torch.cat([net.encoder(x) for x in data[8:10]]))  # weights never change here
     assert results[9]["encoder/rankme"].item() == pytest.approx(expected.item(), rel=1e-5)
-    assert set(results[9]) == {"encoder/rankme", "encoder.0/rankme"}
+    assert set(results[9]) == {f"{tap}/{name}" for tap in ("encoder", "encoder.0") for name in ("rankme", "num_samples", "nonfinite_fraction")}
+    assert results[9]["encoder/num_samples"].item() == 20 and results[9]["encoder/nonfinite_fraction"].item() == 0
     assert tracker.num_features == {"encoder": 16, "encoder.0": 8}
     assert [s for s, _ in tracker.history["train/encoder/rankme"]] == [4, 9]
     tracker.detach()
@@ -75,7 +90,7 @@ def test_plain_loop_schedule_and_values():
 
 def test_capture_is_detached_and_hooks_do_not_touch_gradients():
     net = Net()
-    tracker = RepresentationTracker(["encoder"], every_n_train_steps=1, default_metrics=False, metrics={"rankme": RankMe()})
+    tracker = RepresentationTracker(["encoder"], every_n_train_steps=1, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=2)
     tracker.attach(net)
     x = torch.randn(12, 8)
     tracker.start_train_step()
@@ -89,7 +104,7 @@ def test_capture_is_detached_and_hooks_do_not_touch_gradients():
 
 
 def test_output_taps_and_evaluation_streaming():
-    tracker = RepresentationTracker(["z"], num_views=2, default_metrics=False, metrics={"rankme": RankMe()})
+    tracker = RepresentationTracker(["z"], num_views=2, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=40)
     z = torch.randn(40, 6)
     tracker.start_eval()
     for chunk in z.split(10):
@@ -99,16 +114,16 @@ def test_output_taps_and_evaluation_streaming():
 
 
 def test_failing_metric_warns_once_and_is_skipped_unless_strict():
-    tracker = RepresentationTracker(["z"], default_metrics=False, metrics={"rankme": RankMe(), "alpha": AlphaReQ()})
+    tracker = RepresentationTracker(["z"], default_metrics=False, metrics={"rankme": RankMe(), "alpha": AlphaReQ()}, min_samples=8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
             tracker.start_eval()
             tracker.end_eval_step({"z": torch.randn(8, 6)})  # α-ReQ needs ranks 11..: not computable
             values = tracker.end_eval()
-            assert set(values) == {"z/rankme"}
+            assert set(values) == {"z/rankme", "z/num_samples", "z/nonfinite_fraction"}
     assert sum("skipping val/z/alpha" in str(w.message) for w in caught) == 1
-    strict = RepresentationTracker(["z"], default_metrics=False, metrics={"alpha": AlphaReQ()}, strict=True)
+    strict = RepresentationTracker(["z"], default_metrics=False, metrics={"alpha": AlphaReQ()}, strict=True, min_samples=8)
     strict.start_eval()
     strict.end_eval_step({"z": torch.randn(8, 6)})
     with pytest.raises(ValueError, match="AlphaReQ"):
@@ -130,11 +145,56 @@ def test_bad_configuration():
 
 
 def test_state_dict_round_trip():
-    tracker = RepresentationTracker(["z"], every_n_train_steps=2, default_metrics=False, metrics={"rankme": RankMe()})
+    tracker = RepresentationTracker(["z"], every_n_train_steps=2, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=16)
     for _ in range(4):
         tracker.start_train_step()
         tracker.end_train_step({"z": torch.randn(16, 5)})
     state = tracker.state_dict()
-    fresh = RepresentationTracker(["z"], every_n_train_steps=2, default_metrics=False, metrics={"rankme": RankMe()})
+    fresh = RepresentationTracker(["z"], every_n_train_steps=2, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=16)
     fresh.load_state_dict(state)
     assert fresh.train_steps == 4 and fresh.history == tracker.history and len(fresh.history["train/z/rankme"]) == 2
+
+
+def test_alpha_req_fit_quality_and_rankme_diagnostics_are_reported():
+    import numpy as np
+
+    torch.manual_seed(0)
+    z = torch.randn(300, 40, dtype=torch.float64) * torch.arange(1, 41, dtype=torch.float64).pow(-0.6)
+    tracker = RepresentationTracker(["z"], default_metrics=False, metrics={"rankme": RankMe(), "alpha_req": AlphaReQ()}, rankme_diagnostics=True)
+    tracker.start_eval()
+    for chunk in z.split(100):
+        tracker.end_eval_step({"z": chunk})
+    values = tracker.end_eval()
+    sigma = np.linalg.svd(z.numpy(), compute_uv=False)
+    assert values["z/rankme_top_singular_value"].item() == pytest.approx(sigma[0], rel=1e-5)
+    assert values["z/rankme_condition_number"].item() == pytest.approx(sigma[0] / sigma[-1], rel=1e-4)
+    # The 1/k-weighted R² of the log-log fit over ranks 11..40, from numpy.
+    lam = np.linalg.eigvalsh(np.cov(z.numpy(), rowvar=False, bias=False))[::-1][10:40]
+    k = np.arange(11, 41, dtype=np.float64)
+    w, x, y = 1 / k, np.log(k), np.log(lam)
+    slope, intercept = np.polyfit(x, y, 1, w=np.sqrt(w))
+    residual = y - (slope * x + intercept)
+    r2 = 1 - np.sum(w * residual**2) / np.sum(w * (y - np.average(y, weights=w)) ** 2)
+    assert values["z/alpha_req"].item() == pytest.approx(-slope, rel=1e-5)
+    assert values["z/alpha_req_r2"].item() == pytest.approx(r2, rel=1e-5)
+    assert {"alpha_req_r2", "rankme_condition_number"} <= set(tracker.metric_names("val")["z"])
+
+
+def test_metrics_by_name_opt_in_and_unknown_names():
+    from reprmetrics.functional import sigreg, twonn_dimension
+    from reprmetrics.monitor import available_metrics, default_metrics
+
+    assert {"nesum", "coding_rate", "wasserstein_uniformity", "isoscore"} <= set(default_metrics(64, 1))
+    assert not {"sigreg", "twonn", "lidar"} & set(default_metrics(64, 1))
+    assert "alpha_req" not in default_metrics(8, 2) and "lidar" in default_metrics(8, 2)
+    assert {name for name, spec in available_metrics().items() if not spec.default} == {"sigreg", "twonn", "mle_dimension"}
+    torch.manual_seed(0)
+    z = torch.randn(400, 16, dtype=torch.float64)
+    tracker = RepresentationTracker(["z"], default_metrics=False, metrics=["sigreg", "twonn"])
+    tracker.start_eval()
+    tracker.end_eval_step({"z": z})
+    values = tracker.end_eval()
+    assert values["z/sigreg"].item() == pytest.approx(sigreg(z).item(), rel=1e-5)
+    assert values["z/twonn"].item() == pytest.approx(twonn_dimension(z).item(), rel=1e-5)
+    with pytest.raises(MonitorConfigurationError, match="unknown metric 'sigrge'; did you mean 'sigreg'"):
+        RepresentationTracker(["z"], metrics=["sigrge"])

@@ -67,7 +67,19 @@ def test_correlations_match_scipy_with_many_ties(seed):
 
 # ---- orientation and picks --------------------------------------------------------------------------
 def test_pick_directions_follow_the_metric_classes():
-    from reprmetrics import AlphaReQ, Alignment, LiDAR, NormalizedStd, RankMe, Uniformity
+    from reprmetrics import (
+        Alignment,
+        AlphaReQ,
+        CodingRate,
+        IsoScore,
+        LiDAR,
+        NESum,
+        NormalizedStd,
+        RankMe,
+        SIGReg,
+        Uniformity,
+        WassersteinUniformity,
+    )
     from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, TwoNN
 
     classes = {
@@ -79,6 +91,11 @@ def test_pick_directions_follow_the_metric_classes():
         "uniformity": Uniformity,
         "alignment": Alignment,
         "normalized_std": NormalizedStd,
+        "nesum": NESum,
+        "coding_rate": CodingRate,
+        "wasserstein_uniformity": WassersteinUniformity,
+        "sigreg": SIGReg,
+        "isoscore": IsoScore,
     }
     assert set(classes) == set(analysis.METRICS)
     expected = {True: "max", False: "min", None: "closest_to_1"}
@@ -248,6 +265,12 @@ def test_a_record_of_another_setting_is_not_reused(tmp_path):
     study.save_record(path, {"key": config.key(2, 0, 3), "name": config.name})
     assert study.load_record(path, config.key(2, 0, 3))["name"] == config.name
     assert study.load_record(path, config.key(3, 0, 3)) is None  # more epochs: retrain
+    # A record scored before a metric was added has another key: it is retrained, not reused without it.
+    old_payload = {**study.asdict(config), "epochs": 2, "seed": 0, "probe_draws": 3}
+    old_key = study.hashlib.sha256(study.json.dumps(old_payload, sort_keys=True).encode()).hexdigest()[:16]
+    assert old_key != config.key(2, 0, 3)
+    study.save_record(path, {"key": old_key, "name": config.name})
+    assert study.load_record(path, config.key(2, 0, 3)) is None
     assert study.load_record(str(tmp_path / "missing.json"), "k") is None
 
 

@@ -15,11 +15,18 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from reprmetrics._linalg import add_gram_, no_autocast, symmetric_from_upper
+from reprmetrics._linalg import (
+    add_gram_,
+    centred_moments,
+    centred_moments_update_,
+    no_autocast,
+    symmetric_from_upper,
+)
 from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
 
 __all__ = ["alignment", "lidar", "uniformity"]
@@ -77,27 +84,41 @@ def _group_moments(views: Tensor) -> tuple[Tensor, Tensor]:
     return means, centred
 
 
-def _add_lidar_moments_(within: Tensor, means_gram: Tensor, means_sum: Tensor, views: Tensor) -> None:
-    """Add one batch of whole groups to the sum states (upper triangles valid only)."""
+def _add_lidar_moments_(within: Tensor, means_moments: Tensor, views: Tensor) -> Tensor:
+    """Add one batch of whole groups: the within-group scatter into ``within`` (upper triangle, in
+    place) and the group means into the packed centred moments ``means_moments`` (returned; see
+    :func:`reprmetrics._linalg.centred_moments_update_`)."""
     means, centred = _group_moments(views)
     add_gram_(within, centred)
-    add_gram_(means_gram, means)
-    means_sum += means.sum(dim=0)
+    return centred_moments_update_(means_moments, means)
+
+
+def _lidar_zero_tolerance(between_trace: float, within_trace: float, mean: Tensor, input_eps: float) -> float:
+    """tr Σ_b at or below this is rounding noise: every sample has the same mean view.
+
+    The views were rounded to their dtype before we saw them, each entry by at most ``input_eps`` ×
+    its magnitude (float32 rounds the *un-centred* value, so the offset counts). Noise alone would
+    give the group means a covariance of trace at most about ε²·E‖z‖² = ε²(‖μ‖² + tr Σ_w + tr Σ_b);
+    four times that is the tolerance. Σ_b is formed from centred values (shifted sums), so float64
+    round-off adds only about ε₆₄² ‖μ‖² on top, which the rule covers. Below it, the normalised
+    spectrum of noise would be reported as a rank, so all λ are 0 instead.
+    """
+    magnitude = float(mean.square().sum()) + within_trace + between_trace
+    return 4.0 * input_eps**2 * magnitude
 
 
 def _lidar_scatter_from_moments(
-    within: Tensor, means_gram: Tensor, means_sum: Tensor, num_groups: int, num_views: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Full symmetric Σ_b and Σ_w (without δ) from the streamed sums, and Σ_b's round-off scale."""
-    mean = means_sum / num_groups
-    between = (symmetric_from_upper(means_gram) - num_groups * torch.outer(mean, mean)) / (num_groups - 1)
-    within_cov = symmetric_from_upper(within) / (num_groups * (num_views - 1))
-    return between, within_cov, means_gram.diagonal().sum() / (num_groups - 1)
+    within: Tensor, means_moments: Tensor, num_views: int, input_eps: float
+) -> tuple[Tensor, Tensor, float, int]:
+    """Full symmetric Σ_b and Σ_w (without δ) from the streamed state, the zero tolerance of tr Σ_b, and n."""
+    n, mean, scatter = centred_moments(means_moments)
+    between = symmetric_from_upper(scatter) / (n - 1)
+    within_cov = symmetric_from_upper(within) / (n * (num_views - 1))
+    tol = _lidar_zero_tolerance(float(between.diagonal().sum()), float(within_cov.diagonal().sum()), mean, input_eps)
+    return between, within_cov, tol, n
 
 
-def _lidar_eigenvalues(
-    between: Tensor, within: Tensor, delta: float, between_scale: Tensor, num_groups: int, metric: str = "lidar"
-) -> Tensor:
+def _lidar_eigenvalues(between: Tensor, within: Tensor, delta: float, zero_tolerance: float, metric: str = "lidar") -> Tensor:
     r"""Eigenvalues of Σ_w^{-1/2} Σ_b Σ_w^{-1/2}, with Σ_w ← Σ_w + δI, clamped at 0.
 
     Solved as the generalised symmetric problem Σ_b v = λ Σ_w v through the Cholesky factor
@@ -105,13 +126,13 @@ def _lidar_eigenvalues(
     Cholesky factor and two triangular solves cost less than an eigendecomposition of Σ_w, and are
     stable because δ > 0 keeps Σ_w positive definite.
 
-    If tr Σ_b is at the float64 round-off of forming it (``between_scale``: the un-centred
-    Σ‖μ_i‖²/(n − 1) that cancels in it), every sample has the same mean view and all λ are 0.
-    Otherwise the normalised spectrum of round-off noise would be reported as a rank.
+    If tr Σ_b is at or below ``zero_tolerance`` (see :func:`_lidar_zero_tolerance`: the input's
+    rounding noise, not the offset's float64 round-off, since Σ_b is formed centred), every sample has
+    the same mean view and all λ are 0. Otherwise the normalised spectrum of noise would be reported
+    as a rank.
     """
     d = within.shape[0]
-    round_off = max(num_groups, d) * torch.finfo(torch.float64).eps * float(between_scale)
-    if float(between.diagonal().sum()) <= round_off:
+    if float(between.diagonal().sum()) <= zero_tolerance:
         return torch.zeros(d, dtype=between.dtype, device=between.device)
     regularised = within + delta * torch.eye(d, dtype=within.dtype, device=within.device)
     factor, info = torch.linalg.cholesky_ex(regularised)
@@ -169,7 +190,11 @@ def _alignment_distances(x: Tensor, y: Tensor, alpha: float, normalize: bool, me
     if normalize:
         x64, y64 = _normalised(x64, metric, "x"), _normalised(y64, metric, "y")
     # The difference itself, not 2 − 2cos: near-identical pairs keep full relative precision.
-    return torch.linalg.vector_norm(x64 - y64, dim=1).pow(alpha)
+    diff = x64 - y64
+    if alpha == 2.0:  # the paper's default: a sum of squares, smooth everywhere (also at x = y)
+        return diff.square().sum(dim=1)
+    # ‖d‖^α = (‖d‖²)^(α/2); at d = 0 the norm's gradient is taken as 0 (a subgradient), never NaN.
+    return torch.linalg.vector_norm(diff, dim=1).pow(alpha)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,38 +281,25 @@ def _pair_tiles_sum(left: Tensor, right: Tensor, tile: int, near_zero: bool) -> 
     return firsts, seconds
 
 
-def _uniformity_from_points(points: Tensor, t: float, normalize: bool, metric: str, tile: int | None = None) -> Tensor:
-    r"""log of the mean over pairs i < j of exp(−t‖x_i − x_j‖²), blocked and exact, float64 scalar.
+def _uniformity_operands(x: Tensor, t: float, dtype: torch.dtype, log_shift: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``left``, ``right`` with left_i · right_j = −t‖x_i − x_j‖² − log_shift: one GEMM per tile.
 
-    Never forms the N×N matrix: tiles of at most ``tile``² pairs on or above the diagonal, each one
-    GEMM and a few in-place passes, reduced per tile and combined in float64.
-
-    Accuracy: normalising, and shifting every point by the one nearest the mean (distances do not
-    change), happen in float64 before the tiles, so ‖a‖² + ‖b‖² − 2a·b cancels at the scale of the
-    cloud's spread, not of its offset from the origin; see :func:`_uniformity_compute_dtype` for the
-    tiles' dtype. Results far from 0 use a stable log-sum-exp. Results near 0 (near-collapsed
-    embeddings, mean exp(s) > e^{-1/2}) use log1p(mean expm1(s)) instead, which keeps their relative
-    precision; that second pass over the tiles runs only when a first estimate says it is needed.
-    Identical points give exactly 0: shifted, they are all zero vectors, so every expm1(s) is 0.
+    Rows [2t·a, −t‖a‖² − log_shift, −t] times columns [b, 1, ‖b‖²].
     """
-    num_points = points.shape[0]
-    num_pairs = num_points * (num_points - 1) / 2
-    x = points.to(torch.float64)
-    if normalize:
-        x = _normalised(x, metric, "embeddings")
-    mean = x.mean(dim=0)
-    anchor = x[(x - mean).square().sum(dim=1).argmin()]
-    x = x - anchor
     sq_norms = x.square().sum(dim=1, keepdim=True)
+    left = torch.cat([2 * t * x, -t * sq_norms - log_shift, torch.full_like(sq_norms, -t)], dim=1).to(dtype)
+    right = torch.cat([x, torch.ones_like(sq_norms), sq_norms], dim=1).to(dtype)
+    return left, right
+
+
+def _uniformity_value(x: Tensor, t: float, dtype: torch.dtype, tile: int) -> Tensor:
+    """log of the mean over pairs i < j of exp(−t‖x_i − x_j‖²) of float64 points already shifted into
+    their cloud (see :func:`_uniformity_from_points`), float64 scalar, no autograd."""
+    num_points = x.shape[0]
+    num_pairs = num_points * (num_points - 1) / 2
     # Mean squared distance over pairs, exact: Jensen gives log mean exp(s) ≥ −t·mean d².
     mean_sq_distance = 2 * (x - x.mean(dim=0)).square().sum() / (num_points - 1)
-    # One GEMM per tile gives s_ij = −t‖a_i − b_j‖² = 2t a·b − t‖a‖² − t‖b‖²:
-    # rows [2t·a, −t‖a‖², −t] times columns [b, 1, ‖b‖²].
-    dtype = _uniformity_compute_dtype(points, t, normalize)
-    left = torch.cat([2 * t * x, -t * sq_norms, torch.full_like(sq_norms, -t)], dim=1).to(dtype)
-    right = torch.cat([x, torch.ones_like(sq_norms), sq_norms], dim=1).to(dtype)
-    del x, sq_norms
-    tile = tile or _uniformity_tile(points.device)
+    left, right = _uniformity_operands(x, t, dtype)
 
     def near_zero_value() -> Tensor:
         expm1_sums, _ = _pair_tiles_sum(left, right, tile, near_zero=True)
@@ -303,6 +315,88 @@ def _uniformity_from_points(points: Tensor, t: float, normalize: bool, metric: s
     if float(value) > -0.5:
         return near_zero_value().clamp(max=0)
     return value.clamp(max=0)  # a mean of exp(−t·d²) ≤ 1; round-off must not make it positive
+
+
+def _uniformity_gradient(x: Tensor, value: Tensor, t: float, dtype: torch.dtype, tile: int) -> Tensor:
+    r"""∂ unif / ∂x_i = −2t Σ_{j≠i} w_ij (x_i − x_j), w_ij = e^{s_ij} / Σ_{k<l} e^{s_kl}, recomputed in tiles.
+
+    With log Σ e^{s} = value + log(#pairs) folded into the GEMM, each tile gives the weights directly
+    (each ≤ 1, no overflow); per tile the row sums r and W·x are accumulated for both the tile and
+    its mirror below the diagonal, so the gradient is −2t (r_i x_i − (W x)_i). Memory: the operands,
+    one tile buffer and the (N, D) outputs, never N×N.
+    """
+    num_points, d = x.shape
+    log_total = float(value) + math.log(num_points * (num_points - 1) / 2)
+    left, right = _uniformity_operands(x, t, dtype, log_shift=log_total)
+    points = x.to(dtype)
+    tiles = [(r0, r1, c0, c1) for r0, r1, c0, c1 in _uniformity_tiles(num_points, tile) if c0 > r0 or r1 - r0 >= 2]
+    side = min(tile, num_points)
+    lower = torch.ones(side, side, dtype=torch.bool, device=x.device).tril()
+    buffer = torch.empty(side * side, dtype=dtype, device=x.device)
+    row_sums = torch.zeros(num_points, dtype=dtype, device=x.device)
+    weighted = torch.zeros(num_points, d, dtype=dtype, device=x.device)
+    with _ieee_float32_matmul():
+        for r0, r1, c0, c1 in tiles:
+            w = buffer[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            torch.matmul(left[r0:r1], right[c0:c1].T, out=w)
+            w.exp_()
+            if r0 == c0:
+                w.masked_fill_(lower[: r1 - r0, : c1 - c0], 0.0)
+            row_sums[r0:r1] += w.sum(dim=1)
+            row_sums[c0:c1] += w.sum(dim=0)
+            weighted[r0:r1].addmm_(w, points[c0:c1])
+            weighted[c0:c1].addmm_(w.T, points[r0:r1])
+    del left, right, points, buffer
+    grad = weighted.to(torch.float64)  # −2t (r x − W x), built in place: no (N, D) temporaries
+    return grad.addcmul_(row_sums.to(torch.float64)[:, None], x, value=-1).mul_(2 * t)
+
+
+class _Uniformity(torch.autograd.Function):
+    """Uniformity of shifted float64 points with a tiled backward (no N×N matrix in either pass)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, t: float, dtype: torch.dtype, tile: int) -> Tensor:
+        value = _uniformity_value(x, t, dtype, tile)
+        ctx.save_for_backward(x, value)
+        ctx.t, ctx.dtype, ctx.tile = t, dtype, tile
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None, None, None]:
+        x, value = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            with no_autocast(x.device):
+                grad = _uniformity_gradient(x, value, ctx.t, ctx.dtype, ctx.tile).mul_(grad_output)
+        return grad, None, None, None
+
+
+def _uniformity_from_points(points: Tensor, t: float, normalize: bool, metric: str, tile: int | None = None) -> Tensor:
+    r"""log of the mean over pairs i < j of exp(−t‖x_i − x_j‖²), blocked and exact, float64 scalar.
+
+    Never forms the N×N matrix: tiles of at most ``tile``² pairs on or above the diagonal, each one
+    GEMM and a few in-place passes, reduced per tile and combined in float64. Differentiable: the
+    backward pass (:class:`_Uniformity`) recomputes the tiles instead of storing them.
+
+    Accuracy: normalising, and shifting every point by the one nearest the mean (distances do not
+    change), happen in float64 before the tiles, so ‖a‖² + ‖b‖² − 2a·b cancels at the scale of the
+    cloud's spread, not of its offset from the origin; see :func:`_uniformity_compute_dtype` for the
+    tiles' dtype. Results far from 0 use a stable log-sum-exp. Results near 0 (near-collapsed
+    embeddings, mean exp(s) > e^{-1/2}) use log1p(mean expm1(s)) instead, which keeps their relative
+    precision; that second pass over the tiles runs only when a first estimate says it is needed.
+    Identical points give exactly 0: shifted, they are all zero vectors, so every expm1(s) is 0.
+    """
+    x = points.to(torch.float64)
+    if normalize:
+        x = _normalised(x, metric, "embeddings")
+    with torch.no_grad():
+        anchor = (x - x.mean(dim=0)).square().sum(dim=1).argmin()
+    x = x - x[anchor]  # the gradient through the anchor is −Σ_i ∂/∂x_i = 0: the value is shift-invariant
+    dtype = _uniformity_compute_dtype(points, t, normalize)
+    tile = tile or _uniformity_tile(points.device)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Uniformity.apply(x, t, dtype, tile)
+    return _uniformity_value(x, t, dtype, tile)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,8 +422,10 @@ def lidar(views: Tensor, delta: float = 1e-4, eps: float = 1e-8) -> Tensor:
         \operatorname{LiDAR} = \exp\Big(-\sum_{k=1}^{d} p_k \log p_k\Big).
 
     Σ_b has rank at most min(n − 1, d), so LiDAR is at most about min(n − 1, d); higher is better.
-    If every sample has the same mean view (Σ_b = 0, up to float64 round-off) all λ are 0 and LiDAR
-    is :math:`\exp(-d\,\varepsilon \log \varepsilon) \approx 1`, exactly 1 for ``eps=0``.
+    If every sample has the same mean view (tr Σ_b at the rounding noise of the input's dtype; see
+    :func:`_lidar_zero_tolerance`) all λ are 0 and LiDAR is
+    :math:`\exp(-d\,\varepsilon \log \varepsilon) \approx 1`, exactly 1 for ``eps=0``. Σ_b and Σ_w
+    are formed from centred values, so a common offset far larger than the spread costs no accuracy.
     Computed in float64 through the Cholesky factor of Σ_w (same eigenvalues as the symmetric form).
 
     Args:
@@ -356,12 +452,13 @@ def lidar(views: Tensor, delta: float = 1e-4, eps: float = 1e-8) -> Tensor:
     n, q, _ = v.shape
     with no_autocast(v.device):
         means, centred = _group_moments(v.to(torch.float64))
-        # Direct centring (not the streamed moments): exact even for large offsets.
-        spread = means - means.mean(dim=0)
+        # Direct centring: exact even for large offsets (the class's shifted sums agree).
+        mean = means.mean(dim=0)
+        spread = means - mean
         between = spread.T @ spread / (n - 1)
         within = centred.T @ centred / (n * (q - 1))
-        between_scale = means.square().sum() / (n - 1)
-        value = _smooth_effective_rank(_lidar_eigenvalues(between, within, delta, between_scale, n, name), eps)
+        tol = _lidar_zero_tolerance(float(between.diagonal().sum()), float(within.diagonal().sum()), mean, torch.finfo(v.dtype).eps)
+        value = _smooth_effective_rank(_lidar_eigenvalues(between, within, delta, tol, name), eps)
     return value.to(result_dtype(v))
 
 
@@ -374,6 +471,7 @@ def alignment(x: Tensor, y: Tensor, alpha: float = 2.0, normalize: bool = True) 
 
     (:math:`\hat x = x` for ``normalize=False``). Row i of ``x`` and row i of ``y`` are two views of
     one sample. 0 for identical views; on the unit sphere at most :math:`2^\alpha`. Lower is better.
+    Differentiable (usable as a loss); for α ≤ 1 the gradient at an exactly identical pair is taken as 0.
 
     Args:
         x: ``(N, D)`` embeddings of the first views.
@@ -412,6 +510,12 @@ def uniformity(x: Tensor, t: float = 2.0, normalize: bool = True) -> Tensor:
     uniformly on :math:`S^{d-1}` give about :math:`-2t + 2t^2/d` (−3.94 for t = 2, d = 128); identical
     points give exactly 0. Computed in tiles (at most 1024² pairs at a time on CPU, 4096² on GPU) with
     a stable log-sum-exp: memory is O(N·D + tile²), never an N×N matrix.
+
+    Differentiable, for use as a training loss (Wang & Isola's and lightly's use): the backward pass
+    recomputes the tiles (a custom ``torch.autograd.Function``) instead of storing them, so it keeps
+    the same memory bound (measured: under 200 MiB of extra peak memory for forward + backward at
+    N = 16,384, D = 128, where an N×N float32 matrix alone is 1 GiB). The gradient equals autograd
+    through ``torch.pdist`` to about 1e-12 relative for float64 input (5e-6 for float32 input).
 
     Args:
         x: ``(N, D)`` embeddings, N ≥ 2.

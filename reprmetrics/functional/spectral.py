@@ -13,14 +13,18 @@ from torch import Tensor
 
 from reprmetrics._linalg import (
     centred_moments,
+    centred_moments_of,
     eigvalsh_descending,
     gram_upper,
+    gram_zero_tolerance,
     no_autocast,
     nonzero_eigenvalue_tolerance,
+    symmetric_from_upper,
 )
 from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
+from reprmetrics.functional.collapse import _l2_normalize
 
-__all__ = ["alpha_req", "eigenspectrum", "rankme", "singular_values"]
+__all__ = ["alpha_req", "alpha_req_fit", "coding_rate", "eigenspectrum", "nesum", "rankme", "rankme_diagnostics", "singular_values"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -33,10 +37,30 @@ def _smaller_gram(z: Tensor) -> Tensor:
     return gram_upper(z) if z.shape[0] >= z.shape[1] else gram_upper(z.T)
 
 
-def _singular_values_from_gram(gram_matrix: Tensor, num_samples: int) -> Tensor:
-    """Singular values of Z from its Gram matrix ZᵀZ or ZZᵀ (upper triangle): the top min(N, D)."""
-    eigenvalues = eigvalsh_descending(gram_matrix)
-    return eigenvalues[: min(num_samples, gram_matrix.shape[0])].sqrt()
+def _singular_values_from_gram(
+    gram_matrix: Tensor, num_samples: int, num_features: int, accumulate_eps: float = torch.finfo(torch.float64).eps
+) -> Tensor:
+    """Singular values of Z from its Gram matrix ZᵀZ or ZZᵀ (upper triangle): the top min(N, D).
+
+    Eigenvalues at the Gram's own round-off level (:func:`reprmetrics._linalg.gram_zero_tolerance`)
+    are exact zeros: otherwise a zero singular value would come out as about √ε₆₄·σ₁ ≈ 1e-8·σ₁.
+    """
+    eigenvalues = eigvalsh_descending(gram_matrix)[: min(num_samples, num_features)]
+    tol = gram_zero_tolerance(float(eigenvalues.sum()), num_samples, num_features, accumulate_eps)
+    return torch.where(eigenvalues > tol, eigenvalues, torch.zeros_like(eigenvalues)).sqrt()
+
+
+def _spectrum_diagnostics(sigma: Tensor) -> dict[str, float | int]:
+    """Top singular value, condition number over the non-zero singular values, and how many there are.
+
+    ``condition_number`` is σ₁ / (smallest non-zero σ): finite even for rank-deficient input, where
+    the zero singular values (see :func:`_singular_values_from_gram`) are counted out of it and show
+    in ``numerical_rank`` instead; 1 for all-zero embeddings.
+    """
+    nonzero = sigma[sigma > 0]
+    top = float(sigma[0]) if sigma.numel() else 0.0
+    condition = top / float(nonzero[-1]) if nonzero.numel() else 1.0
+    return {"top_singular_value": top, "condition_number": condition, "numerical_rank": int(nonzero.numel())}
 
 
 def _rankme_from_singular_values(sigma: Tensor, eps: float) -> Tensor:
@@ -134,14 +158,16 @@ def _check_fit_range(fit_range: tuple[int, int], metric: str) -> tuple[int, int]
 def singular_values(embeddings: Tensor) -> Tensor:
     r"""Singular values of the un-centred ``(N, D)`` embedding matrix, descending (``min(N, D)`` of them).
 
-    Computed from the eigenvalues of the smaller Gram matrix (ZᵀZ or ZZᵀ) in float64, so values below
-    about 1e-8·σ₁ are at round-off level (they contribute nothing measurable to RankMe).
+    Computed from the eigenvalues of the smaller Gram matrix (ZᵀZ or ZZᵀ) in float64. Eigenvalues at
+    the Gram's round-off level, :math:`(\sqrt N + \sqrt D)\,\varepsilon_{64} \operatorname{tr}(Z^\top Z)`
+    (see :func:`reprmetrics._linalg.gram_zero_tolerance`), are returned as exact zeros: singular values
+    below about :math:`\sqrt{(\sqrt N + \sqrt D)\,\varepsilon_{64}}\,\lVert Z\rVert_F` are not resolved.
     """
     z = check_tensor(embeddings, "singular_values", min_rows=1)
     with no_autocast(z.device):
         z64 = z.to(torch.float64)
         g = _smaller_gram(z64)
-        sigma = _singular_values_from_gram(g, z.shape[0])
+        sigma = _singular_values_from_gram(g, *z.shape)
     return sigma.to(result_dtype(z))
 
 
@@ -174,6 +200,11 @@ def rankme(embeddings: Tensor, eps: float = 1e-7) -> Tensor:
     (up to the ``eps`` terms); higher is better. All-zero embeddings give ``exp(min(N,D)·(−ε log ε))``,
     exactly 1 for ``eps=0``.
 
+    The singular values are the square roots of the float64 Gram matrix's eigenvalues; those at the
+    Gram's own round-off level are exact zeros (see :func:`singular_values`), so exactly rank-r input
+    (r = 1..16, D up to 4,096) gives RankMe within 1e-9 of an SVD for ``eps=0`` and within 1e-6 with
+    the paper's eps. :func:`rankme_diagnostics` adds σ₁ and the condition number from the same spectrum.
+
     Args:
         embeddings: ``(N, D)`` tensor, N ≥ 1.
         eps: the constant added to each normalised singular value (the paper's 1e-7).
@@ -193,8 +224,32 @@ def rankme(embeddings: Tensor, eps: float = 1e-7) -> Tensor:
     with no_autocast(z.device):
         z64 = z.to(torch.float64)
         g = _smaller_gram(z64)
-        value = _rankme_from_singular_values(_singular_values_from_gram(g, z.shape[0]), eps)
+        value = _rankme_from_singular_values(_singular_values_from_gram(g, *z.shape), eps)
     return value.to(result_dtype(z))
+
+
+def rankme_diagnostics(embeddings: Tensor, eps: float = 1e-7) -> dict[str, float | int]:
+    r"""RankMe with the spectrum diagnostics stable-pretraining's verbose mode reports, from one Gram.
+
+    Returns ``{"rankme", "top_singular_value", "condition_number", "numerical_rank"}``: σ₁ of the
+    un-centred embeddings, σ₁ divided by the smallest *non-zero* singular value (finite for
+    rank-deficient input; the zeros are counted in ``numerical_rank``, the number of singular values
+    above the Gram's round-off level), as Python numbers. No extra cost over :func:`rankme`.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics.functional.spectral import rankme_diagnostics
+        >>> z = torch.randn(1000, 4, dtype=torch.float64) @ torch.randn(4, 32, dtype=torch.float64)
+        >>> rankme_diagnostics(z)["numerical_rank"]
+        4
+    """
+    eps = check_nonnegative_float(eps, "rankme_diagnostics", "eps")
+    z = check_tensor(embeddings, "rankme_diagnostics", min_rows=1)
+    with no_autocast(z.device):
+        sigma = _singular_values_from_gram(_smaller_gram(z.to(torch.float64)), *z.shape)
+        out: dict[str, float | int] = {"rankme": float(_rankme_from_singular_values(sigma, eps))}
+    out.update(_spectrum_diagnostics(sigma))
+    return out
 
 
 def alpha_req(embeddings: Tensor, fit_range: tuple[int, int] = (11, 100)) -> Tensor:
@@ -234,4 +289,162 @@ def alpha_req(embeddings: Tensor, fit_range: tuple[int, int] = (11, 100)) -> Ten
     with no_autocast(z.device):
         lam, tol = _centred_covariance_spectrum(z.to(torch.float64), torch.finfo(z.dtype).eps)
         value = _alpha_req_from_eigenvalues(lam, fit_range, tol, name)
+    return value.to(result_dtype(z))
+
+
+def alpha_req_fit(embeddings: Tensor, fit_range: tuple[int, int] = (11, 100)) -> dict[str, Tensor | float | int]:
+    r"""α-ReQ with its fit: ``{"eigenvalues", "alpha", "intercept", "r2", "first", "last"}``.
+
+    The same keys as :meth:`reprmetrics.AlphaReQ.spectrum_fit`. ``r2`` is the 1/k-weighted R² of the
+    log-log fit over ranks ``first..last``: near 1 when the spectrum is a power law there (α then
+    describes it), much lower when α is a poor summary (reptrix reports the same diagnostic).
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics.functional.spectral import alpha_req_fit
+        >>> k = torch.arange(1, 129, dtype=torch.float64)
+        >>> fit = alpha_req_fit(torch.randn(4000, 128, dtype=torch.float64) * k.pow(-0.5))
+        >>> round(fit["alpha"], 1), fit["r2"] > 0.9
+        (1.0, True)
+    """
+    name = "alpha_req_fit"
+    fit_range = _check_fit_range(fit_range, name)
+    z = check_tensor(embeddings, name, min_rows=2)
+    with no_autocast(z.device):
+        lam, tol = _centred_covariance_spectrum(z.to(torch.float64), torch.finfo(z.dtype).eps)
+        slope, intercept, r2, first, last = _power_law_fit(lam, fit_range, tol, name)
+    return {
+        "eigenvalues": lam.to(result_dtype(z)),
+        "alpha": float(-slope),
+        "intercept": float(intercept),
+        "r2": float(r2),
+        "first": first,
+        "last": last,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# NESum and coding rate (issue 14)
+# ----------------------------------------------------------------------------------------------
+
+
+def _nesum_from_state(state: Tensor, input_eps: float) -> Tensor:
+    """NESum from packed centred moments; ``input_eps``: machine epsilon of the embeddings' dtype.
+
+    Σλ_k is the trace (exact, no eigensolver error). A covariance whose largest eigenvalue is at or
+    below the zero tolerance of :func:`reprmetrics._linalg.nonzero_eigenvalue_tolerance` (identical
+    embeddings, or a spread no larger than the rounding of the input to its dtype) gives 0: the
+    ratio would otherwise read rounding noise as an isotropic spread.
+    """
+    n, mean, scatter = centred_moments(state)
+    d = scatter.shape[0]
+    lam = eigvalsh_descending(scatter) / (n - 1)
+    trace = scatter.diagonal().sum() / (n - 1)
+    tol = nonzero_eigenvalue_tolerance(lam, n, d, input_eps, float(mean.square().mean()))
+    if float(lam[0]) <= tol:
+        return torch.zeros((), dtype=trace.dtype, device=trace.device)  # no direction at all
+    return trace / lam[0]
+
+
+def nesum(embeddings: Tensor) -> Tensor:
+    r"""NESum, the normalised eigenvalue sum of the covariance (He & Ozay, 2022, "Exploring the gap
+    between collapsed and whitened features in self-supervised learning", ICML 2022).
+
+    .. math::
+        \operatorname{NESum}(Z) = \sum_{k=1}^{D} \frac{\lambda_k}{\lambda_1}
+        = \frac{\operatorname{tr} \Sigma}{\lambda_1}
+
+    over the eigenvalues :math:`\lambda_1 \ge \lambda_2 \ge \dots` of the covariance Σ of the
+    **centred** embeddings (its normalisation cancels). In ``[1, D]``: 1 when the embeddings vary
+    along one direction only, D for an isotropic covariance; higher is healthier. (A sample
+    covariance overstates λ₁: for N(0, I) data NESum is about D / (1 + √(D/N))².) The trace is taken
+    from the diagonal, λ₁ from the symmetric eigensolver, both in float64 from moments accumulated
+    about a shift inside the cloud (a large common offset cancels nothing). Identical embeddings, or
+    a spread no larger than the rounding of the input to its dtype (see
+    :func:`reprmetrics._linalg.nonzero_eigenvalue_tolerance`), give 0: no direction at all.
+
+    Args:
+        embeddings: ``(N, D)`` tensor, N ≥ 2.
+
+    Returns:
+        A scalar tensor in ``{0} ∪ [1, D]``.
+
+    Example:
+        >>> import torch
+        >>> from reprmetrics.functional import nesum
+        >>> round(nesum(torch.randn(1000, 1) * torch.ones(1, 16)).item(), 6)   # one direction
+        1.0
+        >>> 14 < nesum(torch.randn(20000, 16)).item() <= 16                     # isotropic: about D
+        True
+    """
+    name = "nesum"
+    z = check_tensor(embeddings, name, min_rows=2)
+    with no_autocast(z.device):
+        value = _nesum_from_state(centred_moments_of(z.to(torch.float64)), torch.finfo(z.dtype).eps)
+    return value.to(result_dtype(z))
+
+
+def _check_coding_rate_eps(eps: float, metric: str) -> float:
+    value = check_nonnegative_float(eps, metric, "eps", strictly_positive=True)
+    if value == float("inf"):
+        raise ValueError(f"{metric}: `eps` must be a finite number > 0, got {eps!r}")
+    return value
+
+
+def _coding_rate_from_gram(gram_upper_triangle: Tensor, num_samples: int, num_features: int, eps: float) -> Tensor:
+    r"""½ log det(I + D/(N ε²) G) for the Gram matrix G (upper triangle valid) of the rows.
+
+    G may be ZᵀZ (D×D) or ZZᵀ (N×N): det(I_D + c ZᵀZ) = det(I_N + c ZZᵀ). The matrix is symmetric
+    positive definite with eigenvalues ≥ 1, so its Cholesky factor exists and log det = 2 Σ log Lᵢᵢ is
+    accurate; if the factorisation still fails (non-finite entries), the eigenvalues are used.
+    """
+    scale = num_features / (num_samples * eps**2)
+    m = symmetric_from_upper(gram_upper_triangle) * scale
+    m.diagonal().add_(1.0)
+    factor, info = torch.linalg.cholesky_ex(m)
+    if int(info) == 0:
+        return factor.diagonal().log().sum()
+    return 0.5 * torch.log1p(scale * eigvalsh_descending(gram_upper_triangle)).sum()
+
+
+def coding_rate(embeddings: Tensor, eps: float = 0.5, normalize: bool = True) -> Tensor:
+    r"""Coding rate of the embeddings (Yu, Chan, You, Song & Ma, NeurIPS 2020, MCR²).
+
+    .. math::
+        R(Z; \varepsilon) = \frac12 \log\det\Big(I_D + \frac{D}{N \varepsilon^2} Z^\top Z\Big)
+
+    the number of nats needed to code the N rows of Z up to distortion ε², with Z the ``(N, D)``
+    embeddings, their rows L2-normalised first when ``normalize=True`` (the default, as in MCR², whose
+    features live on the unit sphere; zero rows stay zero). Z is **not** centred. Computed in float64
+    from the smaller Gram matrix (ZᵀZ or ZZᵀ; same determinant) by a Cholesky factorisation. Grows
+    with the rank and spread of the embeddings: 0 for all-zero embeddings, about ½ log(1 + D/ε²) for
+    embeddings that all point one way, and up to about (D/2)·log(1 + 1/ε²) for unit rows spread
+    isotropically; higher is better.
+
+    Args:
+        embeddings: ``(N, D)`` tensor, N ≥ 1.
+        eps: ε > 0, the allowed distortion (MCR²'s default 0.5).
+        normalize: L2-normalise the rows first.
+
+    Returns:
+        A scalar tensor ≥ 0 (nats).
+
+    Example:
+        >>> import math, torch
+        >>> from reprmetrics.functional import coding_rate
+        >>> z = torch.ones(100, 8)                      # one direction: ½ log(1 + D/ε²)
+        >>> round(coding_rate(z).item(), 5) == round(0.5 * math.log(1 + 8 / 0.25), 5)
+        True
+    """
+    name = "coding_rate"
+    eps = _check_coding_rate_eps(eps, name)
+    if not isinstance(normalize, bool):
+        raise ValueError(f"{name}: `normalize` must be True or False, got {normalize!r}")
+    z = check_tensor(embeddings, name, min_rows=1)
+    with no_autocast(z.device):
+        z64 = z.to(torch.float64)
+        if normalize:
+            z64 = _l2_normalize(z64)
+        n, d = z.shape
+        value = _coding_rate_from_gram(_smaller_gram(z64), n, d, eps)
     return value.to(result_dtype(z))
