@@ -5,6 +5,7 @@ Functions live in :mod:`reprmetrics.functional`; Lightning callbacks in :mod:`re
 """
 
 from reprmetrics.collapse import NormalizedStd
+from reprmetrics.evaluate import evaluate
 from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, MLEDimension, TwoNN
 from reprmetrics.isotropy import IsoScore, SIGReg, WassersteinUniformity
 from reprmetrics.multiview import Alignment, LiDAR, Uniformity
@@ -31,4 +32,5 @@ __all__ = [
     "Uniformity",
     "WassersteinUniformity",
     "__version__",
+    "evaluate",
 ]
