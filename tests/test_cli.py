@@ -365,12 +365,30 @@ def peak_rss_mb(child: subprocess.Popen) -> float:
     return peak_kb / 1024
 
 
+def _report_peak_mb(path, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(tmp_path / "out.json", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        child = subprocess.Popen([SCRIPT, "report", str(path), "--format", "json", "--quiet"], stdout=out, stderr=err, env=env)
+        peak_mb = peak_rss_mb(child)
+    assert child.returncode == 0, (tmp_path / "err.txt").read_text()
+    return peak_mb, json.loads((tmp_path / "out.json").read_text())[0]
+
+
 @pytest.mark.slow
-def test_report_streams_a_1gb_npy_under_400mb(tmp_path):
-    """2,000,000 × 128 float32 (1 GB) through `report` with the default metrics: peak RSS < 400 MB."""
-    path = tmp_path / "big.npy"
-    rng = np.random.default_rng(0)
+def test_report_streams_a_1gb_npy_in_bounded_memory(tmp_path):
+    """2,000,000 × 128 float32 (1 GB) through `report` with the default metrics, in bounded memory.
+
+    The bound is on what the data costs: peak RSS of the 1 GB run minus that of the same command on a
+    1,000-row file (the interpreter plus imports, which here include the transformers, scipy and
+    matplotlib that torchmetrics imports whenever they are installed: about 360 MB in the test
+    environment, about 240 MB with the core install; README, "Evaluate saved embeddings").
+    """
     scale = (np.arange(1, FEATURES + 1) ** -0.5).astype(np.float32)
+    rng = np.random.default_rng(0)
+    small = tmp_path / "small.npy"
+    np.save(small, rng.standard_normal((1_000, FEATURES), dtype=np.float32) * scale)
+    floor_mb, _ = _report_peak_mb(small, tmp_path)
+    path = tmp_path / "big.npy"
     big = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(ROWS, FEATURES))
     for start in range(0, ROWS, 250_000):
         big[start : start + 250_000] = rng.standard_normal((250_000, FEATURES), dtype=np.float32) * scale
@@ -378,19 +396,13 @@ def test_report_streams_a_1gb_npy_under_400mb(tmp_path):
     del big
     assert path.stat().st_size > 1_000_000_000
     try:
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        with open(tmp_path / "out.json", "w") as out, open(tmp_path / "err.txt", "w") as err:
-            child = subprocess.Popen([SCRIPT, "report", str(path), "--format", "json", "--quiet"], stdout=out, stderr=err, env=env)
-            peak_mb = peak_rss_mb(child)
+        peak_mb, row = _report_peak_mb(path, tmp_path)
     finally:
         path.unlink()
-    assert child.returncode == 0, (tmp_path / "err.txt").read_text()
-    result = subprocess.CompletedProcess(child.args, 0, (tmp_path / "out.json").read_text(), "")
-    row = json.loads(result.stdout)[0]
     assert row["N"] == ROWS and row["D"] == FEATURES
     assert 100 < row["rankme"] <= 128 and 0.9 < row["alpha_req"] < 1.1  # λ_k ∝ 1/k: α ≈ 1
-    print(f"report on {ROWS:,} × {FEATURES} float32: peak RSS {peak_mb:.0f} MB")
-    assert peak_mb < 400, f"peak RSS {peak_mb:.0f} MB"
+    print(f"report on {ROWS:,} × {FEATURES} float32: peak RSS {peak_mb:.0f} MB, {floor_mb:.0f} MB on 1,000 rows")
+    assert peak_mb - floor_mb < 100, f"peak RSS {peak_mb:.0f} MB against {floor_mb:.0f} MB on 1,000 rows"
 
 
 @pytest.mark.slow
