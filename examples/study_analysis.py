@@ -715,10 +715,10 @@ def noise_markdown(noise: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def detector_markdown(summary: Sequence[Mapping[str, Any]], by: str) -> str:
-    lines = [f"| {by} | collapsed runs | detected | healthy runs | false stops | epochs onset → stop, median (min–max) |", "|---|---:|---:|---:|---:|---|"]
+def detector_markdown(summary: Sequence[Mapping[str, Any]], by: str, positive: str = "collapsing runs", negative: str = "healthy runs") -> str:
+    lines = [f"| {by} | {positive} | detected | {negative} | false stops | epochs onset → stop, median (min–max) |", "|---|---:|---:|---:|---:|---|"]
     for s in summary:
-        lag = "–" if not math.isfinite(_as_float(s["onset_to_stop_median"])) else f"{s['onset_to_stop_median']:+.0f} ({s['onset_to_stop_min']:+.0f} to {s['onset_to_stop_max']:+.0f})"
+        lag = "–" if not math.isfinite(_as_float(s["onset_to_stop_median"])) else f"{s['onset_to_stop_median'] + 0.0:+g} ({s['onset_to_stop_min'] + 0.0:+g} to {s['onset_to_stop_max'] + 0.0:+g})"  # + 0.0: no "-0"
         detected = f"{s['detected']} ({s['detection_rate']:.0%})" if s["collapsed_runs"] else "–"
         false = f"{s['false_stops']} ({s['false_stop_rate']:.0%})" if s["healthy_runs"] else "–"
         lines.append(f"| {s[by]} | {s['collapsed_runs']} | {detected} | {s['healthy_runs']} | {false} | {lag} |")
@@ -808,12 +808,20 @@ def write_outputs(out_dir: str, rows: Sequence[Mapping[str, Any]], finetunes: Se
         + "\n\nThe same runs by design setting (\"partial\": SimCLR τ = 2, built to lose projector rank; counted as healthy above):\n\n"
         + detector_markdown(design_summary, "collapse_setting")
         + f"\n\nThe same runs labelled by outcome instead (\"harmful\": final 5-shot probe < chance + {COLLAPSE_KEEP} × (base − chance)):\n\n"
-        + detector_markdown(harm_summary, "cell")
+        + detector_markdown(harm_summary, "cell", "harmful runs", "other runs")
         + "\n\nFine-tunes, the drift guard replayed (CKA to pretrained < 0.8 for 2 epochs, or normalised std < 0.25/√D):\n\n"
-        + (detector_markdown(finetune_summary, "cell") if finetune_detections else "(none run)")
+        + (detector_markdown(finetune_summary, "cell", "harmful fine-tunes", "healthy fine-tunes") if finetune_detections else "(none run)")
+    )
+    protocol_metrics = [(m, t) for t in TAPS for m in ("lidar", "lidar_q2", "lidar_q4", "lidar_q8", "lidar_q16", "rankme", "rankme_all")]
+    protocol = (
+        "The papers' protocols next to the monitor's: LiDAR from the monitor's 2 fixed views (`lidar`) and from q = 2, 4, 8, 16"
+        " other fixed views per held-out sample (`lidar_qQ`); RankMe as the monitor computes it on the held-out views (`rankme`) and on every clean image,"
+        " training + held-out (`rankme_all`). " + scheme + "\n\n"
+        + "\n\n".join(f"#### vs the {ACCURACY_LABELS[a]}, group {g}\n\n" + summary_markdown(correlations, g, a, protocol_metrics) for a in ("probe_accuracy", "linear_probe_accuracy") for g in ("all", "all-healthy"))
     )
     files = {
         "summary.md": summary + "\n",
+        "protocol.md": protocol + "\n",
         "correlations.md": scheme + "\n\n" + "\n".join(full_correlations_markdown(correlations, a) for a in RANKED_ACCURACIES),
         "picks.md": "Picks on the seed-averaged configurations, 5-shot probe; gap = best accuracy − the pick's.\n\n"
         + "\n\n".join(f"#### group {g}\n\n" + picks_ci_markdown(picks, g) for g in ("all", "all-healthy")) + "\n",

@@ -325,7 +325,7 @@ def test_finetune_detector_labels_harm_against_the_pretrained_probe():
 # ---- the whole pipeline, fast mode ------------------------------------------------------------------
 OUTPUTS = (
     "results.csv", "results_seed_mean.csv", "correlations.csv", "correlations.md", "picks.csv", "picks.md", "noise_floor.csv",
-    "noise_floor.md", "detector_runs.csv", "detector.md", "summary.md", "summary.png",
+    "noise_floor.md", "detector_runs.csv", "detector.md", "summary.md", "protocol.md", "summary.png",
 )
 
 
