@@ -487,14 +487,15 @@ CHANCE = 0.1  # ten balanced classes
 COLLAPSE_KEEP = 0.75  # a collapsed run keeps less than this share of the base configurations' gain over chance
 
 
-def replay_ssl_guard(rankme_series: Sequence[float], std_series: Sequence[float], dim: int) -> tuple[int | None, str]:
+def replay_ssl_guard(rankme_series: Sequence[float], std_series: Sequence[float], dim: int, min_fraction_of_dim: float = 0.2) -> tuple[int | None, str]:
     """The recommended SSL guard replayed on one run's per-epoch projector values:
     ``CollapseEarlyStopping("repr/val/projector/rankme", min_fraction_of_dim=0.2, patience=3)`` and
     ``CollapseEarlyStopping("repr/val/projector/normalized_std", min_value=0.25/√D)`` (patience 3, the
-    default), both fed every validation epoch. Returns (the 0-based epoch of the first stop or None, reason)."""
+    default), both fed every validation epoch. Returns (the 0-based epoch of the first stop or None, reason).
+    ``min_fraction_of_dim`` other than 0.2 replays a variant of the rank rule (the threshold sweep)."""
     from reprmetrics.stopping import CollapseCriteria
 
-    rank = CollapseCriteria("repr/val/projector/rankme", patience=3, min_fraction_of_dim=0.2, dim=dim)
+    rank = CollapseCriteria("repr/val/projector/rankme", patience=3, min_fraction_of_dim=min_fraction_of_dim, dim=dim)
     spread = CollapseCriteria("repr/val/projector/normalized_std", patience=3, min_value=0.25 / math.sqrt(dim), dim=dim)
     for epoch, (r, s) in enumerate(zip(rankme_series, std_series)):
         for criterion, value in ((rank, r), (spread, s)):
@@ -581,6 +582,26 @@ def ssl_detector_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
                     "onset_to_stop": (stop - onset) if (stop is not None and onset is not None) else None, "reason": reason,
                 }
             )
+    return table
+
+
+def threshold_sweep_rows(rows: Sequence[Mapping[str, Any]], fractions: Sequence[float] = (0.1, 0.15, 0.2, 0.3)) -> list[dict[str, Any]]:
+    """The SSL guard replayed with other ``min_fraction_of_dim`` values: per value, the collapsing runs
+    (built to collapse fully) stopped, the other runs stopped, and the latest stop epoch of a collapsing run."""
+    table = []
+    for fraction in fractions:
+        stops = []
+        for r in rows:
+            stop, _ = replay_ssl_guard(_series(r.get("epoch_projector_rankme")), _series(r.get("epoch_projector_normalized_std")), int(float(r["projector_dim"])), fraction)
+            stops.append((r.get("collapse_setting", "none") == "full", stop))
+        caught = [stop for collapsing, stop in stops if collapsing and stop is not None]
+        table.append(
+            {
+                "min_fraction_of_dim": fraction, "collapsing_runs": sum(c for c, _ in stops), "detected": len(caught),
+                "healthy_runs": sum(not c for c, _ in stops), "false_stops": sum((not c) and stop is not None for c, stop in stops),
+                "latest_stop_epoch": max(caught) if caught else None,
+            }
+        )
     return table
 
 
@@ -809,6 +830,9 @@ def write_outputs(out_dir: str, rows: Sequence[Mapping[str, Any]], finetunes: Se
         + detector_markdown(design_summary, "collapse_setting")
         + f"\n\nThe same runs labelled by outcome instead (\"harmful\": final 5-shot probe < chance + {COLLAPSE_KEEP} × (base − chance)):\n\n"
         + detector_markdown(harm_summary, "cell", "harmful runs", "other runs")
+        + "\n\nThe rank rule replayed with other `min_fraction_of_dim` (normalised std rule unchanged):\n\n"
+        + "| min_fraction_of_dim | collapsing runs detected | false stops (of healthy) | latest stop epoch of a collapsing run |\n|---:|---:|---:|---:|\n"
+        + "\n".join(f"| {t['min_fraction_of_dim']:g} | {t['detected']} of {t['collapsing_runs']} | {t['false_stops']} of {t['healthy_runs']} | {t['latest_stop_epoch']} |" for t in threshold_sweep_rows(rows))
         + "\n\nFine-tunes, the drift guard replayed (CKA to pretrained < 0.8 for 2 epochs, or normalised std < 0.25/√D):\n\n"
         + (detector_markdown(finetune_summary, "cell", "harmful fine-tunes", "healthy fine-tunes") if finetune_detections else "(none run)")
     )

@@ -310,6 +310,17 @@ def test_detector_labels_onsets_and_rates_by_hand():
     assert (by_outcome["collapsed_runs"], by_outcome["detected"]) == (2, 2)
 
 
+def test_threshold_sweep_counts_stops_per_rank_fraction():
+    runs = [
+        ssl_run("simsiam-no-predictor", 0, 0.3, [30, 10, 10, 10, 10], [0.1] * 5, setting="full"),  # 10 < 0.2·64, > 0.1·64
+        ssl_run("simclr-base", 0, 0.9, [30, 5, 5, 5, 5], [0.1] * 5),  # 5 < 0.1·64 = 6.4
+    ]
+    by_fraction = {t["min_fraction_of_dim"]: t for t in analysis.threshold_sweep_rows(runs, (0.05, 0.1, 0.2))}
+    assert (by_fraction[0.2]["detected"], by_fraction[0.2]["false_stops"], by_fraction[0.2]["latest_stop_epoch"]) == (1, 1, 3)
+    assert (by_fraction[0.1]["detected"], by_fraction[0.1]["false_stops"]) == (0, 1)
+    assert (by_fraction[0.05]["detected"], by_fraction[0.05]["false_stops"], by_fraction[0.05]["latest_stop_epoch"]) == (0, 0, None)
+
+
 def test_finetune_detector_labels_harm_against_the_pretrained_probe():
     runs = [
         {"name": "finetune-lr1", "lr": 1.0, "seed": 0, "pretrained_probe_accuracy": 0.89, "probe_accuracy": 0.80, "pretrained_epoch_probe": 0.85,
