@@ -384,7 +384,7 @@ def test_fast_mode_writes_every_output_and_resumes(tmp_path, capsys):
     assert set(analysis.RANKED_ACCURACIES) <= {c["accuracy"] for c in correlations}
     detections = analysis.read_csv(os.path.join(out_dir, "detector_runs.csv"))
     assert len(detections) == len(names)
-    assert "rankme (projector)" in out and "Seed-noise floor" in out and "collapsed runs" in out
+    assert "rankme (projector)" in out and "Seed-noise floor" in out and "collapsing runs" in out
 
     # Resumable: a rerun trains nothing; a removed record is retrained to the same numbers (fixed seeds).
     assert study.main(["--fast", "--out-dir", out_dir])["trained"] == []
