@@ -175,7 +175,7 @@ def test_correlation_rows_by_hand():
     # which orders the rows exactly as the probe does.
     assert find(correlations, "uniformity", "all")["spearman"] == pytest.approx(1.0)
     # Every (metric, tap) appears once per group: 2 methods, "all" and "all-healthy" (= all here).
-    assert len(correlations) == len(analysis.METRICS) * len(analysis.TAPS) * 4
+    assert len(correlations) == len(analysis.SCORED_METRICS) * len(analysis.TAPS) * 4
     assert find(correlations, "rankme", "all-healthy")["spearman"] == pytest.approx(0.4)
 
 
@@ -206,54 +206,204 @@ def test_csv_round_trips_floats_exactly_and_writes_nan_as_empty(tmp_path):
     assert back["b"] == "" and back["c"] == "" and back["d"] == "x"
 
 
+# ---- seeds, bootstrap intervals, noise floor --------------------------------------------------------
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_correlations_match_scipy_row_by_row(seed):
+    np = pytest.importorskip("numpy")
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(seed)
+    x, y = rng.integers(0, 4, (20, 9)).astype(float), rng.integers(0, 3, (20, 9)).astype(float)  # many ties
+    x[:, 0], y[:, 0] = 9, 9  # no constant row
+    rho, tau = analysis.batched_spearman(x, y), analysis.batched_kendall_tau_b(x, y)
+    for i in range(len(x)):
+        assert rho[i] == pytest.approx(stats.spearmanr(x[i], y[i])[0], abs=1e-12)
+        assert tau[i] == pytest.approx(stats.kendalltau(x[i], y[i])[0], abs=1e-12)
+    assert math.isnan(analysis.batched_spearman([[1, 1, 1]], [[1, 2, 3]])[0])
+    assert math.isnan(analysis.batched_kendall_tau_b([[1, 2, 3]], [[4, 4, 4]])[0])
+
+
+def seeded(name, cell, seed, rankme, probe, method="simclr", setting="none"):
+    return {"name": name, "cell": cell, "method": method, "seed": seed, "collapse_setting": setting, "projector/rankme": rankme, "probe_accuracy": probe}
+
+
+def test_seeds_are_averaged_per_configuration_with_their_std():
+    rows = [seeded("a", "c", 0, 10.0, 0.8), seeded("a", "c", 1, 20.0, 0.9), seeded("b", "c", 0, 5.0, 0.5), seeded("a", "d", 0, 1.0, 0.1)]
+    averaged = {(r["cell"], r["name"]): r for r in analysis.average_seeds(rows)}
+    assert set(averaged) == {("c", "a"), ("c", "b"), ("d", "a")}  # a configuration is one per cell
+    assert averaged["c", "a"]["projector/rankme"] == pytest.approx(15.0) and averaged["c", "a"]["n_seeds"] == 2
+    assert averaged["c", "a"]["probe_accuracy"] == pytest.approx(0.85)
+    assert averaged["c", "a"]["probe_accuracy_seed_std"] == pytest.approx(math.sqrt(2 * 0.05**2))  # ddof 1
+    assert math.isnan(averaged["c", "b"]["probe_accuracy_seed_std"])  # one seed: no spread
+    (floor,) = [n for n in analysis.noise_floor_rows(rows) if n["cell"] == "c" and n["accuracy"] == "probe_accuracy"]
+    assert floor["configurations"] == 1 and floor["median_seed_std"] == pytest.approx(math.sqrt(0.005))
+
+
+def test_a_perfect_ranking_has_a_degenerate_interval_and_a_noisy_one_covers_its_estimate():
+    rows = [seeded(f"c{i}", "x", 0, float(i), 0.1 * i) for i in range(8)]
+    (rank,) = [c for c in analysis.correlation_ci_rows(rows, resamples=200) if c["metric"] == "rankme" and c["tap"] == "projector" and c["group"] == "all" and c["accuracy"] == "probe_accuracy"]
+    assert rank["spearman"] == pytest.approx(1.0) and rank["n"] == 8
+    assert rank["spearman_lo"] == pytest.approx(1.0) and rank["spearman_hi"] == pytest.approx(1.0)
+    assert rank["kendall_lo"] == pytest.approx(1.0)
+    noisy = [seeded(f"c{i}", "x", 0, float(v), 0.1 * i) for i, v in enumerate([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])]
+    (c,) = [c for c in analysis.correlation_ci_rows(noisy, resamples=500) if c["metric"] == "rankme" and c["tap"] == "projector" and c["group"] == "all" and c["accuracy"] == "probe_accuracy"]
+    assert c["spearman_lo"] < c["spearman"] < c["spearman_hi"] and -1 <= c["spearman_lo"] and c["spearman_hi"] <= 1
+    # The pick's gap: the highest rank is c5 (0.5) and the best is c9 (0.9); its interval holds 0.4 and stays >= 0.
+    (p,) = [p for p in analysis.pick_ci_rows(noisy, resamples=300) if p["metric"] == "rankme" and p["tap"] == "projector" and p["group"] == "all"]
+    assert p["pick"] == "c5" and p["gap"] == pytest.approx(0.4)
+    assert 0 <= p["gap_lo"] <= 0.4 <= p["gap_hi"] <= 0.9
+
+
+def test_percentile_interval_skips_non_finite_values():
+    assert analysis.percentile_interval([math.nan, 1.0, 1.0]) == (1.0, 1.0)
+    lo, hi = analysis.percentile_interval(list(range(101)))
+    assert lo == pytest.approx(2.5) and hi == pytest.approx(97.5)
+    assert all(math.isnan(v) for v in analysis.percentile_interval([math.nan]))
+
+
+# ---- the stopping rules replayed as a detector --------------------------------------------------------
+def test_ssl_guard_replay_stops_after_three_low_rank_epochs():
+    # D = 64: RankMe below 0.2·64 = 12.8 at epochs 2, 3, 4 -> the third low check (epoch 4) stops.
+    healthy_std = [0.1] * 6
+    stop, reason = analysis.replay_ssl_guard([30, 20, 12, 11, 10, 9], healthy_std, dim=64)
+    assert stop == 4 and "rankme" in reason
+    assert analysis.replay_ssl_guard([30, 12, 30, 12, 12, 30], healthy_std, dim=64)[0] is None  # a healthy check resets the count
+    # Normalised std below 0.25/8 = 0.03125 for 3 epochs stops even with a high rank.
+    assert analysis.replay_ssl_guard([30] * 5, [0.1, 0.03, 0.02, 0.01, 0.01], dim=64)[0] == 3
+    assert analysis.replay_ssl_guard([], [], dim=64) == (None, "")
+
+
+def test_finetune_guard_replay_stops_on_two_epochs_of_drift_or_one_of_complete_collapse():
+    assert analysis.replay_finetune_guard([0.95, 0.79, 0.85, 0.7, 0.6], [0.07] * 5, dim=128)[0] == 4
+    assert analysis.replay_finetune_guard([0.95, 0.9], [0.07, 0.01], dim=128)[0] == 1  # 0.01 < 0.25/√128
+    assert analysis.replay_finetune_guard([0.95, 0.79, 0.81], [0.07] * 3, dim=128)[0] is None
+
+
+def ssl_run(name, seed, probe, ranks, curve, setting="none"):
+    return {
+        "name": name, "cell": "c", "method": "simsiam", "seed": seed, "collapse_setting": setting, "projector_dim": 64, "probe_accuracy": probe,
+        "epoch_projector_rankme": ranks, "epoch_projector_normalized_std": [0.1] * len(ranks), "epoch_probe": curve,
+    }
+
+
+def test_detector_labels_onsets_and_rates_by_hand():
+    runs = [
+        ssl_run("simclr-base", 0, 0.9, [30, 30, 30, 30, 30], [0.80, 0.82, 0.84, 0.85, 0.86]),
+        ssl_run("simsiam-base", 0, 0.8, [30, 30, 30, 30, 30], [0.80, 0.82, 0.84, 0.85, 0.86]),
+        # Built to collapse: the label curve drops below base - 0.03 at epoch 1; RankMe low from epoch 2: stop at 4.
+        ssl_run("simsiam-no-predictor", 0, 0.3, [30, 20, 10, 5, 3], [0.80, 0.70, 0.60, 0.50, 0.40], setting="full"),
+        # Built to collapse but never stopped: a miss.
+        ssl_run("simsiam-no-stopgrad-no-predictor", 0, 0.84, [30] * 5, [0.8] * 5, setting="full"),
+        # Healthy but stopped: a false stop (also "harmful" by outcome: 0.2 < 0.1 + 0.75 * (0.85 - 0.1)).
+        ssl_run("simsiam-lr3e-4", 0, 0.2, [10] * 5, [0.80, 0.82, 0.84, 0.85, 0.86]),
+    ]
+    rows = {r["name"]: r for r in analysis.ssl_detector_rows(runs)}
+    collapsed = rows["simsiam-no-predictor"]
+    assert collapsed["collapsed"] and collapsed["harmful"] and collapsed["threshold"] == pytest.approx(0.1 + 0.75 * 0.75)
+    assert (collapsed["onset_epoch"], collapsed["stop_epoch"], collapsed["onset_to_stop"]) == (1, 4, 3)
+    assert rows["simsiam-no-stopgrad-no-predictor"]["stop_epoch"] is None and not rows["simsiam-no-stopgrad-no-predictor"]["harmful"]
+    assert rows["simsiam-lr3e-4"]["stop_epoch"] == 2 and not rows["simsiam-lr3e-4"]["collapsed"]
+    (overall,) = [s for s in analysis.detector_summary(list(rows.values())) if s["cell"] == "all"]
+    assert (overall["collapsed_runs"], overall["detected"], overall["healthy_runs"], overall["false_stops"]) == (2, 1, 3, 1)
+    assert overall["detection_rate"] == pytest.approx(0.5) and overall["false_stop_rate"] == pytest.approx(1 / 3)
+    assert overall["onset_to_stop_median"] == 3
+    (by_outcome,) = [s for s in analysis.detector_summary(list(rows.values()), label="harmful") if s["cell"] == "all"]
+    assert (by_outcome["collapsed_runs"], by_outcome["detected"]) == (2, 2)
+
+
+def test_threshold_sweep_counts_stops_per_rank_fraction():
+    runs = [
+        ssl_run("simsiam-no-predictor", 0, 0.3, [30, 10, 10, 10, 10], [0.1] * 5, setting="full"),  # 10 < 0.2·64, > 0.1·64
+        ssl_run("simclr-base", 0, 0.9, [30, 5, 5, 5, 5], [0.1] * 5),  # 5 < 0.1·64 = 6.4
+    ]
+    by_fraction = {t["min_fraction_of_dim"]: t for t in analysis.threshold_sweep_rows(runs, (0.05, 0.1, 0.2))}
+    assert (by_fraction[0.2]["detected"], by_fraction[0.2]["false_stops"], by_fraction[0.2]["latest_stop_epoch"]) == (1, 1, 3)
+    assert (by_fraction[0.1]["detected"], by_fraction[0.1]["false_stops"]) == (0, 1)
+    assert (by_fraction[0.05]["detected"], by_fraction[0.05]["false_stops"], by_fraction[0.05]["latest_stop_epoch"]) == (0, 0, None)
+
+
+def test_finetune_detector_labels_harm_against_the_pretrained_probe():
+    runs = [
+        {"name": "finetune-lr1", "lr": 1.0, "seed": 0, "pretrained_probe_accuracy": 0.89, "probe_accuracy": 0.80, "pretrained_epoch_probe": 0.85,
+         "epoch_cka": [0.9, 0.7, 0.6], "epoch_normalized_std": [0.07] * 3, "epoch_probe": [0.84, 0.80, 0.78], "feature_dim": 128},
+        {"name": "finetune-lr0.05", "lr": 0.05, "seed": 0, "pretrained_probe_accuracy": 0.89, "probe_accuracy": 0.88, "pretrained_epoch_probe": 0.85,
+         "epoch_cka": [0.95, 0.93, 0.92], "epoch_normalized_std": [0.07] * 3, "epoch_probe": [0.85, 0.85, 0.86], "feature_dim": 128},
+    ]
+    harmful, healthy = analysis.finetune_detector_rows(runs)
+    assert harmful["collapsed"] and (harmful["onset_epoch"], harmful["stop_epoch"]) == (1, 2) and harmful["min_cka"] == 0.6
+    assert not healthy["collapsed"] and healthy["stop_epoch"] is None
+
+
 # ---- the whole pipeline, fast mode ------------------------------------------------------------------
+OUTPUTS = (
+    "results.csv", "results_seed_mean.csv", "correlations.csv", "correlations.md", "picks.csv", "picks.md", "noise_floor.csv",
+    "noise_floor.md", "detector_runs.csv", "detector.md", "summary.md", "protocol.md", "summary.png",
+)
+
+
 @pytest.mark.slow
 def test_fast_mode_writes_every_output_and_resumes(tmp_path, capsys):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
+    pytest.importorskip("mnist1d")
     import model_selection_study as study
 
     out_dir = str(tmp_path / "study")
     result = study.main(["--fast", "--out-dir", out_dir])
     out = capsys.readouterr().out
-    names = [c.name for c in study.FAST_SWEEP]
+    names = [f"{c.name}-s0" for c in study.FAST_SWEEP] + [f"{c.name}-s0" for c in study.FAST_FINETUNES]
     assert result["trained"] == names
     assert {c.method for c in study.FAST_SWEEP} == {"simclr", "simsiam"}
+    assert {c.dataset for c in study.FAST_SWEEP} == {"digits", "mnist1d"} and {c.encoder for c in study.FAST_SWEEP} == {"mlp", "cnn"}
 
-    for name in ("results.csv", "correlations.csv", "correlations.md", "picks.csv", "picks.md", "metric_vs_accuracy.png"):
+    for name in OUTPUTS:
         assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
-    with open(os.path.join(out_dir, "metric_vs_accuracy.png"), "rb") as handle:
+    with open(os.path.join(out_dir, "summary.png"), "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
-    # results.csv: the schema, one row per configuration, finite metrics, accuracies in [0, 1].
+    # results.csv: the schema, one row per SSL run, finite metrics, accuracies in [0, 1].
     rows = analysis.read_csv(os.path.join(out_dir, "results.csv"))
     with open(os.path.join(out_dir, "results.csv")) as handle:
         assert handle.readline().strip().split(",") == analysis.result_columns()
-    assert [r["name"] for r in rows] == names
+    assert [r["name"] for r in rows] == [c.name for c in study.FAST_SWEEP]
+    assert {r["cell"] for r in rows} == {"digits-mlp", "mnist1d-cnn"}
     for r in rows:
         for tap in analysis.TAPS:
-            for metric in analysis.METRICS:
+            for metric in analysis.SCORED_METRICS:
                 assert math.isfinite(float(r[f"{tap}/{metric}"])), (r["name"], tap, metric)
-        assert 0 <= float(r["probe_accuracy"]) <= 1 and 0 <= float(r["knn_accuracy"]) <= 1
+        for accuracy in analysis.RANKED_ACCURACIES:
+            assert 0 <= float(r[accuracy]) <= 1, accuracy
+    # Every run recorded one value per epoch of the guard's inputs and of the label curve.
+    for record in result["rows"]:
+        assert len(record["epoch_projector_rankme"]) == len(record["epoch_projector_normalized_std"]) == len(record["epoch_probe"]) == 2
+    (finetune,) = result["finetunes"]
+    assert len(finetune["epoch_cka"]) == study.FAST_FINETUNES[0].epochs and all(-1e-6 <= v <= 1 + 1e-6 for v in finetune["epoch_cka"])
 
     # The saved tables are the analysis of the saved rows.
-    numeric = [{**r, **{c: float(r[c]) for c in analysis.result_columns() if "/" in c or "accuracy" in c}} for r in rows]
-    picks = analysis.read_csv(os.path.join(out_dir, "picks.csv"))
-    assert [p["pick"] for p in picks] == [p["pick"] for p in analysis.pick_rows(numeric)]
     correlations = analysis.read_csv(os.path.join(out_dir, "correlations.csv"))
     assert {c["group"] for c in correlations} == {"simclr", "simsiam", "all", "all-healthy"}
-    assert {c["accuracy"] for c in correlations} == {"probe_accuracy", "knn_accuracy"}
-    assert "rankme (max) | projector" in out and "Accuracy-best configuration" in out
+    assert set(analysis.RANKED_ACCURACIES) <= {c["accuracy"] for c in correlations}
+    detections = analysis.read_csv(os.path.join(out_dir, "detector_runs.csv"))
+    assert len(detections) == len(names)
+    assert "rankme (projector)" in out and "Seed-noise floor" in out and "collapsing runs" in out
 
     # Resumable: a rerun trains nothing; a removed record is retrained to the same numbers (fixed seeds).
     assert study.main(["--fast", "--out-dir", out_dir])["trained"] == []
-    os.remove(study.record_path(out_dir, study.FAST_SWEEP[0]))
+    os.remove(study.record_path(out_dir, study.FAST_SWEEP[0], 0))
     again = study.main(["--fast", "--out-dir", out_dir])
     assert again["trained"] == [names[0]]
     first, retrained = result["rows"][0], again["rows"][0]
     for column in analysis.result_columns():
         if column != "train_seconds":
             assert retrained[column] == first[column], column
+
+
+def test_jobs_must_be_positive():
+    pytest.importorskip("sklearn")
+    import model_selection_study as study
+
+    with pytest.raises(SystemExit):
+        study.parse_args(["--jobs", "0"])
+    assert study.parse_args(["--fast"]).jobs == 1 and study.parse_args(["--jobs", "2"]).seeds == [0, 1, 2]
 
 
 def test_a_record_of_another_setting_is_not_reused(tmp_path):
@@ -282,7 +432,7 @@ def test_help_explains_the_study(capsys):
         study.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--fast" in out and "--seed" in out and "--out-dir" in out
+    assert "--fast" in out and "--seed" in out and "--out-dir" in out and "--jobs" in out
     assert study.__doc__.strip().splitlines()[0] in out
 
 
@@ -290,8 +440,34 @@ def test_the_sweep_covers_what_the_study_claims():
     pytest.importorskip("sklearn")
     import model_selection_study as study
 
-    assert len(study.SWEEP) >= 16 and len({c.name for c in study.SWEEP}) == len(study.SWEEP)
-    assert {c.method for c in study.SWEEP} == {"simclr", "simsiam"}
-    assert {c.collapse_setting for c in study.SWEEP} == {"none", "partial", "full"}
-    for field in ("temperature", "lr", "projector_dim", "augmentation_strength", "batch_size"):
-        assert len({getattr(c, field) for c in study.SWEEP if c.method == "simclr"}) > 1, field
+    keys = {(c.cell, c.name) for c in study.SWEEP}
+    assert len(keys) == len(study.SWEEP)
+    assert {c.cell for c in study.SWEEP} == {"digits-mlp", "digits-cnn", "mnist1d-mlp", "mnist1d-cnn"}
+    assert len(study.SEEDS) >= 3
+    for cell in {c.cell for c in study.SWEEP}:
+        configs = [c for c in study.SWEEP if c.cell == cell]
+        assert {c.method for c in configs} == {"simclr", "simsiam"}
+        assert {c.collapse_setting for c in configs} == {"none", "partial", "full"}
+        for method in ("simclr", "simsiam"):
+            assert len([c for c in configs if c.method == method]) >= 5
+        for field in ("temperature", "lr", "augmentation_strength"):
+            assert len({getattr(c, field) for c in configs if c.method == "simclr"}) > 1, field
+    assert len({c.lr for c in study.FINETUNES}) >= 4
+
+
+def test_encoders_give_the_feature_width_on_both_datasets():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    import model_selection_study as study
+
+    for dataset, shape in (("digits", (5, 1, 8, 8)), ("mnist1d", (5, 1, 40))):
+        x = torch.randn(shape)
+        for encoder in ("mlp", "cnn"):
+            assert study.build_encoder(dataset, encoder)(x).shape == (5, study.FEATURE_DIM)
+        views = study.fixed_views(dataset, x, 3)
+        assert len(views) == 3 and all(v.shape == x.shape for v in views)
+        assert not torch.equal(views[0], views[1])
+        assert torch.equal(study.fixed_views(dataset, x, 3)[2], views[2])  # fixed generator: the same views again
+        # Strength 0 is the identity on MNIST-1D (no shift, stretch, scaling or noise).
+    signals = torch.randn(4, 1, 40)
+    assert torch.allclose(study.augment_mnist1d(signals, 0.0), signals, atol=1e-5)
