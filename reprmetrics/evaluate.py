@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from reprmetrics.monitor import MONITOR_MAX_SAMPLES, available_metrics, default_metrics
+from reprmetrics._sampling import BoundedSampleMetric
 from reprmetrics.multiview import Alignment, LiDAR
 from reprmetrics.spectral import AlphaReQ
 
@@ -309,6 +310,16 @@ class _Evaluation:
             elif kind == PAIRS:
                 metric.update(v[:, 0], v[:, 1])
 
+    def phase_message(self) -> str:
+        """What :meth:`finish` is about to do, for a progress line."""
+        assert self.metrics is not None
+        sampled = [n for n, m in self.metrics.items() if isinstance(m, BoundedSampleMetric)]
+        rows = min(self.seen["embeddings"] - self.bad["embeddings"], self.max_samples)
+        names = ", ".join(self.metrics)
+        if sampled:
+            return f"computing {names} ({', '.join(sampled)} on {rows:,} sampled rows)"
+        return f"computing {names}"
+
     def finish(self, points_name: str) -> EvaluationResult:
         totals = {"embeddings": self.seen["embeddings"], "views": self.seen["views"] or self.seen["embeddings"], "reference": self.seen["embeddings"]}
         for name in ("embeddings", "views", "reference"):
@@ -341,8 +352,14 @@ def _run(
     drop_nonfinite: bool = False,
     progress: bool = False,
     with_spectrum: bool = False,
+    on_phase: Callable[[str], None] | None = None,
 ) -> EvaluationResult:
-    """:func:`evaluate`, returning what the run saw as well (row counts, dropped rows, the spectrum)."""
+    """:func:`evaluate`, returning what the run saw as well (row counts, dropped rows, the spectrum).
+
+    ``on_phase(message)`` is called once after the pass over the rows, before the metrics are
+    computed, with what happens next (e.g. "computing uniformity, lid on 8,192 sampled rows"), so a
+    caller (the CLI) can show it.
+    """
     for value, label in ((max_samples, "max_samples"), (batch_size, "batch_size")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
             raise ValueError(f"evaluate: `{label}` must be an integer >= 2, got {value!r}")
@@ -422,6 +439,8 @@ def _run(
                 raise ValueError("evaluate: `views` has no rows")
     if bar is not None:
         bar.close()
+    if on_phase is not None and run.metrics is not None:
+        on_phase(run.phase_message())
     return run.finish(points_name)
 
 
