@@ -20,6 +20,12 @@ _BLOCKED_GRAM_MIN_FEATURES = 512
 _GRAM_BLOCK = 256
 
 
+def l2_normalize_rows(x: Tensor) -> Tensor:
+    """Rows scaled to unit L2 norm. The one zero-row policy of the toolkit: a zero row has no direction
+    and stays zero (as ``torch.nn.functional.normalize`` does), for every metric that normalises."""
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
 @contextlib.contextmanager
 def no_autocast(device: torch.device) -> Iterator[None]:
     """Run the enclosed computation at full precision even inside an autocast region."""
@@ -98,8 +104,8 @@ def gram_zero_tolerance(trace: float, num_samples: int, num_features: int, accum
 #   row 2             S1 = Σ (x − c)
 #   rows 3 .. D + 2   S2 = Σ (x − c)(x − c)ᵀ, upper triangle (diagonal included) valid only
 # or, for per-feature variances only (``diagonal=True``), shape (4, D) with row 3 = Σ (x − c)² (for
-# D = 1 the two layouts coincide). A 0-sized tensor, (0,) or (4, 0) for diagonal, stands for "no
-# batch yet, width unknown" (the width is taken from the first batch).
+# D = 1 the two layouts coincide). A 0-sized tensor, (0, 0) or (4, 0) for diagonal, stands for "no
+# batch yet, width unknown" (the width is taken from the first batch); stacked, they stay 3-D.
 
 _COUNT, _SHIFT, _FIRST, _SECOND = 0, 1, 2, 3
 
@@ -110,7 +116,7 @@ def centred_moments_state(
     device: torch.device | str | None = None,
     diagonal: bool = False,
 ) -> Tensor:
-    """Empty packed centred-moments state: ``(D + 3, D)`` zeros, or 0-sized when D is not known yet.
+    """Empty packed centred-moments state: ``(D + 3, D)`` zeros, or ``(0, 0)`` when D is not known yet.
 
     ``diagonal=True`` keeps only the per-feature sums of squares (shape ``(4, D)``, O(D) memory and
     work): for variances and standard deviations. Use it as the default of a Metric state with
@@ -120,7 +126,7 @@ def centred_moments_state(
     if diagonal:
         return torch.zeros(4, d, dtype=dtype, device=device)
     if d == 0:
-        return torch.zeros(0, dtype=dtype, device=device)
+        return torch.zeros(0, 0, dtype=dtype, device=device)
     return torch.zeros(d + 3, d, dtype=dtype, device=device)
 
 
@@ -179,6 +185,8 @@ def merge_centred_moments(parts: Tensor) -> Tensor:
     :math:`S_2 = M_2 + n r r^\top`, so that the state describes the exact mean and :math:`M_2`.
     Every subtraction is at the scale of the spread, so no digit is lost to the offset.
     """
+    if parts.numel() == 0:  # no part has seen a batch: the width is still unknown everywhere
+        return parts[0] if parts.ndim == 3 else parts
     if parts.ndim == 2:  # a single state (torchmetrics may hand one over when nothing was stacked)
         return parts
     if parts.ndim != 3 or parts.shape[0] == 0:

@@ -53,7 +53,7 @@ class BoundedSampleMetric(ReprMetric):
 
     def _check_batch(self, x: Any) -> Tensor:
         """Validate a batch without changing state (subclasses may extend the checks)."""
-        return check_tensor(x, type(self).__name__, min_rows=1, features=self._num_features)
+        return check_tensor(x, type(self).__name__, min_rows=0, features=self._num_features)
 
     def update(self, embeddings: Tensor) -> None:
         """Add a ``(B, D)`` batch. Raises ``ValueError`` (state untouched) on bad input."""

@@ -16,7 +16,8 @@ from reprmetrics._linalg import (
     no_autocast,
 )
 from reprmetrics._validation import check_tensor
-from reprmetrics.functional.collapse import _l2_normalize, _normalized_std_from_state
+from reprmetrics._linalg import l2_normalize_rows
+from reprmetrics.functional.collapse import _normalized_std_from_state
 
 __all__ = ["NormalizedStd"]
 
@@ -61,13 +62,13 @@ class NormalizedStd(ReprMetric):
 
     def _check_batch(self, embeddings: Tensor) -> Tensor:
         known = self.moments.shape[1] if self.moments.numel() else None
-        return check_tensor(embeddings, "NormalizedStd", features=known)
+        return check_tensor(embeddings, "NormalizedStd", min_rows=0, features=known)
 
     def update(self, embeddings: Tensor) -> None:
         """Add a ``(B, D)`` batch; bad input raises ``ValueError`` and leaves the state unchanged."""
         z = self._check_batch(embeddings)
         with no_autocast(z.device):
-            zn = _l2_normalize(z.to(device=self.moments.device, dtype=torch.float64))
+            zn = l2_normalize_rows(z.to(device=self.moments.device, dtype=torch.float64))
             self.moments = centred_moments_update_(self.moments, zn)
 
     def compute(self) -> Tensor:

@@ -22,6 +22,7 @@ from torchmetrics import Metric
 
 from reprmetrics.monitor import MONITOR_MAX_SAMPLES, available_metrics, default_metrics
 from reprmetrics._sampling import BoundedSampleMetric
+from reprmetrics._validation import SUPPORTED_FLOAT_DTYPES, check_device, check_memory
 from reprmetrics.multiview import Alignment, LiDAR
 from reprmetrics.spectral import AlphaReQ
 
@@ -88,14 +89,29 @@ def _as_tensor(batch: Any, name: str, ndim: int) -> Tensor:
         if batch.dtype.kind not in "fiub":
             raise ValueError(f"evaluate: `{name}` must hold real numbers, got numpy dtype {batch.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(batch))
+    _check_tensor_kind(x, name)
     if x.ndim != ndim:
         shape = "(N, D)" if ndim == 2 else "(N, q, D)"
         raise ValueError(f"evaluate: `{name}` must have shape {shape}, got a batch of shape {tuple(x.shape)}")
-    if x.is_complex() or x.dtype == torch.bool:
-        raise ValueError(f"evaluate: `{name}` must be real-valued, got dtype {x.dtype}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"evaluate: `{name}` has no features (shape {tuple(x.shape)}): there is nothing to measure")
+    if ndim == 3 and x.shape[1] < 2:
+        raise ValueError(f"evaluate: `{name}` must hold at least 2 views per sample (shape (N, q, D) with q >= 2), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         x = x.float()
     return x
+
+
+def _check_tensor_kind(x: Tensor, name: str) -> None:
+    """Layout, device and dtype: what no slicing or arithmetic can be asked of (checked before any)."""
+    if x.layout != torch.strided:
+        raise ValueError(f"evaluate: `{name}` must be a dense tensor, got layout {x.layout}; call .to_dense() first")
+    if x.device.type == "meta":
+        raise ValueError(f"evaluate: `{name}` is on the 'meta' device and holds no values")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"evaluate: `{name}` must be real-valued, got dtype {x.dtype}")
+    if x.is_floating_point() and x.dtype not in SUPPORTED_FLOAT_DTYPES:
+        raise ValueError(f"evaluate: `{name}` has dtype {x.dtype}, which is not supported; convert it with .float() first")
 
 
 def _is_array(value: Any) -> bool:
@@ -105,9 +121,14 @@ def _is_array(value: Any) -> bool:
 def _batches(source: Any, name: str, ndim: int, batch_size: int) -> Iterator[Tensor]:
     """``(B, ...)`` tensors from a tensor, an array or an iterable of batches."""
     if _is_array(source):
+        if isinstance(source, Tensor):
+            _check_tensor_kind(source, name)
         if source.ndim != ndim:
             shape = "(N, D)" if ndim == 2 else "(N, q, D)"
             raise ValueError(f"evaluate: `{name}` must have shape {shape}, got shape {tuple(source.shape)}")
+        if source.shape[0] == 0:
+            _as_tensor(source[:0], name, ndim)  # a width or view count that cannot work raises first
+            return
         for start in range(0, source.shape[0], batch_size):
             yield _as_tensor(source[start : start + batch_size], name, ndim)
         return
@@ -259,7 +280,15 @@ class _Evaluation:
     def build(self, num_features: int, num_views: int, device: torch.device) -> None:
         if self.metrics is not None:
             return
-        self.metrics = {n: m.to(device) for n, m in _build(self.names, num_features, num_views, self.max_samples).items()}
+        metrics = _build(self.names, num_features, num_views, self.max_samples)
+        dense = [n for n, m in metrics.items() if getattr(m, "dense_states", 0)] + (["cka"] if self.cka is not None else [])
+        matrices = sum(getattr(m, "dense_states", 0) for m in metrics.values()) + (1 if self.cka is not None else 0)
+        # Each D×D float64 state, and about as much again while its eigenvalues are computed.
+        check_memory(
+            2 * matrices * (num_features + 3) * num_features * 8, device, "evaluate", f"D = {num_features:,} for the D×D statistics of {', '.join(dense)}",
+            "pick metrics that keep no D×D matrix (uniformity, lid, twonn, mle_dimension, alignment, sigreg, normalized_std) or reduce the width first (e.g. PCA)",
+        )
+        self.metrics = {n: m.to(device) for n, m in metrics.items()}
         if self.with_spectrum:
             self.spectrum_metric = next((m for m in self.metrics.values() if isinstance(m, AlphaReQ)), None)
             if self.spectrum_metric is None:
@@ -366,9 +395,7 @@ def _run(
     if embeddings is None and views is None:
         raise ValueError("evaluate: pass `embeddings` (N, D), or `views` (N, q, D) to use their first view")
     names = _check_names(metrics, views is not None, reference is not None)
-    target = torch.device(device) if device is not None else None
-    if target is not None and target.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"evaluate: device {str(target)!r} requested but CUDA is not available")
+    target = check_device(device, "evaluate")
     run = _Evaluation(names, reference is not None, max_samples, drop_nonfinite, with_spectrum)
     first_view_only = embeddings is None
     points_name = "views" if first_view_only else "embeddings"

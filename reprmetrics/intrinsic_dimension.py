@@ -111,10 +111,17 @@ class LocalIntrinsicDimension(_SampledDimension):
         return value.to(torch.get_default_dtype())
 
     def per_sample(self) -> Tensor:
-        """``(N,)`` per-sample LIDs of the retained samples, as of :meth:`compute` (run if needed)."""
-        self.compute()  # cached by torchmetrics until the next update
+        """``(N,)`` per-sample LIDs of the retained samples, as of the last :meth:`compute` (run if none
+        since the last update; every rank must then call this together, as for ``compute()``)."""
+        if self._per_sample is None:
+            self.compute()
         assert self._per_sample is not None
         return self._per_sample
+
+    def update(self, embeddings: Tensor) -> None:
+        """Add a ``(B, D)`` batch. Raises ``ValueError`` (state untouched) on bad input."""
+        super().update(embeddings)
+        self._per_sample = None
 
     def reset(self) -> None:
         super().reset()

@@ -19,7 +19,7 @@ from torch import Tensor
 from reprmetrics._base import ReprMetric
 from reprmetrics._linalg import centred_moments_update_, no_autocast
 from reprmetrics._validation import check_positive_int, check_tensor
-from reprmetrics.functional.collapse import _l2_normalize
+from reprmetrics._linalg import l2_normalize_rows
 from reprmetrics.functional.isotropy import (
     _add_characteristic_sums_,
     _check_isoscore_width,
@@ -118,7 +118,7 @@ class SIGReg(ReprMetric):
         self.add_state("num_samples", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def _check_batch(self, embeddings: Tensor) -> Tensor:
-        return check_tensor(embeddings, type(self).__name__, min_rows=1, features=self._num_features)
+        return check_tensor(embeddings, type(self).__name__, min_rows=0, features=self._num_features)
 
     def directions(self) -> Tensor:
         """The ``(D, K)`` unit directions (float64), once D is known (given, or after the first batch)."""
@@ -202,7 +202,7 @@ class WassersteinUniformity(_CentredSecondMoments):
         """Add a ``(B, D)`` batch (rows L2-normalised first). Raises ``ValueError`` (state untouched) on bad input."""
         z = self._check_batch(embeddings)
         with no_autocast(z.device):
-            self.moments = centred_moments_update_(self.moments, _l2_normalize(z.to(device=self.moments.device, dtype=torch.float64)))
+            self.moments = centred_moments_update_(self.moments, l2_normalize_rows(z.to(device=self.moments.device, dtype=torch.float64)))
             self.input_eps.clamp_(min=torch.finfo(z.dtype).eps)
 
     def compute(self) -> Tensor:
@@ -257,14 +257,11 @@ class IsoScore(_CentredSecondMoments):
             _check_isoscore_width(num_features, "IsoScore")
         super().__init__(num_features=num_features, **kwargs)
 
-    def _check_batch(self, embeddings: Tensor) -> Tensor:
-        z = super()._check_batch(embeddings)
-        _check_isoscore_width(z.shape[1], "IsoScore")
-        return z
-
     def compute(self) -> Tensor:
-        """IsoScore of everything seen so far."""
+        """IsoScore of everything seen so far (D = 1 raises here: every batch is accepted alike, as by
+        the other metrics, so a ``MetricCollection`` never applies a batch to some members only)."""
         state, _ = self._checked_state()
+        _check_isoscore_width(state.shape[1], "IsoScore")
         with no_autocast(state.device):
             value = _isoscore_from_state(state, float(self.input_eps))
         return value.to(torch.get_default_dtype())

@@ -31,8 +31,11 @@ import copy
 import difflib
 import math
 import os
+import pickle
 import sys
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +45,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from reprmetrics._validation import check_memory
 from reprmetrics.collapse import NormalizedStd
 from reprmetrics.spectral import AlphaReQ, RankMe
 
@@ -200,6 +204,28 @@ class Tap:
             raise MonitorConfigurationError(f"RepresentationMonitor: Tap source must be 'auto', 'module' or 'output', got {self.source!r}")
         if self.reduce is not None and not callable(self.reduce):
             raise MonitorConfigurationError(f"RepresentationMonitor: Tap {self.name!r}: `reduce` must be callable, got {type(self.reduce).__name__}")
+
+
+def _load_weights(path: str | os.PathLike) -> Mapping[str, Tensor]:
+    """A state dict (or a Lightning checkpoint's ``state_dict``) from ``path``, never running pickled code."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MonitorConfigurationError(
+            f"RepresentationMonitor: cannot load the reference checkpoint {str(path)!r} safely ({first_line[:200]}). It is read with"
+            " torch.load(weights_only=True), which never runs pickled code: save only the weights, e.g."
+            " torch.save(model.state_dict(), path), or pass the reference model itself as `reference`"
+        ) from None
+    state = state.get("state_dict", state) if isinstance(state, Mapping) else state
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise MonitorConfigurationError(
+            f"RepresentationMonitor: the reference checkpoint {str(path)!r} holds {type(state).__name__}, not a state dict of tensors;"
+            " save it with torch.save(model.state_dict(), path)"
+        )
+    return state
 
 
 def _follow_device(copy_: nn.Module, live: nn.Module) -> None:
@@ -393,16 +419,24 @@ class _CaptureCounts(Metric):
             self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("width", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
         self.add_state("views", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
+        self.add_state("reference_width", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
+        # The least-filled training buffer of the ranks that captured anything (1: full, or nothing captured).
+        self.add_state("fill", torch.tensor(1.0, dtype=torch.float64), dist_reduce_fx="min")
 
-    def update(self, used: int = 0, nonfinite: int | Tensor = 0, dropped: int = 0, width: int = 0, views: int = 0) -> None:
+    def update(
+        self, used: int | Tensor = 0, nonfinite: int | Tensor = 0, dropped: int = 0, width: int = 0, views: int = 0,
+        reference_width: int = 0, fill: float = 1.0,
+    ) -> None:
         self.used += used
         self.nonfinite += nonfinite
         self.dropped += dropped
         self.width.clamp_(min=float(width))
         self.views.clamp_(min=float(views))
+        self.reference_width.clamp_(min=float(reference_width))
+        self.fill.clamp_(max=float(fill))
 
     def compute(self) -> Tensor:
-        return torch.stack([self.used, self.nonfinite, self.dropped, self.width, self.views])
+        return torch.stack([self.used, self.nonfinite, self.dropped, self.width, self.views, self.reference_width, self.fill])
 
 
 @dataclass
@@ -539,12 +573,24 @@ class _RecentBuffer:
         while self.chunks and stored - len(self.chunks[0]) >= self.capacity:
             stored -= len(self.chunks.pop(0))
 
-    def take(self) -> Tensor | None:
+    def recent(self) -> Tensor | None:
+        """The most recent ``capacity`` samples (kept: the next computation reads the most recent again)."""
         if not self.chunks:
             return None
         views = torch.cat(self.chunks)[-self.capacity :]
-        self.chunks = []
+        self.chunks = [views]
         return views
+
+    def fill(self) -> float:
+        """Stored samples over capacity, at most 1; 1 when empty (a rank that captured nothing waits for no one)."""
+        stored = sum(len(c) for c in self.chunks)
+        return 1.0 if stored == 0 else min(1.0, stored / self.capacity)
+
+    def state(self) -> Tensor | None:
+        return self.recent()
+
+    def load(self, views: Tensor | None) -> None:
+        self.chunks = [] if views is None else [views]
 
 
 class RepresentationTracker:
@@ -677,6 +723,7 @@ class RepresentationTracker:
         self._epoch_capture_steps = 0
         self._batch_size: int | None = None
         self._mode: str | None = None  # "train", "eval" or None (capture off)
+        self._capture_thread = threading.get_ident()  # captures come from the thread that starts the step
         self._handles: list[Any] = []
         self._module_taps: set[str] = set()
         self._submodule_names: list[str] = []
@@ -718,7 +765,7 @@ class RepresentationTracker:
                 continue
             self._module_taps.add(tap.name)
             self._found.add(tap.name)
-            self._handles.append(module.register_forward_hook(self._make_hook(tap), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._make_hook(tap, module), with_kwargs=True))
 
     def retake_reference(self, model: nn.Module) -> None:
         """Take the reference copies again from ``model`` (and re-attach): adapters call this when
@@ -733,8 +780,7 @@ class RepresentationTracker:
         elif self.reference == "initial":
             source = model
         else:
-            state = torch.load(self.reference, map_location="cpu", weights_only=False)
-            state = state.get("state_dict", state) if isinstance(state, Mapping) else state
+            state = _load_weights(self.reference)
             source = copy.deepcopy(model)
             try:
                 source.load_state_dict(state)
@@ -762,7 +808,10 @@ class RepresentationTracker:
             handle.remove()
         self._handles = []
 
-    def _make_hook(self, tap: Tap) -> Callable[..., None]:
+    def _make_hook(self, tap: Tap, attached: nn.Module) -> Callable[..., None]:
+        # A deep copy of the model (an EMA teacher) copies its forward hooks too; they must not capture.
+        owner = weakref.ref(attached)
+
         def embed(output: Any) -> Tensor:
             embeddings = tap.reduce(output) if tap.reduce is not None else _module_embeddings(output, tap.name)
             if not isinstance(embeddings, Tensor):
@@ -772,6 +821,14 @@ class RepresentationTracker:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if self._mode is None or self._capture_error is not None:
                 return  # off-schedule: costs one attribute read
+            if threading.get_ident() != self._capture_thread:
+                self._capture_error = MonitorConfigurationError(
+                    f"RepresentationMonitor: tap {tap.name!r} ran in another thread than the training loop (e.g. torch.nn.DataParallel);"
+                    " the order of captured views would depend on thread timing. Use DistributedDataParallel (one process per device)"
+                )
+                return
+            if module is not owner():
+                return  # a copy of the attached module (deepcopy carries hooks): not the monitored model
             with torch.no_grad():
                 try:
                     self._captured[tap.name].append(embed(output))
@@ -782,7 +839,8 @@ class RepresentationTracker:
                 except MonitorConfigurationError as error:
                     self._capture_error = error  # raised from the next end_*_step, outside the model's forward
 
-        return hook
+        # Under torch.compile the hook runs eagerly (a graph break): it reads Python state and threads.
+        return torch.compiler.disable(hook)
 
     # ---- capture ---------------------------------------------------------------------------
     def observe(self, outputs: Any, stage: str = "train") -> None:
@@ -900,10 +958,19 @@ class RepresentationTracker:
         return max(1, math.ceil(self.train_buffer_size / self._batch_size))
 
     def start_train_step(self) -> bool:
-        """Call before each training step; returns whether this step captures embeddings."""
+        """Call before each training step; returns whether this step captures embeddings.
+
+        Training-stage values read the most recent ``train_buffer_size`` samples per tap, captured
+        over the steps just before a scheduled step; the first value waits until the buffer is full
+        (on every rank that captures), so the first value, the baseline of relative criteria, is as
+        well founded as every later one. Until the buffer is full every step captures (one detached
+        copy of the tapped outputs per step).
+        """
         n = self.every_n_train_steps
-        capture = n > 0 and (self.train_steps % n) >= n - self._capture_window()
+        filling = self._batch_size is None or any(buffer.fill() < 1.0 for buffer in self._buffers.values())
+        capture = n > 0 and (filling or (self.train_steps % n) >= n - self._capture_window())
         self._mode = "train" if capture else None
+        self._capture_thread = threading.get_ident()
         self._epoch_capture_steps += capture
         return capture
 
@@ -929,7 +996,18 @@ class RepresentationTracker:
         return result
 
     def end_train_epoch(self) -> None:
-        """Call at the end of each training epoch: warns about taps that captured nothing in it."""
+        """Call at the end of each training epoch: warns about taps that captured nothing in it, and
+        about training-stage values still waiting for a full buffer."""
+        for tap, buffer in self._buffers.items():
+            key = f"filling/train/{tap}"
+            if self.every_n_train_steps and buffer.fill() < 1.0 and key not in self._warned:
+                self._warned.add(key)
+                stored = round(buffer.fill() * self.train_buffer_size)
+                warn(
+                    f"reprmetrics monitor: tap {tap!r}: no training-stage values yet: they start once its buffer holds"
+                    f" train_buffer_size={self.train_buffer_size} samples, and it holds {stored} after epoch {self.epoch}."
+                    " Lower train_buffer_size for small datasets"
+                )
         if self._epoch_capture_steps:
             for tap in self.taps:
                 if not self._epoch_train_captures[tap.name]:
@@ -961,6 +1039,7 @@ class RepresentationTracker:
         self._captured = {t.name: [] for t in self.taps}
         self._reference_captured = {t.name: [] for t in self.taps}
         self._mode = "eval"
+        self._capture_thread = threading.get_ident()
 
     def end_eval_step(self, outputs: Any = None) -> None:
         """Call after each evaluation batch, with what the step returned when output taps are used."""
@@ -1000,6 +1079,14 @@ class RepresentationTracker:
             metrics = default_metrics(d, q, self.max_samples) if self.use_default_metrics else {}
             metrics.update(default_metrics(d, q, self.max_samples, names=self.named_metrics) if self.named_metrics else {})
             metrics.update({name: m.clone() for name, m in self.extra_metrics.items()})
+            matrices = sum(getattr(m, "dense_states", 0) for m in metrics.values())
+            try:  # each D×D float64 state, and as much again while its eigenvalues are computed
+                check_memory(
+                    2 * matrices * (d + 3) * d * 8, device, "RepresentationMonitor", f"tap {tap!r} of width D = {d:,} ({stage})",
+                    "tap a narrower layer, pool or project it with the Tap's `reduce`, or choose metrics that keep no D×D matrix",
+                )
+            except ValueError as error:
+                raise MonitorConfigurationError(str(error)) from None
             metrics = {name: m.to(device) for name, m in metrics.items()}  # embeddings stay where they are
             self._metric_sets[key] = MetricSet(metrics, f"{stage}/{tap}", self.strict, self._warned, self.rankme_diagnostics)
         return self._metric_sets[key]
@@ -1013,15 +1100,20 @@ class RepresentationTracker:
         drift = ["cka_to_reference"] if stage == "val" and self.reference is not None else []
         return {tap: [*s.value_names(), *drift, "num_samples", "nonfinite_fraction"] for tap, s in self.metric_sets(stage).items()}
 
-    def _feed_drift(self, tap: str, views: Tensor, reference: Tensor) -> None:
+    @staticmethod
+    def _new_drift_metric(width: int, reference_width: int, device: torch.device) -> Metric:
         from reprmetrics.similarity import LinearCKA
 
+        return LinearCKA(num_features=(width, reference_width)).to(device)
+
+    def _feed_drift(self, tap: str, views: Tensor, reference: Tensor) -> None:
         live, ref = views[:, 0], reference[:, 0]
         finite = torch.isfinite(live).all(dim=1) & torch.isfinite(ref).all(dim=1)
         if not bool(finite.all()):
             live, ref = live[finite], ref[finite]
         if tap not in self._drift:
-            self._drift[tap] = LinearCKA(num_features=(live.shape[-1], ref.shape[-1])).to(live.device)
+            self._drift[tap] = self._new_drift_metric(live.shape[-1], ref.shape[-1], live.device)
+        self._counts[("val", tap)].update(reference_width=ref.shape[-1])
         if len(live):
             self._drift[tap].update(live, ref)
 
@@ -1036,15 +1128,29 @@ class RepresentationTracker:
         counts = self._counts[(stage, tap)].to(views.device)
         counts.update(used=used, nonfinite=len(views) - used, width=views.shape[-1], views=views.shape[1])
 
+    def _buffer_ready(self, tap: str) -> bool:
+        """Whether every rank that captured samples for ``tap`` has a full buffer (synced: the same answer everywhere)."""
+        counts = self._counts[("train", tap)]
+        counts.reset()
+        counts.to(self._device())
+        counts.update(fill=self._buffers[tap].fill())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was called before the ``update``.*")
+            fill = float(counts.compute()[6])
+        return fill >= 1.0
+
     def _compute_train(self) -> dict[str, Tensor]:
         values = {}
         for tap in self.taps:
-            views = self._buffers[tap.name].take()
+            if not self._buffer_ready(tap.name):
+                continue
+            views = self._buffers[tap.name].recent()
             dropped, self._train_dropped[tap.name] = self._train_dropped[tap.name], 0
             counts = self._counts[("train", tap.name)]
             counts.reset()
+            if ("train", tap.name) in self._metric_sets:  # on every rank: a rank without samples must not reuse the last state
+                self._metric_sets[("train", tap.name)].reset()
             if views is not None:
-                self.metric_set("train", tap.name, views).reset()
                 self._feed("train", tap.name, views)
             counts.update(dropped=dropped)
             values.update(self._compute_tap("train", tap.name))
@@ -1058,7 +1164,7 @@ class RepresentationTracker:
         counts.to(next(iter(metric_set.metrics.values())).device if metric_set is not None else self._device())
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was called before the ``update``.*")
-            used, nonfinite, dropped, width, num_views = (int(v) for v in counts.compute().tolist())
+            used, nonfinite, dropped, width, num_views, reference_width, _ = (int(v) for v in counts.compute().tolist())
         report = CaptureReport(stage, tap, used, nonfinite, dropped)
         self.reports[(stage, tap)] = report
         label = {"train": "training", "val": "validation"}[stage]
@@ -1077,13 +1183,17 @@ class RepresentationTracker:
         }
         if metric_set is None and width:  # nothing reached this rank but others have data: join their sync
             metric_set = self.metric_set(stage, tap, width=width, num_views=num_views)
+        # Drift is computed wherever any rank saw reference embeddings (synced), so every rank joins its sync.
+        has_drift = stage == "val" and reference_width > 0
+        if has_drift and tap not in self._drift:
+            self._drift[tap] = self._new_drift_metric(width, reference_width, device)
         if nonfinite:
             warn(
                 f"reprmetrics monitor: divergence: tap {tap!r} produced non-finite embeddings ({report.nonfinite_fraction:.0%} of"
                 f" {report.seen} samples, {label}); its metrics are reported as NaN"
             )
             names = metric_set.value_names() if metric_set is not None else []
-            names += ["cka_to_reference"] if stage == "val" and tap in self._drift else []
+            names += ["cka_to_reference"] if has_drift else []
             values.update({f"{tap}/{name}": torch.tensor(float("nan"), device=device) for name in names})
             return values
         if dropped:
@@ -1099,7 +1209,7 @@ class RepresentationTracker:
             return values
         if metric_set is not None:
             values.update({f"{tap}/{name}": value for name, value in metric_set.compute().items()})
-        if stage == "val" and tap in self._drift:
+        if has_drift:
             try:
                 values[f"{tap}/cka_to_reference"] = self._drift[tap].compute().detach()
             except (ValueError, RuntimeError) as error:
@@ -1114,19 +1224,35 @@ class RepresentationTracker:
 
     # ---- persistence -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The schedule's clock, the history of values and the widths seen (for checkpoints)."""
+        """Everything a resumed run needs to give the values the uninterrupted run gives: the schedule's
+        clock and counters, the training capture buffers (at most ``train_buffer_size`` samples per
+        tap, on the CPU), the history of values and the widths seen. Tensors and plain Python values
+        only, so checkpoints load with ``torch.load(weights_only=True)``."""
         return {
             "train_steps": self.train_steps,
             "epoch": self.epoch,
+            "eval_passes": self.eval_passes,
             "history": {k: list(v) for k, v in self.history.items()},
             "num_features": dict(self.num_features),
             "batch_size": self._batch_size,
+            "buffers": {tap: (None if (views := buffer.state()) is None else views.cpu()) for tap, buffer in self._buffers.items()},
+            "train_dropped": dict(self._train_dropped),
+            "epoch_capture_steps": self._epoch_capture_steps,
+            "epoch_train_captures": dict(self._epoch_train_captures),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Restore what :meth:`state_dict` saved (buffers go back to the model's device at the next capture)."""
         self.train_steps = int(state["train_steps"])
         self.epoch = int(state.get("epoch", 0))
+        self.eval_passes = int(state.get("eval_passes", self.eval_passes))
         self.history = {k: [tuple(x) for x in v] for k, v in state["history"].items()}
         self.num_features = dict(state.get("num_features", {}))
         self._batch_size = state.get("batch_size")
+        device = self._device()
+        for tap, views in state.get("buffers", {}).items():
+            if tap in self._buffers:
+                self._buffers[tap].load(None if views is None else views.to(device))
+        self._train_dropped.update({k: int(v) for k, v in state.get("train_dropped", {}).items() if k in self._train_dropped})
+        self._epoch_capture_steps = int(state.get("epoch_capture_steps", 0))
+        self._epoch_train_captures.update({k: int(v) for k, v in state.get("epoch_train_captures", {}).items() if k in self._epoch_train_captures})

@@ -30,7 +30,6 @@ from reprmetrics.functional.multiview import (
     _check_views,
     _lidar_eigenvalues,
     _lidar_scatter_from_moments,
-    _normalised,
     _smooth_effective_rank,
     _uniformity_from_points,
 )
@@ -96,6 +95,7 @@ class LiDAR(ReprMetric):
     higher_is_better = True
     plot_lower_bound = 1.0
     _reset_attributes = ("_known_views",)
+    dense_states = 2
 
     within: Tensor
     means_moments: Tensor
@@ -120,13 +120,13 @@ class LiDAR(ReprMetric):
         self.add_state("input_eps", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
         self._known_views: int | None = None  # q of earlier batches, checked without a device sync
 
-    def _validated(self, views: Any) -> Tensor:
+    def _check_batch(self, views: Any) -> Tensor:
         known = self.within.shape[0] if self.within.numel() else None
-        return _check_views(views, "LiDAR", min_groups=1, features=known, num_views=self._known_views)
+        return _check_views(views, "LiDAR", min_groups=0, features=known, num_views=self._known_views)
 
     def update(self, views: Tensor) -> None:
         """Add a ``(B, q, d)`` batch of whole groups. Raises ``ValueError`` (state untouched) on bad input."""
-        v = self._validated(views)
+        v = self._check_batch(views)
         b, q, d = v.shape
         with no_autocast(v.device):
             if self.within.numel() == 0:
@@ -156,15 +156,6 @@ class LiDAR(ReprMetric):
             value = _smooth_effective_rank(_lidar_eigenvalues(between, within, self.delta, tol, "LiDAR"), self.eps)
         return value.to(torch.get_default_dtype())
 
-    def _check_forward(self, views: Any) -> Tensor:
-        v = self._validated(views)
-        if v.shape[0] < 2:
-            raise ValueError(
-                f"LiDAR: forward() returns the value of this batch alone, which needs at least 2 samples"
-                f" (groups of views), got {v.shape[0]}; use update() for smaller batches"
-            )
-        return v
-
     def reset(self) -> None:
         super().reset()
         self._known_views = None
@@ -193,7 +184,7 @@ class Alignment(ReprMetric):
 
     Args:
         alpha: exponent > 0 (the paper's 2).
-        normalize: L2-normalise the rows first (zero-norm rows then raise ``ValueError``).
+        normalize: L2-normalise the rows first (a zero row stays zero: it has no direction).
         kwargs: passed to :class:`torchmetrics.Metric`.
 
     Example:
@@ -225,7 +216,7 @@ class Alignment(ReprMetric):
 
     def _distances(self, x: Any, y: Any) -> Tensor:
         """Validated per-pair distances; raises before any state changes."""
-        xs, ys = _check_pair(x, y, "Alignment", features=self._num_features)
+        xs, ys = _check_pair(x, y, "Alignment", features=self._num_features, min_rows=0)
         with no_autocast(xs.device):
             return _alignment_distances(xs, ys, self.alpha, self.normalize, "Alignment")
 
@@ -242,8 +233,8 @@ class Alignment(ReprMetric):
             raise ValueError("Alignment: compute() called before any update() (no pairs seen)")
         return (self.sum_distances / self.num_pairs).to(torch.get_default_dtype())
 
-    def _check_forward(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
-        return _check_pair(x, y, "Alignment", features=self._num_features)
+    def _check_batch(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
+        return _check_pair(x, y, "Alignment", features=self._num_features, min_rows=0)
 
     def reset(self) -> None:
         super().reset()
@@ -281,7 +272,7 @@ class Uniformity(BoundedSampleMetric):
 
     Args:
         t: temperature > 0 (the paper's 2).
-        normalize: L2-normalise the rows first (zero-norm rows then raise ``ValueError`` at update).
+        normalize: L2-normalise the rows first (a zero row stays zero: it has no direction).
         max_samples: the most points kept (default 25,600).
         seed: seeds the sampling keys (each rank adds its own offset).
         kwargs: passed to :class:`torchmetrics.Metric`.
@@ -306,12 +297,6 @@ class Uniformity(BoundedSampleMetric):
         self.t = check_nonnegative_float(t, "Uniformity", "t", strictly_positive=True)
         self.normalize = bool(normalize)
 
-    def _check_batch(self, x: Any) -> Tensor:
-        z = super()._check_batch(x)
-        if self.normalize:
-            _normalised(z.to(torch.float64), "Uniformity", "embeddings")  # raises on zero-norm rows
-        return z
-
     def compute(self) -> Tensor:
         """Uniformity over every pair of the kept points."""
         points = self._sample()
@@ -319,11 +304,3 @@ class Uniformity(BoundedSampleMetric):
             value = _uniformity_from_points(points, self.t, self.normalize, "Uniformity")
         return value.to(torch.get_default_dtype())
 
-    def _check_forward(self, embeddings: Any) -> Tensor:
-        z = self._check_batch(embeddings)
-        if z.shape[0] < 2:
-            raise ValueError(
-                f"Uniformity: forward() returns the value of this batch alone, which needs at least 2 samples,"
-                f" got {z.shape[0]}; use update() for smaller batches"
-            )
-        return z

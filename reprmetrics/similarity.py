@@ -95,7 +95,7 @@ class LinearCKA(ReprMetric):
         return dx, self.moments.shape[1] - dx
 
     def _check_batch(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
-        return _check_pair(x, y, "LinearCKA", 1, widths=self._known_widths())
+        return _check_pair(x, y, "LinearCKA", 0, widths=self._known_widths())
 
     def update(self, x: Tensor, y: Tensor) -> None:
         """Add a batch of paired rows. Raises ``ValueError`` (state untouched) on bad input."""
@@ -105,10 +105,6 @@ class LinearCKA(ReprMetric):
             joint = torch.cat([xs.to(device=device, dtype=torch.float64), ys.to(device=device, dtype=torch.float64)], dim=1)
             self.moments = centred_moments_update_(self.moments, joint)
         self.num_features_x.fill_(xs.shape[1])
-
-    def _check_forward(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
-        # forward() also computes this batch's own value, which needs 2 rows.
-        return _check_pair(x, y, "LinearCKA", _MIN_ROWS_BIASED, widths=self._known_widths())
 
     def compute(self) -> Tensor:
         """Linear CKA of everything seen so far."""
@@ -192,11 +188,17 @@ class MinibatchCKA(ReprMetric):
         self._widths: tuple[int, int] | None = None  # (D1, D2) of earlier minibatches
 
     def _check_batch(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
-        return _check_pair(x, y, "MinibatchCKA", _MIN_ROWS_UNBIASED, widths=self._widths)
+        xs, ys = _check_pair(x, y, "MinibatchCKA", 0, widths=self._widths)
+        if 0 < xs.shape[0] < _MIN_ROWS_UNBIASED:  # an empty batch (a rank without data) adds nothing
+            _check_pair(x, y, "MinibatchCKA", _MIN_ROWS_UNBIASED, widths=self._widths)
+        return xs, ys
 
     def update(self, x: Tensor, y: Tensor) -> None:
-        """Add one minibatch of paired rows. Raises ``ValueError`` (state untouched) on bad input."""
+        """Add one minibatch of paired rows (an empty one adds nothing). Raises ``ValueError`` (state untouched) on bad input."""
         xs, ys = self._check_batch(x, y)
+        if xs.shape[0] == 0:
+            self._widths = (xs.shape[1], ys.shape[1])
+            return
         with no_autocast(xs.device):
             # The RBF bandwidth check can still reject the batch, so compute before touching state.
             terms = _hsic_terms(xs, ys, self.kernel, self.sigma, True, "MinibatchCKA").to(self.hsic_xy.device)

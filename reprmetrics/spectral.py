@@ -27,7 +27,7 @@ from reprmetrics._linalg import (
     no_autocast,
 )
 from reprmetrics._validation import check_nonnegative_float, check_positive_int, check_tensor
-from reprmetrics.functional.collapse import _l2_normalize
+from reprmetrics._linalg import l2_normalize_rows
 from reprmetrics.functional.spectral import (
     _check_coding_rate_eps,
     _check_fit_range,
@@ -52,6 +52,7 @@ class _SecondMoments(ReprMetric):
     """
 
     _min_samples = 1
+    dense_states = 1
 
     gram: Tensor
     total: Tensor
@@ -79,7 +80,7 @@ class _SecondMoments(ReprMetric):
 
     def _check_batch(self, embeddings: Tensor) -> Tensor:
         known = self.gram.shape[0] if self.gram.numel() else None
-        return check_tensor(embeddings, type(self).__name__, min_rows=1, features=known)
+        return check_tensor(embeddings, type(self).__name__, min_rows=0, features=known)
 
     def update(self, embeddings: Tensor) -> None:
         """Add a ``(B, D)`` batch. Raises ``ValueError`` (state untouched) on bad input."""
@@ -218,6 +219,7 @@ class _CentredSecondMoments(ReprMetric):
     """
 
     _min_samples = 2
+    dense_states = 1
 
     moments: Tensor
     input_eps: Tensor
@@ -234,7 +236,7 @@ class _CentredSecondMoments(ReprMetric):
         return self.moments.shape[1] if self.moments.numel() else None
 
     def _check_batch(self, embeddings: Tensor) -> Tensor:
-        return check_tensor(embeddings, type(self).__name__, min_rows=1, features=self._known_features())
+        return check_tensor(embeddings, type(self).__name__, min_rows=0, features=self._known_features())
 
     def update(self, embeddings: Tensor) -> None:
         """Add a ``(B, D)`` batch. Raises ``ValueError`` (state untouched) on bad input."""
@@ -419,7 +421,7 @@ class CodingRate(_SecondMoments):
         z = self._check_batch(embeddings)
         if self.normalize:
             with no_autocast(z.device):
-                z = _l2_normalize(z.to(device=self.gram.device, dtype=torch.float64))
+                z = l2_normalize_rows(z.to(device=self.gram.device, dtype=torch.float64))
         super().update(z)
 
     def compute(self) -> Tensor:

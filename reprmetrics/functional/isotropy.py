@@ -28,7 +28,7 @@ from reprmetrics._linalg import (
     symmetric_from_upper,
 )
 from reprmetrics._validation import check_positive_int, check_tensor, result_dtype
-from reprmetrics.functional.collapse import _l2_normalize
+from reprmetrics._linalg import l2_normalize_rows
 
 __all__ = ["isoscore", "sigreg", "wasserstein_uniformity"]
 
@@ -90,7 +90,7 @@ def wasserstein_uniformity(embeddings: Tensor) -> Tensor:
     """
     z = check_tensor(embeddings, "wasserstein_uniformity", min_rows=1)
     with no_autocast(z.device):
-        state = centred_moments_of(_l2_normalize(z.to(torch.float64)))
+        state = centred_moments_of(l2_normalize_rows(z.to(torch.float64)))
         value = _wasserstein_uniformity_from_state(state)
     return value.to(result_dtype(z))
 

@@ -22,7 +22,7 @@ from reprmetrics._linalg import (
     symmetric_from_upper,
 )
 from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
-from reprmetrics.functional.collapse import _l2_normalize
+from reprmetrics._linalg import l2_normalize_rows
 
 __all__ = ["alpha_req", "alpha_req_fit", "coding_rate", "eigenspectrum", "nesum", "rankme", "rankme_diagnostics", "singular_values"]
 
@@ -444,7 +444,7 @@ def coding_rate(embeddings: Tensor, eps: float = 0.5, normalize: bool = True) ->
     with no_autocast(z.device):
         z64 = z.to(torch.float64)
         if normalize:
-            z64 = _l2_normalize(z64)
+            z64 = l2_normalize_rows(z64)
         n, d = z.shape
         value = _coding_rate_from_gram(_smaller_gram(z64), n, d, eps)
     return value.to(result_dtype(z))
