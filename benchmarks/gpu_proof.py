@@ -48,11 +48,11 @@ Full-size estimates (seconds per call of ours / of the baseline) and each case's
 
 | case | size | est. ours (s) | est. baseline (s) | budget (s) |
 |---|---|---:|---:|---:|
-| gram update vs GEMM peak, float64 | B = 256 and 4,096 rows into 2,048², square GEMM 8,192³ | 0.0103 | 0.0821 | 8 |
-| gram update vs GEMM peak, float32 | B = 256 and 4,096 rows into 2,048², square GEMM 8,192³ | 0.0103 | 0.0821 | 8 |
-| gram update vs GEMM peak, tf32 | B = 256 and 4,096 rows into 2,048², square GEMM 8,192³ | 0.0014 | 0.0111 | 8 |
-| rankme accuracy, near-collapsed | 32,768 × 512 float32, rank 1 + 1e-3 noise | 0.0002 | 0.0823 | 12 |
-| uniformity vs pdist | 65,536 × 128 float32, t = 2 | 0.0293 | 0.0328 | 12 |
+| gram update vs GEMM peak, float64 | 20 updates of (B, 2,048) into 2,048², B = 256 and 4,096; 5 square GEMMs 8,192³ | 0.0103 | 0.0821 | 8 |
+| gram update vs GEMM peak, float32 | 20 updates of (B, 2,048) into 2,048², B = 256 and 4,096; 5 square GEMMs 8,192³ | 0.0103 | 0.0821 | 8 |
+| gram update vs GEMM peak, tf32 | 20 updates of (B, 2,048) into 2,048², B = 256 and 4,096; 5 square GEMMs 8,192³ | 0.0014 | 0.0111 | 8 |
+| rankme accuracy, near-collapsed | 32,768 × 512 float32, rank 1 + 1e-3 noise | 0.0006 | 0.0823 | 12 |
+| uniformity vs pdist | 49,152 × 128 float32, t = 2 | 0.0166 | 0.0185 | 12 |
 | uniformity, large N | 262,144 × 128 float32, t = 2 | 0.4633 | — | 20 |
 | lid vs cdist+topk | 65,536 × 128 float32, k = 20 | 0.0909 | 0.0574 | 15 |
 | evaluate (default set) | 2,000,000 × 256 float32, batches of 4,096 | 0.5274 | 0.0223 | 35 |
@@ -170,7 +170,7 @@ FULL = Sizes(
     accuracy_rows=32_768, accuracy_features=512,
     rankme_rows=262_144, rankme_features=2048, batch=4096,
     knn_fit_rows=65_536, knn_rows=1_000_000, knn_features=128,
-    uniformity_fit_rows=65_536, uniformity_rows=262_144, uniformity_features=128,
+    uniformity_fit_rows=49_152, uniformity_rows=262_144, uniformity_features=128,
     evaluate_rows=2_000_000, evaluate_features=256,
     resnet_blocks=(3, 4, 6, 3), resnet_width=64, image_size=224, monitor_batch=256, monitor_steps_per_block=10,
     repeats=3,
@@ -346,6 +346,17 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b) if b else abs(a - b)
 
 
+def _bytes(count: float) -> str:
+    for unit, size in (("TB", 1e12), ("GiB", 2**30), ("MiB", 2**20)):
+        if count >= size:
+            return f"{count / size:,.1f} {unit}"
+    return f"{count / 2**10:,.1f} KiB"
+
+
+def _flop(count: float) -> str:
+    return f"{count / 1e12:,.2f} TFLOP" if count >= 1e12 else f"{count / 1e9:,.2f} GFLOP"
+
+
 # ---- (b1) the Gram update against the device's GEMM peak -----------------------------------------
 
 
@@ -438,12 +449,17 @@ def rankme_from_singular_values(sigma: torch.Tensor, eps: float = 1e-7) -> float
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def _streamed_rankme(batches: list[torch.Tensor], accumulate: str) -> float:
+def _streamed_rankme(batches: list[torch.Tensor], accumulate: str, float64_value: bool = False) -> float:
+    """RankMe streamed with a Gram accumulator of ``accumulate`` ("tf32": float32 with TF32 matmuls).
+
+    ``float64_value``: RankMe from the metric's float64 singular values, not the float32 value that
+    ``compute()`` returns, so that an accuracy check sees the accumulator's error and not the rounding.
+    """
     with matmul_precision(accumulate):
         metric = RankMe(accumulate_dtype=_torch_dtype(accumulate)).to(batches[0].device)
         for b in batches:
             metric.update(b)
-        return float(metric.compute())
+        return rankme_from_singular_values(metric.singular_values(), metric.eps) if float64_value else float(metric.compute())
 
 
 def _near_collapsed_batches(n: int, d: int, batch: int, device: torch.device) -> list[torch.Tensor]:
@@ -468,15 +484,18 @@ def rankme_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
         return rankme_from_singular_values(torch.linalg.svdvals(torch.cat(batches).to(torch.float64)))
 
     def rel_err(m: Measured) -> str:
-        return f"RankMe {m.ours:.6f} vs float64 SVD {m.baseline:.6f}: rel. error {_rel(m.ours, m.baseline):.1e}"
+        return f"RankMe {m.ours:.9f} vs float64 SVD {m.baseline:.9f}: rel. error {_rel(m.ours, m.baseline):.1e} (from its float64 singular values)"
 
     accuracy = TimedCase(
         name="rankme accuracy, near-collapsed",
         input_desc=f"{n:,} × {d} float32, rank 1 + 1e-3 noise, batches of {s.batch:,}",
         make_input=lambda: _near_collapsed_batches(n, d, s.batch, device),
         ours=[
-            Variant(f"RankMe(accumulate_dtype={label})" if label != "tf32" else "RankMe(accumulate_dtype=float32), TF32 on", (lambda b, label=label: _streamed_rankme(b, label)),
-                    accuracy_gram / PEAK_FLOPS[label] + eigensolver_seconds(d) / 10)
+            Variant(
+                f"RankMe(accumulate_dtype={label})" if label != "tf32" else "RankMe(accumulate_dtype=float32), TF32 on",
+                lambda b, label=label: _streamed_rankme(b, label, float64_value=True),
+                accuracy_gram / PEAK_FLOPS[label] + eigensolver_seconds(d),
+            )
             for label in ("float64", "float32", "tf32")
         ],
         baseline=Variant("torch.linalg.svdvals, float64 (reference)", svd64, 2 * n * d * d / PEAK_FLOPS["float64"] + 4 * n * d * d * 8 / BANDWIDTH),
@@ -567,7 +586,6 @@ def knn_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
         return f"geometric-mean LID {float(m.ours.double().log().mean().exp()):.3f}; 256 queries vs brute-force float64: max rel. diff {float(diff):.1e}"
 
     n_fit, n = s.knn_fit_rows, s.knn_rows
-    fit_matrix_gib = n_fit * n_fit * 4 / 2**30
     cdist_estimate = gemm_seconds(n_fit, n_fit, d, "float32") + (2 + TOPK_PASSES) * 4 * n_fit * n_fit / BANDWIDTH  # + clamp/sqrt pass
     return [
         TimedCase(
@@ -575,7 +593,7 @@ def knn_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
             input_desc=f"{n_fit:,} × {d} float32, k = {K}",
             make_input=lambda: manifold_points(n_fit, d, device),
             ours=[Variant("local_intrinsic_dimension (blocked exact kNN)", ours_lid, knn_seconds(n_fit, d, K))],
-            baseline=Variant(f"torch.cdist + topk ({fit_matrix_gib:.1f} GiB N×N matrix)", cdist_topk_lid, cdist_estimate),
+            baseline=Variant(f"torch.cdist + topk ({_bytes(4 * n_fit * n_fit)} N×N matrix)", cdist_topk_lid, cdist_estimate),
             budget_s=15,
             repeats=s.repeats,
             check=versus_cdist,
@@ -586,7 +604,7 @@ def knn_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
             make_input=lambda: manifold_points(n, d, device),
             ours=[Variant("local_intrinsic_dimension (blocked exact kNN)", ours_lid, knn_seconds(n, d, K))],
             baseline=None,
-            no_baseline=f"cdist's N×N float32 matrix would be {n * n * 4 / 1e12:.1f} TB" if n >= 100_000 else f"cdist+topk shown at {n_fit:,} rows",
+            no_baseline=f"cdist's N×N float32 matrix would be {_bytes(4 * n * n)}; cdist+topk is shown at {n_fit:,} rows",
             budget_s=50,
             repeats=s.repeats,
             check=spot_check,
@@ -598,7 +616,7 @@ def knn_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
             make_input=lambda: manifold_points(n, d, device),
             ours=[Variant("twonn_dimension (blocked exact kNN, k = 2)", lambda x: float(twonn_dimension(x)), knn_seconds(n, d, 2))],
             baseline=None,
-            no_baseline=f"cdist's N×N float32 matrix would be {n * n * 4 / 1e12:.1f} TB" if n >= 100_000 else f"cdist+topk shown at {n_fit:,} rows",
+            no_baseline=f"cdist's N×N float32 matrix would be {_bytes(4 * n * n)}",
             budget_s=35,
             repeats=s.repeats,
             check=lambda m: f"TwoNN dimension {m.ours:.3f} (the points lie on a 16-D manifold plus noise)",
@@ -641,7 +659,7 @@ def uniformity_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
             input_desc=f"{n_fit:,} × {d} float32, t = 2",
             make_input=lambda: points(n_fit),
             ours=[Variant("functional.uniformity (pair tiles)", ours, uniformity_seconds(n_fit, d))],
-            baseline=Variant(f"torch.pdist(x̂).pow(2).mul(-t).exp().mean().log() ({pairs_fit * 4 / 2**30:.1f} GiB of distances)", pdist_uniformity, pdist_estimate),
+            baseline=Variant(f"torch.pdist(x̂).pow(2).mul(-t).exp().mean().log() ({_bytes(4 * pairs_fit)} of distances)", pdist_uniformity, pdist_estimate),
             budget_s=12,
             repeats=s.repeats,
             check=lambda m: f"{m.ours:.6f} vs {m.baseline:.6f} (rel. diff {_rel(m.ours, m.baseline):.1e})",
@@ -652,7 +670,7 @@ def uniformity_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
             make_input=lambda: points(n),
             ours=[Variant("functional.uniformity (pair tiles)", ours, uniformity_seconds(n, d))],
             baseline=None,
-            no_baseline=f"pdist's N(N−1)/2 float32 distances alone would be {n * (n - 1) / 2 * 4 / 2**30:.0f} GiB",
+            no_baseline=f"pdist's N(N−1)/2 float32 distances alone would be {_bytes(2 * n * (n - 1))}",
             budget_s=20,
             repeats=s.repeats,
             check=lambda m: f"uniformity {m.ours:.6f} (≈ −2t + 2t²/D = {-4 + 8 / d:.4f} for isotropic points on the sphere)",
@@ -918,7 +936,7 @@ def measure_monitor_overhead(case: CustomCase, device: torch.device, s: Sizes, b
     window_extra_s = window_s - window * plain_s
     overhead_s = (window_extra_s + (cadence - window) * (off_s - plain_s)) / cadence
     fraction = overhead_s / plain_s
-    step_tflop = 3 * forward_flops(s.resnet_blocks, s.resnet_width, s.image_size) * 2 * s.monitor_batch / 1e12
+    step_flops = 3 * forward_flops(s.resnet_blocks, s.resnet_width, s.image_size) * 2 * s.monitor_batch
     row = new_row(case, f"monitored step, amortised over every_n_train_steps={cadence}", "the same step without the monitor", device)
     row.update(
         ours_s=plain_s + overhead_s,
@@ -932,7 +950,7 @@ def measure_monitor_overhead(case: CustomCase, device: torch.device, s: Sizes, b
             f" capture window + computation {1e3 * window_extra_s:+.0f} ms per {cadence} steps,"
             f" off-schedule steps {1e3 * (off_s - plain_s):+.2f} ms each; backbone RankMe {float(computed[-1]['backbone/rankme']):.1f}"
         ),
-        notes=f"per rep {m} plain, {m} off-schedule steps and one {window}-step capture window; {step_tflop:.2f} TFLOP per step",
+        notes=f"per rep {m} plain, {m} off-schedule steps and one {window}-step capture window; {_flop(step_flops)} per step",
     )
     return row
 
@@ -983,7 +1001,8 @@ def environment(device: torch.device) -> dict[str, str]:
             cudnn=str(torch.backends.cudnn.version()),
         )
     else:
-        env.update(device=f"CPU ({env['cpu']}, {env['threads']} threads)", cuda=str(torch.version.cuda), cudnn="—")
+        threads = f"{env['threads']} thread" + ("s" if env["threads"] != "1" else "")
+        env.update(device=f"CPU ({env['cpu']}, {threads})", cuda=str(torch.version.cuda), cudnn="—")
     return env
 
 
@@ -1030,7 +1049,7 @@ def estimate_table(s: Sizes = FULL) -> str:
     """The docstring's table of full-size estimates, computed (a test keeps the two equal)."""
     cases = build_cases(torch.device("cpu"), s)
     sizes = {
-        "gram": f"B = {' and '.join(f'{b:,}' for b in s.gram_batches)} rows into {s.gram_features:,}², square GEMM {s.square_gemm:,}³",
+        "gram": f"20 updates of (B, {s.gram_features:,}) into {s.gram_features:,}², B = {' and '.join(f'{b:,}' for b in s.gram_batches)}; 5 square GEMMs {s.square_gemm:,}³",
         "rankme accuracy": f"{s.accuracy_rows:,} × {s.accuracy_features} float32, rank 1 + 1e-3 noise",
         "rankme streaming": f"{s.rankme_rows:,} × {s.rankme_features:,} float32, batches of {s.batch:,}",
         "lid vs": f"{s.knn_fit_rows:,} × {s.knn_features} float32, k = {K}",

@@ -230,9 +230,15 @@ def _ldreg_ref(z: np.ndarray) -> float:
 FUNCTIONAL_CASES: dict[str, list[FunctionalCase]] = {
     "alignment": [FunctionalCase(RF.alignment, pairs, alignment_ref, differentiable=True)],
     "alpha_req": [FunctionalCase(RF.alpha_req, lambda: (embeddings(),), lambda z: alpha_req_ref(z, input_eps=F64_EPS))],
-    "alpha_req_fit": [FunctionalCase(lambda z: _fit_values(RF.alpha_req_fit(z)), lambda: (embeddings(),), lambda z: {"alpha": alpha_req_ref(z, input_eps=F64_EPS)})],
+    "alpha_req_fit": [
+        FunctionalCase(lambda z: _fit_values(RF.alpha_req_fit(z)), lambda: (embeddings(),), lambda z: {"alpha": alpha_req_ref(z, input_eps=F64_EPS)})
+    ],
     "cka": [
-        FunctionalCase(lambda x, y, k=kernel, b=debiased: RF.cka(x, y, kernel=k, debiased=b), lambda: pairs(300), lambda x, y, k=kernel, b=debiased: cka_ref(x, y, k, 1.0, b))
+        FunctionalCase(
+            lambda x, y, k=kernel, b=debiased: RF.cka(x, y, kernel=k, debiased=b),
+            lambda: pairs(300),
+            lambda x, y, k=kernel, b=debiased: cka_ref(x, y, k, 1.0, b),
+        )
         for kernel in ("linear", "rbf")
         for debiased in (False, True)
     ],

@@ -71,8 +71,10 @@ def test_smoke_run_on_cpu_gives_every_case_a_row(tmp_path):
     assert re.match(r"overhead [+-]\d+\.\d+ % per step", monitor["result"])
 
 
-def test_docstring_states_what_the_code_estimates():
-    assert gpu_proof.estimate_table(gpu_proof.FULL) in gpu_proof.__doc__
+def test_docstring_and_results_state_what_the_code_estimates():
+    table = gpu_proof.estimate_table(gpu_proof.FULL)
+    assert table in gpu_proof.__doc__
+    assert table in (ROOT / "benchmarks" / "RESULTS.md").read_text()
     total = sum(case.budget_s for case in gpu_proof.build_cases(CPU, gpu_proof.FULL))
     assert f"the budgets below add up to {total:.0f} s" in " ".join(gpu_proof.__doc__.split())
 
