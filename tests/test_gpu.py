@@ -37,7 +37,8 @@ from torch import nn  # noqa: E402
 
 import reprmetrics  # noqa: E402
 from reprmetrics import functional as RF  # noqa: E402
-from reprmetrics._knn import knn, tile_plan  # noqa: E402
+from reprmetrics._knn import default_tile_bytes, knn, tile_plan  # noqa: E402
+from reprmetrics.monitor import RepresentationTracker  # noqa: E402
 
 CUDA = pytest.mark.gpu  # conftest skips these without CUDA
 F64_EPS = float(torch.finfo(torch.float64).eps)
@@ -334,7 +335,7 @@ def check_knn_tiles(
     a brute-force float64 kNN on a spread of queries (those at tile boundaries included) and the CPU's
     run with its own tiles on all of them. ``column_tiles``: the tiles must split the reference too."""
     x = embeddings(n, d, seed=3, dtype=dtype)
-    tile_bytes = max_tile_bytes if max_tile_bytes is not None else reprmetrics._knn.default_tile_bytes(on(device))
+    tile_bytes = max_tile_bytes if max_tile_bytes is not None else default_tile_bytes(on(device))
     rows, cols = tile_plan(n, n, x.element_size(), tile_bytes)
     assert rows < n, f"{n} points fit in one row tile of {tile_bytes} bytes: the check would not test tiling"
     assert cols < n or not column_tiles, f"the reference fits in one column tile of {tile_bytes} bytes"
@@ -546,8 +547,6 @@ def check_capture_path_syncs(device: str, batch: int = 64, every: int = 8, eval_
     """The tracker's capture path does not stall the GPU: no host sync at all on training steps that do
     not compute (off-schedule or capturing: ``"error"`` mode), at most one per captured evaluation batch
     (counted in ``"warn"`` mode). Scheduled computations and ``end_eval`` may sync; they run outside."""
-    from reprmetrics.monitor import RepresentationTracker
-
     dev = on(device)
     torch.manual_seed(0)
     model = _TapModel().to(dev)
@@ -582,6 +581,12 @@ def check_capture_path_syncs(device: str, batch: int = 64, every: int = 8, eval_
                 tracker.end_eval_step()
         return tracker.end_eval(), syncs  # end_eval computes: it may sync
 
+    if dev.type == "cuda":  # the detectors detect: a deliberate sync is counted, and raises in "error" mode
+        with counting_host_syncs(device) as control:
+            float(inputs[0].sum())
+        assert len(control) >= 1, 'the "warn" mode did not report a deliberate sync: the count below would mean nothing'
+        with pytest.raises(RuntimeError, match=SYNC_WARNING), sync_debug_mode(device, "error"):
+            float(inputs[0].sum())
     # Warm-up: one whole cycle (capture window, scheduled computation) and one evaluation pass, so
     # metric sets, buffers and the batch size exist before anything is checked.
     assert len(train_steps(every, checked=False)) == 1
