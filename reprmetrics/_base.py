@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,16 @@ class ReprMetric(Metric):
     _reset_attributes: tuple[str, ...] = ()
     #: D×D matrices the metric keeps (memory grows as D²): checked against free memory before allocating.
     dense_states: int = 0
+
+    # ---- traits the metric registry reads (see reprmetrics.registry) ----
+    #: The name the tracker, evaluate() and the CLI know the metric by; None: not in the registry.
+    registry_name: ClassVar[str | None] = None
+    #: Whether it is in the default set.
+    in_default_set: ClassVar[bool] = False
+    #: The narrowest embeddings the default set includes it for.
+    min_features: ClassVar[int] = 1
+    #: For metrics healthy near a value rather than high or low (``higher_is_better = None``): that value.
+    healthy_value: ClassVar[float | None] = None
 
     def __init__(self, **kwargs: Any) -> None:
         # A cached value lets a rank that saw no new batch skip the sync the other ranks then wait in:
@@ -217,6 +227,23 @@ class ReprMetric(Metric):
                 setattr(this, name, [v.to(device) for v in value])
         this._device = device
         return this
+
+    # ---- reading a statistic (see reprmetrics.statistics) ----
+    def value_names(self) -> tuple[str, ...]:
+        """Suffixes of the values :meth:`values_from` gives: ``""`` is the metric itself (``"r2"``: α-ReQ's fit quality)."""
+        return ("",)
+
+    def values_from(self, stat: Any, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        """The metric's values computed from ``stat`` (itself, or a statistic shared with other metrics).
+
+        ``cache`` is shared by every metric reading ``stat`` in one computation: an eigendecomposition
+        or a kNN search made for one is reused by the others.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not read a shared statistic")
+
+    def artifacts_from(self, stat: Any, cache: dict[Any, Any]) -> dict[str, Any]:
+        """Extra results for figures (a spectrum, per-sample values), from the same computation."""
+        return {}
 
     def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> Any:
         """Plot a value or a sequence of values (needs matplotlib). Returns ``(figure, axes)``."""

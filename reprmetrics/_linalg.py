@@ -134,13 +134,16 @@ def _is_diagonal(state: Tensor) -> bool:
     return state.ndim == 2 and state.shape[0] == 4 and state.shape[1] != 1
 
 
-def centred_moments_update_(state: Tensor, x: Tensor) -> Tensor:
+def centred_moments_update_(state: Tensor, x: Tensor, weights: Tensor | None = None) -> Tensor:
     """Add the rows of ``x`` (B, D) to a packed state; returns the state (a new tensor if it was 0-sized).
 
     In place when the state is already shaped, so use it as ``self.m = centred_moments_update_(self.m, x)``.
     ``x`` is converted to the state's dtype and device. The first batch fixes the shift c to its own
     mean; every batch then costs one GEMM (x − c)ᵀ(x − c). Because c sits inside the cloud, the sums
     are at the scale of the spread, never of the offset: nothing cancels later.
+
+    ``weights``: optional (B,) 0/1 tensor; rows with weight 0 (e.g. non-finite rows, set to 0 by the
+    caller) add nothing. The count stays a device tensor: no host sync.
     """
     if x.ndim != 2:
         raise ValueError(f"centred_moments_update_: `x` must be (B, D), got shape {tuple(x.shape)}")
@@ -154,15 +157,26 @@ def centred_moments_update_(state: Tensor, x: Tensor) -> Tensor:
     if x.shape[0] == 0:
         return state
     x = x.to(device=state.device, dtype=state.dtype)
-    # The first batch sets the shift; torch.where avoids a host sync on the count.
-    state[_SHIFT] = torch.where(state[_COUNT, 0] == 0, x.mean(dim=0), state[_SHIFT])
+    if weights is None:
+        added: Tensor | int = x.shape[0]
+        first_mean = x.mean(dim=0)
+        is_first = state[_COUNT, 0] == 0
+    else:
+        w = weights.to(device=state.device, dtype=state.dtype)
+        added = w.sum()
+        first_mean = (x * w[:, None]).sum(dim=0) / added.clamp_min(1)
+        is_first = (state[_COUNT, 0] == 0) & (added > 0)
+    # The first batch with rows sets the shift; torch.where avoids a host sync on the count.
+    state[_SHIFT] = torch.where(is_first, first_mean, state[_SHIFT])
     centred = x - state[_SHIFT]
+    if weights is not None:
+        centred = centred * w[:, None]
     state[_FIRST] += centred.sum(dim=0)
     if diagonal:
         state[_SECOND] += centred.square().sum(dim=0)
     else:
         add_gram_(state[_SECOND:], centred)
-    state[_COUNT, 0] += x.shape[0]
+    state[_COUNT, 0] += added
     return state
 
 

@@ -46,8 +46,15 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from reprmetrics._validation import check_memory
-from reprmetrics.collapse import NormalizedStd
-from reprmetrics.spectral import AlphaReQ, RankMe
+from reprmetrics.metric_set import MetricSet
+from reprmetrics.registry import (
+    MONITOR_MAX_SAMPLES,
+    MetricSpec,
+    MonitorConfigurationError,
+    available_metrics,
+    check_metric_names,
+    default_metrics,
+)
 
 __all__ = [
     "DEFAULT_MIN_SAMPLES",
@@ -64,14 +71,10 @@ __all__ = [
     "group_views",
 ]
 
-POINTS, VIEWS, PAIRS = "points", "views", "pairs"
 VIEW_LAYOUTS = ("auto", "calls", "concat", "stacked")
 # Below this many usable samples a tap's values are not reported: 4 samples gave RankMe 3.5, a false
 # collapse. 64 is max(2k + 2, 64) for the LID default k = 20; a metric's own minimum still applies.
 DEFAULT_MIN_SAMPLES = 64
-# The monitor computes every validation epoch, so its point metrics keep fewer points than the Metric
-# classes' one-off default (25,600): uniformity and LID cost O(N²·D) per computation.
-MONITOR_MAX_SAMPLES = 8192
 
 # Frames in these directories are library code: warnings point at the first frame outside them.
 _LIBRARY_DIRS: tuple[str, ...] = tuple(
@@ -118,11 +121,6 @@ def user_stacklevel() -> int:
 def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
     """Warn with the location of the user's code (see :func:`user_stacklevel`)."""
     warnings.warn(message, category, stacklevel=user_stacklevel())
-
-
-class MonitorConfigurationError(ValueError):
-    """A tap, view layout or setting that cannot work. Framework adapters re-raise it as their own
-    misconfiguration error (Lightning's ``MisconfigurationException``)."""
 
 
 def _closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
@@ -316,97 +314,6 @@ def group_views(chunks: Sequence[Tensor], num_views: int, tap: str, layout: str 
     raise MonitorConfigurationError(f"RepresentationMonitor: `view_layout` must be one of {VIEW_LAYOUTS}, got {layout!r}")
 
 
-def _input_kind(metric: Metric) -> str:
-    from reprmetrics.multiview import Alignment, LiDAR
-
-    if isinstance(metric, LiDAR):
-        return VIEWS
-    if isinstance(metric, Alignment):
-        return PAIRS
-    return POINTS
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """How the monitor (and :func:`reprmetrics.evaluate`) builds one named metric.
-
-    ``factory(max_samples)`` makes a fresh Metric; ``direction`` is the healthy direction (``"↑"``,
-    ``"↓"``, ``"≈1"``); ``default`` says whether it is in the default set; it is included only when
-    the embeddings have at least ``min_features`` dimensions and, for ``needs_views``, 2 views.
-    """
-
-    factory: Callable[[int], Metric]
-    direction: str
-    default: bool = True
-    min_features: int = 1
-    needs_views: bool = False
-
-
-def _registry() -> dict[str, MetricSpec]:
-    from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, MLEDimension, TwoNN
-    from reprmetrics.isotropy import IsoScore, SIGReg, WassersteinUniformity
-    from reprmetrics.multiview import Alignment, LiDAR, Uniformity
-    from reprmetrics.spectral import CodingRate, NESum
-
-    return {
-        "rankme": MetricSpec(lambda m: RankMe(), "↑"),
-        "alpha_req": MetricSpec(lambda m: AlphaReQ(), "≈1", min_features=13),  # fits ranks 11..100: needs 3 of them
-        "normalized_std": MetricSpec(lambda m: NormalizedStd(), "↑"),
-        "uniformity": MetricSpec(lambda m: Uniformity(max_samples=m), "↓"),
-        "lid": MetricSpec(lambda m: LocalIntrinsicDimension(max_samples=m), "↑"),
-        "nesum": MetricSpec(lambda m: NESum(), "↑"),
-        "coding_rate": MetricSpec(lambda m: CodingRate(), "↑"),
-        "wasserstein_uniformity": MetricSpec(lambda m: WassersteinUniformity(), "↓"),
-        "isoscore": MetricSpec(lambda m: IsoScore(), "↑", min_features=2),
-        "lidar": MetricSpec(lambda m: LiDAR(), "↑", needs_views=True),
-        "alignment": MetricSpec(lambda m: Alignment(), "↓", needs_views=True),
-        # Opt-in: more than one D×D eigendecomposition's worth of work, or a global kNN estimate.
-        "sigreg": MetricSpec(lambda m: SIGReg(), "↓", default=False),
-        "twonn": MetricSpec(lambda m: TwoNN(max_samples=m), "↑", default=False),
-        "mle_dimension": MetricSpec(lambda m: MLEDimension(max_samples=m), "↑", default=False),
-    }
-
-
-_METRICS: dict[str, MetricSpec] | None = None
-
-
-def available_metrics() -> dict[str, MetricSpec]:
-    """Every metric the monitor can compute by name: ``{name: MetricSpec}`` (default and opt-in)."""
-    global _METRICS
-    if _METRICS is None:
-        _METRICS = _registry()
-    return dict(_METRICS)
-
-
-def check_metric_names(names: Iterable[str], owner: str = "RepresentationMonitor") -> list[str]:
-    """``names`` as a list, or :class:`MonitorConfigurationError` naming the closest known names."""
-    known = available_metrics()
-    names = list(names)
-    for name in names:
-        if name not in known:
-            close = _closest(str(name), known)
-            raise MonitorConfigurationError(
-                f"{owner}: unknown metric {name!r}" + (f"; did you mean {_quoted(close)}?" if close else "") + f" Known: {_quoted(sorted(known), limit=20)}"
-            )
-    return names
-
-
-def default_metrics(num_features: int, num_views: int, max_samples: int = MONITOR_MAX_SAMPLES, names: Iterable[str] | None = None) -> dict[str, Metric]:
-    """The metrics for one tap: the default set (or ``names``) that fits ``num_features`` and ``num_views``.
-
-    The default set: RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic dimension,
-    NESum, coding rate, Wasserstein uniformity, IsoScore, and with views LiDAR and alignment. Opt in to
-    the others (SIGReg, TwoNN, MLE dimension) by name.
-    """
-    specs = available_metrics()
-    chosen = [n for n, spec in specs.items() if spec.default] if names is None else check_metric_names(names)
-    return {
-        name: specs[name].factory(max_samples)
-        for name in chosen
-        if num_features >= specs[name].min_features and (num_views >= 2 or not specs[name].needs_views)
-    }
-
-
 class _CaptureCounts(Metric):
     """Samples used, non-finite and dropped (ungroupable), width and views: sum/max-reduced across ranks,
     so every rank makes the same report-or-withhold decision."""
@@ -456,108 +363,6 @@ class CaptureReport:
     @property
     def nonfinite_fraction(self) -> float:
         return self.nonfinite / self.seen if self.seen else 0.0
-
-
-class MetricSet:
-    """The metrics of one tap and stage: feeds each the input it takes, skips (and warns once about)
-    a metric that cannot use a batch or cannot be computed, unless ``strict``.
-
-    Point metrics receive the first view of each sample (views of one sample are near-duplicates
-    that would distort neighbourhoods); LiDAR receives all views; Alignment views 1 and 2.
-    Samples with a non-finite value in any view are counted, not fed to the metrics.
-    """
-
-    def __init__(self, metrics: Mapping[str, Metric], label: str, strict: bool, warned: set[str], rankme_diagnostics: bool = False) -> None:
-        self.metrics = dict(metrics)
-        self.label = label
-        self.strict = strict
-        self._warned = warned
-        self.rankme_diagnostics = rankme_diagnostics
-        self.last_failures: dict[str, str] = {}
-        self.last_spectra: dict[str, dict[str, Any]] = {}  # AlphaReQ fits of the last compute(), for figures
-
-    def _fail(self, name: str, error: Exception) -> None:
-        if self.strict:
-            raise error
-        self.last_failures[name] = str(error)
-        key = f"{self.label}/{name}: {type(error).__name__}"
-        if key not in self._warned:
-            self._warned.add(key)
-            warn(f"reprmetrics monitor: skipping {self.label}/{name}: {error}")
-
-    def update(self, views: Tensor) -> int:
-        """Feed a ``(B, q, D)`` batch; samples with a non-finite value are left out. Returns how many were used."""
-        with torch.no_grad():
-            finite = torch.isfinite(views).flatten(1).all(dim=1)
-            num_finite = int(finite.sum())
-            if num_finite < len(views):
-                views = views[finite]
-            if num_finite == 0:
-                return 0
-            for name, metric in self.metrics.items():
-                kind = _input_kind(metric)
-                try:
-                    if kind == VIEWS:
-                        metric.update(views)
-                    elif kind == PAIRS:
-                        metric.update(views[:, 0], views[:, 1])
-                    else:
-                        metric.update(views[:, 0])
-                except (ValueError, RuntimeError) as error:
-                    self._fail(name, error)
-        return num_finite
-
-    def compute(self) -> dict[str, Tensor]:
-        """Every computable value (all ranks call this together: metrics sync under DDP).
-
-        An α-ReQ metric ``name`` also gives ``{name}_r2``, the R² of its log-log fit (from the same
-        eigendecomposition); with ``rankme_diagnostics`` a RankMe ``name`` also gives
-        ``{name}_top_singular_value`` and ``{name}_condition_number``.
-        """
-        values: dict[str, Tensor] = {}
-        self.last_failures = {}
-        self.last_spectra = {}
-        with torch.no_grad():
-            for name, metric in self.metrics.items():
-                try:
-                    with warnings.catch_warnings():
-                        warnings.filterwarnings("ignore", message=".*was called before the ``update``.*")
-                        values.update(self._values(name, metric))
-                except (ValueError, RuntimeError) as error:
-                    self._fail(name, error)
-        return values
-
-    def _values(self, name: str, metric: Metric) -> dict[str, Tensor]:
-        dtype = torch.get_default_dtype()
-        if isinstance(metric, AlphaReQ):
-            fit = metric.spectrum_fit()
-            self.last_spectra[name] = fit
-            device = fit["eigenvalues"].device
-            return {name: torch.tensor(fit["alpha"], dtype=dtype, device=device), f"{name}_r2": torch.tensor(fit["r2"], dtype=dtype, device=device)}
-        if isinstance(metric, RankMe) and self.rankme_diagnostics:
-            found = metric.diagnostics()
-            device = metric.device
-            return {
-                name: torch.tensor(found["rankme"], dtype=dtype, device=device),
-                f"{name}_top_singular_value": torch.tensor(found["top_singular_value"], dtype=dtype, device=device),
-                f"{name}_condition_number": torch.tensor(found["condition_number"], dtype=dtype, device=device),
-            }
-        return {name: metric.compute().detach()}
-
-    def value_names(self) -> list[str]:
-        """The names :meth:`compute` reports (when every metric can be computed)."""
-        names = []
-        for name, metric in self.metrics.items():
-            names.append(name)
-            if isinstance(metric, AlphaReQ):
-                names.append(f"{name}_r2")
-            elif isinstance(metric, RankMe) and self.rankme_diagnostics:
-                names += [f"{name}_top_singular_value", f"{name}_condition_number"]
-        return names
-
-    def reset(self) -> None:
-        for metric in self.metrics.values():
-            metric.reset()
 
 
 class _RecentBuffer:
@@ -1076,19 +881,23 @@ class RepresentationTracker:
             d = views.shape[-1] if views is not None else width
             q = views.shape[1] if views is not None else num_views
             device = views.device if views is not None else self._device()
-            metrics = default_metrics(d, q, self.max_samples) if self.use_default_metrics else {}
-            metrics.update(default_metrics(d, q, self.max_samples, names=self.named_metrics) if self.named_metrics else {})
+            options = {"rankme": {"diagnostics": True}} if self.rankme_diagnostics else None
+            metrics = default_metrics(d, q, self.max_samples, options=options) if self.use_default_metrics else {}
+            metrics.update(default_metrics(d, q, self.max_samples, names=self.named_metrics, options=options) if self.named_metrics else {})
             metrics.update({name: m.clone() for name, m in self.extra_metrics.items()})
-            matrices = sum(getattr(m, "dense_states", 0) for m in metrics.values())
-            try:  # each D×D float64 state, and as much again while its eigenvalues are computed
+            if self.rankme_diagnostics:  # for a RankMe given as a Metric too
+                for metric in metrics.values():
+                    if hasattr(metric, "diagnostics_reported"):
+                        metric.diagnostics_reported = True
+            metric_set = MetricSet(metrics, f"{stage}/{tap}", self.strict, self._warned, warn)
+            try:  # each D×D float64 statistic, and as much again while its eigenvalues are computed
                 check_memory(
-                    2 * matrices * (d + 3) * d * 8, device, "RepresentationMonitor", f"tap {tap!r} of width D = {d:,} ({stage})",
+                    2 * metric_set.dense_states() * (d + 3) * d * 8, device, "RepresentationMonitor", f"tap {tap!r} of width D = {d:,} ({stage})",
                     "tap a narrower layer, pool or project it with the Tap's `reduce`, or choose metrics that keep no D×D matrix",
                 )
             except ValueError as error:
                 raise MonitorConfigurationError(str(error)) from None
-            metrics = {name: m.to(device) for name, m in metrics.items()}  # embeddings stay where they are
-            self._metric_sets[key] = MetricSet(metrics, f"{stage}/{tap}", self.strict, self._warned, self.rankme_diagnostics)
+            self._metric_sets[key] = metric_set.to(device)  # embeddings stay where they are
         return self._metric_sets[key]
 
     def metric_sets(self, stage: str) -> dict[str, MetricSet]:
@@ -1108,14 +917,13 @@ class RepresentationTracker:
 
     def _feed_drift(self, tap: str, views: Tensor, reference: Tensor) -> None:
         live, ref = views[:, 0], reference[:, 0]
-        finite = torch.isfinite(live).all(dim=1) & torch.isfinite(ref).all(dim=1)
-        if not bool(finite.all()):
-            live, ref = live[finite], ref[finite]
+        finite = torch.isfinite(live).all(dim=1) & torch.isfinite(ref).all(dim=1)  # weighted out: no host sync
+        zero = torch.zeros((), dtype=live.dtype, device=live.device)
+        live, ref = torch.where(finite[:, None], live, zero), torch.where(finite[:, None], ref, zero.to(ref.dtype))
         if tap not in self._drift:
             self._drift[tap] = self._new_drift_metric(live.shape[-1], ref.shape[-1], live.device)
         self._counts[("val", tap)].update(reference_width=ref.shape[-1])
-        if len(live):
-            self._drift[tap].update(live, ref)
+        self._drift[tap].accumulate(live, ref, finite.to(torch.float64))
 
     def _device(self) -> torch.device:
         if self._model is not None:

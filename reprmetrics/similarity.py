@@ -100,11 +100,15 @@ class LinearCKA(ReprMetric):
     def update(self, x: Tensor, y: Tensor) -> None:
         """Add a batch of paired rows. Raises ``ValueError`` (state untouched) on bad input."""
         xs, ys = self._check_batch(x, y)
-        with no_autocast(xs.device):
+        self.accumulate(xs, ys)
+
+    def accumulate(self, x: Tensor, y: Tensor, weights: Tensor | None = None) -> None:
+        """Add checked rows (no checks, no host sync); ``weights``: 0/1 per row, rows with 0 left out (they must be finite)."""
+        with no_autocast(x.device):
             device = self.num_features_x.device
-            joint = torch.cat([xs.to(device=device, dtype=torch.float64), ys.to(device=device, dtype=torch.float64)], dim=1)
-            self.moments = centred_moments_update_(self.moments, joint)
-        self.num_features_x.fill_(xs.shape[1])
+            joint = torch.cat([x.to(device=device, dtype=torch.float64), y.to(device=device, dtype=torch.float64)], dim=1)
+            self.moments = centred_moments_update_(self.moments, joint, weights)
+        self.num_features_x.fill_(x.shape[1])
 
     def compute(self) -> Tensor:
         """Linear CKA of everything seen so far."""

@@ -226,7 +226,7 @@ def test_lightning_true_half_precision_keeps_float64_accumulators(tmp_path):
     t = pl.Trainer(max_epochs=1, callbacks=[monitor], logger=False, enable_progress_bar=False, enable_model_summary=False,
                    enable_checkpointing=False, accelerator="cpu", devices=1, precision="16-true")
     t.fit(model, *loaders())
-    assert model.metric.gram.dtype == torch.float64
+    assert model.metric.moments.dtype == torch.float64
     values = monitor.tracker.history
     assert values["val/projector/rankme"] and all(torch.isfinite(torch.tensor(v)) for _, v in values["val/projector/rankme"])
     # The value equals one computed from the float16 embeddings upcast to float64.

@@ -23,6 +23,8 @@ def _normalized_std_from_scatter(scatter: Tensor, num_samples: int) -> Tensor:
 def _normalized_std_from_state(state: Tensor) -> Tensor:
     """The same from a diagonal packed centred-moments state of the normalised embeddings."""
     n, _, scatter = centred_moments(state)
+    if scatter.ndim == 2:  # full moments (shared with other metrics): the per-feature variances are the diagonal
+        scatter = scatter.diagonal()
     return _normalized_std_from_scatter(scatter, n)
 
 
