@@ -608,7 +608,7 @@ def test_report_streams_a_1gb_npy_in_bounded_memory(tmp_path):
     The bound is on what the data costs: peak RSS of the 1 GB run minus that of the same command on a
     1,000-row file (the interpreter plus imports, which here include the transformers, scipy and
     matplotlib that torchmetrics imports whenever they are installed: about 360 MB in the test
-    environment, about 240 MB with the core install; README, "Evaluate saved embeddings").
+    environment, about 240 MB with the core install; docs/guide/saved-embeddings.md, "Any size").
     """
     scale = (np.arange(1, FEATURES + 1) ** -0.5).astype(np.float32)
     rng = np.random.default_rng(0)
