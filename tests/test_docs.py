@@ -201,3 +201,21 @@ def test_docstrings_parse_as_google_style():
         if not any(path == known_path and message.startswith(prefix) for known_path, prefix in KNOWN_DOCSTRING_ISSUES)
     )
     assert not new, "docstrings the API reference cannot render (list parameters one per line, 'name: text'):\n" + "\n".join(f"{p}: {m}" for p, m in new)
+
+
+def test_rst_math_and_roles_become_markdown():
+    sys.path.insert(0, str(DOCS))
+    try:
+        from griffe_rst import rst_to_markdown
+    finally:
+        sys.path.remove(str(DOCS))
+    docstring = (
+        "Effective rank.\n\n.. math::\n    p_k = \\sigma_k / \\sum \\sigma\n\n    R = e^{H(p)}\n\nwith :math:`\\sigma_k` the singular values;"
+        " see :func:`reprmetrics.functional.rankme` and :class:`~torch.Tensor`.\n\nAs input to ``update``:\n"
+        "    - ``x``: (B, D)\n    - ``y``: (B, D)\n\nArgs:\n    eps: added."
+    )
+    assert rst_to_markdown(docstring) == (
+        "Effective rank.\n\n$$\np_k = \\sigma_k / \\sum \\sigma\nR = e^{H(p)}\n$$\n\nwith $\\sigma_k$ the singular values;"
+        " see `reprmetrics.functional.rankme` and `Tensor`.\n\nAs input to ``update``:\n\n- ``x``: (B, D)\n- ``y``: (B, D)\n"
+        "\nArgs:\n    eps: added."
+    )
