@@ -330,7 +330,8 @@ class _Evaluation:
             return f"computing {', '.join(names)} ({', '.join(sampled)} on {rows:,} sampled rows)"
         return f"computing {', '.join(names)}"
 
-    def finish(self, points_name: str) -> EvaluationResult:
+    def check(self, points_name: str) -> dict[str, int]:
+        """After the pass over the rows: raise for non-finite rows (without ``drop_nonfinite``) or nothing to evaluate."""
         bad = {k: int(v) for k, v in self.bad.items()}
         totals = {"embeddings": self.seen["embeddings"], "views": self.seen["views"] or self.seen["embeddings"], "reference": self.seen["embeddings"]}
         for name in ("embeddings", "views", "reference"):
@@ -340,6 +341,11 @@ class _Evaluation:
             raise ValueError(f"evaluate: `{points_name}` has no rows")
         if self.metric_set is None or int(self.used) == 0:
             raise ValueError("evaluate: every row contains NaN or infinite values; nothing left to evaluate")
+        return bad
+
+    def finish(self, points_name: str) -> EvaluationResult:
+        bad = self.check(points_name)
+        assert self.metric_set is not None
         self.result.dropped = {k: v for k, v in bad.items() if v}
         self.result.num_samples = int(self.used)
         values = self.metric_set.compute()
@@ -463,7 +469,8 @@ def _run(
                 raise ValueError("evaluate: `views` has no rows")
     if bar is not None:
         bar.close()
-    if on_phase is not None and run.metrics is not None:
+    run.check(points_name)
+    if on_phase is not None:
         on_phase(run.phase_message())
     return run.finish(points_name)
 
