@@ -100,7 +100,7 @@ def gram_zero_tolerance(trace: float, num_samples: int, num_features: int, accum
 #
 # Packed state, one float64 tensor of shape (D + 3, D):
 #   row 0, column 0   n, the number of rows seen (exact up to 2**53)
-#   row 1             c, the shift: the mean of the first batch (of the merged parts after a merge)
+#   row 1             c, the shift: the first row seen (a point of the cloud; the mean after a merge)
 #   row 2             S1 = Σ (x − c)
 #   rows 3 .. D + 2   S2 = Σ (x − c)(x − c)ᵀ, upper triangle (diagonal included) valid only
 # or, for per-feature variances only (``diagonal=True``), shape (4, D) with row 3 = Σ (x − c)² (for
@@ -138,12 +138,12 @@ def centred_moments_update_(state: Tensor, x: Tensor, weights: Tensor | None = N
     """Add the rows of ``x`` (B, D) to a packed state; returns the state (a new tensor if it was 0-sized).
 
     In place when the state is already shaped, so use it as ``self.m = centred_moments_update_(self.m, x)``.
-    ``x`` is converted to the state's dtype and device. The first batch fixes the shift c to its own
-    mean; every batch then costs one GEMM (x − c)ᵀ(x − c). Because c sits inside the cloud, the sums
-    are at the scale of the spread, never of the offset: nothing cancels later.
+    ``x`` is converted to the state's dtype and device. The first row fixes the shift c; every batch
+    then costs one GEMM (x − c)ᵀ(x − c). Because c is a point of the cloud, the sums are at the scale
+    of the spread, never of the offset: nothing cancels later.
 
-    ``weights``: optional (B,) 0/1 tensor; rows with weight 0 (e.g. non-finite rows, set to 0 by the
-    caller) add nothing. The count stays a device tensor: no host sync.
+    ``weights``: optional (B,) 0/1 tensor; rows with weight 0 add nothing and must be zero (e.g.
+    non-finite rows set to 0 by the caller). The count stays a device tensor: no host sync.
     """
     if x.ndim != 2:
         raise ValueError(f"centred_moments_update_: `x` must be (B, D), got shape {tuple(x.shape)}")
@@ -159,18 +159,18 @@ def centred_moments_update_(state: Tensor, x: Tensor, weights: Tensor | None = N
     x = x.to(device=state.device, dtype=state.dtype)
     if weights is None:
         added: Tensor | int = x.shape[0]
-        first_mean = x.mean(dim=0)
+        anchor = x[0]
         is_first = state[_COUNT, 0] == 0
     else:
         w = weights.to(device=state.device, dtype=state.dtype)
         added = w.sum()
-        first_mean = (x * w[:, None]).sum(dim=0) / added.clamp_min(1)
+        anchor = x.index_select(0, torch.argmax(w).reshape(1))[0]  # the first row that counts
         is_first = (state[_COUNT, 0] == 0) & (added > 0)
-    # The first batch with rows sets the shift; torch.where avoids a host sync on the count.
-    state[_SHIFT] = torch.where(is_first, first_mean, state[_SHIFT])
-    centred = x - state[_SHIFT]
-    if weights is not None:
-        centred = centred * w[:, None]
+    # The first row that counts sets the shift: a point of the cloud, so every later difference is at
+    # the scale of the spread. torch.where avoids a host sync on the count.
+    state[_SHIFT] = torch.where(is_first, anchor, state[_SHIFT])
+    # x − c, with rows of weight 0 kept at zero: x − w cᵀ in one pass (those rows of x are zero).
+    centred = x - state[_SHIFT] if weights is None else torch.addr(x, w, state[_SHIFT], alpha=-1)
     state[_FIRST] += centred.sum(dim=0)
     if diagonal:
         state[_SECOND] += centred.square().sum(dim=0)

@@ -24,7 +24,7 @@ from reprmetrics._validation import SUPPORTED_FLOAT_DTYPES, check_device, check_
 from reprmetrics.metric_set import MetricSet
 from reprmetrics.registry import MONITOR_MAX_SAMPLES, available_metrics, default_metrics
 from reprmetrics.spectral import _covariance_spectrum
-from reprmetrics.statistics import BoundedSample
+from reprmetrics.statistics import BoundedSample, finite_rows
 
 __all__ = ["HEALTHY_DIRECTION", "METRIC_NAMES", "NonFiniteRowsError", "evaluate"]
 
@@ -236,10 +236,6 @@ def _build(names: list[str] | None, num_features: int, num_views: int, max_sampl
     return {name: specs[name].factory(max_samples) for name in names}
 
 
-def _finite_rows(x: Tensor) -> Tensor:
-    return torch.isfinite(x).flatten(1).all(dim=1)
-
-
 def _num_views_hint(views: Any) -> int:
     """q as far as it is known before reading: enough for the default set, which only asks q >= 2."""
     if isinstance(views, (list, tuple)) and views and all(_is_array(v) and v.ndim == 2 for v in views):
@@ -294,15 +290,16 @@ class _Evaluation:
         self.result.num_features, self.result.num_views = num_features, num_views
 
     def screen(self, x: Tensor, name: str, ref: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
-        """The batch with non-finite rows zeroed, and their 0/1 weights (rows count where x and ref are finite)."""
-        keep = _finite_rows(x)
+        """The batch, and 0/1 weights of its rows that count (where x and ref are finite); counts the others.
+
+        One reduction pass per input and device tensors only: no host sync per batch.
+        """
+        keep = finite_rows(x)
         self.bad[name] = self.bad[name] + (~keep).sum()
         if ref is not None:
-            ref_keep = _finite_rows(ref)
+            ref_keep = finite_rows(ref)
             self.bad["reference"] = self.bad["reference"] + (~ref_keep).sum()
             keep = keep & ref_keep
-            ref = torch.where(keep.view(-1, *([1] * (ref.ndim - 1))), ref, torch.zeros((), dtype=ref.dtype, device=ref.device))
-        x = torch.where(keep.view(-1, *([1] * (x.ndim - 1))), x, torch.zeros((), dtype=x.dtype, device=x.device))
         return x, ref, keep.to(torch.float64)
 
     def update_points(self, z: Tensor, ref: Tensor | None, weights: Tensor) -> None:
@@ -310,7 +307,9 @@ class _Evaluation:
         self.metric_set.update_points(z, weights)
         self.used = self.used + weights.sum()
         if self.cka is not None and ref is not None:
-            self.cka.accumulate(z, ref, weights)
+            keep = weights[:, None] > 0  # CKA's moments take rows of weight 0 as zeros
+            zero = torch.zeros((), dtype=z.dtype, device=z.device)
+            self.cka.accumulate(torch.where(keep, z, zero), torch.where(keep, ref, zero.to(ref.dtype)), weights)
             self.result.reference_features = ref.shape[-1]
 
     def update_views(self, v: Tensor, weights: Tensor) -> None:

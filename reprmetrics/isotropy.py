@@ -144,7 +144,7 @@ class SIGReg(Statistic):
         self.accumulate(Batch(self._check_batch(embeddings)))
 
     def accumulate(self, batch: Batch) -> None:
-        z = batch.points
+        z = batch.points64 if batch.weights is not None else batch.raw_points
         with no_autocast(z.device):
             if self._num_features is None:
                 self._num_features = z.shape[1]

@@ -19,7 +19,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from reprmetrics._base import ReprMetric
-from reprmetrics.statistics import Batch, RowMoments, Statistic
+from reprmetrics.statistics import Batch, RowMoments, Statistic, finite_rows
 
 __all__ = ["MetricSet"]
 
@@ -94,14 +94,13 @@ class MetricSet:
         Returns how many samples were used, as a tensor (no host sync).
         """
         with torch.no_grad():
-            finite = torch.isfinite(views).flatten(1).all(dim=1)
-            clean = torch.where(finite[:, None, None], views, torch.zeros((), dtype=views.dtype, device=views.device))
+            finite = finite_rows(views)
             weights = finite.to(torch.float64)
-            self._feed(clean, weights, finite)
+            self._feed(views, weights)
             return weights.sum()
 
     def update_points(self, points: Tensor, weights: Tensor | None = None) -> None:
-        """Feed ``(B, D)`` rows to the point metrics (``weights``: 0/1 per row, rows with 0 finite)."""
+        """Feed ``(B, D)`` rows to the point metrics (``weights``: 0/1 per row; rows of weight 0 are left out)."""
         self._feed_kind("points", Batch(points, weights), points, weights)
 
     def update_views(self, views: Tensor, weights: Tensor | None = None) -> None:
@@ -110,15 +109,14 @@ class MetricSet:
             self._feed_kind("views", Batch(views, weights), views, weights)
             self._feed_kind("pairs", Batch(views[:, :2], weights), views, weights)
 
-    def _feed(self, clean: Tensor, weights: Tensor, finite: Tensor) -> None:
-        points = Batch(clean[:, 0], weights)
-        self._feed_kind("points", points, clean[:, 0], weights, finite)
-        if clean.shape[1] >= 2:
-            self._feed_kind("views", Batch(clean, weights), clean, weights, finite)
-            self._feed_kind("pairs", Batch(clean[:, :2], weights), clean, weights, finite)
+    def _feed(self, views: Tensor, weights: Tensor) -> None:
+        self._feed_kind("points", Batch(views[:, 0], weights), views[:, 0], weights)
+        if views.shape[1] >= 2:
+            self._feed_kind("views", Batch(views, weights), views, weights)
+            self._feed_kind("pairs", Batch(views[:, :2], weights), views, weights)
 
-    def _feed_kind(self, kind: str, batch: Batch, data: Tensor, weights: Tensor | None, finite: Tensor | None = None) -> None:
-        for key, stat in self.statistics.items():
+    def _feed_kind(self, kind: str, batch: Batch, data: Tensor, weights: Tensor | None) -> None:
+        for stat in self.statistics.values():
             if stat.input_kind == kind:
                 stat.accumulate(batch)
         if kind != "points" or not self.own:

@@ -37,7 +37,7 @@ class LinearCKA(ReprMetric):
 
     over all rows seen, :math:`\tilde X, \tilde Y` column-centred. The state is the packed centred
     moments of ``concat([x, y], dim=1)`` (count, shift, Σ(z − c), Σ(z − c)(z − c)ᵀ with the shift c
-    the first batch's mean; ``reprmetrics._linalg``), whose scatter blocks are X̃ᵀX̃, X̃ᵀỸ and ỸᵀỸ.
+    the first row seen; ``reprmetrics._linalg``), whose scatter blocks are X̃ᵀX̃, X̃ᵀỸ and ỸᵀỸ.
     Ranks and ``forward()`` merge it exactly (Chan et al.'s pairwise update, a custom
     ``dist_reduce_fx``): memory and DDP traffic O((D1 + D2)²), never O(N), and no cancellation when
     the embeddings sit far from the origin (tested at offsets of 1e8 × the spread). Equals

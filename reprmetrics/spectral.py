@@ -171,7 +171,7 @@ class AlphaReQ(_RowSpectrum):
     .. math::
         \log \lambda_k \approx -b_0 \log k + b_1, \qquad k \in [k_{lo}, k_{hi}],\ \text{weights } 1/k.
 
-    The covariance comes from shifted moments (the first batch's mean as shift, merged exactly across
+    The covariance comes from shifted moments (the first row seen as shift, merged exactly across
     batches and ranks with Chan et al.'s pairwise update), so a common offset does not cancel: at
     offsets up to 1e8 × the spread (float64 input) α stays within 1e-6 of a reference that centres
     before any product. Eigenvalues at the input's rounding noise or float64 round-off are zero (see

@@ -49,7 +49,7 @@ from reprmetrics._linalg import (
 )
 from reprmetrics._validation import check_positive_int, check_tensor, result_dtype
 
-__all__ = ["Batch", "BoundedSample", "PairDistances", "RowMoments", "Statistic", "ViewMoments", "cached"]
+__all__ = ["Batch", "BoundedSample", "PairDistances", "RowMoments", "Statistic", "ViewMoments", "cached", "finite_rows"]
 
 
 def cached(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
@@ -63,9 +63,9 @@ class Batch:
     """One batch, checked and converted once; each statistic reads the form it needs (computed on first use).
 
     Args:
-        data: ``(B, D)`` rows or ``(B, q, D)`` views (q ≥ 2), finite wherever ``weights`` is 1.
-        weights: ``(B,)`` 0/1 tensor (rows with 0 are left out: their values must be finite, e.g. 0),
-            or None when every row counts.
+        data: ``(B, D)`` rows or ``(B, q, D)`` views (q ≥ 2). Rows whose weight is 0 may hold anything
+            (NaN): every form below except :attr:`raw_points` has them set to 0.
+        weights: ``(B,)`` 0/1 tensor, or None when every row counts (and is finite).
     """
 
     def __init__(self, data: Tensor, weights: Tensor | None = None) -> None:
@@ -78,29 +78,44 @@ class Batch:
         return self.data.shape[0]
 
     @cached_property
-    def points(self) -> Tensor:
-        """The rows (first view of each sample for views) in their own dtype, at least float32."""
+    def raw_points(self) -> Tensor:
+        """The rows (first view of each sample) in their own dtype, at least float32, as given: rows of
+        weight 0 are not cleaned (the bounded sample keys them out instead of copying the batch)."""
         points = self.data if self.data.ndim == 2 else self.data[:, 0]
         return points.to(result_dtype(points))
 
     @cached_property
     def points64(self) -> Tensor:
-        return self.points.to(torch.float64)
+        """The rows in float64, rows of weight 0 set to 0."""
+        points = self.data if self.data.ndim == 2 else self.data[:, 0]
+        return self._cleaned(points.to(torch.float64, copy=self.weights is not None))
 
     @cached_property
     def normalized64(self) -> Tensor:
-        """The rows L2-normalised in float64 (a zero row stays zero)."""
+        """The rows L2-normalised in float64 (a zero row, and a row of weight 0, stays zero)."""
         return l2_normalize_rows(self.points64)
 
     @cached_property
     def views64(self) -> Tensor:
         if self.data.ndim != 3:
             raise ValueError("Batch: views were asked of a batch of rows")
-        return self.data.to(torch.float64)
+        return self._cleaned(self.data.to(torch.float64, copy=self.weights is not None))
+
+    def _cleaned(self, x: Tensor) -> Tensor:
+        if self.weights is not None:
+            x.masked_fill_((self.weights == 0).view(-1, *([1] * (x.ndim - 1))), 0.0)
+        return x
 
     def count(self) -> Tensor | int:
         """Rows that count: a tensor when weighted (no host sync), else an int."""
         return self.rows if self.weights is None else self.weights.sum()
+
+
+def finite_rows(x: Tensor) -> Tensor:
+    """``(B,)`` bool: rows (or samples of views) whose every value is finite, in one pass."""
+    # x·0 is exactly 0 where x is finite and NaN where it is ±inf or NaN: the row sum is finite exactly
+    # when every value is, and (unlike a sum of x) cannot overflow.
+    return torch.isfinite(x.mul(0).sum(dim=tuple(range(1, x.ndim))))
 
 
 class Statistic(ReprMetric):
@@ -297,7 +312,7 @@ class BoundedSample(Statistic):
         self.accumulate(Batch(self._check_batch(embeddings).detach()))
 
     def accumulate(self, batch: Batch) -> None:
-        x = batch.points.detach()  # half precision is stored as float32
+        x = batch.raw_points.detach()  # half precision is stored as float32; rows keyed out need no cleaning
         keys = self._keys_for(x.shape[0], x.device)
         if batch.weights is not None:
             keys = torch.where(batch.weights > 0, keys, torch.full_like(keys, float("inf")))
@@ -423,9 +438,7 @@ class ViewMoments(Statistic):
                 self.within = torch.zeros(d, d, dtype=torch.float64, device=self.within.device)
             views = batch.views64.to(self.within.device)
             means = views.mean(dim=1)
-            centred = views - means.unsqueeze(1)
-            if batch.weights is not None:
-                centred = centred * batch.weights.to(centred)[:, None, None]
+            centred = views - means.unsqueeze(1)  # groups of weight 0 are zero: so are their means and deviations
             add_gram_(self.within, centred.flatten(0, 1))
             self.means_moments = centred_moments_update_(self.means_moments, means, batch.weights)
             self.input_eps.clamp_(min=batch.input_eps)
@@ -484,7 +497,7 @@ class PairDistances(Statistic):
     def accumulate(self, batch: Batch) -> None:
         from reprmetrics.functional.multiview import _alignment_distances
 
-        views = batch.data
+        views = batch.views64 if batch.weights is not None else batch.data
         with no_autocast(views.device):
             distances = _alignment_distances(views[:, 0], views[:, 1], self.alpha, self.normalize, type(self).__name__)
             if batch.weights is not None:
