@@ -9,15 +9,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
+from reprmetrics.callbacks._figures import log_figures
 from reprmetrics.monitor import DEFAULT_MIN_SAMPLES, MONITOR_MAX_SAMPLES, MonitorConfigurationError, RepresentationTracker, Tap
-from reprmetrics.plotting import spectrum_figure
+from reprmetrics.results import channel
 
 
 def _logger_step(trainer: pl.Trainer) -> int:
@@ -131,6 +131,7 @@ class RepresentationMonitor(Callback):
                 min_samples=min_samples,
                 reference=reference,
                 rankme_diagnostics=rankme_diagnostics,
+                owner="RepresentationMonitor",
             )
         self.progress_bar = progress_bar
         if isinstance(figures_every_n_epochs, bool) or not isinstance(figures_every_n_epochs, int) or figures_every_n_epochs < 1:
@@ -154,6 +155,8 @@ class RepresentationMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         with _as_misconfiguration():
             self.tracker.attach(pl_module)
+        # Stoppers find this monitor's results by the trainer and the prefix, not by class.
+        channel(trainer, self.prefix).publish_from(self.tracker)
         # An output-key tap missing from training_step's dict may come from validation_step.
         self.tracker.expect_eval = is_overridden("validation_step", pl_module) and trainer.limit_val_batches != 0
 
@@ -178,12 +181,6 @@ class RepresentationMonitor(Callback):
             values = self.tracker.end_train_step(outputs)
         if values:
             self._log(trainer, pl_module, "train", values, on_step=True)
-            # Collapse checks on these keys run now, whatever the callbacks' order.
-            from reprmetrics.callbacks.collapse_early_stopping import CollapseEarlyStopping
-
-            for callback in trainer.callbacks:
-                if isinstance(callback, CollapseEarlyStopping):
-                    callback.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -241,27 +238,16 @@ class RepresentationMonitor(Callback):
                 logger.log_metrics({k: float(v) for k, v in named.items()}, step=_logger_step(trainer))
 
     def _log_figures(self, trainer: pl.Trainer) -> None:
-        tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if tensorboard is None:
+        result = self.tracker.last_result
+        if result is None or result.stage != "val":
             return
         step = _logger_step(trainer)
-        for tap, metric_set in self.tracker.metric_sets("val").items():
-            report = self.tracker.reports.get(("val", tap))
+        for tap, artifacts in result.artifacts.items():
+            report = result.reports.get(tap)
             if report is None or report.nonfinite or report.used < self.tracker.min_samples:
                 continue  # nothing trustworthy to draw (the same decision on every rank: counts are synced)
-            artifacts = metric_set.last_artifacts  # from the last computation: no further sync
-            if not trainer.is_global_zero:
-                continue
-            writer = tensorboard.experiment
-            base = f"{self.prefix}/val/{tap}"
-            if "singular_values" in artifacts:
-                writer.add_histogram(f"{base}/singular_values", artifacts["singular_values"].float().cpu(), step)
-            if "lid_per_sample" in artifacts:
-                writer.add_histogram(f"{base}/lid_per_sample", artifacts["lid_per_sample"].float().cpu(), step)
-            if "spectrum" in artifacts:
-                figure = spectrum_figure(artifacts["spectrum"], title=f"{tap}: covariance spectrum", missing_ok=True)
-                if figure is not None:
-                    writer.add_figure(f"{base}/spectrum", figure, step)
+            if trainer.is_global_zero:
+                log_figures(trainer.loggers, f"{self.prefix}/val/{tap}", tap, artifacts, step)
 
     # ---- persistence -----------------------------------------------------------------------------
     @override

@@ -6,6 +6,11 @@ state changes, so a rejected batch leaves a Metric exactly as it was.
 
 from __future__ import annotations
 
+import difflib
+import os
+import pickle
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -119,3 +124,41 @@ def check_device(device: object, owner: str) -> torch.device | None:
     if target.type not in ("cpu", "cuda", "mps", "xpu"):
         raise ValueError(f"{owner}: device type {target.type!r} is not supported; use 'cpu' or 'cuda'")
     return target
+
+
+def _configuration_error(message: str) -> ValueError:
+    from reprmetrics.registry import MonitorConfigurationError
+
+    return MonitorConfigurationError(message)
+
+
+def closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    return difflib.get_close_matches(name, sorted(set(candidates)), n=n, cutoff=0.5)
+
+
+def quoted(names: Iterable[str], limit: int = 8) -> str:
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return (shown + f", ... ({len(names)} in all)") if len(names) > limit else (shown or "none")
+
+
+def load_weights(path: str | os.PathLike, owner: str) -> Mapping[str, Tensor]:
+    """A state dict (or a Lightning checkpoint's ``state_dict``) from ``path``, never running pickled code."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise _configuration_error(
+            f"{owner}: cannot load the reference checkpoint {str(path)!r} safely ({first_line[:200]}). It is read with"
+            " torch.load(weights_only=True), which never runs pickled code: save only the weights, e.g."
+            " torch.save(model.state_dict(), path), or pass the reference model itself as `reference`"
+        ) from None
+    state = state.get("state_dict", state) if isinstance(state, Mapping) else state
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise _configuration_error(
+            f"{owner}: the reference checkpoint {str(path)!r} holds {type(state).__name__}, not a state dict of tensors;"
+            " save it with torch.save(model.state_dict(), path)"
+        )
+    return state

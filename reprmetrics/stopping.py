@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from reprmetrics.monitor import CaptureReport
+from reprmetrics.results import CaptureReport, TrackerResult
 from reprmetrics.registry import MonitorConfigurationError, available_metrics
 
-__all__ = ["SSL_GUARD_DEFAULTS", "CollapseCriteria", "Decision", "SSLGuard", "check_criteria_fit", "collapse_kind", "ssl_guard"]
+__all__ = [
+    "SSL_GUARD_DEFAULTS", "CollapseCriteria", "Decision", "Guard", "KeyGuard", "SSLGuard", "check_criteria_fit", "collapse_kind", "parse_key", "ssl_guard",
+]
 
 RANK_METRICS = ("rankme", "lidar")
 LOCAL_METRICS = ("lid",)
@@ -130,15 +132,23 @@ class CollapseCriteria:
         self.wait_count = 0
         self.best = -math.inf
         self.diverged = False
+        self.last_kind = ""  # the kind named by the last check that stopped
 
     def check(
-        self, value: float, dim: int | None = None, normalized_std: float | None = None, report: CaptureReport | None = None
+        self, value: float, dim: int | None = None, normalized_std: float | None = None, report: CaptureReport | None = None,
+        rank: float | None = None,
     ) -> tuple[bool, str]:
-        """Apply one check; returns ``(stop, reason)`` (a reason also for checks that do not stop)."""
+        """Apply one check; returns ``(stop, reason)`` (a reason also for checks that do not stop).
+
+        ``normalized_std`` and ``rank`` (RankMe) of the same tap, when known, are shown beside the value
+        and decide the kind named: complete collapse only when the spread is gone too.
+        """
         value = float(value)
         self.diverged = False
+        self.last_kind = ""
         if self.check_finite and not math.isfinite(value):
             self.diverged = True
+            self.last_kind = "divergence"
             if report is not None and report.nonfinite:
                 stage = {"train": "training", "val": "validation"}.get(report.stage, report.stage)
                 return True, (
@@ -170,9 +180,11 @@ class CollapseCriteria:
         self.wait_count += 1
         if self.wait_count < self.patience:
             return False, f"{self.monitor} = {value:.4g}: {'; '.join(reasons)} ({self.wait_count}/{self.patience})"
-        kind = self.kind or collapse_kind(self.metric, value, normalized_std, dim)
+        kind = self.last_kind = self.kind or collapse_kind(self.metric, value, normalized_std, dim)
         recent = ", ".join(f"{v:.4g}" for v in self.values_seen[-(self.patience + 2) :])
         std_note = f"; normalized std {normalized_std:.3g} vs healthy 1/√D = {1 / math.sqrt(dim):.3g}" if normalized_std is not None and dim else ""
+        if rank is not None and self.metric != "rankme":
+            std_note += f"; RankMe {rank:.4g}" + (f" of D = {dim}" if dim else "")
         if kind == "drift":
             tap = self.monitor.rsplit("/", 2)[-2] if self.monitor.count("/") >= 2 else "representation"
             return True, (
@@ -256,6 +268,11 @@ class SSLGuard:
         self.trend_mode, self.warmup, self.patience = trend_mode, warmup, patience
         self.check_finite = check_finite
         self.reset()
+
+    @property
+    def wait_count(self) -> int:
+        """Consecutive checks the current condition has held (floor or trend)."""
+        return max(self.floor_count, self.trend_count)
 
     # The per-tap metrics this guard reads.
     @property
@@ -362,6 +379,16 @@ class SSLGuard:
             )
         return Decision(False, "", f"{self.tap}: healthy; {side_by_side}")
 
+    def check(self, result: TrackerResult) -> Decision | None:
+        """One check from a tracker result of this guard's stage (None for other stages, or when withheld)."""
+        if result.stage != self.stage or (f"{self.tap}/rankme" not in result.values and f"{self.tap}/normalized_std" not in result.values):
+            return None
+        decision = self.check_values(result.floats(), result.widths)
+        if decision.kind == "divergence" and result.diverged(self.tap):
+            reason = f"Divergence: {result.describe_divergence(self.tap)}, so {decision.monitor} = {decision.value}. Signaling Trainer to stop."
+            return Decision(True, "divergence", reason, decision.monitor, decision.value, decision.best)
+        return decision
+
     def _side_by_side(self, rank: float | None, spread: float | None, dim: int | None) -> str:
         parts = []
         if rank is not None:
@@ -422,3 +449,63 @@ def ssl_guard(tap: str, stage: str = "val", **settings: Any) -> SSLGuard:
         hints = "; ".join(f"{u!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for u, c in close.items())
         raise MonitorConfigurationError(f"ssl_guard: unknown settings {hints}; the settings are {', '.join(SSL_GUARD_DEFAULTS)}")
     return SSLGuard(tap, stage, **{**SSL_GUARD_DEFAULTS, **settings})
+
+
+
+class KeyGuard:
+    """The :class:`CollapseCriteria` rule on one key of the tracker (``stage``, ``tap``, ``metric``).
+
+    ``check(result)`` reads the key's value from a :class:`~reprmetrics.results.TrackerResult` of its
+    stage, with the tap's width, normalised std, RankMe and capture report from the same result.
+    """
+
+    def __init__(self, stage: str, tap: str, metric: str, criteria: CollapseCriteria) -> None:
+        self.stage, self.tap, self.metric, self.criteria = stage, tap, metric, criteria
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (self.metric,)
+
+    @property
+    def wait_count(self) -> int:
+        return self.criteria.wait_count
+
+    def check(self, result: TrackerResult) -> Decision | None:
+        if result.stage != self.stage:
+            return None
+        value = result.value(self.tap, self.metric)
+        if value is None:
+            return None  # withheld this time (too few samples): no check
+        dim = self.criteria.dim or result.widths.get(self.tap)
+        stop, reason = self.criteria.check(
+            value, dim, result.value(self.tap, "normalized_std"), result.reports.get(self.tap), result.value(self.tap, "rankme")
+        )
+        best = self.criteria.best if math.isfinite(self.criteria.best) else None
+        return Decision(stop, self.criteria.last_kind if stop else "", reason, self.criteria.monitor, value, best)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.criteria.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.criteria.load_state_dict(dict(state))
+
+    def __repr__(self) -> str:
+        return f"KeyGuard({self.criteria.monitor!r})"
+
+
+Guard = KeyGuard | SSLGuard
+
+
+def parse_key(key: str, prefix: str, stages: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """``(stage, tap, metric)`` of ``"{prefix}/{stage}/{tap}/{metric}"`` (tap names may hold '/'), or None.
+
+    ``stages`` maps the stage names a framework writes to the tracker's (Lightning: train, val;
+    Hugging Face: train, eval → val).
+    """
+    if not isinstance(key, str) or not key.startswith(prefix + "/"):
+        return None
+    stage, _, rest = key[len(prefix) + 1 :].partition("/")
+    tap, _, metric = rest.rpartition("/")
+    if stage not in stages or not tap or not metric:
+        return None
+    return stages[stage], tap, metric

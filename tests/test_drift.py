@@ -44,7 +44,7 @@ def test_cka_to_reference_equals_linear_cka_against_the_reference_weights(tmp_pa
     value = t.callback_metrics["repr/val/backbone/cka_to_reference"].item()
     assert value == pytest.approx(expected, rel=1e-5) and 0 < value < 1
     # The reference is frozen: its weights did not train.
-    copies = monitor.tracker._reference_modules["backbone"]
+    copies = monitor.tracker.capture.reference_modules["backbone"]
     assert all(torch.equal(a, b) for a, b in zip(copies.state_dict().values(), pretrained.backbone.state_dict().values()))
     assert not any(p.requires_grad for p in copies.parameters())
 

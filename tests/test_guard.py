@@ -115,7 +115,7 @@ def test_capture_that_produced_nothing_warns_each_epoch(tmp_path):
     messages = [str(w.message) for w in record if "captured nothing" in str(w.message)]
     assert len(messages) == 2 and all("'z'" in m and "validation" in m and "validation_step outputs" in m for m in messages)
     # Every warning points at the user's code (this file), not at torch or Lightning internals.
-    assert {w.filename for w in record if "reprmetrics monitor" in str(w.message)} == {__file__}
+    assert {w.filename for w in record if "RepresentationMonitor" in str(w.message)} == {__file__}
 
 
 def test_module_never_called_in_training_warns_per_epoch(tmp_path):

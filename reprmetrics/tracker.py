@@ -1,0 +1,515 @@
+"""The framework-agnostic core of monitoring: :class:`RepresentationTracker` (schedule, counts, results).
+
+It captures embeddings through :class:`reprmetrics.taps.Capture`, feeds them to one
+:class:`reprmetrics.metric_set.MetricSet` per tap and stage, and gives each computation as a
+:class:`reprmetrics.results.TrackerResult` — returned as ``{"tap/metric": value}`` and published to
+subscribers (:meth:`RepresentationTracker.subscribe`): the Lightning and Hugging Face adapters log
+from it and the guard in :mod:`reprmetrics.stopping` decides from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from reprmetrics._counts import CaptureCounts, RecentBuffer
+from reprmetrics._validation import check_memory
+from reprmetrics._warnings import warn
+from reprmetrics.metric_set import MetricSet
+from reprmetrics.registry import MONITOR_MAX_SAMPLES, MonitorConfigurationError, check_metric_names, default_metrics
+from reprmetrics.results import STAGE_LABELS, CaptureReport, TrackerResult
+from reprmetrics.taps import OWNER, VIEW_LAYOUTS, Capture, Tap, _closest
+
+__all__ = ["DEFAULT_MIN_SAMPLES", "RepresentationTracker"]
+
+# Below this many usable samples a tap's values are not reported: 4 samples gave RankMe 3.5, a false
+# collapse. 64 is max(2k + 2, 64) for the LID default k = 20; a metric's own minimum still applies.
+DEFAULT_MIN_SAMPLES = 64
+
+
+class RepresentationTracker:
+    """Captures embeddings at taps and computes representation metrics on a schedule.
+
+    A plain PyTorch loop (the README has a complete, tested one)::
+
+        tracker = RepresentationTracker(["backbone"], every_n_train_steps=50)
+        tracker.attach(model)
+        for batch in loader:
+            tracker.start_train_step()
+            loss = model(batch).loss; loss.backward(); opt.step()
+            values = tracker.end_train_step()      # {"backbone/rankme": tensor, ...} on scheduled steps
+        tracker.start_eval()
+        for batch in val_loader:
+            model(batch)
+            tracker.end_eval_step()
+        values = tracker.end_eval()                # over the whole evaluation pass
+
+    Capture never changes training: forward hooks only read (and ``detach``) outputs, nothing uses the
+    global random generator, and every computation runs under ``torch.no_grad``. Each computation is
+    also a :class:`~reprmetrics.results.TrackerResult`, in :attr:`last_result` and sent to every
+    function given to :meth:`subscribe`.
+
+    Args:
+        taps: tap names or :class:`~reprmetrics.taps.Tap` objects. A name is a submodule of the model or
+            a key of the dict the training/validation step returns; one that is neither by the end of
+            the first training step (or evaluation pass) that could have produced it raises
+            :class:`MonitorConfigurationError` with the closest submodule names and output keys.
+        num_views: views per sample q (LiDAR and alignment need q ≥ 2).
+        every_n_train_steps: compute training-stage metrics every this many training steps (0: never).
+            A step is one training batch (with gradient accumulation, not an optimizer step).
+        train_buffer_size: the training-stage metrics read the most recent this many samples per tap,
+            captured over the steps just before a scheduled step; the first computation waits until
+            the buffer is full (every step captures until then).
+        max_samples: cap on the points kept by point-based metrics (uniformity, LID) per computation
+            (8,192: they cost O(N²·D) and run at every evaluation).
+        metrics: extra metrics: names from :func:`reprmetrics.registry.available_metrics` (opt-in
+            ones such as ``["sigreg", "twonn"]``), or ``{name: Metric}`` cloned for every tap and stage.
+        default_metrics: include the default set (see :func:`reprmetrics.registry.default_metrics`).
+        strict: raise instead of warning once and skipping a metric that cannot be computed.
+        view_layout: how the q views of a step arrive: ``"calls"``, ``"concat"``, ``"stacked"`` or
+            ``"auto"`` (see :func:`reprmetrics.taps.group_views`).
+        min_samples: a tap's metric values are reported only when at least this many samples reached
+            them; ``num_samples`` is reported always.
+        reference: drift from a reference representation, reported as ``cka_to_reference`` at the val
+            stage: ``"initial"`` (a frozen copy of each tapped submodule at :meth:`attach`), an
+            ``nn.Module`` with the same submodule names, or a path to a state dict (read with
+            ``weights_only=True``). Output-key taps read the reference from the key ``"{tap}_reference"``.
+        rankme_diagnostics: also report RankMe's top singular value and condition number.
+        owner: the name messages give (the adapters pass their class name).
+
+    Reported per tap and stage, besides the metrics: ``alpha_req_r2``, ``num_samples`` and
+    ``nonfinite_fraction``. When any captured sample is non-finite the run has diverged: every metric
+    of that tap and stage is reported as NaN.
+    """
+
+    def __init__(
+        self,
+        taps: Iterable[str | Tap],
+        num_views: int = 1,
+        every_n_train_steps: int = 200,
+        train_buffer_size: int = 1024,
+        max_samples: int = MONITOR_MAX_SAMPLES,
+        metrics: Mapping[str, Metric] | Sequence[str] | None = None,
+        default_metrics: bool = True,
+        strict: bool = False,
+        view_layout: str = "auto",
+        min_samples: int = DEFAULT_MIN_SAMPLES,
+        reference: str | os.PathLike | nn.Module | None = None,
+        rankme_diagnostics: bool = False,
+        owner: str = OWNER,
+    ) -> None:
+        self.owner = owner
+        taps = [taps] if isinstance(taps, (str, Tap)) else list(taps)
+        self.taps = [t if isinstance(t, Tap) else Tap(t) for t in taps]
+        self._check_arguments(num_views, every_n_train_steps, train_buffer_size, max_samples, min_samples, view_layout, reference)
+        if isinstance(metrics, str):
+            metrics = [metrics]
+        self.named_metrics = [] if metrics is None or isinstance(metrics, Mapping) else check_metric_names(metrics, owner)
+        metrics = metrics if isinstance(metrics, Mapping) else None
+        if not default_metrics and not metrics and not self.named_metrics:
+            raise MonitorConfigurationError(f"{owner}: no metrics to compute (default_metrics=False and no `metrics`)")
+        for name, metric in (metrics or {}).items():
+            if not isinstance(metric, Metric):
+                raise MonitorConfigurationError(f"{owner}: metric {name!r} must be a torchmetrics.Metric, got {type(metric).__name__}")
+        self.num_views, self.view_layout = num_views, view_layout
+        self.every_n_train_steps, self.train_buffer_size = every_n_train_steps, train_buffer_size
+        self.max_samples, self.min_samples = max_samples, min_samples
+        self.extra_metrics = dict(metrics or {})
+        self.use_default_metrics = default_metrics
+        self.strict = strict
+        self.reference = reference
+        self.rankme_diagnostics = bool(rankme_diagnostics)
+        self.capture = Capture(self.taps, num_views, view_layout, reference, owner)
+
+        self.train_steps = 0  # training steps seen (the schedule's clock)
+        self.epoch = 0  # advanced by end_train_epoch(); warnings about empty captures are once per epoch
+        self.eval_passes = 0
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.reports: dict[tuple[str, str], CaptureReport] = {}
+        self.last_result: TrackerResult | None = None
+        self._subscribers: list[Callable[[TrackerResult], None]] = []
+        self._warned: set[str] = set()
+        self._metric_sets: dict[tuple[str, str], MetricSet] = {}
+        self._drift: dict[str, Metric] = {}
+        self._counts = {(stage, t.name): CaptureCounts() for stage in ("train", "val") for t in self.taps}
+        self._buffers = {t.name: RecentBuffer(train_buffer_size) for t in self.taps}
+        self._train_dropped = {t.name: 0 for t in self.taps}
+        self._epoch_train_captures = {t.name: 0 for t in self.taps}
+        self._epoch_capture_steps = 0
+        self._batch_size: int | None = None
+
+    def _check_arguments(
+        self, num_views: int, every: int, buffer: int, max_samples: int, min_samples: int, view_layout: str, reference: Any
+    ) -> None:
+        owner = self.owner
+        if not self.taps:
+            raise MonitorConfigurationError(f"{owner}: give at least one tap")
+        if len({t.name for t in self.taps}) != len(self.taps):
+            raise MonitorConfigurationError(f"{owner}: tap names must be unique")
+        for value, name, low in (
+            (num_views, "num_views", 1), (every, "every_n_train_steps", 0), (buffer, "train_buffer_size", 2),
+            (max_samples, "max_samples", 2), (min_samples, "min_samples", 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise MonitorConfigurationError(f"{owner}: `{name}` must be an integer >= {low}, got {value!r}")
+        if view_layout not in VIEW_LAYOUTS:
+            close = _closest(str(view_layout), VIEW_LAYOUTS)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise MonitorConfigurationError(f"{owner}: `view_layout` must be one of {VIEW_LAYOUTS}, got {view_layout!r}{hint}")
+        if view_layout in ("concat", "stacked") and num_views == 1:
+            raise MonitorConfigurationError(f"{owner}: view_layout={view_layout!r} needs num_views >= 2")
+        if reference is not None and not isinstance(reference, (str, os.PathLike, nn.Module)):
+            raise MonitorConfigurationError(f"{owner}: `reference` must be 'initial', an nn.Module or a checkpoint path, got {type(reference).__name__}")
+        if isinstance(reference, str) and reference != "initial" and not os.path.exists(reference):
+            raise MonitorConfigurationError(f"{owner}: `reference` is neither 'initial' nor an existing checkpoint file: {reference!r}")
+
+    # ---- attaching and subscribing -------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Register forward hooks on the module taps (idempotent; replaces earlier hooks)."""
+        self.capture.attach(model)
+
+    def retake_reference(self, model: nn.Module) -> None:
+        """Take the reference copies again from ``model``: adapters call this when training starts, after
+        the framework has synchronised the weights across ranks."""
+        self.capture.retake_reference(model)
+
+    def detach(self) -> None:
+        """Remove the forward hooks."""
+        self.capture.detach()
+
+    def subscribe(self, receive: Callable[[TrackerResult], None]) -> Callable[[], None]:
+        """Call ``receive(result)`` after every computation (every rank, the same result); returns an unsubscribe."""
+        self._subscribers.append(receive)
+        return lambda: self._subscribers.remove(receive) if receive in self._subscribers else None
+
+    @property
+    def expect_eval(self) -> bool:
+        """Set by an adapter that knows an evaluation pass will come (an output tap missing from the
+        training outputs may still appear in the evaluation outputs)."""
+        return self.capture.expect_eval
+
+    @expect_eval.setter
+    def expect_eval(self, value: bool) -> None:
+        self.capture.expect_eval = bool(value)
+
+    @property
+    def num_features(self) -> dict[str, int]:
+        """``{tap: D}`` of the taps seen so far."""
+        return self.capture.num_features
+
+    def observe(self, outputs: Any, stage: str = "train") -> None:
+        """Read output taps from what a step returned; keys are recorded even when not capturing."""
+        self.capture.observe(outputs, stage)
+
+    def check_taps(self, stage: str) -> None:
+        """Raise for taps that are neither submodules nor step-output keys (the step ends call it)."""
+        if stage == "eval" or self.eval_passes:
+            self.capture.expect_eval = False  # the evaluation pass has come: a tap still missing is an error
+        self.capture.check_taps(stage)
+
+    # ---- training ------------------------------------------------------------------------------------
+    def _capture_window(self) -> int:
+        """How many steps before a scheduled step to capture, so the buffer fills with recent samples."""
+        return 1 if self._batch_size is None else max(1, math.ceil(self.train_buffer_size / self._batch_size))
+
+    def start_train_step(self) -> bool:
+        """Call before each training step; returns whether this step captures embeddings.
+
+        Until the buffers are full every step captures (one detached copy of the tapped outputs per
+        step), so the first value — the baseline of relative criteria — reads a full buffer too.
+        """
+        n = self.every_n_train_steps
+        filling = self._batch_size is None or any(buffer.fill() < 1.0 for buffer in self._buffers.values())
+        capture = n > 0 and (filling or (self.train_steps % n) >= n - self._capture_window())
+        self.capture.start("train" if capture else None)
+        self._epoch_capture_steps += capture
+        return capture
+
+    def end_train_step(self, outputs: Any = None) -> dict[str, Tensor] | None:
+        """Call after each training step, with what the step returned when output taps are used.
+
+        Returns ``{"tap/metric": value}`` on scheduled steps (every ``every_n_train_steps``), else None.
+        """
+        self.capture.raise_error()
+        self.observe(outputs, "train")
+        self.check_taps("train")
+        result = None
+        if self.capture.mode == "train":
+            for tap, (views, _) in self.capture.group(lambda tap, samples, why: self._count_dropped("train", tap, samples, why)).items():
+                self._batch_size = views.shape[0]
+                self._buffers[tap].add(views)
+                self._epoch_train_captures[tap] += len(views)
+            self.capture.start(None)
+            if (self.train_steps + 1) % self.every_n_train_steps == 0:
+                result = self._compute_train()
+        self.train_steps += 1
+        return result
+
+    def end_train_epoch(self) -> None:
+        """Call at the end of each training epoch: warns about taps that captured nothing in it, and
+        about training-stage values still waiting for a full buffer."""
+        for tap, buffer in self._buffers.items():
+            key = f"filling/train/{tap}"
+            if self.every_n_train_steps and buffer.fill() < 1.0 and key not in self._warned:
+                self._warned.add(key)
+                warn(
+                    f"{self.owner}: tap {tap!r}: no training-stage values yet: they start once its buffer holds"
+                    f" train_buffer_size={self.train_buffer_size} samples, and it holds {round(buffer.fill() * self.train_buffer_size)}"
+                    f" after epoch {self.epoch}. Lower train_buffer_size for small datasets"
+                )
+        if self._epoch_capture_steps:
+            for tap in self.taps:
+                if not self._epoch_train_captures[tap.name]:
+                    warn(
+                        f"{self.owner}: tap {tap.name!r} captured nothing during the {self._epoch_capture_steps} capturing training"
+                        f" steps of epoch {self.epoch} ({self._nothing_hint(tap, 'train')}); no train-stage values for it"
+                    )
+        self.epoch += 1
+        self._epoch_capture_steps = 0
+        self._epoch_train_captures = {t.name: 0 for t in self.taps}
+
+    def _nothing_hint(self, tap: Tap, stage: str) -> str:
+        if tap.name in self.capture.module_taps:
+            return "its module was never called"
+        return f"the key is missing from the {'training_step' if stage == 'train' else 'validation_step'} outputs"
+
+    def _count_dropped(self, stage: str, tap: str, samples: int, reason: str) -> None:
+        if stage == "train":
+            self._train_dropped[tap] += samples
+        else:
+            self._counts[("val", tap)].update(dropped=samples)
+        key = f"dropped/{stage}/{tap}"
+        if key not in self._warned:
+            self._warned.add(key)
+            warn(f"{self.owner}: tap {tap!r} ({stage}): {reason}; such batches are left out and counted (see num_samples)")
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+    def start_eval(self) -> None:
+        """Call before an evaluation pass: metrics stream over all of its batches."""
+        for (stage, _), metric_set in self._metric_sets.items():
+            if stage == "val":
+                metric_set.reset()
+        for (stage, _), counts in self._counts.items():
+            if stage == "val":
+                counts.reset()
+        for drift in self._drift.values():
+            drift.reset()
+        self.capture.clear()
+        self.capture.start("eval")
+
+    def abandon_eval(self) -> None:
+        """Stop capturing an evaluation pass that will not be computed (the next :meth:`start_eval` resets it)."""
+        if self.capture.mode == "eval":
+            self.capture.start(None)
+
+    def end_eval_step(self, outputs: Any = None) -> None:
+        """Call after each evaluation batch, with what the step returned when output taps are used."""
+        self.capture.raise_error()
+        self.observe(outputs, "eval")
+        if self.capture.mode != "eval":
+            return
+        for tap, (views, reference) in self.capture.group(lambda tap, samples, why: self._count_dropped("val", tap, samples, why)).items():
+            self._feed("val", tap, views)
+            if reference is not None:
+                self._feed_drift(tap, views, reference)
+
+    def end_eval(self) -> dict[str, Tensor]:
+        """Values over the whole evaluation pass: ``{"tap/metric": value}``. Every rank must call it."""
+        self.capture.raise_error()
+        self.capture.start(None)
+        self.eval_passes += 1
+        self.check_taps("eval")
+        return self._publish("val", {k: v for tap in self.taps for k, v in self._compute_tap("val", tap.name).items()})
+
+    # ---- metrics ---------------------------------------------------------------------------------------
+    def metric_set(self, stage: str, tap: str, views: Tensor | None = None, width: int | None = None, num_views: int | None = None) -> MetricSet:
+        """The metrics of ``tap`` at ``stage``, created from the first batch's width and views."""
+        key = (stage, tap)
+        if key not in self._metric_sets:
+            d = views.shape[-1] if views is not None else width
+            q = views.shape[1] if views is not None else num_views
+            device = views.device if views is not None else self.capture.device()
+            options = {"rankme": {"diagnostics": True}} if self.rankme_diagnostics else None
+            metrics = default_metrics(d, q, self.max_samples, options=options) if self.use_default_metrics else {}
+            if self.named_metrics:
+                metrics.update(default_metrics(d, q, self.max_samples, names=self.named_metrics, options=options))
+            metrics.update({name: m.clone() for name, m in self.extra_metrics.items()})
+            for metric in metrics.values():
+                if self.rankme_diagnostics and hasattr(metric, "diagnostics_reported"):  # a RankMe given as a Metric too
+                    metric.diagnostics_reported = True
+            metric_set = MetricSet(metrics, f"{stage}/{tap}", self.strict, self._warned, lambda m: warn(f"{self.owner}: {m}"))
+            try:  # each D×D float64 statistic, and as much again while its eigenvalues are computed
+                check_memory(
+                    2 * metric_set.dense_states() * (d + 3) * d * 8, device, self.owner, f"tap {tap!r} of width D = {d:,} ({stage})",
+                    "tap a narrower layer, pool or project it with the Tap's `reduce`, or choose metrics that keep no D×D matrix",
+                )
+            except ValueError as error:
+                raise MonitorConfigurationError(str(error)) from None
+            self._metric_sets[key] = metric_set.to(device)  # embeddings stay where they are
+        return self._metric_sets[key]
+
+    def metric_sets(self, stage: str) -> dict[str, MetricSet]:
+        """``{tap: MetricSet}`` of a stage (``"train"`` or ``"val"``)."""
+        return {tap: s for (st, tap), s in self._metric_sets.items() if st == stage}
+
+    def metric_names(self, stage: str) -> dict[str, list[str]]:
+        """``{tap: [names it reports]}`` for the taps of a stage seen so far, the counts included."""
+        drift = ["cka_to_reference"] if stage == "val" and self.reference is not None else []
+        return {tap: [*s.value_names(), *drift, "num_samples", "nonfinite_fraction"] for tap, s in self.metric_sets(stage).items()}
+
+    def _feed(self, stage: str, tap: str, views: Tensor) -> None:
+        used = self.metric_set(stage, tap, views).update(views)
+        counts = self._counts[(stage, tap)].to(views.device)
+        counts.update(used=used, nonfinite=len(views) - used, width=views.shape[-1], views=views.shape[1])
+
+    def _feed_drift(self, tap: str, views: Tensor, reference: Tensor) -> None:
+        from reprmetrics.similarity import LinearCKA
+
+        live, ref = views[:, 0], reference[:, 0]
+        finite = torch.isfinite(live).all(dim=1) & torch.isfinite(ref).all(dim=1)  # weighted out: no host sync
+        zero = torch.zeros((), dtype=live.dtype, device=live.device)
+        live, ref = torch.where(finite[:, None], live, zero), torch.where(finite[:, None], ref, zero.to(ref.dtype))
+        if tap not in self._drift:
+            self._drift[tap] = LinearCKA(num_features=(live.shape[-1], ref.shape[-1])).to(live.device)
+        self._counts[("val", tap)].update(reference_width=ref.shape[-1])
+        self._drift[tap].accumulate(live, ref, finite.to(torch.float64))
+
+    def _compute_train(self) -> dict[str, Tensor]:
+        values: dict[str, Tensor] = {}
+        for tap in self.taps:
+            counts = self._counts[("train", tap.name)]
+            counts.reset()
+            counts.to(self.capture.device()).update(fill=self._buffers[tap.name].fill())
+            if counts.compute()["fill"] < 1.0:  # synced: every rank waits for a full buffer on every rank
+                continue
+            views = self._buffers[tap.name].recent()
+            dropped, self._train_dropped[tap.name] = self._train_dropped[tap.name], 0
+            counts.reset()
+            if ("train", tap.name) in self._metric_sets:  # on every rank: a rank without samples must not reuse the last state
+                self._metric_sets[("train", tap.name)].reset()
+            if views is not None:
+                self._feed("train", tap.name, views)
+            counts.update(dropped=dropped)
+            values.update(self._compute_tap("train", tap.name))
+        return self._publish("train", values)
+
+    def _compute_tap(self, stage: str, tap: str) -> dict[str, Tensor]:
+        """One tap's values. The counts are synced first, so every rank takes the same branch."""
+        counts = self._counts[(stage, tap)]
+        metric_set = self._metric_sets.get((stage, tap))
+        device = self.capture.device() if metric_set is None else next(iter(metric_set.statistics.values()), counts).device
+        counts.to(device)
+        found = counts.compute()
+        used, nonfinite, dropped = int(found["used"]), int(found["nonfinite"]), int(found["dropped"])
+        width, reference_width = int(found["width"]), int(found["reference_width"])
+        report = self.reports[(stage, tap)] = CaptureReport(stage, tap, used, nonfinite, dropped)
+        label = STAGE_LABELS[stage]
+        if report.seen == 0:
+            if stage == "val":
+                hint = self._nothing_hint(next(t for t in self.taps if t.name == tap), stage)
+                warn(f"{self.owner}: tap {tap!r} captured nothing during validation pass {self.eval_passes} ({hint}); no val-stage values for it")
+            return {}
+        values = {
+            f"{tap}/num_samples": torch.tensor(float(used), device=device),
+            f"{tap}/nonfinite_fraction": torch.tensor(report.nonfinite_fraction, device=device),
+        }
+        if metric_set is None and width:  # nothing reached this rank but others have data: join their sync
+            metric_set = self.metric_set(stage, tap, width=width, num_views=int(found["views"]))
+        # Drift is computed wherever any rank saw reference embeddings (synced), so every rank joins its sync.
+        has_drift = stage == "val" and reference_width > 0
+        if has_drift and tap not in self._drift:
+            from reprmetrics.similarity import LinearCKA
+
+            self._drift[tap] = LinearCKA(num_features=(width, reference_width)).to(device)
+        if nonfinite:
+            warn(
+                f"{self.owner}: divergence: tap {tap!r} produced non-finite embeddings ({report.nonfinite_fraction:.0%} of"
+                f" {report.seen} samples, {label}); its metrics are reported as NaN"
+            )
+            names = (metric_set.value_names() if metric_set is not None else []) + (["cka_to_reference"] if has_drift else [])
+            values.update({f"{tap}/{name}": torch.tensor(float("nan"), device=device) for name in names})
+            return values
+        if dropped:
+            warn(
+                f"{self.owner}: tap {tap!r} ({label}): only {used} of {report.seen} samples were usable; {dropped} were in"
+                f" batches that could not be grouped into {self.num_views} views (view_layout={self.view_layout!r})"
+            )
+        if used < self.min_samples:
+            warn(
+                f"{self.owner}: tap {tap!r} ({label}): {used} usable samples, fewer than min_samples={self.min_samples}; its metrics"
+                f" are not reported (num_samples is). {self._few_samples_hint(stage, used)}"
+            )
+            return values
+        if metric_set is not None:
+            values.update({f"{tap}/{name}": value for name, value in metric_set.compute().items()})
+        if has_drift:
+            try:
+                values[f"{tap}/cka_to_reference"] = self._drift[tap].compute().detach()
+            except (ValueError, RuntimeError) as error:
+                if self.strict:
+                    raise
+                warn(f"{self.owner}: skipping {stage}/{tap}/cka_to_reference: {error}")
+        return values
+
+    def _few_samples_hint(self, stage: str, used: int) -> str:
+        if stage == "train":
+            return f"The training buffer holds {self.train_buffer_size} samples: raise train_buffer_size, or lower min_samples"
+        return "The evaluation set is too small for these metrics: use more evaluation samples, or lower min_samples"
+
+    def _publish(self, stage: str, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        for key, value in values.items():
+            self.history.setdefault(f"{stage}/{key}", []).append((self.train_steps, float(value)))
+        result = TrackerResult(
+            stage=stage,
+            step=self.train_steps,
+            values=dict(values),
+            reports={tap: r for (st, tap), r in self.reports.items() if st == stage},
+            widths=dict(self.num_features),
+            artifacts={tap: dict(s.last_artifacts) for tap, s in self.metric_sets(stage).items()},
+            names=self.metric_names(stage),
+        )
+        self.last_result = result
+        for receive in list(self._subscribers):
+            receive(result)
+        return values
+
+    # ---- persistence ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to give the values the uninterrupted run gives: the schedule's
+        clock and counters, the training capture buffers (at most ``train_buffer_size`` samples per
+        tap, on the CPU), the history of values and the widths seen. Tensors and plain Python values
+        only, so checkpoints load with ``torch.load(weights_only=True)``."""
+        return {
+            "train_steps": self.train_steps,
+            "epoch": self.epoch,
+            "eval_passes": self.eval_passes,
+            "history": {k: list(v) for k, v in self.history.items()},
+            "num_features": dict(self.num_features),
+            "batch_size": self._batch_size,
+            "buffers": {tap: (None if (views := buffer.recent()) is None else views.cpu()) for tap, buffer in self._buffers.items()},
+            "train_dropped": dict(self._train_dropped),
+            "epoch_capture_steps": self._epoch_capture_steps,
+            "epoch_train_captures": dict(self._epoch_train_captures),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (buffers go to the model's device)."""
+        self.train_steps = int(state["train_steps"])
+        self.epoch = int(state.get("epoch", 0))
+        self.eval_passes = int(state.get("eval_passes", self.eval_passes))
+        self.history = {k: [tuple(x) for x in v] for k, v in state["history"].items()}
+        self.capture.num_features.update(state.get("num_features", {}))
+        self._batch_size = state.get("batch_size")
+        device = self.capture.device()
+        for tap, views in state.get("buffers", {}).items():
+            if tap in self._buffers:
+                self._buffers[tap].chunks = [] if views is None else [views.to(device)]
+        self._train_dropped.update({k: int(v) for k, v in state.get("train_dropped", {}).items() if k in self._train_dropped})
+        self._epoch_capture_steps = int(state.get("epoch_capture_steps", 0))
+        self._epoch_train_captures.update({k: int(v) for k, v in state.get("epoch_train_captures", {}).items() if k in self._epoch_train_captures})
