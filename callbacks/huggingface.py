@@ -411,7 +411,7 @@ class RepresentationCallback(TrainerCallback):
         """End a pass that is not reported (predict, or eval-mode forwards outside evaluate())."""
         if self._eval_open:
             self._eval_open = False
-            self.tracker._mode = None  # stop capturing; the next start_eval() resets the evaluation state
+            self.tracker.abandon_eval()  # stop capturing; the next start_eval() resets the evaluation state
 
     def _start_train_step(self) -> None:
         self._close_eval()
