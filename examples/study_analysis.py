@@ -1,7 +1,7 @@
-"""The analysis half of the model-selection study: pure functions on rows of results, no torch.
+"""The analysis half of the model-selection study: pure functions on rows of results (scipy), no torch.
 
-- :func:`spearman`, :func:`kendall_tau_b`: rank correlations, written out so that the tie handling
-  is explicit (average ranks for Spearman, tau-b for Kendall) and tested against hand-computed values.
+- :func:`spearman`, :func:`kendall_tau_b`: rank correlations (scipy's, with non-finite pairs dropped and
+  NaN for a constant side).
 - :func:`oriented_score`: each metric turned into "higher predicts better" (see :data:`DIRECTIONS`),
   so a positive correlation always means "the metric ranks configurations the way accuracy does".
 - :func:`correlation_rows`, :func:`pick_rows`: one row per (metric, tap, group); a group is one SSL
@@ -96,22 +96,6 @@ def result_columns() -> list[str]:
 
 
 # ---- rank correlations ------------------------------------------------------------------------------
-def average_ranks(values: Sequence[float]) -> list[float]:
-    """1-based ranks; tied values share the mean of the ranks they occupy ([10, 20, 20] -> [1, 2.5, 2.5])."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        shared = (start + end) / 2 + 1  # mean of the 1-based positions start+1 .. end+1
-        for position in range(start, end + 1):
-            ranks[order[position]] = shared
-        start = end + 1
-    return ranks
-
-
 def _finite_pairs(x: Sequence[float], y: Sequence[float]) -> tuple[list[float], list[float]]:
     if len(x) != len(y):
         raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
@@ -119,55 +103,30 @@ def _finite_pairs(x: Sequence[float], y: Sequence[float]) -> tuple[list[float], 
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 
-def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    n = len(x)
-    mean_x, mean_y = sum(x) / n, sum(y) / n
-    cov = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y))
-    var_x = sum((a - mean_x) ** 2 for a in x)
-    var_y = sum((b - mean_y) ** 2 for b in y)
-    if var_x == 0 or var_y == 0:
-        return math.nan  # a constant variable has no ranking to agree with
-    return cov / math.sqrt(var_x * var_y)
-
-
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rho: the Pearson correlation of the average ranks (scipy.stats.spearmanr).
+    """Spearman's rho (``scipy.stats.spearmanr``: Pearson correlation of average ranks).
 
     Pairs with a non-finite value are dropped; NaN if fewer than 2 pairs remain or either side is constant.
     """
+    from scipy.stats import spearmanr
+
     x, y = _finite_pairs(x, y)
-    if len(x) < 2:
-        return math.nan
-    return _pearson(average_ranks(x), average_ranks(y))
+    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
+        return math.nan  # a constant variable has no ranking to agree with
+    return float(spearmanr(x, y)[0])
 
 
 def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
-    """Kendall's tau-b (scipy.stats.kendalltau's default), which corrects for ties on either side:
+    """Kendall's tau-b (``scipy.stats.kendalltau``'s default, corrected for ties on either side).
 
-        tau_b = (concordant - discordant) / sqrt((n0 - ties_x) * (n0 - ties_y)),  n0 = n (n - 1) / 2,
-
-    where ties_x counts pairs tied in x (whatever y does), and likewise ties_y. Pairs with a
-    non-finite value are dropped; NaN if fewer than 2 pairs remain or either side is constant.
+    Pairs with a non-finite value are dropped; NaN if fewer than 2 pairs remain or either side is constant.
     """
+    from scipy.stats import kendalltau
+
     x, y = _finite_pairs(x, y)
-    n = len(x)
-    if n < 2:
+    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
         return math.nan
-    concordant = discordant = ties_x = ties_y = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            dx, dy = x[i] - x[j], y[i] - y[j]
-            if dx == 0:
-                ties_x += 1
-            if dy == 0:
-                ties_y += 1
-            if dx * dy > 0:
-                concordant += 1
-            elif dx * dy < 0:
-                discordant += 1
-    pairs = n * (n - 1) / 2
-    denominator = math.sqrt((pairs - ties_x) * (pairs - ties_y))
-    return (concordant - discordant) / denominator if denominator > 0 else math.nan
+    return float(kendalltau(x, y)[0])
 
 
 # ---- orientation and picks --------------------------------------------------------------------------

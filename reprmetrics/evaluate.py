@@ -178,7 +178,7 @@ class _RowReader:
 
 # ---- CKA ------------------------------------------------------------------------------------------
 def _make_cka() -> Metric:
-    from reprmetrics.similarity import LinearCKA  # noqa: PLC0415  (issue 12)
+    from reprmetrics.similarity import LinearCKA  # noqa: PLC0415
 
     return LinearCKA()
 

@@ -219,6 +219,7 @@ class Capture:
         self._error: MonitorConfigurationError | None = None
         self._captured: dict[str, list[Tensor]] = {t.name: [] for t in taps}
         self._reference_captured: dict[str, list[Tensor]] = {t.name: [] for t in taps}
+        self.repeated_calls: dict[str, int] = {}  # taps called several times per step with num_views=1
 
     def start(self, mode: str | None) -> None:
         """Capture (``"train"``/``"eval"``) or not (None) until the next call, from this thread."""
@@ -420,6 +421,8 @@ class Capture:
             reference_chunks, self._reference_captured[tap.name] = self._reference_captured[tap.name], []
             if not chunks:
                 continue
+            if self.num_views == 1 and len(chunks) > 1 and len({tuple(c.shape) for c in chunks}) == 1:
+                self.repeated_calls.setdefault(tap.name, len(chunks))  # same-shaped calls in one step: views, perhaps
             try:
                 views = group_views(chunks, self.num_views, tap.name, self.view_layout, self.owner)
                 reference = group_views(reference_chunks, self.num_views, tap.name, self.view_layout, self.owner) if reference_chunks else None

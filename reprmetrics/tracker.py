@@ -246,6 +246,7 @@ class RepresentationTracker:
                 self._buffers[tap].add(views)
                 self._epoch_train_captures[tap] += len(views)
             self.capture.start(None)
+            self._hint_at_views()
             if (self.train_steps + 1) % self.every_n_train_steps == 0:
                 result = self._compute_train()
         self.train_steps += 1
@@ -273,6 +274,18 @@ class RepresentationTracker:
         self.epoch += 1
         self._epoch_capture_steps = 0
         self._epoch_train_captures = {t.name: 0 for t in self.taps}
+
+    def _hint_at_views(self) -> None:
+        """Once per tap: a module called several times per step with the same shape may be computing views."""
+        for tap, calls in self.capture.repeated_calls.items():
+            key = f"views-hint/{tap}"
+            if key not in self._warned and tap in self.capture.module_taps:
+                self._warned.add(key)
+                warn(
+                    f"{self.owner}: tap {tap!r} was called {calls} times in one step with num_views=1, so its rows are taken as"
+                    f" distinct samples. If the calls are views of the same samples (augmentations), pass num_views={calls}:"
+                    " LiDAR and alignment need views, and uniformity and LID would otherwise see near-duplicates"
+                )
 
     def _nothing_hint(self, tap: Tap, stage: str) -> str:
         if tap.name in self.capture.module_taps:
@@ -318,6 +331,7 @@ class RepresentationTracker:
             self._feed("val", tap, views)
             if reference is not None:
                 self._feed_drift(tap, views, reference)
+        self._hint_at_views()
 
     def end_eval(self) -> dict[str, Tensor]:
         """Values over the whole evaluation pass: ``{"tap/metric": value}``. Every rank must call it."""

@@ -242,3 +242,21 @@ def test_metrics_by_name_opt_in_and_unknown_names():
     assert values["z/twonn"].item() == pytest.approx(twonn_dimension(z).item(), rel=1e-5)
     with pytest.raises(MonitorConfigurationError, match="unknown metric 'sigrge'; did you mean 'sigreg'"):
         RepresentationTracker(["z"], metrics=["sigrge"])
+
+
+def test_two_calls_per_step_without_views_hint_at_num_views():
+    net = Net()
+    tracker = RepresentationTracker(["encoder"], every_n_train_steps=0, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=8)
+    tracker.attach(net)
+    tracker.start_eval()
+    x = torch.randn(16, 8)
+    with pytest.warns(RuntimeWarning, match=r"'encoder' was called 2 times in one step with num_views=1.*pass num_views=2"):
+        net(x)
+        net(x + 0.1)  # two augmentations of the same samples
+        tracker.end_eval_step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per tap
+        net(x)
+        net(x + 0.1)
+        tracker.end_eval_step()
+    assert tracker.end_eval()["encoder/num_samples"].item() == 64

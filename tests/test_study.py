@@ -10,16 +10,10 @@ import pytest
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)
 
-import study_analysis as analysis  # noqa: E402  (pure Python: no optional dependency)
+import study_analysis as analysis  # noqa: E402  (no torch: numpy and scipy)
 
 
 # ---- rank correlations ------------------------------------------------------------------------------
-def test_average_ranks_share_the_mean_rank_of_a_tie():
-    assert analysis.average_ranks([10, 20, 20, 30]) == [1, 2.5, 2.5, 4]
-    assert analysis.average_ranks([3, 1, 3, 3]) == [3, 1, 3, 3]  # ranks 2, 3, 4 -> 3
-    assert analysis.average_ranks([]) == []
-
-
 def test_spearman_with_a_tie_by_hand():
     # y ranks [1, 2, 3.5, 5, 3.5]; deviations from 3: x (-2,-1,0,1,2), y (-2,-1,.5,2,.5)
     # covariance 4+1+0+2+1 = 8; variances 10 and 9.5: rho = 8 / sqrt(95)

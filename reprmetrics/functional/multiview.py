@@ -29,6 +29,7 @@ from reprmetrics._linalg import (
     l2_normalize_rows,
 )
 from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
+from reprmetrics.functional.spectral import effective_rank
 
 __all__ = ["alignment", "lidar", "uniformity"]
 
@@ -147,15 +148,7 @@ def _lidar_eigenvalues(between: Tensor, within: Tensor, delta: float, zero_toler
     return torch.linalg.eigvalsh(whitened).clamp_min(0)
 
 
-def _smooth_effective_rank(values: Tensor, eps: float) -> Tensor:
-    """exp(entropy) of p = values / Σvalues + eps, the effective rank used by LiDAR (and RankMe).
-
-    All-zero values (e.g. all samples identical) give p_k = eps: the result is
-    exp(-K·eps·log eps) ≈ 1 + K·eps·log(1/eps), exactly 1 for eps = 0.
-    """
-    total = values.sum()
-    p = values / total.clamp_min(torch.finfo(values.dtype).tiny) + eps
-    return torch.exp(-torch.special.xlogy(p, p).sum())
+_smooth_effective_rank = effective_rank  # the same definition as RankMe's, on LDA eigenvalues
 
 
 # ----------------------------------------------------------------------------------------------

@@ -63,11 +63,15 @@ def _spectrum_diagnostics(sigma: Tensor) -> dict[str, float | int]:
     return {"top_singular_value": top, "condition_number": condition, "numerical_rank": int(nonzero.numel())}
 
 
-def _rankme_from_singular_values(sigma: Tensor, eps: float) -> Tensor:
-    total = sigma.sum()
-    # All-zero embeddings: every p_k is eps, so RankMe is 1 for eps = 0 (documented, finite).
-    p = sigma / total.clamp_min(torch.finfo(sigma.dtype).tiny) + eps
+def effective_rank(values: Tensor, eps: float) -> Tensor:
+    """exp(entropy) of p = values / Σ values + eps: the smooth effective rank of RankMe (of singular
+    values) and LiDAR (of eigenvalues). All-zero values give p_k = eps: exp(−K·eps·log eps) ≈ 1,
+    exactly 1 for eps = 0 (documented, finite)."""
+    p = values / values.sum().clamp_min(torch.finfo(values.dtype).tiny) + eps
     return torch.exp(-torch.special.xlogy(p, p).sum())
+
+
+_rankme_from_singular_values = effective_rank
 
 
 def _covariance_from_moments(gram_matrix: Tensor, total: Tensor, num_samples: int) -> Tensor:
@@ -329,7 +333,7 @@ def alpha_req_fit(embeddings: Tensor, fit_range: tuple[int, int] = (11, 100)) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# NESum and coding rate (issue 14)
+# NESum and coding rate
 # ----------------------------------------------------------------------------------------------
 
 
