@@ -31,17 +31,21 @@ DRIFT_METRICS = ("cka_to_reference",)
 KNOWN_METRICS = (*available_metrics(), *DRIFT_METRICS)
 
 
-def collapse_kind(metric: str, value: float, normalized_std: float | None = None, dim: int | None = None) -> str:
-    """Which collapse a low value of ``metric`` means: complete, dimensional, local, or drift.
+def collapse_kind(metric: str, value: float, normalized_std: float | None = None, dim: int | None = None, rank: float | None = None) -> str:
+    """Which collapse a low value of ``metric`` means: complete, dimensional, local, in progress, or drift.
 
-    ``normalized_std`` (of the same tap, when the monitor computes it) below a quarter of its healthy
-    value 1/√D means every embedding points nearly the same way: complete collapse, whatever the metric.
+    *Complete* only for collapse toward a point: the tap's normalised std below a quarter of its
+    healthy 1/√D **and** its rank gone (RankMe, when known, at most max(1.5, 0.1·D)); the spread gone
+    while RankMe still reads more is collapse *in progress* (toward one direction).
     """
     if metric in DRIFT_METRICS:
         return "drift"
-    if normalized_std is not None and dim and normalized_std < 0.25 / math.sqrt(dim):
-        return "complete"
-    if metric in SPREAD_METRICS or (metric in RANK_METRICS and value <= 1.5):
+    spread_gone = (normalized_std is not None and dim and normalized_std < 0.25 / math.sqrt(dim)) or metric in SPREAD_METRICS
+    rank = value if metric in RANK_METRICS else rank
+    rank_gone = rank is None or rank <= max(1.5, 0.1 * (dim or 0))
+    if spread_gone:
+        return "complete" if rank_gone else "in progress"
+    if metric in RANK_METRICS and value <= 1.5:
         return "complete"
     if metric in LOCAL_METRICS:
         return "local"
@@ -180,7 +184,7 @@ class CollapseCriteria:
         self.wait_count += 1
         if self.wait_count < self.patience:
             return False, f"{self.monitor} = {value:.4g}: {'; '.join(reasons)} ({self.wait_count}/{self.patience})"
-        kind = self.last_kind = self.kind or collapse_kind(self.metric, value, normalized_std, dim)
+        kind = self.last_kind = self.kind or collapse_kind(self.metric, value, normalized_std, dim, rank)
         recent = ", ".join(f"{v:.4g}" for v in self.values_seen[-(self.patience + 2) :])
         std_note = f"; normalized std {normalized_std:.3g} vs healthy 1/√D = {1 / math.sqrt(dim):.3g}" if normalized_std is not None and dim else ""
         if rank is not None and self.metric != "rankme":
@@ -191,8 +195,9 @@ class CollapseCriteria:
                 f"Representation drift: CKA to the reference {tap} fell to {value:.4g} ({self.monitor}), {'; '.join(reasons)},"
                 f" for {self.wait_count} consecutive checks (recent values: {recent}). Signaling Trainer to stop."
             )
+        label = "Collapse in progress" if kind == "in progress" else f"{kind.capitalize()} collapse"
         return True, (
-            f"{kind.capitalize()} collapse: {self.monitor} = {value:.4g} is {'; '.join(reasons)}, for {self.wait_count} consecutive checks"
+            f"{label}: {self.monitor} = {value:.4g} is {'; '.join(reasons)}, for {self.wait_count} consecutive checks"
             f" (recent values: {recent}; best seen {self.best:.4g}{std_note}). Signaling Trainer to stop."
         )
 
