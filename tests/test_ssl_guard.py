@@ -184,3 +184,16 @@ def test_for_ssl_needs_the_spread_metric_it_reads(tmp_path):
     monitor = RepresentationMonitor(["projector"], every_n_train_steps=0, default_metrics=False, metrics={"rankme": RankMe()})
     with pytest.raises(MisconfigurationException, match="normalized_std"):
         fit(tmp_path, ToyEncoder(), [monitor, CollapseEarlyStopping.for_ssl("projector")], max_epochs=1)
+
+
+def test_key_criteria_name_complete_only_when_spread_and_rank_are_both_gone():
+    from reprmetrics.stopping import CollapseCriteria, collapse_kind
+
+    line = 0.25 / math.sqrt(D)
+    assert collapse_kind("normalized_std", 0.02, 0.02, D, rank=26.0) == "in progress"  # the user's VICReg: rank still 26 of 64
+    assert collapse_kind("normalized_std", 0.02, 0.02, D, rank=1.1) == "complete"
+    assert collapse_kind("rankme", 10.0, 0.1, D) == "dimensional"
+    assert collapse_kind("rankme", 1.2, 0.1, D) == "complete"
+    criteria = CollapseCriteria("repr/val/p/normalized_std", patience=1, min_value=line)
+    stop, reason = criteria.check(0.02, D, 0.02, rank=26.0)
+    assert stop and reason.startswith("Collapse in progress") and "RankMe 26 of D = 64" in reason and "normalized std 0.02" in reason
