@@ -191,7 +191,7 @@ class Uniformity(BoundedSample):
     same subset on every rank after the sync, because the keys travel with the points. While at most
     ``max_samples`` points have been seen, all are kept and the value equals
     :func:`reprmetrics.functional.uniformity` on their concatenation. Memory: at most about
-    2·``max_samples`` stored points per rank, plus tiles of at most 1024² (CPU) or 4096² (GPU) pairs
+    4·``max_samples`` stored points per rank, plus tiles of at most 1024² (CPU) or 4096² (GPU) pairs
     during ``compute()``.
 
     As input to ``update``:

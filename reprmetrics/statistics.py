@@ -263,7 +263,7 @@ class BoundedSample(Statistic):
 
     *Bottom-k sampling*: every incoming row gets a random key in [0, 1) and the rows with the
     ``max_samples`` smallest keys are kept. Each rank keeps its own bottom-k (memory bounded by about
-    2·``max_samples`` rows per rank); at ``compute()`` the gathered rows of all ranks are reduced to
+    4·``max_samples`` rows per rank); at ``compute()`` the gathered rows of all ranks are reduced to
     the global bottom-k — a uniform random subset of every row seen by every rank, the same on every
     rank, because the keys travel with the rows. Rows weighted out get key +∞ and are never kept.
     Keys come from a CPU generator seeded with ``seed`` and the process's rank, so runs are
@@ -320,7 +320,7 @@ class BoundedSample(Statistic):
         self.samples.append(x)
         self.keys.append(keys)
         stored = sum(len(k) for k in self.keys)
-        if stored > 2 * self.max_samples:  # compact: amortised O(D) work per row
+        if stored > 4 * self.max_samples:  # compact: amortised O(D) work per row, each row copied about once
             samples, keys = self._bottom_k(dim_zero_cat(self.samples), dim_zero_cat(self.keys))
             self.samples, self.keys = [samples], [keys]
 
