@@ -34,22 +34,23 @@ KNOWN_METRICS = (*available_metrics(), *DRIFT_METRICS)
 def collapse_kind(metric: str, value: float, normalized_std: float | None = None, dim: int | None = None, rank: float | None = None) -> str:
     """Which collapse a low value of ``metric`` means: complete, dimensional, local, in progress, or drift.
 
-    *Complete* only for collapse toward a point: the tap's normalised std below a quarter of its
-    healthy 1/√D **and** its rank gone (RankMe, when known, at most max(1.5, 0.1·D)); the spread gone
-    while RankMe still reads more is collapse *in progress* (toward one direction).
+    *Complete* only for collapse toward a point: the spread gone (the tap's normalised std below a
+    quarter of its healthy 1/√D) **and** the rank gone (a rank metric below its floor — the check that
+    fired — or, watching the spread, RankMe below the SSL preset's rank floor). The spread gone while
+    RankMe still reads more is collapse *in progress* (toward one direction); a rank metric below its
+    floor with the spread kept is *dimensional* collapse.
     """
     if metric in DRIFT_METRICS:
         return "drift"
-    spread_gone = (normalized_std is not None and dim and normalized_std < 0.25 / math.sqrt(dim)) or metric in SPREAD_METRICS
-    rank = value if metric in RANK_METRICS else rank
-    rank_gone = rank is None or rank <= max(1.5, 0.1 * (dim or 0))
+    spread_gone = metric in SPREAD_METRICS or bool(normalized_std is not None and dim and normalized_std < 0.25 / math.sqrt(dim))
+    if metric in RANK_METRICS:
+        return "complete" if spread_gone or value <= 1.5 else "dimensional"
     if spread_gone:
-        return "complete" if rank_gone else "in progress"
-    if metric in RANK_METRICS and value <= 1.5:
-        return "complete"
+        rank_floor = max(1.5, SSL_GUARD_DEFAULTS["rank_floor"] * (dim or 0))
+        return "complete" if rank is None or rank < rank_floor else "in progress"
     if metric in LOCAL_METRICS:
         return "local"
-    if metric in RANK_METRICS or metric in GLOBAL_DIMENSION_METRICS:
+    if metric in GLOBAL_DIMENSION_METRICS:
         return "dimensional"
     return "representation"
 

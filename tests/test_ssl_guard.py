@@ -192,7 +192,8 @@ def test_key_criteria_name_complete_only_when_spread_and_rank_are_both_gone():
     line = 0.25 / math.sqrt(D)
     assert collapse_kind("normalized_std", 0.02, 0.02, D, rank=26.0) == "in progress"  # the user's VICReg: rank still 26 of 64
     assert collapse_kind("normalized_std", 0.02, 0.02, D, rank=1.1) == "complete"
-    assert collapse_kind("rankme", 10.0, 0.1, D) == "dimensional"
+    assert collapse_kind("rankme", 10.0, 0.1, D) == "dimensional"  # rank below its floor, spread kept
+    assert collapse_kind("rankme", 9.1, 0.012, D) == "complete"  # both gone
     assert collapse_kind("rankme", 1.2, 0.1, D) == "complete"
     criteria = CollapseCriteria("repr/val/p/normalized_std", patience=1, min_value=line)
     stop, reason = criteria.check(0.02, D, 0.02, rank=26.0)
