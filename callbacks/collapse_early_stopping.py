@@ -17,7 +17,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from reprmetrics.monitor import MonitorConfigurationError, warn
-from reprmetrics.stopping import CollapseCriteria, collapse_kind
+from reprmetrics.stopping import CollapseCriteria, SSLGuard, collapse_kind, ssl_guard
 
 __all__ = ["CollapseEarlyStopping", "MonitoredKeyError", "collapse_kind"]
 
@@ -82,12 +82,14 @@ class CollapseEarlyStopping(EarlyStopping):
         check_finite: bool = True,
         strict: bool = True,
         verbose: bool = False,
+        guard: SSLGuard | None = None,
     ) -> None:
         super().__init__(monitor=monitor, patience=patience, mode="max", strict=strict, check_finite=check_finite, verbose=verbose, check_on_train_epoch_end=False)
+        self.guard = guard
         try:
             self.criteria = CollapseCriteria(
                 monitor, patience, min_value, min_fraction_of_dim, max_relative_drop, baseline, dim, kind, check_finite
-            )
+            ) if guard is None else None
         except MonitorConfigurationError as error:
             raise MisconfigurationException(str(error)) from error
         self.min_value = min_value
@@ -99,20 +101,39 @@ class CollapseEarlyStopping(EarlyStopping):
         self._key_verified = False
         self._warned_unknown = False
 
+    @classmethod
+    def for_ssl(cls, tap: str, stage: str = "val", prefix: str = "repr", verbose: bool = False, **settings: Any) -> CollapseEarlyStopping:
+        """The SSL preset: one callback watching ``tap``'s RankMe, normalised std and their trend.
+
+        The rule is :func:`reprmetrics.stopping.ssl_guard` (floors on rank and spread, and a sustained
+        fall from the run's own best); ``settings`` override its defaults. Needs a
+        :class:`RepresentationMonitor` computing ``tap`` at ``stage`` with the default metrics (or at
+        least ``rankme`` and ``normalized_std``)::
+
+            Trainer(callbacks=[RepresentationMonitor(["backbone", "projector"], num_views=2),
+                               CollapseEarlyStopping.for_ssl("projector")])
+        """
+        try:
+            guard = ssl_guard(tap, stage, owner="CollapseEarlyStopping.for_ssl", **settings)
+        except MonitorConfigurationError as error:
+            raise MisconfigurationException(str(error)) from error
+        return cls(f"{prefix}/{stage}/{tap}/rankme", patience=guard.patience, verbose=verbose, guard=guard)
+
     @property
     def baseline(self) -> float | None:
         """The reference for ``max_relative_drop``: the given one, else the first value seen."""
-        return self.criteria.baseline
+        return self.criteria.baseline if self.criteria is not None else None
 
     @property
     def values_seen(self) -> list[float]:
-        return self.criteria.values_seen
+        return self.criteria.values_seen if self.criteria is not None else []
 
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(
-            monitor=self.monitor, min_value=self.min_value, min_fraction_of_dim=self.min_fraction_of_dim, max_relative_drop=self.max_relative_drop
+            monitor=self.monitor, min_value=self.min_value, min_fraction_of_dim=self.min_fraction_of_dim, max_relative_drop=self.max_relative_drop,
+            **({"guard": repr(self.guard)} if self.guard is not None else {}),
         )
 
     # ---- where values come from --------------------------------------------------------------
@@ -147,9 +168,18 @@ class CollapseEarlyStopping(EarlyStopping):
         super().setup(trainer, pl_module, stage)
         parts = self._parts(trainer)
         if parts is None:
+            prefix = self.monitor.split("/", 1)[0]
+            if self.guard is not None:
+                raise MisconfigurationException(
+                    f"CollapseEarlyStopping.for_ssl({self.guard.tap!r}): no RepresentationMonitor with prefix {prefix!r} is among the"
+                    f" Trainer's callbacks; add one that taps {self.guard.tap!r}, e.g."
+                    f" Trainer(callbacks=[RepresentationMonitor([{self.guard.tap!r}]), CollapseEarlyStopping.for_ssl({self.guard.tap!r})])"
+                )
             if self.min_fraction_of_dim is not None and self.dim is None:
                 raise MisconfigurationException(
-                    f"CollapseEarlyStopping({self.monitor!r}): min_fraction_of_dim needs D: no RepresentationMonitor produces this key, so pass dim="
+                    f"CollapseEarlyStopping({self.monitor!r}): min_fraction_of_dim needs the embedding width D, which a RepresentationMonitor"
+                    f" provides, but no RepresentationMonitor with prefix {prefix!r} is among the Trainer's callbacks. Add one that taps the"
+                    " key's tap (e.g. RepresentationMonitor(['projector'])), or, if another callback logs this key, pass dim=D"
                 )
             return  # another callback or the module logs it: Lightning's own check applies
         callback, key_stage, tap, metric = parts
@@ -180,13 +210,16 @@ class CollapseEarlyStopping(EarlyStopping):
         if tap not in names:
             return  # this tap has produced nothing yet: the monitor warns about that
         self._key_verified = True
-        if metric in names[tap]:
+        wanted = [metric] if self.guard is None else list(self.guard.metrics)
+        missing = [m for m in wanted if m not in names[tap]]
+        if not missing:
             return
+        metric = missing[0]
         prefix = callback.prefix
         existing = [f"{prefix}/{stage}/{t}/{m}" for t, ms in names.items() for m in ms]
         close = difflib.get_close_matches(self.monitor, existing, n=3, cutoff=0.5)
         self._unknown(
-            f"Early stopping conditioned on metric `{self.monitor}` which is not available: the RepresentationMonitor does not"
+            f"Early stopping conditioned on metric `{self.monitor.rsplit('/', 1)[0]}/{metric}` which is not available: the RepresentationMonitor does not"
             f" compute {metric!r} for tap {tap!r}. Pass in or modify your `CollapseEarlyStopping` callback to use any of the"
             f" following: {', '.join(f'`{k}`' for k in existing)}" + (f" (closest: {', '.join(f'`{k}`' for k in close)})" if close else "")
         )
@@ -229,7 +262,31 @@ class CollapseEarlyStopping(EarlyStopping):
             return
         self._history_seen = len(history)
         self._report_for_check = monitor_cb.tracker.reports.get((stage, tap))
+        if self.guard is not None:
+            self._decide_by_guard(trainer, monitor_cb.tracker, stage, tap)
+            return
         self._decide(trainer, torch.tensor(history[-1][1]))
+
+    def _decide_by_guard(self, trainer: pl.Trainer, tracker: Any, stage: str, tap: str) -> None:
+        assert self.guard is not None
+        values = {}
+        for key in self.guard.keys():
+            history = tracker.history.get(f"{stage}/{key}")
+            if history:
+                values[key] = history[-1][1]
+        decision = self.guard.check_values(values, tracker.num_features)
+        if "rankme" in self.guard.best:
+            self.best_score = torch.tensor(self.guard.best["rankme"])
+        self.wait_count = max(self.guard.floor_count, self.guard.trend_count)
+        should_stop = trainer.strategy.reduce_boolean_decision(decision.stop, all=False)
+        trainer.should_stop = trainer.should_stop or should_stop
+        if should_stop:
+            self.stopped_epoch = trainer.current_epoch
+            self.stopping_reason = EarlyStoppingReason.NON_FINITE_METRIC if decision.kind == "divergence" else EarlyStoppingReason.PATIENCE_EXHAUSTED
+            self.stopping_reason_message = decision.reason
+            self._announce(trainer, decision.reason)
+        elif self.verbose:
+            self._log_info(trainer, decision.reason, self.log_rank_zero_only)
 
     @override
     def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
@@ -287,12 +344,20 @@ class CollapseEarlyStopping(EarlyStopping):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(criteria=self.criteria.state_dict(), history_seen=self._history_seen, key_verified=self._key_verified)
+        state.update(
+            criteria=self.criteria.state_dict() if self.criteria is not None else {},
+            guard=self.guard.state_dict() if self.guard is not None else {},
+            history_seen=self._history_seen,
+            key_verified=self._key_verified,
+        )
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.criteria.load_state_dict(state_dict.get("criteria", {}))
+        if self.criteria is not None:
+            self.criteria.load_state_dict(state_dict.get("criteria", {}))
+        if self.guard is not None:
+            self.guard.load_state_dict(state_dict.get("guard", {}))
         self._history_seen = state_dict.get("history_seen", 0)
         self._key_verified = state_dict.get("key_verified", False)

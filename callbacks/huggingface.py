@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from reprmetrics.monitor import DEFAULT_MIN_SAMPLES, MONITOR_MAX_SAMPLES, MonitorConfigurationError, RepresentationTracker, Tap, warn
-from reprmetrics.stopping import CollapseCriteria
+from reprmetrics.stopping import CollapseCriteria, SSLGuard
 
 __all__ = ["RepresentationCallback", "first_token"]
 
@@ -138,7 +138,8 @@ class RepresentationCallback(TrainerCallback):
             model, under DDP broadcast it to every rank, and loaded a ``resume_from_checkpoint``: a
             resumed run's reference is the checkpoint's weights).
         prefix: first component of every logged name.
-        stop_on: key(s) to stop on (``None``: monitor only): a key, a list of keys (each with the
+        stop_on: what to stop on (``None``: monitor only): the SSL preset ``ssl_guard(tap)``
+            (:func:`reprmetrics.stopping.ssl_guard`: rank, spread and their trend for one tap), a key, a list of keys and/or guards (each key with the
             criteria below), or ``{key: {criterion: value}}`` to give a key criteria of its own, e.g.
             ``{"repr/eval/pooler/rankme": {"min_fraction_of_dim": 0.1},
             "repr/eval/pooler/normalized_std": {"min_value": 0.25 / D**0.5, "patience": 1}}``.
@@ -167,7 +168,7 @@ class RepresentationCallback(TrainerCallback):
         min_samples: int = DEFAULT_MIN_SAMPLES,
         reference: str | os.PathLike | nn.Module | None = None,
         rankme_diagnostics: bool = False,
-        stop_on: str | Iterable[str] | Mapping[str, Mapping[str, Any]] | None = None,
+        stop_on: str | SSLGuard | Iterable[str | SSLGuard] | Mapping[str, Mapping[str, Any]] | None = None,
         patience: int = 3,
         min_value: float | None = None,
         min_fraction_of_dim: float | None = None,
@@ -198,6 +199,14 @@ class RepresentationCallback(TrainerCallback):
             patience=patience, min_value=min_value, min_fraction_of_dim=min_fraction_of_dim, max_relative_drop=max_relative_drop,
             baseline=baseline, dim=dim, kind=kind, check_finite=check_finite,
         )
+        self._guards: list[SSLGuard] = []
+        if isinstance(stop_on, SSLGuard):
+            stop_on = [stop_on]
+        if isinstance(stop_on, (list, tuple)):
+            self._guards = [g for g in stop_on if isinstance(g, SSLGuard)]
+            stop_on = [k for k in stop_on if not isinstance(k, SSLGuard)]
+        for guard in self._guards:
+            self._check_guard_tap(guard)
         if isinstance(stop_on, str):
             stop_keys: dict[str, dict[str, Any]] = {stop_on: {}}
         elif isinstance(stop_on, Mapping):
@@ -217,6 +226,7 @@ class RepresentationCallback(TrainerCallback):
             criteria = CollapseCriteria(self._logged_key(stage, tap, metric, "eval"), owner=_OWNER, **options)
             self._stoppers.append((stage, tap, metric, criteria))
         self._history_seen = [0] * len(self._stoppers)
+        self._guard_seen = [0] * len(self._guards)
         self._verified: set[tuple[str, str]] = set()
         self.stopping_reason: str | None = None
         self.stopped_step: int | None = None
@@ -263,6 +273,17 @@ class RepresentationCallback(TrainerCallback):
             raise MonitorConfigurationError(f"{_OWNER}: stop_on={key!r} needs training-stage values, but every_n_train_steps=0")
         return _STAGES[stage], tap, metric
 
+    def _check_guard_tap(self, guard: SSLGuard) -> None:
+        taps = [t.name for t in self.tracker.taps]
+        if guard.tap not in taps:
+            close = difflib.get_close_matches(guard.tap, taps, n=3, cutoff=0.5)
+            raise MonitorConfigurationError(
+                f"{_OWNER}: stop_on={guard!r} names tap {guard.tap!r}, which is not one of its taps ({', '.join(map(repr, taps))})"
+                + (f"; did you mean {close[0]!r}?" if close else "")
+            )
+        if guard.stage == "train" and self.tracker.every_n_train_steps == 0:
+            raise MonitorConfigurationError(f"{_OWNER}: stop_on={guard!r} needs training-stage values, but every_n_train_steps=0")
+
     # ---- setting up --------------------------------------------------------------------------
     def _place_first(self) -> None:
         """Move this callback to the front of the calling Trainer's callback list (see the class docstring).
@@ -304,6 +325,12 @@ class RepresentationCallback(TrainerCallback):
         # missing after the first training step is an error then (no waiting for an evaluation).
         self.tracker.expect_eval = False
         evaluates = str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no"
+        for guard in self._guards:
+            if guard.stage == "val" and not evaluates:
+                raise MonitorConfigurationError(
+                    f"{_OWNER}: stop_on={guard!r} is checked at evaluations, but eval_strategy='no': set eval_strategy"
+                    " ('epoch' or 'steps') and an eval_dataset, or use ssl_guard(tap, stage='train')"
+                )
         for stage, tap, metric, criteria in self._stoppers:
             if stage == "val" and not evaluates:
                 raise MonitorConfigurationError(
@@ -437,11 +464,28 @@ class RepresentationCallback(TrainerCallback):
             stop, reason = criteria.check(
                 history[-1][1], criteria.dim or self.tracker.num_features.get(tap), spread[-1][1] if spread else None, self.tracker.reports.get((stage, tap))
             )
-            if stop and not control.should_training_stop:
-                control.should_training_stop = True
-                self.stopping_reason, self.stopped_step = reason, state.global_step
-                logger.warning(reason)
-                logs[f"{eval_prefix}_{self.prefix}/stop_reason" if stage == "val" else f"{self.prefix}/stop_reason"] = reason
+            if stop:
+                self._stop(stage, state, control, logs, eval_prefix, reason)
+        for i, guard in enumerate(self._guards):
+            if guard.stage != stage:
+                continue
+            for metric in guard.metrics:
+                self._verify_metric(stage, guard.tap, metric)
+            history = self.tracker.history.get(f"{stage}/{guard.tap}/rankme", [])
+            if len(history) <= self._guard_seen[i]:
+                continue
+            self._guard_seen[i] = len(history)
+            values = {key: self.tracker.history[f"{stage}/{key}"][-1][1] for key in guard.keys() if self.tracker.history.get(f"{stage}/{key}")}
+            decision = guard.check_values(values, self.tracker.num_features)
+            if decision.stop:
+                self._stop(stage, state, control, logs, eval_prefix, decision.reason)
+
+    def _stop(self, stage: str, state: TrainerState, control: TrainerControl, logs: dict[str, Any], eval_prefix: str, reason: str) -> None:
+        if not control.should_training_stop:
+            control.should_training_stop = True
+            self.stopping_reason, self.stopped_step = reason, state.global_step
+            logger.warning(reason)
+            logs[f"{eval_prefix}_{self.prefix}/stop_reason" if stage == "val" else f"{self.prefix}/stop_reason"] = reason
 
     # ---- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -449,6 +493,8 @@ class RepresentationCallback(TrainerCallback):
         return {
             "tracker": self.tracker.state_dict(),
             "criteria": [c.state_dict() for *_, c in self._stoppers],
+            "guards": [g.state_dict() for g in self._guards],
+            "guard_seen": list(self._guard_seen),
             "history_seen": list(self._history_seen),
             "stopping_reason": self.stopping_reason,
         }
@@ -458,6 +504,9 @@ class RepresentationCallback(TrainerCallback):
         for (*_, criteria), saved in zip(self._stoppers, state.get("criteria", [])):
             criteria.load_state_dict(saved)
         self._history_seen = list(state.get("history_seen", self._history_seen))
+        for guard, saved in zip(self._guards, state.get("guards", [])):
+            guard.load_state_dict(saved)
+        self._guard_seen = list(state.get("guard_seen", self._guard_seen))
         self.stopping_reason = state.get("stopping_reason")
 
 

@@ -439,3 +439,24 @@ def test_sentence_transformers_trainer_offline(tmp_path):
     # control.should_training_stop stops sentence-transformers' trainer too: at the 2nd evaluation, step 16 of 40.
     assert out["global_step"] == 16 and "collapse: eval_repr/1/rankme = " in out["reason"] and "below the floor 1000" in out["reason"]
     assert last["eval_repr/stop_reason"] == out["reason"]
+
+
+def test_ssl_guard_preset_stops_a_collapse_and_not_a_healthy_run(tmp_path, caplog):
+    from reprmetrics.stopping import ssl_guard
+
+    def run(objective):
+        callback = RepresentationCallback(["encoder"], every_n_train_steps=0, stop_on=ssl_guard("encoder", patience=2))
+        args = training_args(tmp_path / objective, max_steps=60, eval_strategy="steps", eval_steps=5, learning_rate=0.02, lr_scheduler_type="constant")
+        trainer = Trainer(model=Encoder(objective), args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=[callback])
+        with caplog.at_level(logging.WARNING, logger="reprmetrics.callbacks.huggingface"):
+            trainer.train()
+        return trainer, callback
+
+    trainer, callback = run("collapse")
+    assert trainer.state.global_step < 60 and callback.stopping_reason is not None
+    assert "RankMe" in callback.stopping_reason and "normalized std" in callback.stopping_reason
+    assert eval_logs(trainer)[-1]["eval_repr/stop_reason"] == callback.stopping_reason
+    trainer, callback = run("classify")
+    assert trainer.state.global_step == 60 and callback.stopping_reason is None
+    with pytest.raises(MonitorConfigurationError, match="names tap 'encodr'.*did you mean 'encoder'"):
+        RepresentationCallback(["encoder"], stop_on=ssl_guard("encodr"))
