@@ -137,46 +137,61 @@ def label_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ---- the guard ----------------------------------------------------------------------------------------
-def replay_guard(per_epoch_values: Sequence[Mapping[str, float]], dim: int, settings: Mapping[str, Any]) -> tuple[int | None, str]:
+def replay_guard(
+    per_epoch_values: Sequence[Mapping[str, float]], dim: int, settings: Mapping[str, Any], counters: str = "separate"
+) -> tuple[int | None, str]:
     """The ``ssl_guard`` rule replayed on one run; returns (0-based check of the first stop, kind) or (None, "").
 
     Each check gets RankMe ``r`` and normalised std ``s`` of the tap (width ``dim`` = D):
 
     - a non-finite ``r`` or ``s`` stops at once, kind "divergence";
-    - *floors*, from the first check: ``r < rank_floor·D`` ("dimensional"), ``s < spread_floor/√D``
-      ("complete");
-    - *trend*, from check ``warmup`` on (0-based): the best values so far are the maxima of ``r`` and
-      ``s`` over checks ``warmup`` .. now (earlier checks never count toward them); ``r`` has dropped
-      when ``r < (1 − rank_drop)·best_r``, likewise ``s`` with ``spread_drop``; the trend holds when
-      either has dropped (``trend_mode="any"``) or both (``"all"``) — a drop of None is switched off,
-      and "all" then needs only the other;
-    - a check is *unhealthy* when a floor or the trend holds; ``patience`` consecutive unhealthy checks
-      stop, and a healthy check resets the count. The kind is that of the stopping check:
-      "complete" if below the spread floor, else "dimensional" if below the rank floor, else "in progress".
+    - *floors*, from the first check: ``r < rank_floor·D`` or ``s < spread_floor/√D``;
+    - *trend*, from check ``warmup`` on (0-based): the best values are the maxima of ``r`` and ``s``
+      over checks ``warmup`` .. now (earlier checks never count toward them); ``r`` has fallen when
+      ``r < (1 − rank_drop)·best_r``, likewise ``s`` with ``spread_drop``; the trend holds when either
+      has fallen (``trend_mode="any"``) or both (``"all"``); a drop of None switches that metric's
+      trend off, and "all" then needs only the other;
+    - ``patience`` consecutive checks with a floor condition stop, and so do ``patience`` consecutive
+      checks with the trend: one counter each (``counters="separate"``, as
+      ``reprmetrics.stopping.ssl_guard`` counts); a check without the condition resets its counter.
+      ``counters="shared"`` counts checks with either condition together (the first reading of the
+      issue's wording, kept to measure what the difference changes);
+    - the kind: a floor stop is "complete" when both floors hold at the stopping check (toward a
+      point), "dimensional" when only the rank floor does, "in progress" when only the spread floor
+      does (spread going, rank not yet); a trend stop is "in progress".
     """
     rank_floor, spread_floor = float(settings["rank_floor"]), float(settings["spread_floor"])
     rank_drop, spread_drop = settings["rank_drop"], settings["spread_drop"]
     warmup, patience, mode = int(settings["warmup"]), int(settings["patience"]), settings["trend_mode"]
     best_rank = best_spread = -math.inf
-    streak = 0
+    floor_streak = trend_streak = shared_streak = 0
     for check, values in enumerate(per_epoch_values):
         r, s = float(values["rankme"]), float(values["normalized_std"])
         if not (math.isfinite(r) and math.isfinite(s)):
             return check, "divergence"
-        complete = s < spread_floor / math.sqrt(dim)
-        dimensional = r < rank_floor * dim
-        in_progress = False
+        rank_low = r < rank_floor * dim
+        spread_low = s < spread_floor / math.sqrt(dim)
+        trend = False
         if check >= warmup:
             best_rank, best_spread = max(best_rank, r), max(best_spread, s)
-            dropped = []
+            fallen = []
             if rank_drop is not None:
-                dropped.append(r < (1 - rank_drop) * best_rank)
+                fallen.append(r < (1 - rank_drop) * best_rank)
             if spread_drop is not None:
-                dropped.append(s < (1 - spread_drop) * best_spread)
-            in_progress = bool(dropped) and (any(dropped) if mode == "any" else all(dropped))
-        streak = streak + 1 if (complete or dimensional or in_progress) else 0
-        if streak >= patience:
-            return check, "complete" if complete else "dimensional" if dimensional else "in progress"
+                fallen.append(s < (1 - spread_drop) * best_spread)
+            trend = bool(fallen) and (any(fallen) if mode == "any" else all(fallen))
+        floor = rank_low or spread_low
+        floor_streak = floor_streak + 1 if floor else 0
+        trend_streak = trend_streak + 1 if trend else 0
+        shared_streak = shared_streak + 1 if (floor or trend) else 0
+        floor_kind = "complete" if (rank_low and spread_low) else "dimensional" if rank_low else "in progress"
+        if counters == "shared":
+            if shared_streak >= patience:
+                return check, floor_kind if floor else "in progress"
+        elif floor_streak >= patience:
+            return check, floor_kind
+        elif trend_streak >= patience:
+            return check, "in progress"
     return None, ""
 
 
@@ -239,7 +254,9 @@ def _first_streak(unhealthy: np.ndarray, patience: int) -> np.ndarray:
     return np.where(hit, window.argmax(axis=1), -1)
 
 
-def batch_stops(records: Sequence[Mapping[str, Any]], settings_list: Iterable[Mapping[str, Any]]) -> Iterable[tuple[Mapping[str, Any], np.ndarray]]:
+def batch_stops(
+    records: Sequence[Mapping[str, Any]], settings_list: Iterable[Mapping[str, Any]], counters: str = "separate"
+) -> Iterable[tuple[Mapping[str, Any], np.ndarray]]:
     """For each setting: the stop check of every run (-1: never), as :func:`replay_guard` gives it."""
     ranks, spreads, lengths, dims = _stacked(records)
     checks = np.arange(ranks.shape[1])
@@ -272,8 +289,12 @@ def batch_stops(records: Sequence[Mapping[str, Any]], settings_list: Iterable[Ma
         else:
             trend = np.logical_and.reduce(dropped)
         floors = (r < settings["rank_floor"] * dims[:, None]) | (s < settings["spread_floor"] / np.sqrt(dims)[:, None])
-        unhealthy = (floors | trend) & valid & finite
-        stops = _first_streak(unhealthy, int(settings["patience"]))
+        patience = int(settings["patience"])
+        if counters == "shared":
+            stops = _first_streak((floors | trend) & valid & finite, patience)
+        else:  # one counter per condition: whichever reaches patience first
+            floor_stop, trend_stop = _first_streak(floors & valid & finite, patience), _first_streak(trend & valid & finite, patience)
+            stops = np.where((floor_stop >= 0) & ((trend_stop < 0) | (floor_stop <= trend_stop)), floor_stop, trend_stop)
         stops = np.where((first_broken >= 0) & ((stops < 0) | (first_broken < stops)), first_broken, stops)
         yield settings, stops
 
@@ -633,14 +654,26 @@ def write_outputs(out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapp
     if mismatched:
         raise AssertionError(f"batch_stops and replay_guard disagree on {mismatched}")
 
-    library = None
+    # The other reading of "patience" (one counter for floors and trend together): what it would change.
+    shared = [replay_guard(guard_inputs(r), int(r["widths"][TAP]), chosen, counters="shared") for r in records]
+    shared_differs = [(run_id(r), a, b) for r, a, b in zip(records, stops, shared) if a[0] != b[0]]
+
+    library, provisional = None, {}
     if library_guard_available():
-        library = library_agreement(records, [chosen, *optimal[:20], *settings_list[:: max(1, len(settings_list) // 200)]])
-        stops = [replay_with_library(guard_inputs(r), int(r["widths"][TAP]), chosen) for r in records]
+        from reprmetrics.stopping import SSL_GUARD_DEFAULTS
+
+        library = library_agreement(records, [chosen, dict(SSL_GUARD_DEFAULTS), *optimal[:20], *settings_list[:: max(1, len(settings_list) // 200)]])
+        stops = [replay_with_library(guard_inputs(r), int(r["widths"][TAP]), chosen) for r in records]  # the tables use the library itself
+        if dict(SSL_GUARD_DEFAULTS) != chosen:
+            provisional = {
+                f"ssl_guard, main's defaults ({settings_text(SSL_GUARD_DEFAULTS)})": detection_rows(
+                    records, labels, [replay_with_library(guard_inputs(r), int(r["widths"][TAP]), dict(SSL_GUARD_DEFAULTS)) for r in records]
+                )
+            }
 
     detections = detection_rows(records, labels, stops)
     old = {rule: detection_rows(records, labels, [replay_old(guard_inputs(r), int(r["widths"][TAP]), parts) for r in records]) for rule, parts in OLD_RULES.items()}
-    rules = {"tuned ssl_guard": detections, **old}
+    rules = {"tuned ssl_guard": detections, **provisional, **old}
     results = {rule: {sp: score(_subset(rows, mask)) for sp, mask in splits.items()} for rule, rows in rules.items()}
     chosen_scores = results[next(iter(results))]
 
@@ -714,6 +747,10 @@ def write_outputs(out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapp
             f" {optimal[0]['false_stops']} false stops, {optimal[0]['missed']} missed, onset → stop median {optimal[0]['lag_median']:+g}, worst {optimal[0]['lag_worst']:+g}.\n\n"
             "Values found in the optimal set, per keyword: " + "; ".join(f"`{k}` {ranges[k]}" for k in GUARD_KEYWORDS) + ".\n\n"
             f"Chosen (the optimal setting nearest the per-keyword median grid position of the optimal set): `{settings_text(chosen)}`.\n\n"
+            "Patience is counted per condition (floors; trend), as `reprmetrics.stopping.ssl_guard` counts. Counted for both together,"
+            f" the chosen setting would stop {len(shared_differs)} of {len(records)} runs at another check"
+            + (": " + "; ".join(f"{run} {a[0]} → {b[0]}" for run, a, b in shared_differs[:20]) if shared_differs else "")
+            + ".\n\n"
             "## Each keyword varied alone around the chosen setting\n\n" + sensitivity_table(sensitivity, split_names) + "\n\n"
             "## The 15 best settings on the tuning cells\n\n"
             "| " + " | ".join(GUARD_KEYWORDS) + " | false stops | missed | median | worst |\n|" + "---|" * (len(GUARD_KEYWORDS) + 4) + "\n"

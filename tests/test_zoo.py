@@ -30,16 +30,22 @@ def guard(ranks, spreads=None, **settings):
 
 # ---- the rule, by hand ----------------------------------------------------------------------------------
 def test_floors_apply_from_the_first_check_and_name_the_kind():
-    assert guard([5, 30]) == (0, "dimensional")  # 5 < 6.4
-    assert guard([30, 30], [0.03, 0.1]) == (0, "complete")  # 0.03 < 0.03125
-    assert guard([5], [0.03]) == (0, "complete")  # both floors: complete wins
+    assert guard([5, 30]) == (0, "dimensional")  # 5 < 6.4: few directions, spread kept
+    assert guard([5], [0.03]) == (0, "complete")  # both floors (0.03 < 0.03125): toward a point
+    # The spread floor alone, rank still 30 of 64: not "complete" (the mislabel), collapse in progress.
+    assert guard([30, 30], [0.03, 0.1]) == (0, "in progress")
     assert guard([30, 30, 30]) == (None, "")
 
 
 def test_patience_counts_consecutive_unhealthy_checks_and_a_healthy_one_resets():
     assert guard([5, 5, 30, 5, 5, 5], patience=3) == (5, "dimensional")
     assert guard([5, 5, 30, 5, 5, 30], patience=3) == (None, "")
-    # A floor check and a trend check are both unhealthy: they count together.
+    # One counter per condition: a floor check then a trend check is one of each, not two in a row...
+    ranks, spreads = [40, 40, 15], [0.1, 0.03, 0.1]  # check 1: spread floor only; check 2: rank 62 % below its best only
+    assert guard(ranks, spreads, rank_drop=0.5, patience=2) == (None, "")
+    # ... unless both are counted together (the other reading, kept for comparison).
+    assert analysis.replay_guard(checks(ranks, spreads), D, {**BASE, "rank_drop": 0.5, "patience": 2}, counters="shared") == (2, "in progress")
+    # A check with both conditions feeds both counters.
     assert guard([40, 40, 5, 15], rank_drop=0.5, patience=2) == (3, "in progress")
 
 
@@ -68,7 +74,8 @@ def test_non_finite_values_stop_at_once():
     assert guard([30, 30], [0.1, math.inf], patience=3) == (1, "divergence")
 
 
-def test_the_vectorised_twin_matches_the_rule_on_random_runs():
+@pytest.mark.parametrize("counters", ["separate", "shared"])
+def test_the_vectorised_twin_matches_the_rule_on_random_runs(counters):
     rng = np.random.default_rng(0)
     records = []
     for i in range(40):
@@ -79,9 +86,9 @@ def test_the_vectorised_twin_matches_the_rule_on_random_runs():
             ranks[rng.integers(0, n)] = math.nan
         records.append({"history": {"projector/rankme": ranks.tolist(), "projector/normalized_std": spreads.tolist()}, "widths": {"projector": D}})
     settings = analysis.grid_settings(analysis.FAST_GRID)
-    for s, stops in analysis.batch_stops(records, settings):
+    for s, stops in analysis.batch_stops(records, settings, counters):
         for record, stop in zip(records, stops):
-            expected, _ = analysis.replay_guard(analysis.guard_inputs(record), D, s)
+            expected, _ = analysis.replay_guard(analysis.guard_inputs(record), D, s, counters)
             assert (expected if expected is not None else -1) == stop, (s, record)
 
 
