@@ -114,40 +114,45 @@ def record(name, family, design, seed, curve, cell="digits-mlp"):
     }
 
 
-def test_the_healthy_reference_is_the_family_median_without_the_run_itself():
+def test_the_healthy_reference_is_the_median_of_the_familys_healthy_runs_in_the_cell():
     runs = [
         record("vicreg", "vicreg", "healthy", 0, [0.70, 0.80, 0.83]),
         record("vicreg", "vicreg", "healthy", 1, [0.72, 0.82, 0.84]),
         record("vicreg", "vicreg", "healthy", 2, [0.60, 0.76, 0.85]),
         record("simclr", "simclr", "healthy", 0, [0.10, 0.10, 0.10]),  # another family: never a reference for vicreg
+        record("vicreg", "vicreg", "healthy", 0, [0.10, 0.10, 0.10], cell="digits-cnn"),  # another cell: neither
         record("vicreg-invariance-only", "vicreg", "collapsing", 0, [0.71, 0.78, 0.70]),
         record("vicreg-no-covariance", "vicreg", "collapsing", 0, [0.71, 0.80, 0.83]),
     ]
-    np.testing.assert_allclose(analysis.healthy_reference(runs, runs[4]), [0.70, 0.80, 0.84])
-    np.testing.assert_allclose(analysis.healthy_reference(runs, runs[2]), [0.71, 0.81, 0.835])  # median of seeds 0 and 1
-    assert analysis.healthy_reference(runs, runs[3]) is None  # simclr's only healthy run is itself
-    labels = {(l["name"], l["seed"]): l for l in analysis.label_rows(runs)}
-    assert labels["vicreg-invariance-only", 0]["onset_epoch"] == 2 and labels["vicreg-invariance-only", 0]["label"] == "collapsing"
-    assert labels["vicreg-no-covariance", 0]["label"] == "collapsing, probe held" and not labels["vicreg-no-covariance", 0]["agrees"]
-    # Seed 2 starts 0.11 below its siblings' median: a healthy design whose probe fell, reported as such.
-    assert labels["vicreg", 2]["onset_epoch"] == 0 and labels["vicreg", 2]["label"] == "healthy, probe fell"
-    assert labels["vicreg", 0]["label"] == "healthy"
+    np.testing.assert_allclose(analysis.healthy_reference(runs, runs[5]), [0.70, 0.80, 0.84])
+    np.testing.assert_allclose(analysis.healthy_reference(runs, runs[2]), [0.70, 0.80, 0.84])  # the study's way: the run is part of it
+    np.testing.assert_allclose(analysis.healthy_reference(runs, runs[2], leave_one_out=True), [0.71, 0.81, 0.835])  # its siblings only
+    assert analysis.healthy_reference(runs, runs[3], leave_one_out=True) is None  # simclr's only healthy run is itself
+    labels = {(l["cell"], l["name"], l["seed"]): l for l in analysis.label_rows(runs)}
+    collapsed, held = labels["digits-mlp", "vicreg-invariance-only", 0], labels["digits-mlp", "vicreg-no-covariance", 0]
+    assert (collapsed["onset_epoch"], collapsed["label"], collapsed["agrees"]) == (2, "collapsing", True)  # 0.70 < 0.84 - 0.03
+    assert (held["onset_epoch"], held["label"], held["agrees"]) == (None, "collapsing, probe held", False)
+    # Seed 2 starts 0.10 below the median: a healthy design whose probe fell, reported as such.
+    assert labels["digits-mlp", "vicreg", 2]["onset_epoch"] == 0 and labels["digits-mlp", "vicreg", 2]["label"] == "healthy, probe fell"
+    assert labels["digits-mlp", "vicreg", 0]["label"] == "healthy"
 
 
-def test_score_counts_catches_lags_and_false_stops():
+def test_score_counts_by_design_and_reports_disagreements():
     rows = [
-        {"run": "a", "label": "collapsing", "onset_epoch": 3, "stop_epoch": 4, "onset_to_stop": 1},
-        {"run": "b", "label": "collapsing", "onset_epoch": 3, "stop_epoch": 8, "onset_to_stop": 5},
-        {"run": "c", "label": "collapsing", "onset_epoch": 2, "stop_epoch": None, "onset_to_stop": None},
-        {"run": "d", "label": "healthy", "onset_epoch": None, "stop_epoch": 6, "onset_to_stop": None},
-        {"run": "e", "label": "healthy", "onset_epoch": None, "stop_epoch": None, "onset_to_stop": None},
-        {"run": "f", "label": "collapsing, probe held", "onset_epoch": None, "stop_epoch": 2, "onset_to_stop": None},
+        {"run": "a", "design": "collapsing", "onset_epoch": 3, "stop_epoch": 4, "onset_to_stop": 1},
+        {"run": "b", "design": "collapsing", "onset_epoch": 3, "stop_epoch": 8, "onset_to_stop": 5},
+        {"run": "c", "design": "collapsing", "onset_epoch": 2, "stop_epoch": None, "onset_to_stop": None},
+        {"run": "f", "design": "collapsing", "onset_epoch": None, "stop_epoch": 2, "onset_to_stop": None},  # caught; its probe never fell
+        {"run": "g", "design": "collapsing", "onset_epoch": None, "stop_epoch": None, "onset_to_stop": None},
+        {"run": "d", "design": "healthy", "onset_epoch": None, "stop_epoch": 6, "onset_to_stop": None},
+        {"run": "e", "design": "healthy", "onset_epoch": 4, "stop_epoch": None, "onset_to_stop": None},
     ]
     s = analysis.score(rows)
-    assert (s["collapsing"], s["caught"], s["missed"], s["lag_median"], s["lag_worst"]) == (3, 2, ["c"], 3.0, 5)
-    assert (s["healthy"], s["false_stops"], s["unconfirmed"], s["unconfirmed_stopped"]) == (2, ["d"], 1, 1)
+    assert (s["collapsing"], s["caught"], s["missed"], s["missed_probe_fell"]) == (5, 3, ["c", "g"], ["c"])
+    assert (s["lags"], s["lag_median"], s["lag_worst"], s["with_onset"]) == ([1, 5], 3.0, 5, 3)
+    assert (s["healthy"], s["false_stops"], s["unconfirmed"], s["unconfirmed_stopped"], s["healthy_fell"]) == (2, ["d"], 2, 1, 1)
     assert not analysis.goal_met(s)
-    assert analysis.goal_met(analysis.score([rows[0], rows[4]]))
+    assert analysis.goal_met(analysis.score([rows[0], rows[6]]))
 
 
 def test_max_drop_after_warmup():
@@ -169,15 +174,25 @@ def test_the_chosen_setting_is_the_centre_of_the_optimal_set():
 def test_grid_search_ranks_by_false_stops_then_misses_then_lag():
     collapsing = {"history": {"projector/rankme": [40, 40, 30, 20, 10], "projector/normalized_std": [0.1] * 5}, "widths": {"projector": D}}
     healthy = {"history": {"projector/rankme": [40, 25, 25, 25, 25], "projector/normalized_std": [0.1] * 5}, "widths": {"projector": D}}
-    labels = [{"label": "collapsing", "onset_epoch": 2}, {"label": "healthy", "onset_epoch": None}]
+    labels = [{"design": "collapsing", "onset_epoch": 2}, {"design": "healthy", "onset_epoch": None}]
     grid = {**{k: (BASE[k],) for k in analysis.GUARD_KEYWORDS}, "rank_drop": (0.3, 0.45, 0.6)}
-    table = analysis.grid_search([collapsing, healthy], labels, analysis.grid_settings(grid))
+    table = analysis.grid_search([collapsing, healthy], labels, analysis.grid_settings(grid), margin=0.0)
     by_drop = {t["rank_drop"]: t for t in table}
     assert by_drop[0.3]["false_stops"] == 1  # the healthy run fell 37.5 %
     assert (by_drop[0.45]["false_stops"], by_drop[0.45]["missed"], by_drop[0.45]["lag_median"]) == (0, 0, 1.0)  # 20 is 50 % below 40: check 3
     assert (by_drop[0.6]["missed"], by_drop[0.6]["lag_median"]) == (0, 2.0)  # 10 is 75 % below: check 4
     assert [t["rank_drop"] for t in table] == [0.45, 0.6, 0.3]
     assert analysis.optimal_set(table) == [table[0]]
+    # With a 20 % margin, 0.45 becomes 0.36 < 37.5 %: too close to the healthy run, so 0.6 (0.48 tightened) wins.
+    table = analysis.grid_search([collapsing, healthy], labels, analysis.grid_settings(grid))
+    assert [(t["rank_drop"], t["false_stops_tightened"], t["false_stops"]) for t in table] == [(0.6, 0, 0), (0.45, 1, 0), (0.3, 1, 1)]
+    assert analysis.optimal_set(table, analysis.plain_objective) == [t for t in table if t["rank_drop"] == 0.45]
+
+
+def test_tightened_settings_move_every_threshold_toward_stopping():
+    strict = analysis.tightened({**BASE, "rank_drop": 0.5, "spread_drop": None}, 0.2)
+    assert strict["rank_floor"] == pytest.approx(0.12) and strict["spread_floor"] == pytest.approx(0.3)
+    assert strict["rank_drop"] == pytest.approx(0.4) and strict["spread_drop"] is None and strict["patience"] == BASE["patience"]
 
 
 @pytest.mark.skipif(not analysis.library_guard_available(), reason="reprmetrics.stopping.ssl_guard is not on this branch yet")
@@ -257,10 +272,10 @@ def test_fast_mode_records_every_value_dates_onsets_and_replays_the_guard(tmp_pa
     # The slow collapse loses probe accuracy against healthy VICReg within 4 epochs: an onset is dated.
     labels = {l["name"]: l for l in result["labels"]}
     assert labels["vicreg-invariance-only"]["onset_epoch"] is not None and labels["vicreg-invariance-only"]["design"] == "collapsing"
-    assert labels["vicreg"]["label"] == "healthy"  # one seed: no sibling to compare with, so no onset
+    assert labels["vicreg"]["label"] == "healthy"  # one seed: its own reference, so no onset
     # The replay: a stop or None for every run and rule, the tables and the figure written.
     assert set(result["chosen"]) == set(analysis.GUARD_KEYWORDS)
-    for name in ("detector.md", "labels.md", "healthy_drops.md", "tuning.md", "runs.csv", "grid.csv", "README_section.md", "curves_digits-mlp.png"):
+    for name in ("detector.md", "labels.md", "healthy_drops.md", "tuning.md", "runs.csv", "grid.csv.gz", "README_section.md", "curves_digits-mlp.png"):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
     runs = analysis.read_csv(os.path.join(out_dir, "runs.csv"))
     assert len(runs) == 3 and {r["name"] for r in runs} == {c.name for c in zoo.FAST_ZOO}
