@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -19,7 +18,6 @@ from typing_extensions import override
 
 from reprmetrics.monitor import DEFAULT_MIN_SAMPLES, MONITOR_MAX_SAMPLES, MonitorConfigurationError, RepresentationTracker, Tap
 from reprmetrics.plotting import spectrum_figure
-from reprmetrics.spectral import AlphaReQ, RankMe
 
 
 def _logger_step(trainer: pl.Trainer) -> int:
@@ -251,36 +249,19 @@ class RepresentationMonitor(Callback):
             report = self.tracker.reports.get(("val", tap))
             if report is None or report.nonfinite or report.used < self.tracker.min_samples:
                 continue  # nothing trustworthy to draw (the same decision on every rank: counts are synced)
-            # Syncing reads happen on every rank (collective); only rank 0 writes.
-            artifacts = self._spectral_artifacts(metric_set.metrics, metric_set.last_spectra)
+            artifacts = metric_set.last_artifacts  # from the last computation: no further sync
             if not trainer.is_global_zero:
                 continue
             writer = tensorboard.experiment
             base = f"{self.prefix}/val/{tap}"
             if "singular_values" in artifacts:
                 writer.add_histogram(f"{base}/singular_values", artifacts["singular_values"].float().cpu(), step)
-            if "lid" in artifacts:
-                writer.add_histogram(f"{base}/lid_per_sample", artifacts["lid"].float().cpu(), step)
+            if "lid_per_sample" in artifacts:
+                writer.add_histogram(f"{base}/lid_per_sample", artifacts["lid_per_sample"].float().cpu(), step)
             if "spectrum" in artifacts:
                 figure = spectrum_figure(artifacts["spectrum"], title=f"{tap}: covariance spectrum", missing_ok=True)
                 if figure is not None:
                     writer.add_figure(f"{base}/spectrum", figure, step)
-
-    def _spectral_artifacts(self, metrics: Mapping[str, Metric], spectra: Mapping[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for name, metric in metrics.items():
-                try:
-                    if isinstance(metric, RankMe) and "singular_values" not in out:
-                        out["singular_values"] = metric.singular_values()
-                    elif isinstance(metric, AlphaReQ) and "spectrum" not in out:
-                        out["spectrum"] = spectra[name] if name in spectra else metric.spectrum_fit()
-                    elif hasattr(metric, "per_sample") and "lid" not in out:
-                        out["lid"] = metric.per_sample()
-                except (ValueError, RuntimeError):
-                    continue  # already warned about by the metric set
-        return out
 
     # ---- persistence -----------------------------------------------------------------------------
     @override

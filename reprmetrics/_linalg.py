@@ -20,6 +20,12 @@ _BLOCKED_GRAM_MIN_FEATURES = 512
 _GRAM_BLOCK = 256
 
 
+def l2_normalize_rows(x: Tensor) -> Tensor:
+    """Rows scaled to unit L2 norm. The one zero-row policy of the toolkit: a zero row has no direction
+    and stays zero (as ``torch.nn.functional.normalize`` does), for every metric that normalises."""
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
 @contextlib.contextmanager
 def no_autocast(device: torch.device) -> Iterator[None]:
     """Run the enclosed computation at full precision even inside an autocast region."""
@@ -94,12 +100,12 @@ def gram_zero_tolerance(trace: float, num_samples: int, num_features: int, accum
 #
 # Packed state, one float64 tensor of shape (D + 3, D):
 #   row 0, column 0   n, the number of rows seen (exact up to 2**53)
-#   row 1             c, the shift: the mean of the first batch (of the merged parts after a merge)
+#   row 1             c, the shift: the first row seen (a point of the cloud; the mean after a merge)
 #   row 2             S1 = Σ (x − c)
 #   rows 3 .. D + 2   S2 = Σ (x − c)(x − c)ᵀ, upper triangle (diagonal included) valid only
 # or, for per-feature variances only (``diagonal=True``), shape (4, D) with row 3 = Σ (x − c)² (for
-# D = 1 the two layouts coincide). A 0-sized tensor, (0,) or (4, 0) for diagonal, stands for "no
-# batch yet, width unknown" (the width is taken from the first batch).
+# D = 1 the two layouts coincide). A 0-sized tensor, (0, 0) or (4, 0) for diagonal, stands for "no
+# batch yet, width unknown" (the width is taken from the first batch); stacked, they stay 3-D.
 
 _COUNT, _SHIFT, _FIRST, _SECOND = 0, 1, 2, 3
 
@@ -110,7 +116,7 @@ def centred_moments_state(
     device: torch.device | str | None = None,
     diagonal: bool = False,
 ) -> Tensor:
-    """Empty packed centred-moments state: ``(D + 3, D)`` zeros, or 0-sized when D is not known yet.
+    """Empty packed centred-moments state: ``(D + 3, D)`` zeros, or ``(0, 0)`` when D is not known yet.
 
     ``diagonal=True`` keeps only the per-feature sums of squares (shape ``(4, D)``, O(D) memory and
     work): for variances and standard deviations. Use it as the default of a Metric state with
@@ -120,7 +126,7 @@ def centred_moments_state(
     if diagonal:
         return torch.zeros(4, d, dtype=dtype, device=device)
     if d == 0:
-        return torch.zeros(0, dtype=dtype, device=device)
+        return torch.zeros(0, 0, dtype=dtype, device=device)
     return torch.zeros(d + 3, d, dtype=dtype, device=device)
 
 
@@ -128,13 +134,16 @@ def _is_diagonal(state: Tensor) -> bool:
     return state.ndim == 2 and state.shape[0] == 4 and state.shape[1] != 1
 
 
-def centred_moments_update_(state: Tensor, x: Tensor) -> Tensor:
+def centred_moments_update_(state: Tensor, x: Tensor, weights: Tensor | None = None) -> Tensor:
     """Add the rows of ``x`` (B, D) to a packed state; returns the state (a new tensor if it was 0-sized).
 
     In place when the state is already shaped, so use it as ``self.m = centred_moments_update_(self.m, x)``.
-    ``x`` is converted to the state's dtype and device. The first batch fixes the shift c to its own
-    mean; every batch then costs one GEMM (x − c)ᵀ(x − c). Because c sits inside the cloud, the sums
-    are at the scale of the spread, never of the offset: nothing cancels later.
+    ``x`` is converted to the state's dtype and device. The first row fixes the shift c; every batch
+    then costs one GEMM (x − c)ᵀ(x − c). Because c is a point of the cloud, the sums are at the scale
+    of the spread, never of the offset: nothing cancels later.
+
+    ``weights``: optional (B,) 0/1 tensor; rows with weight 0 add nothing and must be zero (e.g.
+    non-finite rows set to 0 by the caller). The count stays a device tensor: no host sync.
     """
     if x.ndim != 2:
         raise ValueError(f"centred_moments_update_: `x` must be (B, D), got shape {tuple(x.shape)}")
@@ -148,15 +157,26 @@ def centred_moments_update_(state: Tensor, x: Tensor) -> Tensor:
     if x.shape[0] == 0:
         return state
     x = x.to(device=state.device, dtype=state.dtype)
-    # The first batch sets the shift; torch.where avoids a host sync on the count.
-    state[_SHIFT] = torch.where(state[_COUNT, 0] == 0, x.mean(dim=0), state[_SHIFT])
-    centred = x - state[_SHIFT]
+    if weights is None:
+        added: Tensor | int = x.shape[0]
+        anchor = x[0]
+        is_first = state[_COUNT, 0] == 0
+    else:
+        w = weights.to(device=state.device, dtype=state.dtype)
+        added = w.sum()
+        anchor = x.index_select(0, torch.argmax(w).reshape(1))[0]  # the first row that counts
+        is_first = (state[_COUNT, 0] == 0) & (added > 0)
+    # The first row that counts sets the shift: a point of the cloud, so every later difference is at
+    # the scale of the spread. torch.where avoids a host sync on the count.
+    state[_SHIFT] = torch.where(is_first, anchor, state[_SHIFT])
+    # x − c, with rows of weight 0 kept at zero: x − w cᵀ in one pass (those rows of x are zero).
+    centred = x - state[_SHIFT] if weights is None else torch.addr(x, w, state[_SHIFT], alpha=-1)
     state[_FIRST] += centred.sum(dim=0)
     if diagonal:
         state[_SECOND] += centred.square().sum(dim=0)
     else:
         add_gram_(state[_SECOND:], centred)
-    state[_COUNT, 0] += x.shape[0]
+    state[_COUNT, 0] += added
     return state
 
 
@@ -179,6 +199,8 @@ def merge_centred_moments(parts: Tensor) -> Tensor:
     :math:`S_2 = M_2 + n r r^\top`, so that the state describes the exact mean and :math:`M_2`.
     Every subtraction is at the scale of the spread, so no digit is lost to the offset.
     """
+    if parts.numel() == 0:  # no part has seen a batch: the width is still unknown everywhere
+        return parts[0] if parts.ndim == 3 else parts
     if parts.ndim == 2:  # a single state (torchmetrics may hand one over when nothing was stacked)
         return parts
     if parts.ndim != 3 or parts.shape[0] == 0:

@@ -12,6 +12,10 @@ import torch
 from torch import Tensor
 
 
+#: Floating dtypes accepted as input (float8 and other exotic formats: convert first).
+SUPPORTED_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_tensor(
     x: Any,
     metric: str,
@@ -30,8 +34,14 @@ def check_tensor(
     if x.ndim != ndim:
         shape = {2: "(N, D)", 3: "(N, Q, D)"}.get(ndim, f"{ndim}-D")
         raise ValueError(f"{metric}: `{name}` must have shape {shape}, got a {x.ndim}-D tensor of shape {tuple(x.shape)}")
+    if x.layout != torch.strided:
+        raise ValueError(f"{metric}: `{name}` must be a dense tensor, got layout {x.layout}; call .to_dense() first")
+    if x.device.type == "meta":
+        raise ValueError(f"{metric}: `{name}` is on the 'meta' device and holds no values")
     if x.is_complex() or x.dtype == torch.bool:
         raise ValueError(f"{metric}: `{name}` must be real-valued, got dtype {x.dtype}")
+    if x.is_floating_point() and x.dtype not in SUPPORTED_FLOAT_DTYPES:
+        raise ValueError(f"{metric}: `{name}` has dtype {x.dtype}, which is not supported; convert it with .float() first")
     if not x.is_floating_point():
         x = x.float()
     if x.shape[0] < min_rows:
@@ -67,3 +77,45 @@ def check_nonnegative_float(value: Any, metric: str, name: str, strictly_positiv
         bound = "> 0" if strictly_positive else ">= 0"
         raise ValueError(f"{metric}: `{name}` must be a finite number {bound}, got {value!r}")
     return float(value)
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory free for new allocations on ``device`` (CUDA: free device memory; CPU: available RAM), or None if unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            import os
+
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
+    return None
+
+
+def check_memory(needed_bytes: int, device: torch.device, owner: str, what: str, hint: str) -> None:
+    """Raise ``ValueError`` before allocating ``needed_bytes`` that ``device`` cannot hold (with a margin)."""
+    available = available_memory_bytes(device)
+    if available is not None and needed_bytes > 0.8 * available:
+        raise ValueError(
+            f"{owner}: {what} needs about {needed_bytes / 1e9:,.1f} GB, more than the {available / 1e9:,.1f} GB available on {device}; {hint}"
+        )
+
+
+def check_device(device: object, owner: str) -> torch.device | None:
+    """``device`` as a torch.device (None stays None), or ``ValueError`` naming what is wrong."""
+    if device is None:
+        return None
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{owner}: `device` {device!r} is not a device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{owner}: device {str(target)!r} requested but CUDA is not available")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise ValueError(f"{owner}: device {str(target)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if target.type == "meta":
+        raise ValueError(f"{owner}: the 'meta' device holds no values; compute on 'cpu' or 'cuda'")
+    if target.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"{owner}: device type {target.type!r} is not supported; use 'cpu' or 'cuda'")
+    return target

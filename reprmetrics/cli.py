@@ -7,6 +7,10 @@ file larger than memory is fine. Every bad input ends in one line on stderr and 
 
 Built on click (a small, dependency-free, long-maintained library): typed options with choices and
 ranges, generated ``--help`` for the group and each subcommand, and testable in process.
+
+Start-up: numpy, torch and :mod:`reprmetrics.evaluate` are imported inside the commands, never at
+module level, so ``--help``, ``--version`` and argument errors answer without loading torch
+(``tests/test_cli.py`` checks it; ``benchmarks/bench_cli_startup.py`` times it).
 """
 
 from __future__ import annotations
@@ -16,35 +20,36 @@ import io
 import json
 import math
 import os
+import pickle
+import re
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import numpy as np
-import torch
-from torch import Tensor
 
-from reprmetrics.evaluate import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_SAMPLES,
-    HEALTHY_DIRECTION,
-    METRIC_NAMES,
-    EvaluationResult,
-    NonFiniteRowsError,
-    _check_names,
-    _run,
-)
+from reprmetrics import __version__
+
+if TYPE_CHECKING:  # annotations only: the commands import these when they run
+    import numpy as np
+    from torch import Tensor
+
+    from reprmetrics.evaluate import EvaluationResult
 
 __all__ = ["CliError", "cli", "main", "open_array"]
 
 FORMATS = ("table", "csv", "json", "markdown")
 SUFFIXES = (".pt", ".pth", ".npy", ".npz", ".safetensors")
 EXIT_BAD_INPUT = 2
+# evaluate's DEFAULT_BATCH_SIZE and DEFAULT_MAX_SAMPLES (the monitor's 8,192), repeated so that the
+# defaults --help shows need no torch import; tests/test_cli.py checks that they agree.
+DEFAULT_BATCH_SIZE = 4096
+DEFAULT_MAX_SAMPLES = 8192
 
 
 class CliError(Exception):
@@ -87,6 +92,9 @@ def _one_line(error: BaseException | str) -> str:
 
 def _native(array: np.ndarray) -> Tensor:
     """An owned, native-byte-order tensor copy of a numpy chunk (memory maps are released at once)."""
+    import numpy as np  # noqa: PLC0415  (see the module docstring: no torch or numpy at start-up)
+    import torch  # noqa: PLC0415
+
     if array.dtype.kind not in "fiu" and array.dtype.kind != "b":
         raise ValueError(f"dtype {array.dtype} is not numeric")
     dtype = array.dtype.newbyteorder("=")
@@ -99,6 +107,8 @@ def _check_numeric(path: str, dtype: np.dtype) -> None:
 
 
 def _open_npy(path: str) -> ArrayFile:
+    import numpy as np  # noqa: PLC0415
+
     try:
         whole = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
@@ -136,6 +146,8 @@ def _choose_key(path: str, keys: Sequence[str], key: str | None, what: str = "ar
 
 
 def _open_npz(path: str, key: str | None) -> ArrayFile:
+    import numpy as np  # noqa: PLC0415
+
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as error:
@@ -185,9 +197,10 @@ def _open_npz(path: str, key: str | None) -> ArrayFile:
     return ArrayFile(path, tuple(shape), str(dtype), read, close)
 
 
+# safetensors dtype codes -> torch dtype names (torch attributes, looked up when a file is read).
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
 }
 
 
@@ -199,6 +212,8 @@ def _open_safetensors(path: str, key: str | None) -> ArrayFile:
     format's header gives for the tensor (8-byte little-endian header length, JSON header with
     ``data_offsets`` relative to the end of the header), one chunk at a time.
     """
+    import torch  # noqa: PLC0415
+
     try:
         from safetensors import safe_open  # noqa: PLC0415
     except ImportError as error:  # pragma: no cover - a core dependency
@@ -218,7 +233,7 @@ def _open_safetensors(path: str, key: str | None) -> ArrayFile:
         raise CliError(f"{path}: cannot read as .safetensors: {_one_line(error)}") from error
     if dtype_name not in _SAFETENSORS_DTYPES:
         raise CliError(f"{path}: tensor {name!r} holds {dtype_name} values; expected real numbers (float or integer)")
-    dtype = _SAFETENSORS_DTYPES[dtype_name]
+    dtype = getattr(torch, _SAFETENSORS_DTYPES[dtype_name])
     row_bytes = math.prod(shape[1:]) * dtype.itemsize
     data_start = 8 + header_length + begin
     file = open(path, "rb")  # noqa: SIM115  (closed by ArrayFile.close)
@@ -233,22 +248,48 @@ def _open_safetensors(path: str, key: str | None) -> ArrayFile:
     return ArrayFile(path, shape, dtype_name, read, file.close)
 
 
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_RESAVE = "save the embeddings as a tensor with torch.save(tensor) or torch.save({'name': tensor}), or as .npy or .safetensors"
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The first sentence of an error, without terminal colour codes: torch's load errors run to
+    paragraphs of advice, some of it (weights_only=False) what this tool must never do."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return _one_line(re.split(r"(?<=[.!?])\s|\n", text, maxsplit=1)[0]).rstrip(".")
+
+
 def _open_torch(path: str, key: str | None) -> ArrayFile:
+    """A tensor, or a dict of tensors, saved with ``torch.save``: always ``weights_only=True``.
+
+    The safe loader never runs pickled code: a file that pickles anything beyond tensors and plain
+    containers (a module, a numpy array, an arbitrary object) is refused with one line naming what it
+    holds and how to re-save it. torch's own warnings (pickle protocol, legacy format) are silenced:
+    the outcome is either the tensor or that one line. Zip-format files (every ``torch.save`` since
+    torch 1.6) are memory-mapped; legacy ones cannot be and are read whole.
+    """
+    import torch  # noqa: PLC0415
+
+    memory_map = zipfile.is_zipfile(path)
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as error:  # noqa: BLE001  (pickle and zip errors of every kind)
-        raise CliError(f"{path}: cannot read as a torch file: {_one_line(error)}") from error
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=memory_map)
+    except pickle.UnpicklingError as error:
+        found = _UNSAFE_GLOBAL.search(str(error))
+        holds = f"pickled Python objects ({found.group(1)})" if found else "pickled data that is not tensors"
+        raise CliError(
+            f"{path}: not loaded: holds {holds}, and reprmetrics never unpickles code (it reads .pt files with"
+            f" torch.load(weights_only=True)); {_RESAVE}"
+        ) from error
+    except Exception as error:  # noqa: BLE001  (zip, EOF and format errors of every kind)
+        raise CliError(f"{path}: cannot read as a torch file ({_first_sentence(error)}); {_RESAVE}") from error
     if isinstance(obj, dict):
-        tensors = [k for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)]
-        if key is not None and key in obj and not isinstance(obj[key], Tensor):
+        tensors = [k for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
+        if key is not None and key in obj and not isinstance(obj[key], torch.Tensor):
             raise CliError(f"{path}: key {key!r} holds a {type(obj[key]).__name__}, not a tensor (tensor keys: {', '.join(tensors) or 'none'})")
         tensor = obj[_choose_key(path, tensors, key, what="tensor")]
-    elif isinstance(obj, Tensor):
+    elif isinstance(obj, torch.Tensor):
         tensor = obj
     else:
         raise CliError(f"{path}: holds a {type(obj).__name__}; expected a tensor or a dict of tensors")
@@ -289,18 +330,40 @@ def open_array(path: str, key: str | None = None, ndim: int = 2, what: str = "em
 
 # ---- output ----------------------------------------------------------------------------------------
 def _header(name: str) -> str:
+    from reprmetrics.evaluate import HEALTHY_DIRECTION  # noqa: PLC0415
+
     arrow = HEALTHY_DIRECTION.get(name, "")
     return f"{name} {arrow}" if arrow else name
 
 
 def _number(value: Any) -> str:
+    """A cell of the human-readable table: integers with thousands separators, floats rounded."""
     if isinstance(value, int):
-        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+        return f"{value:,}"
     if value is None:
         return "—"
     if value == 0 or 1e-3 <= abs(value) < 1e6:
         return f"{value:.4f}"
     return f"{value:.3e}"
+
+
+def _as_computed(value: float) -> float:
+    """``value`` with the digits its computation carries, for JSON and CSV.
+
+    The metrics compute in the input's floating dtype: float32 for float32, float16 and bfloat16
+    embeddings, float64 for float64. A float32 result widened to a Python float prints as
+    209.00794982910156, digits float32 never had; a value that is exactly a float32 becomes the
+    shortest decimal that reads back as the same float32 (209.00795: numpy's shortest round-trip
+    printing). float64 results keep every digit (Python's repr is already their shortest
+    round-trip). A float64 result that happens to be exactly a float32 (1.0, 0.5) prints the same
+    either way.
+    """
+    import numpy as np  # noqa: PLC0415
+
+    single = np.float32(value)
+    if math.isfinite(value) and float(single) == value:
+        return float(str(single))
+    return value
 
 
 def render(rows: list[dict[str, Any]], columns: list[str], fmt: str) -> str:
@@ -348,6 +411,7 @@ def _note(message: str, quiet: bool) -> None:
 def plot_spectra(spectra: list[tuple[str, dict[str, Any]]], path: str) -> None:
     """One PNG: each file's covariance spectrum on log-log axes, with its α-ReQ fit dashed."""
     import matplotlib  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -388,6 +452,8 @@ def plot_spectra(spectra: list[tuple[str, dict[str, Any]]], path: str) -> None:
 def _check_device(device: str | None) -> str | None:
     if device is None:
         return None
+    import torch  # noqa: PLC0415
+
     try:
         parsed = torch.device(device)
     except RuntimeError as error:
@@ -397,17 +463,19 @@ def _check_device(device: str | None) -> str | None:
     return device
 
 
-def _progress(array: ArrayFile, quiet: bool, stack: ExitStack) -> Callable[[int], None] | None:
+def _progress_bar(array: ArrayFile, quiet: bool, stack: ExitStack) -> Any:
+    """A tqdm bar over the rows on a terminal (None otherwise, or with --quiet)."""
     if quiet or not sys.stderr.isatty():
         return None
     from tqdm import tqdm  # noqa: PLC0415
 
-    bar = stack.enter_context(tqdm(total=array.rows, unit="rows", unit_scale=True, desc=Path(array.path).name, leave=False, file=sys.stderr))
-    return bar.update
+    return stack.enter_context(tqdm(total=array.rows, unit="rows", unit_scale=True, desc=Path(array.path).name, leave=False, file=sys.stderr))
 
 
 def _explain(error: ValueError, path: str, inputs: dict[str, str]) -> CliError:
     """A CLI-worded one-line error for a failure of evaluate() on ``path``."""
+    from reprmetrics.evaluate import NonFiniteRowsError  # noqa: PLC0415
+
     if isinstance(error, NonFiniteRowsError):
         where = inputs.get(error.input_name, path)
         unit = "samples" if error.input_name == "views" else "rows"
@@ -429,7 +497,13 @@ def _evaluate_file(
     metrics: str | list[str],
     options: dict[str, Any],
     with_spectrum: bool,
+    announce_phase: bool = True,
 ) -> EvaluationResult:
+    """evaluate() on one file, streamed; with ``announce_phase``, a note on stderr once the rows are
+    read, saying what is being computed (the point metrics' kNN and pairwise passes can take longer
+    than the reading, and would otherwise run with no sign of life after the bar reaches 100 %)."""
+    from reprmetrics.evaluate import _run  # noqa: PLC0415
+
     quiet = options["quiet"]
     with ExitStack() as stack:
         embeddings = open_array(path, key)
@@ -454,10 +528,17 @@ def _evaluate_file(
                     " CKA compares the same samples, row by row"
                 )
         batch_size = options["batch_size"]
-        progress = _progress(embeddings, quiet, stack)
+        bar = _progress_bar(embeddings, quiet, stack)
+
+        def on_phase(message: str) -> None:
+            if bar is not None:
+                bar.close()  # clears its line, so the note does not land in the middle of it
+            if announce_phase:
+                _note(f"{path}: {message}", quiet)
+
         try:
             result = _run(
-                embeddings.chunks(batch_size, progress),
+                embeddings.chunks(batch_size, bar.update if bar is not None else None),
                 views=views_array.chunks(batch_size) if views_array is not None else None,
                 metrics=metrics,
                 reference=reference_array.chunks(batch_size) if reference_array is not None else None,
@@ -466,6 +547,7 @@ def _evaluate_file(
                 device=options["device"],
                 drop_nonfinite=options["drop_nonfinite"],
                 with_spectrum=with_spectrum,
+                on_phase=on_phase,
             )
         except ValueError as error:
             raise _explain(error, path, inputs) from error
@@ -480,6 +562,20 @@ def _parse_metrics(value: str) -> str | list[str]:
     if value.strip() == "default":
         return "default"
     return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _pair_views(files: Sequence[str], views: Sequence[str]) -> list[str | None]:
+    """The views file of each FILE: the i-th --views belongs to the i-th FILE; later FILEs have none."""
+    if len(views) > len(files):
+        raise CliError(
+            f"--views: {len(views)} views files for {len(files)} FILE(s); the i-th --views belongs to the i-th FILE,"
+            " so give at most one per FILE"
+        )
+    return [*views, *[None] * (len(files) - len(views))]
+
+
+def _row(values: dict[str, Any]) -> dict[str, Any]:
+    return {name: _as_computed(v) if isinstance(v, float) else v for name, v in values.items()}
 
 
 _COMMON = [
@@ -499,23 +595,30 @@ def _common(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="reprmetrics", prog_name="reprmetrics")
+@click.version_option(__version__, prog_name="reprmetrics")
 def cli() -> None:
     """Label-free representation-quality metrics of saved embeddings.
 
-    Files: .pt/.pth (a tensor, or a dict of tensors with --key), .npy (memory-mapped), .npz (--key),
+    Files: .pt/.pth (a tensor, or a dict of tensors with --key; loaded with
+    torch.load(weights_only=True), never unpickling code), .npy (memory-mapped), .npz (--key),
     .safetensors (--key). Embeddings are (N, D): one row per sample. Bad input exits with status 2.
+
+    JSON and CSV carry each value with the digits it was computed with (float32 input: the
+    shortest decimal that reads back as the same float32); the table rounds for reading.
     """
 
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, metavar="FILE [FILE ...]")
 @click.option("--key", default=None, help="Array name inside .pt/.npz/.safetensors FILEs (optional when a file holds one).")
-@click.option("--views", "views", multiple=True, metavar="FILE", help="(N, q, D) views (q >= 2 augmentations per sample) for LiDAR and alignment; once per FILE, in order.")
+@click.option(
+    "--views", "views", multiple=True, metavar="VIEWS",
+    help="(N, q, D) views (q >= 2 augmentations per sample) for LiDAR and alignment. Matched by position: the i-th --views belongs to the i-th FILE; FILEs after the last --views have no views.",
+)
 @click.option("--views-key", default=None, help="Array name inside the --views files (default: --key).")
 @click.option("--reference", default=None, metavar="FILE", help="Add `cka`: linear CKA of each FILE to these embeddings of the same N rows.")
 @click.option("--reference-key", default=None, help="Array name inside the --reference file (default: --key).")
-@click.option("--metrics", "metric_names", default="default", show_default=True, help=f"Comma-separated names, or 'default' (the monitor's set). Known: {', '.join(METRIC_NAMES)}.")
+@click.option("--metrics", "metric_names", default="default", show_default=True, help="Comma-separated metric names, or 'default' (the monitor's set); `reprmetrics metrics` lists every name.")
 @click.option("--max-samples", type=click.IntRange(min=2), default=DEFAULT_MAX_SAMPLES, show_default=True, help="Bounded uniform sample kept by uniformity, LID, TwoNN and MLE.")
 @click.option("--plot", default=None, metavar="PATH", help="Also write one PNG with every file's covariance spectrum (log-log) and α-ReQ fit; needs matplotlib.")
 @_common
@@ -525,12 +628,14 @@ def report(files: tuple[str, ...], key: str | None, views: tuple[str, ...], view
     The header marks each metric's healthy direction: ↑ higher is healthier, ↓ lower, ≈1 closest to 1
     (α-ReQ). Default metrics, names and settings are those RepresentationMonitor logs: rankme,
     alpha_req (D >= 13), normalized_std, uniformity, lid, nesum, coding_rate, wasserstein_uniformity,
-    isoscore, and with --views lidar and alignment.
+    isoscore, and with --views lidar and alignment. lid is the geometric mean of the per-sample LIDs.
     Sufficient-statistic metrics see every row; uniformity and LID use a uniform sample of at most
-    --max-samples rows. A progress bar is shown on a terminal unless --quiet.
+    --max-samples rows. A progress bar is shown on a terminal, and a note when the rows are read and
+    the metrics are being computed, unless --quiet.
     """
-    if views and len(views) != len(files):
-        raise CliError(f"--views: give one views file per FILE ({len(files)} FILE(s), {len(views)} --views)")
+    from reprmetrics.evaluate import _check_names  # noqa: PLC0415
+
+    views_of = _pair_views(files, views)
     if plot is not None:
         try:
             import matplotlib  # noqa: F401, PLC0415
@@ -539,13 +644,21 @@ def report(files: tuple[str, ...], key: str | None, views: tuple[str, ...], view
     options = {"quiet": quiet, "batch_size": batch_size, "max_samples": max_samples, "device": _check_device(device), "drop_nonfinite": drop_nonfinite}
     metrics = _parse_metrics(metric_names)
     _check_names(metrics, bool(views), reference is not None)  # before any file is read
+    if views and len(views) < len(files):
+        try:  # named metrics that need views, and a FILE without them: say so before reading anything
+            _check_names(metrics, False, reference is not None)
+        except ValueError as error:
+            reason = _one_line(error).removeprefix("evaluate: ")
+            raise CliError(f"{files[len(views)]}: has no --views (the i-th --views belongs to the i-th FILE), and {reason}") from error
+        without = ", ".join(files[len(views) :])
+        _note(f"--views matched by position: {len(views)} of {len(files)} files have views; {without}: no lidar or alignment", quiet)
     rows, spectra = [], []
-    for index, path in enumerate(files):
+    for path, views_path in zip(files, views_of):
         result = _evaluate_file(
-            path, key, views[index] if views else None, views_key if views_key is not None else key,
+            path, key, views_path, views_key if views_key is not None else key,
             reference, reference_key if reference_key is not None else key, metrics, options, plot is not None,
         )
-        rows.append({"file": path, "N": result.num_samples, "D": result.num_features, **result.values})
+        rows.append({"file": path, "N": result.num_samples, "D": result.num_features, **_row(result.values)})
         if result.spectrum is not None:
             spectra.append((Path(path).name, result.spectrum))
     columns = ["file", "N", "D"]
@@ -573,9 +686,32 @@ def compare(a: str, b: str, keys: tuple[str, ...], fmt: str, output: str | None,
     key_a = keys[0] if keys else None
     key_b = keys[-1] if keys else None
     options = {"quiet": quiet, "batch_size": batch_size, "max_samples": DEFAULT_MAX_SAMPLES, "device": _check_device(device), "drop_nonfinite": drop_nonfinite}
-    result = _evaluate_file(a, key_a, None, None, b, key_b, [], options, with_spectrum=False)
+    # Linear CKA is computed from streamed moments in an instant: no phase worth announcing.
+    result = _evaluate_file(a, key_a, None, None, b, key_b, [], options, with_spectrum=False, announce_phase=False)
     row = {"a": a, "b": b, "N": result.num_samples, "D_a": result.num_features, "D_b": result.reference_features, "cka": result.values["cka"]}
-    _emit(render([row], list(row), fmt), output, quiet)
+    _emit(render([_row(row)], list(row), fmt), output, quiet)
+
+
+@cli.command(name="metrics")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True, help="Output format (JSON: a list of objects).")
+def list_metrics(fmt: str) -> None:
+    """Every metric name --metrics accepts: its healthy direction and when the default set has it."""
+    from reprmetrics.evaluate import HEALTHY_DIRECTION, METRIC_NAMES  # noqa: PLC0415
+    from reprmetrics.monitor import available_metrics  # noqa: PLC0415
+
+    specs = available_metrics()
+    rows = []
+    for name in METRIC_NAMES:
+        spec = specs.get(name)
+        if spec is None:  # cka: not a monitor metric
+            included = "with --reference (or `compare`)"
+        elif not spec.default:
+            included = "no: name it in --metrics"
+        else:
+            conditions = [f"D >= {spec.min_features}"] * (spec.min_features > 1) + ["with --views"] * spec.needs_views
+            included = "yes" + (f", {' and '.join(conditions)}" if conditions else "")
+        rows.append({"metric": name, "healthy": HEALTHY_DIRECTION.get(name) or "—", "in the default set": included})
+    click.echo(render(rows, list(rows[0]), fmt), nl=False)
 
 
 # ---- entry point -----------------------------------------------------------------------------------------

@@ -7,21 +7,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reprmetrics._base import ReprMetric
-from reprmetrics._linalg import (
-    centred_moments_count,
-    centred_moments_state,
-    centred_moments_update_,
-    merge_centred_moments,
-    no_autocast,
-)
-from reprmetrics._validation import check_tensor
-from reprmetrics.functional.collapse import _l2_normalize, _normalized_std_from_state
+from reprmetrics._linalg import no_autocast
+from reprmetrics.functional.collapse import _normalized_std_from_state
+from reprmetrics.statistics import RowMoments, moments_checked
 
 __all__ = ["NormalizedStd"]
 
 
-class NormalizedStd(ReprMetric):
+class NormalizedStd(RowMoments):
     r"""Mean per-dimension standard deviation of L2-normalised embeddings, streamed.
 
     .. math::
@@ -29,9 +22,10 @@ class NormalizedStd(ReprMetric):
         \operatorname{std} = \frac{1}{D} \sum_{d=1}^{D} \operatorname{std}_i(\hat z_{i,d})
 
     State: per-dimension shifted centred moments of ẑ (N, a shift, Σ(ẑ − c), Σ(ẑ − c)²; one ``(4, D)``
-    float64 tensor) merged exactly across batches and ranks (Chan et al.; see
-    :func:`reprmetrics._linalg.merge_centred_moments`), so collapse towards a point far from the
-    origin does not cancel. Equals :func:`reprmetrics.functional.normalized_std` on the concatenation
+    float64 tensor, :class:`~reprmetrics.statistics.RowMoments` with ``normalize=True``) merged exactly
+    across batches and ranks (Chan et al.; see :func:`reprmetrics._linalg.merge_centred_moments`), so
+    collapse towards a point far from the origin does not cancel. Beside coding rate or Wasserstein
+    uniformity (in the tracker and ``evaluate``) it reads the diagonal of their shared full moments. Equals :func:`reprmetrics.functional.normalized_std` on the concatenation
     of all batches.
 
     As input to ``update``:
@@ -50,30 +44,19 @@ class NormalizedStd(ReprMetric):
         0.0
     """
 
+    registry_name = "normalized_std"
+    in_default_set = True
     higher_is_better = True
     plot_lower_bound = 0.0
-
-    moments: Tensor
+    needs_full_moments = False
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("moments", centred_moments_state(diagonal=True), dist_reduce_fx=merge_centred_moments)
+        super().__init__(normalize=True, diagonal=True, **kwargs)
 
-    def _check_batch(self, embeddings: Tensor) -> Tensor:
-        known = self.moments.shape[1] if self.moments.numel() else None
-        return check_tensor(embeddings, "NormalizedStd", features=known)
-
-    def update(self, embeddings: Tensor) -> None:
-        """Add a ``(B, D)`` batch; bad input raises ``ValueError`` and leaves the state unchanged."""
-        z = self._check_batch(embeddings)
-        with no_autocast(z.device):
-            zn = _l2_normalize(z.to(device=self.moments.device, dtype=torch.float64))
-            self.moments = centred_moments_update_(self.moments, zn)
+    def values_from(self, stat: RowMoments, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        moments_checked(stat, "NormalizedStd", 2)
+        with no_autocast(stat.moments.device):
+            return {"": _normalized_std_from_state(stat.moments.to(torch.float64))}
 
     def compute(self) -> Tensor:
-        n = centred_moments_count(self.moments)
-        if n == 0:
-            raise ValueError("NormalizedStd: compute() called before any update() (no embeddings seen)")
-        if n < 2:
-            raise ValueError(f"NormalizedStd: needs at least 2 samples, got {n}")
-        return _normalized_std_from_state(self.moments).to(torch.get_default_dtype())
+        return self.values_from(self, {})[""].to(torch.get_default_dtype())

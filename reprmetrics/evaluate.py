@@ -4,7 +4,7 @@ The embeddings stream through the Metric classes batch by batch, so memory stays
 the number of samples: sufficient-statistic metrics (RankMe, α-ReQ, normalised std, LiDAR,
 alignment, CKA) see every row; point metrics (uniformity, LID, TwoNN, MLE) keep the documented
 bounded uniform sample of at most ``max_samples`` rows. The default set, its names and its settings
-are the monitor's (:func:`reprmetrics.monitor.default_metrics`), so the numbers match what a
+are the registry's (:func:`reprmetrics.registry.default_metrics`), so the numbers match what a
 ``RepresentationMonitor`` logged on the same embeddings.
 """
 
@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from reprmetrics.monitor import MONITOR_MAX_SAMPLES, available_metrics, default_metrics
-from reprmetrics._sampling import BoundedSampleMetric
-from reprmetrics.multiview import Alignment, LiDAR
-from reprmetrics.spectral import AlphaReQ
+from reprmetrics._validation import SUPPORTED_FLOAT_DTYPES, check_device, check_memory
+from reprmetrics.metric_set import MetricSet
+from reprmetrics.registry import MONITOR_MAX_SAMPLES, available_metrics, default_metrics
+from reprmetrics.spectral import _covariance_spectrum
+from reprmetrics.statistics import BoundedSample, finite_rows
 
 __all__ = ["HEALTHY_DIRECTION", "METRIC_NAMES", "NonFiniteRowsError", "evaluate"]
 
@@ -32,7 +33,6 @@ DEFAULT_BATCH_SIZE = 4096
 #: The monitor's default for the point metrics' bounded sample.
 DEFAULT_MAX_SAMPLES = MONITOR_MAX_SAMPLES
 
-POINTS, VIEWS, PAIRS = "points", "views", "pairs"
 _REFERENCE_METRIC = "cka"
 
 
@@ -47,15 +47,6 @@ METRIC_NAMES: tuple[str, ...] = tuple(_known_names())
 #: The healthy direction of each metric from the monitor's registry (↑ higher, ↓ lower, ≈1).
 #: CKA is a similarity to the reference, not a health signal: no direction.
 HEALTHY_DIRECTION: dict[str, str] = {name: spec.direction for name, spec in available_metrics().items()} | {_REFERENCE_METRIC: ""}
-
-
-def _input_kind(metric: Metric) -> str:
-    """What a metric reads, by the monitor's rule: LiDAR all views, Alignment views 1 and 2, else points."""
-    if isinstance(metric, LiDAR):
-        return VIEWS
-    if isinstance(metric, Alignment):
-        return PAIRS
-    return POINTS
 
 
 class NonFiniteRowsError(ValueError):
@@ -88,14 +79,29 @@ def _as_tensor(batch: Any, name: str, ndim: int) -> Tensor:
         if batch.dtype.kind not in "fiub":
             raise ValueError(f"evaluate: `{name}` must hold real numbers, got numpy dtype {batch.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(batch))
+    _check_tensor_kind(x, name)
     if x.ndim != ndim:
         shape = "(N, D)" if ndim == 2 else "(N, q, D)"
         raise ValueError(f"evaluate: `{name}` must have shape {shape}, got a batch of shape {tuple(x.shape)}")
-    if x.is_complex() or x.dtype == torch.bool:
-        raise ValueError(f"evaluate: `{name}` must be real-valued, got dtype {x.dtype}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"evaluate: `{name}` has no features (shape {tuple(x.shape)}): there is nothing to measure")
+    if ndim == 3 and x.shape[1] < 2:
+        raise ValueError(f"evaluate: `{name}` must hold at least 2 views per sample (shape (N, q, D) with q >= 2), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         x = x.float()
     return x
+
+
+def _check_tensor_kind(x: Tensor, name: str) -> None:
+    """Layout, device and dtype: what no slicing or arithmetic can be asked of (checked before any)."""
+    if x.layout != torch.strided:
+        raise ValueError(f"evaluate: `{name}` must be a dense tensor, got layout {x.layout}; call .to_dense() first")
+    if x.device.type == "meta":
+        raise ValueError(f"evaluate: `{name}` is on the 'meta' device and holds no values")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"evaluate: `{name}` must be real-valued, got dtype {x.dtype}")
+    if x.is_floating_point() and x.dtype not in SUPPORTED_FLOAT_DTYPES:
+        raise ValueError(f"evaluate: `{name}` has dtype {x.dtype}, which is not supported; convert it with .float() first")
 
 
 def _is_array(value: Any) -> bool:
@@ -105,9 +111,14 @@ def _is_array(value: Any) -> bool:
 def _batches(source: Any, name: str, ndim: int, batch_size: int) -> Iterator[Tensor]:
     """``(B, ...)`` tensors from a tensor, an array or an iterable of batches."""
     if _is_array(source):
+        if isinstance(source, Tensor):
+            _check_tensor_kind(source, name)
         if source.ndim != ndim:
             shape = "(N, D)" if ndim == 2 else "(N, q, D)"
             raise ValueError(f"evaluate: `{name}` must have shape {shape}, got shape {tuple(source.shape)}")
+        if source.shape[0] == 0:
+            _as_tensor(source[:0], name, ndim)  # a width or view count that cannot work raises first
+            return
         for start in range(0, source.shape[0], batch_size):
             yield _as_tensor(source[start : start + batch_size], name, ndim)
         return
@@ -225,10 +236,6 @@ def _build(names: list[str] | None, num_features: int, num_views: int, max_sampl
     return {name: specs[name].factory(max_samples) for name in names}
 
 
-def _finite_rows(x: Tensor) -> Tensor:
-    return torch.isfinite(x).flatten(1).all(dim=1)
-
-
 def _num_views_hint(views: Any) -> int:
     """q as far as it is known before reading: enough for the default set, which only asks q >= 2."""
     if isinstance(views, (list, tuple)) and views and all(_is_array(v) and v.ndim == 2 for v in views):
@@ -239,105 +246,132 @@ def _num_views_hint(views: Any) -> int:
 
 
 class _Evaluation:
-    """One streamed evaluation: builds the metrics at the first batch, feeds them, counts bad rows."""
+    """One streamed evaluation: builds the metric set at the first batch, feeds it, counts bad rows.
+
+    Non-finite rows are weighted out and counted as device tensors (no host sync per batch); without
+    ``drop_nonfinite`` their count is raised at the end, over the whole input.
+    """
+
+    _SPECTRUM = "__spectrum__"  # a hidden α-ReQ reader for the plot when alpha_req is not asked for
 
     def __init__(self, names: list[str] | None, with_reference: bool, max_samples: int, drop_nonfinite: bool, with_spectrum: bool) -> None:
         self.names = names
         self.max_samples = max_samples
         self.drop_nonfinite = drop_nonfinite
         self.with_spectrum = with_spectrum
-        self.metrics: dict[str, Metric] | None = None
+        self.metric_set: MetricSet | None = None
         self.cka = _make_cka() if with_reference else None
-        self.spectrum_metric: AlphaReQ | None = None  # for plots: alpha_req's, or one of its own
-        self.own_spectrum_metric = False
-        self.bad = {"embeddings": 0, "views": 0, "reference": 0}
+        self.bad: dict[str, Any] = {"embeddings": 0, "views": 0, "reference": 0}
+        self.used: Any = 0
         self.seen = {"embeddings": 0, "views": 0}
         self.result = EvaluationResult(values={})
-        # Once a non-finite row is found without drop_nonfinite, the rest is only counted, then raised.
-        self.counting_only = False
+
+    @property
+    def metrics(self) -> dict[str, Metric] | None:
+        return None if self.metric_set is None else self.metric_set.metrics
 
     def build(self, num_features: int, num_views: int, device: torch.device) -> None:
-        if self.metrics is not None:
+        if self.metric_set is not None:
             return
-        self.metrics = {n: m.to(device) for n, m in _build(self.names, num_features, num_views, self.max_samples).items()}
-        if self.with_spectrum:
-            self.spectrum_metric = next((m for m in self.metrics.values() if isinstance(m, AlphaReQ)), None)
-            if self.spectrum_metric is None:
-                self.spectrum_metric, self.own_spectrum_metric = AlphaReQ().to(device), True
+        metrics = _build(self.names, num_features, num_views, self.max_samples)
+        if self.with_spectrum and "alpha_req" not in metrics:
+            metrics[self._SPECTRUM] = available_metrics()["alpha_req"].factory()  # shares the rows' moments: free
+        metric_set = MetricSet(metrics, "evaluate", strict=False, warn=lambda message: None)
+        matrices = metric_set.dense_states() + (1 if self.cka is not None else 0)
+        dense = [n for n, m in metrics.items() if getattr(m, "dense_states", 0) and n != self._SPECTRUM] + (["cka"] if self.cka is not None else [])
+        # Each D×D float64 statistic, and about as much again while its eigenvalues are computed.
+        check_memory(
+            2 * matrices * (num_features + 3) * num_features * 8, device, "evaluate", f"D = {num_features:,} for the D×D statistics of {', '.join(dense)}",
+            "pick metrics that keep no D×D matrix (uniformity, lid, twonn, mle_dimension, alignment, sigreg, normalized_std) or reduce the width first (e.g. PCA)",
+        )
+        self.metric_set = metric_set.to(device)
         if self.cka is not None:
             self.cka = self.cka.to(device)
         self.result.num_features, self.result.num_views = num_features, num_views
 
-    def screen(self, x: Tensor, name: str, ref: Tensor | None = None) -> tuple[Tensor, Tensor | None] | None:
-        """Count non-finite rows; the rows to use, or None when nothing of this batch is used."""
-        keep = _finite_rows(x)
-        bad = int((~keep).sum())
-        bad_ref = 0
+    def screen(self, x: Tensor, name: str, ref: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The batch, and 0/1 weights of its rows that count (where x and ref are finite); counts the others.
+
+        One reduction pass per input and device tensors only: no host sync per batch.
+        """
+        keep = finite_rows(x)
+        self.bad[name] = self.bad[name] + (~keep).sum()
         if ref is not None:
-            ref_keep = _finite_rows(ref)
-            bad_ref = int((~ref_keep).sum())
-            keep &= ref_keep
-        self.bad[name] += bad
-        self.bad["reference"] += bad_ref
-        if (bad or bad_ref) and not self.drop_nonfinite:
-            self.counting_only = True
-        if self.counting_only:
-            return None
-        if bad or bad_ref:
-            x, ref = x[keep], (ref[keep] if ref is not None else None)
-            if x.shape[0] == 0:
-                return None
-        return x, ref
+            ref_keep = finite_rows(ref)
+            self.bad["reference"] = self.bad["reference"] + (~ref_keep).sum()
+            keep = keep & ref_keep
+        return x, ref, keep.to(torch.float64)
 
-    def update_points(self, z: Tensor, ref: Tensor | None) -> None:
-        assert self.metrics is not None
-        for metric in self.metrics.values():
-            if _input_kind(metric) == POINTS:
-                metric.update(z)
-        if self.own_spectrum_metric:
-            self.spectrum_metric.update(z)
+    def update_points(self, z: Tensor, ref: Tensor | None, weights: Tensor) -> None:
+        assert self.metric_set is not None
+        self.metric_set.update_points(z, weights)
+        self.used = self.used + weights.sum()
         if self.cka is not None and ref is not None:
-            self.cka.update(z, ref)
+            keep = weights[:, None] > 0  # CKA's moments take rows of weight 0 as zeros
+            zero = torch.zeros((), dtype=z.dtype, device=z.device)
+            self.cka.accumulate(torch.where(keep, z, zero), torch.where(keep, ref, zero.to(ref.dtype)), weights)
             self.result.reference_features = ref.shape[-1]
-        self.result.num_samples += z.shape[0]
 
-    def update_views(self, v: Tensor) -> None:
-        assert self.metrics is not None
-        for metric in self.metrics.values():
-            kind = _input_kind(metric)
-            if kind == VIEWS:
-                metric.update(v)
-            elif kind == PAIRS:
-                metric.update(v[:, 0], v[:, 1])
+    def update_views(self, v: Tensor, weights: Tensor) -> None:
+        assert self.metric_set is not None
+        self.metric_set.update_views(v, weights)
 
     def phase_message(self) -> str:
         """What :meth:`finish` is about to do, for a progress line."""
-        assert self.metrics is not None
-        sampled = [n for n, m in self.metrics.items() if isinstance(m, BoundedSampleMetric)]
-        rows = min(self.seen["embeddings"] - self.bad["embeddings"], self.max_samples)
-        names = ", ".join(self.metrics)
+        assert self.metric_set is not None
+        names = [n for n in self.metric_set.metrics if n != self._SPECTRUM]
+        sampled = [
+            n for key, readers in self.metric_set.readers.items() if isinstance(self.metric_set.statistics[key], BoundedSample)
+            for n in readers
+        ]
+        rows = min(int(self.used), self.max_samples)
         if sampled:
-            return f"computing {names} ({', '.join(sampled)} on {rows:,} sampled rows)"
-        return f"computing {names}"
+            return f"computing {', '.join(names)} ({', '.join(sampled)} on {rows:,} sampled rows)"
+        return f"computing {', '.join(names)}"
 
-    def finish(self, points_name: str) -> EvaluationResult:
+    def check(self, points_name: str) -> dict[str, int]:
+        """After the pass over the rows: raise for non-finite rows (without ``drop_nonfinite``) or nothing to evaluate."""
+        bad = {k: int(v) for k, v in self.bad.items()}
         totals = {"embeddings": self.seen["embeddings"], "views": self.seen["views"] or self.seen["embeddings"], "reference": self.seen["embeddings"]}
         for name in ("embeddings", "views", "reference"):
-            if self.bad[name] and not self.drop_nonfinite:
-                raise NonFiniteRowsError(name, self.bad[name], totals[name])
+            if bad[name] and not self.drop_nonfinite:
+                raise NonFiniteRowsError(name, bad[name], totals[name])
         if self.seen["embeddings"] == 0:
             raise ValueError(f"evaluate: `{points_name}` has no rows")
-        if self.metrics is None:
+        if self.metric_set is None or int(self.used) == 0:
             raise ValueError("evaluate: every row contains NaN or infinite values; nothing left to evaluate")
-        self.result.dropped = {k: v for k, v in self.bad.items() if v}
-        if self.spectrum_metric is not None:
-            self.result.spectrum = _spectrum(self.spectrum_metric)
-        for name, metric in self.metrics.items():
-            self.result.values[name] = _compute(name, metric)
-            metric.reset()  # frees a point metric's sample before the next one computes on its own
+        return bad
+
+    def finish(self, points_name: str) -> EvaluationResult:
+        bad = self.check(points_name)
+        assert self.metric_set is not None
+        self.result.dropped = {k: v for k, v in bad.items() if v}
+        self.result.num_samples = int(self.used)
+        values = self.metric_set.compute()
+        failures = self.metric_set.failures
+        for name in self.metric_set.metrics:
+            if name in failures and name != self._SPECTRUM:
+                raise ValueError(f"evaluate: {name}: {failures[name]}")
+        # One value per metric, as the metric's own compute() gives it (extras such as alpha_req_r2 are the tracker's).
+        self.result.values = {name: float(values[name]) for name in self.metric_set.metrics if name != self._SPECTRUM and name in values}
+        if self.with_spectrum:
+            self.result.spectrum = self._spectrum()
+        self.metric_set.reset()  # frees the point sample
         if self.cka is not None:
             self.result.values[_REFERENCE_METRIC] = _compute(_REFERENCE_METRIC, self.cka)
         return self.result
+
+    def _spectrum(self) -> dict[str, Any]:
+        """Covariance eigenvalues and, when the fit range allows, the α-ReQ fit (for plotting)."""
+        assert self.metric_set is not None
+        fit = self.metric_set.last_artifacts.get("spectrum")
+        if fit is not None:
+            return {**fit, "eigenvalues": fit["eigenvalues"].cpu()}
+        name = "alpha_req" if "alpha_req" in self.metric_set.metrics else self._SPECTRUM
+        stat = self.metric_set.statistics[self.metric_set.metrics[name].statistic_key()]
+        with stat.sync_context(dist_sync_fn=stat.dist_sync_fn, should_sync=stat._to_sync):
+            eigenvalues = _covariance_spectrum(stat, {}, "evaluate")[0]
+        return {"eigenvalues": eigenvalues.cpu(), "alpha": None}
 
 
 def _run(
@@ -366,9 +400,7 @@ def _run(
     if embeddings is None and views is None:
         raise ValueError("evaluate: pass `embeddings` (N, D), or `views` (N, q, D) to use their first view")
     names = _check_names(metrics, views is not None, reference is not None)
-    target = torch.device(device) if device is not None else None
-    if target is not None and target.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"evaluate: device {str(target)!r} requested but CUDA is not available")
+    target = check_device(device, "evaluate")
     run = _Evaluation(names, reference is not None, max_samples, drop_nonfinite, with_spectrum)
     first_view_only = embeddings is None
     points_name = "views" if first_view_only else "embeddings"
@@ -402,17 +434,14 @@ def _run(
             run.seen["embeddings"] += batch.shape[0]
             if bar is not None:
                 bar.update(batch.shape[0])
-            kept = run.screen(batch, points_name, ref)
-            if kept is None:
-                continue
-            batch, ref = kept
+            batch, ref, weights = run.screen(batch, points_name, ref)
             if first_view_only:
                 run.build(batch.shape[-1], batch.shape[1], batch.device)
-                run.update_points(batch[:, 0], ref)
-                run.update_views(batch)
+                run.update_points(batch[:, 0], ref, weights)
+                run.update_views(batch, weights)
             else:
                 run.build(batch.shape[-1], 1 if views is None else _num_views_hint(views), batch.device)
-                run.update_points(batch, ref)
+                run.update_points(batch, ref, weights)
         if reference_rows is not None:
             extra = reference_rows.remaining_rows()
             if extra:
@@ -427,19 +456,20 @@ def _run(
                 run.seen["views"] += v.shape[0]
                 if bar is not None:
                     bar.update(v.shape[0])
-                kept = run.screen(v, "views")
-                if kept is None or run.metrics is None:
+                if run.metrics is None:
                     continue
                 if v.shape[-1] != run.result.num_features:
                     raise ValueError(
                         f"evaluate: `views` have {v.shape[-1]} features but `embeddings` have {run.result.num_features}"
                     )
-                run.update_views(kept[0])
+                v, _, weights = run.screen(v, "views")
+                run.update_views(v, weights)
             if run.seen["views"] == 0:
                 raise ValueError("evaluate: `views` has no rows")
     if bar is not None:
         bar.close()
-    if on_phase is not None and run.metrics is not None:
+    run.check(points_name)
+    if on_phase is not None:
         on_phase(run.phase_message())
     return run.finish(points_name)
 
@@ -451,16 +481,6 @@ def _compute(name: str, metric: Metric) -> float:
             return float(metric.compute())
     except ValueError as error:
         raise ValueError(f"evaluate: {name}: {error}") from error
-
-
-def _spectrum(metric: AlphaReQ) -> dict[str, Any]:
-    """Covariance eigenvalues and, when the fit range allows, the α-ReQ fit (for plotting)."""
-    try:
-        fit = metric.spectrum_fit()
-    except ValueError:
-        return {"eigenvalues": metric.covariance_eigenvalues().cpu(), "alpha": None}
-    fit["eigenvalues"] = fit["eigenvalues"].cpu()
-    return fit
 
 
 def evaluate(
@@ -484,7 +504,7 @@ def evaluate(
         views: augmented views for LiDAR and alignment: an ``(N, q, D)`` tensor or array (q ≥ 2),
             a list of q ``(N, D)`` tensors (view j of every sample), or an iterable of ``(B, q, D)``
             batches. They need not be the samples of ``embeddings``; each group must arrive whole.
-        metrics: ``"default"``, the monitor's set for this D and q (:func:`reprmetrics.monitor.default_metrics`:
+        metrics: ``"default"``, the monitor's set for this D and q (:func:`reprmetrics.registry.default_metrics`:
             rankme, alpha_req for D ≥ 13, normalized_std, uniformity, lid, nesum, coding_rate,
             wasserstein_uniformity, isoscore, and with views lidar and alignment), or a list of names
             from :data:`METRIC_NAMES` (the monitor's registry, with the opt-in sigreg, twonn and

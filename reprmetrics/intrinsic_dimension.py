@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reprmetrics._knn import knn
 from reprmetrics._linalg import no_autocast
-from reprmetrics._sampling import BoundedSampleMetric
+from reprmetrics.statistics import BoundedSample, cached, sample_knn
 from reprmetrics._validation import check_positive_int
 from reprmetrics.functional.intrinsic_dimension import (
     _check_discard_fraction,
@@ -30,7 +29,7 @@ from reprmetrics.functional.intrinsic_dimension import (
 __all__ = ["LocalIntrinsicDimension", "MLEDimension", "TwoNN"]
 
 
-class _SampledDimension(BoundedSampleMetric):
+class _SampledDimension(BoundedSample):
     """Shared attributes of the dimension estimators."""
 
     higher_is_better = True
@@ -100,21 +99,41 @@ class LocalIntrinsicDimension(_SampledDimension):
         self._min_samples = self.k + 1
         self._per_sample: Tensor | None = None
 
+    registry_name = "lid"
+    in_default_set = True
+
+    def _per_sample_from(self, stat: BoundedSample, cache: dict[Any, Any]) -> Tensor:
+        distances = sample_knn(stat, cache, "LocalIntrinsicDimension", self.k)
+        with no_autocast(distances.device):
+            return cached(cache, ("lid", self.k, self.estimator), lambda: _lid_from_distances(distances, self.estimator))
+
+    def values_from(self, stat: BoundedSample, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        lid = self._per_sample_from(stat, cache)
+        with no_autocast(lid.device):
+            return {"": _geometric_mean(lid)}
+
+    def artifacts_from(self, stat: BoundedSample, cache: dict[Any, Any]) -> dict[str, Any]:
+        return {"lid_per_sample": self._per_sample_from(stat, cache)}
+
     def compute(self) -> Tensor:
         """Geometric-mean LID of the retained samples; also sets what :meth:`per_sample` returns."""
-        x = self._sample()
-        with no_autocast(x.device):
-            distances, _ = knn(x, self.k)
-            lid = _lid_from_distances(distances, self.estimator)
-            value = _geometric_mean(lid)
-        self._per_sample = lid.to(torch.get_default_dtype())
+        cache: dict[Any, Any] = {}
+        value = self.values_from(self, cache)[""]
+        self._per_sample = self._per_sample_from(self, cache).to(torch.get_default_dtype())
         return value.to(torch.get_default_dtype())
 
     def per_sample(self) -> Tensor:
-        """``(N,)`` per-sample LIDs of the retained samples, as of :meth:`compute` (run if needed)."""
-        self.compute()  # cached by torchmetrics until the next update
+        """``(N,)`` per-sample LIDs of the retained samples, as of the last :meth:`compute` (run if none
+        since the last update; every rank must then call this together, as for ``compute()``)."""
+        if self._per_sample is None:
+            self.compute()
         assert self._per_sample is not None
         return self._per_sample
+
+    def update(self, embeddings: Tensor) -> None:
+        """Add a ``(B, D)`` batch. Raises ``ValueError`` (state untouched) on bad input."""
+        super().update(embeddings)
+        self._per_sample = None
 
     def reset(self) -> None:
         super().reset()
@@ -170,13 +189,16 @@ class TwoNN(_SampledDimension):
         super().__init__(max_samples=max_samples, seed=seed, **kwargs)
         self.discard_fraction = _check_discard_fraction(discard_fraction, type(self).__name__)
 
+    registry_name = "twonn"  # opt-in
+
+    def values_from(self, stat: BoundedSample, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        distances = sample_knn(stat, cache, "TwoNN", 2)  # the first 2 of a larger k computed for LID serve
+        with no_autocast(distances.device):
+            return {"": _twonn_from_distances(distances[:, 0], distances[:, 1], self.discard_fraction)}
+
     def compute(self) -> Tensor:
         """TwoNN dimension of the retained samples."""
-        x = self._sample()
-        with no_autocast(x.device):
-            distances, _ = knn(x, 2)
-            value = _twonn_from_distances(distances[:, 0], distances[:, 1], self.discard_fraction)
-        return value.to(torch.get_default_dtype())
+        return self.values_from(self, {})[""].to(torch.get_default_dtype())
 
 
 class MLEDimension(_SampledDimension):
@@ -217,10 +239,13 @@ class MLEDimension(_SampledDimension):
         self.k = check_positive_int(k, type(self).__name__, "k", minimum=2)
         self._min_samples = self.k + 1
 
+    registry_name = "mle_dimension"  # opt-in
+
+    def values_from(self, stat: BoundedSample, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        distances = sample_knn(stat, cache, "MLEDimension", self.k)
+        with no_autocast(distances.device):
+            return {"": _mle_from_distances(distances)}
+
     def compute(self) -> Tensor:
         """MLE dimension of the retained samples."""
-        x = self._sample()
-        with no_autocast(x.device):
-            distances, _ = knn(x, self.k)
-            value = _mle_from_distances(distances)
-        return value.to(torch.get_default_dtype())
+        return self.values_from(self, {})[""].to(torch.get_default_dtype())

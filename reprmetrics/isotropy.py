@@ -16,10 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reprmetrics._base import ReprMetric
-from reprmetrics._linalg import centred_moments_update_, no_autocast
+from reprmetrics._linalg import no_autocast
 from reprmetrics._validation import check_positive_int, check_tensor
-from reprmetrics.functional.collapse import _l2_normalize
 from reprmetrics.functional.isotropy import (
     _add_characteristic_sums_,
     _check_isoscore_width,
@@ -29,14 +27,14 @@ from reprmetrics.functional.isotropy import (
     _normalized_directions,
     _seeded_directions,
     _sigreg_from_sums,
-    _wasserstein_uniformity_from_state,
+    _wasserstein_uniformity_from_parts,
 )
-from reprmetrics.spectral import _CentredSecondMoments
+from reprmetrics.statistics import Batch, RowMoments, Statistic, moments_checked, scatter_eigenvalues
 
 __all__ = ["IsoScore", "SIGReg", "WassersteinUniformity"]
 
 
-class SIGReg(ReprMetric):
+class SIGReg(Statistic):
     r"""SIGReg, LeJEPA's sliced Epps–Pulley statistic (Balestriero & LeCun, 2025), streamed over batches.
 
     For K unit directions :math:`a_j` and the projections :math:`y_{ij} = z_i^\top a_j` of all
@@ -86,9 +84,11 @@ class SIGReg(ReprMetric):
         True
     """
 
+    registry_name = "sigreg"  # opt-in: K projections per row cost more than a D×D update at small D
     higher_is_better = False
     plot_lower_bound = 0.0
     _reset_attributes = ("_num_features",)
+    statistic_name = "characteristic_sums"
 
     cos_sum: Tensor
     sin_sum: Tensor
@@ -118,7 +118,7 @@ class SIGReg(ReprMetric):
         self.add_state("num_samples", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def _check_batch(self, embeddings: Tensor) -> Tensor:
-        return check_tensor(embeddings, type(self).__name__, min_rows=1, features=self._num_features)
+        return check_tensor(embeddings, type(self).__name__, min_rows=0, features=self._num_features)
 
     def directions(self) -> Tensor:
         """The ``(D, K)`` unit directions (float64), once D is known (given, or after the first batch)."""
@@ -132,26 +132,42 @@ class SIGReg(ReprMetric):
                 self._directions = _seeded_directions(self._num_features, self.num_slices, self.seed, device)
         return self._directions
 
+    def statistic_key(self) -> tuple[Any, ...]:
+        given = None if self._given_directions is None else id(self._given_directions)
+        return (self.statistic_name, self.num_slices, self.seed, self.t_max, self.num_points, given)
+
+    def new_statistic(self) -> SIGReg:
+        return SIGReg(self.num_slices, self.seed, self._given_directions, self.t_max, self.num_points)
+
     def update(self, embeddings: Tensor) -> None:
         """Add a ``(B, D)`` batch. Raises ``ValueError`` (state untouched) on bad input."""
-        z = self._check_batch(embeddings)
+        self.accumulate(Batch(self._check_batch(embeddings)))
+
+    def accumulate(self, batch: Batch) -> None:
+        z = batch.points64 if batch.weights is not None else batch.raw_points
         with no_autocast(z.device):
             if self._num_features is None:
                 self._num_features = z.shape[1]
             a = self.directions()
             delta = self.t_max / (self.num_points - 1)
-            _add_characteristic_sums_(self.cos_sum, self.sin_sum, z.to(device=a.device, dtype=torch.float64), a, delta)
-            self.num_samples += z.shape[0]
+            _add_characteristic_sums_(self.cos_sum, self.sin_sum, z.to(device=a.device), a, delta, batch.weights)
+            count = batch.count()
+            self.num_samples += count if isinstance(count, int) else count.to(torch.long)
+
+    def rows_seen(self) -> int:
+        return int(self.num_samples)
+
+    def values_from(self, stat: SIGReg, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        n = stat.rows_seen()
+        if n == 0:
+            raise ValueError(f"{type(self).__name__}: compute() called before any update() (no embeddings seen)")
+        with no_autocast(stat.cos_sum.device):
+            _, phi, weights = _epps_pulley_grid(stat.t_max, stat.num_points, stat.cos_sum.device)
+            return {"": _sigreg_from_sums(stat.cos_sum, stat.sin_sum, n, phi, weights)}
 
     def compute(self) -> Tensor:
         """SIGReg of everything seen so far."""
-        n = int(self.num_samples)
-        if n == 0:
-            raise ValueError(f"{type(self).__name__}: compute() called before any update() (no embeddings seen)")
-        with no_autocast(self.cos_sum.device):
-            _, phi, weights = _epps_pulley_grid(self.t_max, self.num_points, self.cos_sum.device)
-            value = _sigreg_from_sums(self.cos_sum, self.sin_sum, n, phi, weights)
-        return value.to(torch.get_default_dtype())
+        return self.values_from(self, {})[""].to(torch.get_default_dtype())
 
     def reset(self) -> None:
         super().reset()
@@ -159,7 +175,7 @@ class SIGReg(ReprMetric):
             self._num_features = None
 
 
-class WassersteinUniformity(_CentredSecondMoments):
+class WassersteinUniformity(RowMoments):
     r"""Wasserstein uniformity (Fang et al., ICLR 2024), streamed over batches.
 
     With :math:`\hat z_i = z_i / \lVert z_i \rVert_2` for all embeddings seen, their mean μ and
@@ -194,26 +210,26 @@ class WassersteinUniformity(_CentredSecondMoments):
         True
     """
 
+    registry_name = "wasserstein_uniformity"
+    in_default_set = True
     higher_is_better = False
     plot_lower_bound = 0.0
-    _min_samples = 1
 
-    def update(self, embeddings: Tensor) -> None:
-        """Add a ``(B, D)`` batch (rows L2-normalised first). Raises ``ValueError`` (state untouched) on bad input."""
-        z = self._check_batch(embeddings)
-        with no_autocast(z.device):
-            self.moments = centred_moments_update_(self.moments, _l2_normalize(z.to(device=self.moments.device, dtype=torch.float64)))
-            self.input_eps.clamp_(min=torch.finfo(z.dtype).eps)
+    def __init__(self, num_features: int | None = None, **kwargs: Any) -> None:
+        super().__init__(normalize=True, num_features=num_features, **kwargs)
+
+    def values_from(self, stat: RowMoments, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        moments_checked(stat, "WassersteinUniformity", 1)
+        with no_autocast(stat.moments.device):
+            n, mean, scatter, eigenvalues = scatter_eigenvalues(stat, cache)
+            return {"": _wasserstein_uniformity_from_parts(n, mean, scatter, eigenvalues)}
 
     def compute(self) -> Tensor:
         """Wasserstein uniformity of everything seen so far."""
-        state, _ = self._checked_state()
-        with no_autocast(state.device):
-            value = _wasserstein_uniformity_from_state(state)
-        return value.to(torch.get_default_dtype())
+        return self.values_from(self, {})[""].to(torch.get_default_dtype())
 
 
-class IsoScore(_CentredSecondMoments):
+class IsoScore(RowMoments):
     r"""IsoScore (Rudman et al., Findings of ACL 2022), streamed over batches.
 
     .. math::
@@ -247,6 +263,9 @@ class IsoScore(_CentredSecondMoments):
         True
     """
 
+    registry_name = "isoscore"
+    in_default_set = True
+    min_features = 2
     higher_is_better = True
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
@@ -255,16 +274,15 @@ class IsoScore(_CentredSecondMoments):
         if num_features is not None:
             check_positive_int(num_features, "IsoScore", "num_features")
             _check_isoscore_width(num_features, "IsoScore")
-        super().__init__(num_features=num_features, **kwargs)
+        super().__init__(normalize=False, num_features=num_features, **kwargs)
 
-    def _check_batch(self, embeddings: Tensor) -> Tensor:
-        z = super()._check_batch(embeddings)
-        _check_isoscore_width(z.shape[1], "IsoScore")
-        return z
+    def values_from(self, stat: RowMoments, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        moments_checked(stat, "IsoScore", 2)
+        _check_isoscore_width(stat.moments.shape[1], "IsoScore")
+        with no_autocast(stat.moments.device):
+            return {"": _isoscore_from_state(stat.moments.to(torch.float64), float(stat.input_eps))}
 
     def compute(self) -> Tensor:
-        """IsoScore of everything seen so far."""
-        state, _ = self._checked_state()
-        with no_autocast(state.device):
-            value = _isoscore_from_state(state, float(self.input_eps))
-        return value.to(torch.get_default_dtype())
+        """IsoScore of everything seen so far (D = 1 raises here: every batch is accepted alike, as by
+        the other metrics, so a ``MetricCollection`` never applies a batch to some members only)."""
+        return self.values_from(self, {})[""].to(torch.get_default_dtype())

@@ -31,8 +31,11 @@ import copy
 import difflib
 import math
 import os
+import pickle
 import sys
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +45,16 @@ from einops import rearrange
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from reprmetrics.collapse import NormalizedStd
-from reprmetrics.spectral import AlphaReQ, RankMe
+from reprmetrics._validation import check_memory
+from reprmetrics.metric_set import MetricSet
+from reprmetrics.registry import (
+    MONITOR_MAX_SAMPLES,
+    MetricSpec,
+    MonitorConfigurationError,
+    available_metrics,
+    check_metric_names,
+    default_metrics,
+)
 
 __all__ = [
     "DEFAULT_MIN_SAMPLES",
@@ -60,14 +71,10 @@ __all__ = [
     "group_views",
 ]
 
-POINTS, VIEWS, PAIRS = "points", "views", "pairs"
 VIEW_LAYOUTS = ("auto", "calls", "concat", "stacked")
 # Below this many usable samples a tap's values are not reported: 4 samples gave RankMe 3.5, a false
 # collapse. 64 is max(2k + 2, 64) for the LID default k = 20; a metric's own minimum still applies.
 DEFAULT_MIN_SAMPLES = 64
-# The monitor computes every validation epoch, so its point metrics keep fewer points than the Metric
-# classes' one-off default (25,600): uniformity and LID cost O(N²·D) per computation.
-MONITOR_MAX_SAMPLES = 8192
 
 # Frames in these directories are library code: warnings point at the first frame outside them.
 _LIBRARY_DIRS: tuple[str, ...] = tuple(
@@ -114,11 +121,6 @@ def user_stacklevel() -> int:
 def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
     """Warn with the location of the user's code (see :func:`user_stacklevel`)."""
     warnings.warn(message, category, stacklevel=user_stacklevel())
-
-
-class MonitorConfigurationError(ValueError):
-    """A tap, view layout or setting that cannot work. Framework adapters re-raise it as their own
-    misconfiguration error (Lightning's ``MisconfigurationException``)."""
 
 
 def _closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
@@ -200,6 +202,28 @@ class Tap:
             raise MonitorConfigurationError(f"RepresentationMonitor: Tap source must be 'auto', 'module' or 'output', got {self.source!r}")
         if self.reduce is not None and not callable(self.reduce):
             raise MonitorConfigurationError(f"RepresentationMonitor: Tap {self.name!r}: `reduce` must be callable, got {type(self.reduce).__name__}")
+
+
+def _load_weights(path: str | os.PathLike) -> Mapping[str, Tensor]:
+    """A state dict (or a Lightning checkpoint's ``state_dict``) from ``path``, never running pickled code."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MonitorConfigurationError(
+            f"RepresentationMonitor: cannot load the reference checkpoint {str(path)!r} safely ({first_line[:200]}). It is read with"
+            " torch.load(weights_only=True), which never runs pickled code: save only the weights, e.g."
+            " torch.save(model.state_dict(), path), or pass the reference model itself as `reference`"
+        ) from None
+    state = state.get("state_dict", state) if isinstance(state, Mapping) else state
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise MonitorConfigurationError(
+            f"RepresentationMonitor: the reference checkpoint {str(path)!r} holds {type(state).__name__}, not a state dict of tensors;"
+            " save it with torch.save(model.state_dict(), path)"
+        )
+    return state
 
 
 def _follow_device(copy_: nn.Module, live: nn.Module) -> None:
@@ -290,97 +314,6 @@ def group_views(chunks: Sequence[Tensor], num_views: int, tap: str, layout: str 
     raise MonitorConfigurationError(f"RepresentationMonitor: `view_layout` must be one of {VIEW_LAYOUTS}, got {layout!r}")
 
 
-def _input_kind(metric: Metric) -> str:
-    from reprmetrics.multiview import Alignment, LiDAR
-
-    if isinstance(metric, LiDAR):
-        return VIEWS
-    if isinstance(metric, Alignment):
-        return PAIRS
-    return POINTS
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """How the monitor (and :func:`reprmetrics.evaluate`) builds one named metric.
-
-    ``factory(max_samples)`` makes a fresh Metric; ``direction`` is the healthy direction (``"↑"``,
-    ``"↓"``, ``"≈1"``); ``default`` says whether it is in the default set; it is included only when
-    the embeddings have at least ``min_features`` dimensions and, for ``needs_views``, 2 views.
-    """
-
-    factory: Callable[[int], Metric]
-    direction: str
-    default: bool = True
-    min_features: int = 1
-    needs_views: bool = False
-
-
-def _registry() -> dict[str, MetricSpec]:
-    from reprmetrics.intrinsic_dimension import LocalIntrinsicDimension, MLEDimension, TwoNN
-    from reprmetrics.isotropy import IsoScore, SIGReg, WassersteinUniformity
-    from reprmetrics.multiview import Alignment, LiDAR, Uniformity
-    from reprmetrics.spectral import CodingRate, NESum
-
-    return {
-        "rankme": MetricSpec(lambda m: RankMe(), "↑"),
-        "alpha_req": MetricSpec(lambda m: AlphaReQ(), "≈1", min_features=13),  # fits ranks 11..100: needs 3 of them
-        "normalized_std": MetricSpec(lambda m: NormalizedStd(), "↑"),
-        "uniformity": MetricSpec(lambda m: Uniformity(max_samples=m), "↓"),
-        "lid": MetricSpec(lambda m: LocalIntrinsicDimension(max_samples=m), "↑"),
-        "nesum": MetricSpec(lambda m: NESum(), "↑"),
-        "coding_rate": MetricSpec(lambda m: CodingRate(), "↑"),
-        "wasserstein_uniformity": MetricSpec(lambda m: WassersteinUniformity(), "↓"),
-        "isoscore": MetricSpec(lambda m: IsoScore(), "↑", min_features=2),
-        "lidar": MetricSpec(lambda m: LiDAR(), "↑", needs_views=True),
-        "alignment": MetricSpec(lambda m: Alignment(), "↓", needs_views=True),
-        # Opt-in: more than one D×D eigendecomposition's worth of work, or a global kNN estimate.
-        "sigreg": MetricSpec(lambda m: SIGReg(), "↓", default=False),
-        "twonn": MetricSpec(lambda m: TwoNN(max_samples=m), "↑", default=False),
-        "mle_dimension": MetricSpec(lambda m: MLEDimension(max_samples=m), "↑", default=False),
-    }
-
-
-_METRICS: dict[str, MetricSpec] | None = None
-
-
-def available_metrics() -> dict[str, MetricSpec]:
-    """Every metric the monitor can compute by name: ``{name: MetricSpec}`` (default and opt-in)."""
-    global _METRICS
-    if _METRICS is None:
-        _METRICS = _registry()
-    return dict(_METRICS)
-
-
-def check_metric_names(names: Iterable[str], owner: str = "RepresentationMonitor") -> list[str]:
-    """``names`` as a list, or :class:`MonitorConfigurationError` naming the closest known names."""
-    known = available_metrics()
-    names = list(names)
-    for name in names:
-        if name not in known:
-            close = _closest(str(name), known)
-            raise MonitorConfigurationError(
-                f"{owner}: unknown metric {name!r}" + (f"; did you mean {_quoted(close)}?" if close else "") + f" Known: {_quoted(sorted(known), limit=20)}"
-            )
-    return names
-
-
-def default_metrics(num_features: int, num_views: int, max_samples: int = MONITOR_MAX_SAMPLES, names: Iterable[str] | None = None) -> dict[str, Metric]:
-    """The metrics for one tap: the default set (or ``names``) that fits ``num_features`` and ``num_views``.
-
-    The default set: RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic dimension,
-    NESum, coding rate, Wasserstein uniformity, IsoScore, and with views LiDAR and alignment. Opt in to
-    the others (SIGReg, TwoNN, MLE dimension) by name.
-    """
-    specs = available_metrics()
-    chosen = [n for n, spec in specs.items() if spec.default] if names is None else check_metric_names(names)
-    return {
-        name: specs[name].factory(max_samples)
-        for name in chosen
-        if num_features >= specs[name].min_features and (num_views >= 2 or not specs[name].needs_views)
-    }
-
-
 class _CaptureCounts(Metric):
     """Samples used, non-finite and dropped (ungroupable), width and views: sum/max-reduced across ranks,
     so every rank makes the same report-or-withhold decision."""
@@ -393,16 +326,24 @@ class _CaptureCounts(Metric):
             self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("width", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
         self.add_state("views", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
+        self.add_state("reference_width", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
+        # The least-filled training buffer of the ranks that captured anything (1: full, or nothing captured).
+        self.add_state("fill", torch.tensor(1.0, dtype=torch.float64), dist_reduce_fx="min")
 
-    def update(self, used: int = 0, nonfinite: int | Tensor = 0, dropped: int = 0, width: int = 0, views: int = 0) -> None:
+    def update(
+        self, used: int | Tensor = 0, nonfinite: int | Tensor = 0, dropped: int = 0, width: int = 0, views: int = 0,
+        reference_width: int = 0, fill: float = 1.0,
+    ) -> None:
         self.used += used
         self.nonfinite += nonfinite
         self.dropped += dropped
         self.width.clamp_(min=float(width))
         self.views.clamp_(min=float(views))
+        self.reference_width.clamp_(min=float(reference_width))
+        self.fill.clamp_(max=float(fill))
 
     def compute(self) -> Tensor:
-        return torch.stack([self.used, self.nonfinite, self.dropped, self.width, self.views])
+        return torch.stack([self.used, self.nonfinite, self.dropped, self.width, self.views, self.reference_width, self.fill])
 
 
 @dataclass
@@ -424,108 +365,6 @@ class CaptureReport:
         return self.nonfinite / self.seen if self.seen else 0.0
 
 
-class MetricSet:
-    """The metrics of one tap and stage: feeds each the input it takes, skips (and warns once about)
-    a metric that cannot use a batch or cannot be computed, unless ``strict``.
-
-    Point metrics receive the first view of each sample (views of one sample are near-duplicates
-    that would distort neighbourhoods); LiDAR receives all views; Alignment views 1 and 2.
-    Samples with a non-finite value in any view are counted, not fed to the metrics.
-    """
-
-    def __init__(self, metrics: Mapping[str, Metric], label: str, strict: bool, warned: set[str], rankme_diagnostics: bool = False) -> None:
-        self.metrics = dict(metrics)
-        self.label = label
-        self.strict = strict
-        self._warned = warned
-        self.rankme_diagnostics = rankme_diagnostics
-        self.last_failures: dict[str, str] = {}
-        self.last_spectra: dict[str, dict[str, Any]] = {}  # AlphaReQ fits of the last compute(), for figures
-
-    def _fail(self, name: str, error: Exception) -> None:
-        if self.strict:
-            raise error
-        self.last_failures[name] = str(error)
-        key = f"{self.label}/{name}: {type(error).__name__}"
-        if key not in self._warned:
-            self._warned.add(key)
-            warn(f"reprmetrics monitor: skipping {self.label}/{name}: {error}")
-
-    def update(self, views: Tensor) -> int:
-        """Feed a ``(B, q, D)`` batch; samples with a non-finite value are left out. Returns how many were used."""
-        with torch.no_grad():
-            finite = torch.isfinite(views).flatten(1).all(dim=1)
-            num_finite = int(finite.sum())
-            if num_finite < len(views):
-                views = views[finite]
-            if num_finite == 0:
-                return 0
-            for name, metric in self.metrics.items():
-                kind = _input_kind(metric)
-                try:
-                    if kind == VIEWS:
-                        metric.update(views)
-                    elif kind == PAIRS:
-                        metric.update(views[:, 0], views[:, 1])
-                    else:
-                        metric.update(views[:, 0])
-                except (ValueError, RuntimeError) as error:
-                    self._fail(name, error)
-        return num_finite
-
-    def compute(self) -> dict[str, Tensor]:
-        """Every computable value (all ranks call this together: metrics sync under DDP).
-
-        An α-ReQ metric ``name`` also gives ``{name}_r2``, the R² of its log-log fit (from the same
-        eigendecomposition); with ``rankme_diagnostics`` a RankMe ``name`` also gives
-        ``{name}_top_singular_value`` and ``{name}_condition_number``.
-        """
-        values: dict[str, Tensor] = {}
-        self.last_failures = {}
-        self.last_spectra = {}
-        with torch.no_grad():
-            for name, metric in self.metrics.items():
-                try:
-                    with warnings.catch_warnings():
-                        warnings.filterwarnings("ignore", message=".*was called before the ``update``.*")
-                        values.update(self._values(name, metric))
-                except (ValueError, RuntimeError) as error:
-                    self._fail(name, error)
-        return values
-
-    def _values(self, name: str, metric: Metric) -> dict[str, Tensor]:
-        dtype = torch.get_default_dtype()
-        if isinstance(metric, AlphaReQ):
-            fit = metric.spectrum_fit()
-            self.last_spectra[name] = fit
-            device = fit["eigenvalues"].device
-            return {name: torch.tensor(fit["alpha"], dtype=dtype, device=device), f"{name}_r2": torch.tensor(fit["r2"], dtype=dtype, device=device)}
-        if isinstance(metric, RankMe) and self.rankme_diagnostics:
-            found = metric.diagnostics()
-            device = metric.device
-            return {
-                name: torch.tensor(found["rankme"], dtype=dtype, device=device),
-                f"{name}_top_singular_value": torch.tensor(found["top_singular_value"], dtype=dtype, device=device),
-                f"{name}_condition_number": torch.tensor(found["condition_number"], dtype=dtype, device=device),
-            }
-        return {name: metric.compute().detach()}
-
-    def value_names(self) -> list[str]:
-        """The names :meth:`compute` reports (when every metric can be computed)."""
-        names = []
-        for name, metric in self.metrics.items():
-            names.append(name)
-            if isinstance(metric, AlphaReQ):
-                names.append(f"{name}_r2")
-            elif isinstance(metric, RankMe) and self.rankme_diagnostics:
-                names += [f"{name}_top_singular_value", f"{name}_condition_number"]
-        return names
-
-    def reset(self) -> None:
-        for metric in self.metrics.values():
-            metric.reset()
-
-
 class _RecentBuffer:
     """The most recent ``capacity`` samples (groups of views), oldest dropped first."""
 
@@ -539,12 +378,24 @@ class _RecentBuffer:
         while self.chunks and stored - len(self.chunks[0]) >= self.capacity:
             stored -= len(self.chunks.pop(0))
 
-    def take(self) -> Tensor | None:
+    def recent(self) -> Tensor | None:
+        """The most recent ``capacity`` samples (kept: the next computation reads the most recent again)."""
         if not self.chunks:
             return None
         views = torch.cat(self.chunks)[-self.capacity :]
-        self.chunks = []
+        self.chunks = [views]
         return views
+
+    def fill(self) -> float:
+        """Stored samples over capacity, at most 1; 1 when empty (a rank that captured nothing waits for no one)."""
+        stored = sum(len(c) for c in self.chunks)
+        return 1.0 if stored == 0 else min(1.0, stored / self.capacity)
+
+    def state(self) -> Tensor | None:
+        return self.recent()
+
+    def load(self, views: Tensor | None) -> None:
+        self.chunks = [] if views is None else [views]
 
 
 class RepresentationTracker:
@@ -677,6 +528,7 @@ class RepresentationTracker:
         self._epoch_capture_steps = 0
         self._batch_size: int | None = None
         self._mode: str | None = None  # "train", "eval" or None (capture off)
+        self._capture_thread = threading.get_ident()  # captures come from the thread that starts the step
         self._handles: list[Any] = []
         self._module_taps: set[str] = set()
         self._submodule_names: list[str] = []
@@ -718,7 +570,7 @@ class RepresentationTracker:
                 continue
             self._module_taps.add(tap.name)
             self._found.add(tap.name)
-            self._handles.append(module.register_forward_hook(self._make_hook(tap), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._make_hook(tap, module), with_kwargs=True))
 
     def retake_reference(self, model: nn.Module) -> None:
         """Take the reference copies again from ``model`` (and re-attach): adapters call this when
@@ -733,8 +585,7 @@ class RepresentationTracker:
         elif self.reference == "initial":
             source = model
         else:
-            state = torch.load(self.reference, map_location="cpu", weights_only=False)
-            state = state.get("state_dict", state) if isinstance(state, Mapping) else state
+            state = _load_weights(self.reference)
             source = copy.deepcopy(model)
             try:
                 source.load_state_dict(state)
@@ -762,7 +613,10 @@ class RepresentationTracker:
             handle.remove()
         self._handles = []
 
-    def _make_hook(self, tap: Tap) -> Callable[..., None]:
+    def _make_hook(self, tap: Tap, attached: nn.Module) -> Callable[..., None]:
+        # A deep copy of the model (an EMA teacher) copies its forward hooks too; they must not capture.
+        owner = weakref.ref(attached)
+
         def embed(output: Any) -> Tensor:
             embeddings = tap.reduce(output) if tap.reduce is not None else _module_embeddings(output, tap.name)
             if not isinstance(embeddings, Tensor):
@@ -772,6 +626,14 @@ class RepresentationTracker:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if self._mode is None or self._capture_error is not None:
                 return  # off-schedule: costs one attribute read
+            if threading.get_ident() != self._capture_thread:
+                self._capture_error = MonitorConfigurationError(
+                    f"RepresentationMonitor: tap {tap.name!r} ran in another thread than the training loop (e.g. torch.nn.DataParallel);"
+                    " the order of captured views would depend on thread timing. Use DistributedDataParallel (one process per device)"
+                )
+                return
+            if module is not owner():
+                return  # a copy of the attached module (deepcopy carries hooks): not the monitored model
             with torch.no_grad():
                 try:
                     self._captured[tap.name].append(embed(output))
@@ -782,7 +644,8 @@ class RepresentationTracker:
                 except MonitorConfigurationError as error:
                     self._capture_error = error  # raised from the next end_*_step, outside the model's forward
 
-        return hook
+        # Under torch.compile the hook runs eagerly (a graph break): it reads Python state and threads.
+        return torch.compiler.disable(hook)
 
     # ---- capture ---------------------------------------------------------------------------
     def observe(self, outputs: Any, stage: str = "train") -> None:
@@ -900,10 +763,19 @@ class RepresentationTracker:
         return max(1, math.ceil(self.train_buffer_size / self._batch_size))
 
     def start_train_step(self) -> bool:
-        """Call before each training step; returns whether this step captures embeddings."""
+        """Call before each training step; returns whether this step captures embeddings.
+
+        Training-stage values read the most recent ``train_buffer_size`` samples per tap, captured
+        over the steps just before a scheduled step; the first value waits until the buffer is full
+        (on every rank that captures), so the first value, the baseline of relative criteria, is as
+        well founded as every later one. Until the buffer is full every step captures (one detached
+        copy of the tapped outputs per step).
+        """
         n = self.every_n_train_steps
-        capture = n > 0 and (self.train_steps % n) >= n - self._capture_window()
+        filling = self._batch_size is None or any(buffer.fill() < 1.0 for buffer in self._buffers.values())
+        capture = n > 0 and (filling or (self.train_steps % n) >= n - self._capture_window())
         self._mode = "train" if capture else None
+        self._capture_thread = threading.get_ident()
         self._epoch_capture_steps += capture
         return capture
 
@@ -929,7 +801,18 @@ class RepresentationTracker:
         return result
 
     def end_train_epoch(self) -> None:
-        """Call at the end of each training epoch: warns about taps that captured nothing in it."""
+        """Call at the end of each training epoch: warns about taps that captured nothing in it, and
+        about training-stage values still waiting for a full buffer."""
+        for tap, buffer in self._buffers.items():
+            key = f"filling/train/{tap}"
+            if self.every_n_train_steps and buffer.fill() < 1.0 and key not in self._warned:
+                self._warned.add(key)
+                stored = round(buffer.fill() * self.train_buffer_size)
+                warn(
+                    f"reprmetrics monitor: tap {tap!r}: no training-stage values yet: they start once its buffer holds"
+                    f" train_buffer_size={self.train_buffer_size} samples, and it holds {stored} after epoch {self.epoch}."
+                    " Lower train_buffer_size for small datasets"
+                )
         if self._epoch_capture_steps:
             for tap in self.taps:
                 if not self._epoch_train_captures[tap.name]:
@@ -961,6 +844,7 @@ class RepresentationTracker:
         self._captured = {t.name: [] for t in self.taps}
         self._reference_captured = {t.name: [] for t in self.taps}
         self._mode = "eval"
+        self._capture_thread = threading.get_ident()
 
     def end_eval_step(self, outputs: Any = None) -> None:
         """Call after each evaluation batch, with what the step returned when output taps are used."""
@@ -997,11 +881,23 @@ class RepresentationTracker:
             d = views.shape[-1] if views is not None else width
             q = views.shape[1] if views is not None else num_views
             device = views.device if views is not None else self._device()
-            metrics = default_metrics(d, q, self.max_samples) if self.use_default_metrics else {}
-            metrics.update(default_metrics(d, q, self.max_samples, names=self.named_metrics) if self.named_metrics else {})
+            options = {"rankme": {"diagnostics": True}} if self.rankme_diagnostics else None
+            metrics = default_metrics(d, q, self.max_samples, options=options) if self.use_default_metrics else {}
+            metrics.update(default_metrics(d, q, self.max_samples, names=self.named_metrics, options=options) if self.named_metrics else {})
             metrics.update({name: m.clone() for name, m in self.extra_metrics.items()})
-            metrics = {name: m.to(device) for name, m in metrics.items()}  # embeddings stay where they are
-            self._metric_sets[key] = MetricSet(metrics, f"{stage}/{tap}", self.strict, self._warned, self.rankme_diagnostics)
+            if self.rankme_diagnostics:  # for a RankMe given as a Metric too
+                for metric in metrics.values():
+                    if hasattr(metric, "diagnostics_reported"):
+                        metric.diagnostics_reported = True
+            metric_set = MetricSet(metrics, f"{stage}/{tap}", self.strict, self._warned, warn)
+            try:  # each D×D float64 statistic, and as much again while its eigenvalues are computed
+                check_memory(
+                    2 * metric_set.dense_states() * (d + 3) * d * 8, device, "RepresentationMonitor", f"tap {tap!r} of width D = {d:,} ({stage})",
+                    "tap a narrower layer, pool or project it with the Tap's `reduce`, or choose metrics that keep no D×D matrix",
+                )
+            except ValueError as error:
+                raise MonitorConfigurationError(str(error)) from None
+            self._metric_sets[key] = metric_set.to(device)  # embeddings stay where they are
         return self._metric_sets[key]
 
     def metric_sets(self, stage: str) -> dict[str, MetricSet]:
@@ -1013,17 +909,21 @@ class RepresentationTracker:
         drift = ["cka_to_reference"] if stage == "val" and self.reference is not None else []
         return {tap: [*s.value_names(), *drift, "num_samples", "nonfinite_fraction"] for tap, s in self.metric_sets(stage).items()}
 
-    def _feed_drift(self, tap: str, views: Tensor, reference: Tensor) -> None:
+    @staticmethod
+    def _new_drift_metric(width: int, reference_width: int, device: torch.device) -> Metric:
         from reprmetrics.similarity import LinearCKA
 
+        return LinearCKA(num_features=(width, reference_width)).to(device)
+
+    def _feed_drift(self, tap: str, views: Tensor, reference: Tensor) -> None:
         live, ref = views[:, 0], reference[:, 0]
-        finite = torch.isfinite(live).all(dim=1) & torch.isfinite(ref).all(dim=1)
-        if not bool(finite.all()):
-            live, ref = live[finite], ref[finite]
+        finite = torch.isfinite(live).all(dim=1) & torch.isfinite(ref).all(dim=1)  # weighted out: no host sync
+        zero = torch.zeros((), dtype=live.dtype, device=live.device)
+        live, ref = torch.where(finite[:, None], live, zero), torch.where(finite[:, None], ref, zero.to(ref.dtype))
         if tap not in self._drift:
-            self._drift[tap] = LinearCKA(num_features=(live.shape[-1], ref.shape[-1])).to(live.device)
-        if len(live):
-            self._drift[tap].update(live, ref)
+            self._drift[tap] = self._new_drift_metric(live.shape[-1], ref.shape[-1], live.device)
+        self._counts[("val", tap)].update(reference_width=ref.shape[-1])
+        self._drift[tap].accumulate(live, ref, finite.to(torch.float64))
 
     def _device(self) -> torch.device:
         if self._model is not None:
@@ -1036,15 +936,29 @@ class RepresentationTracker:
         counts = self._counts[(stage, tap)].to(views.device)
         counts.update(used=used, nonfinite=len(views) - used, width=views.shape[-1], views=views.shape[1])
 
+    def _buffer_ready(self, tap: str) -> bool:
+        """Whether every rank that captured samples for ``tap`` has a full buffer (synced: the same answer everywhere)."""
+        counts = self._counts[("train", tap)]
+        counts.reset()
+        counts.to(self._device())
+        counts.update(fill=self._buffers[tap].fill())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was called before the ``update``.*")
+            fill = float(counts.compute()[6])
+        return fill >= 1.0
+
     def _compute_train(self) -> dict[str, Tensor]:
         values = {}
         for tap in self.taps:
-            views = self._buffers[tap.name].take()
+            if not self._buffer_ready(tap.name):
+                continue
+            views = self._buffers[tap.name].recent()
             dropped, self._train_dropped[tap.name] = self._train_dropped[tap.name], 0
             counts = self._counts[("train", tap.name)]
             counts.reset()
+            if ("train", tap.name) in self._metric_sets:  # on every rank: a rank without samples must not reuse the last state
+                self._metric_sets[("train", tap.name)].reset()
             if views is not None:
-                self.metric_set("train", tap.name, views).reset()
                 self._feed("train", tap.name, views)
             counts.update(dropped=dropped)
             values.update(self._compute_tap("train", tap.name))
@@ -1058,7 +972,7 @@ class RepresentationTracker:
         counts.to(next(iter(metric_set.metrics.values())).device if metric_set is not None else self._device())
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was called before the ``update``.*")
-            used, nonfinite, dropped, width, num_views = (int(v) for v in counts.compute().tolist())
+            used, nonfinite, dropped, width, num_views, reference_width, _ = (int(v) for v in counts.compute().tolist())
         report = CaptureReport(stage, tap, used, nonfinite, dropped)
         self.reports[(stage, tap)] = report
         label = {"train": "training", "val": "validation"}[stage]
@@ -1077,13 +991,17 @@ class RepresentationTracker:
         }
         if metric_set is None and width:  # nothing reached this rank but others have data: join their sync
             metric_set = self.metric_set(stage, tap, width=width, num_views=num_views)
+        # Drift is computed wherever any rank saw reference embeddings (synced), so every rank joins its sync.
+        has_drift = stage == "val" and reference_width > 0
+        if has_drift and tap not in self._drift:
+            self._drift[tap] = self._new_drift_metric(width, reference_width, device)
         if nonfinite:
             warn(
                 f"reprmetrics monitor: divergence: tap {tap!r} produced non-finite embeddings ({report.nonfinite_fraction:.0%} of"
                 f" {report.seen} samples, {label}); its metrics are reported as NaN"
             )
             names = metric_set.value_names() if metric_set is not None else []
-            names += ["cka_to_reference"] if stage == "val" and tap in self._drift else []
+            names += ["cka_to_reference"] if has_drift else []
             values.update({f"{tap}/{name}": torch.tensor(float("nan"), device=device) for name in names})
             return values
         if dropped:
@@ -1099,7 +1017,7 @@ class RepresentationTracker:
             return values
         if metric_set is not None:
             values.update({f"{tap}/{name}": value for name, value in metric_set.compute().items()})
-        if stage == "val" and tap in self._drift:
+        if has_drift:
             try:
                 values[f"{tap}/cka_to_reference"] = self._drift[tap].compute().detach()
             except (ValueError, RuntimeError) as error:
@@ -1114,19 +1032,35 @@ class RepresentationTracker:
 
     # ---- persistence -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The schedule's clock, the history of values and the widths seen (for checkpoints)."""
+        """Everything a resumed run needs to give the values the uninterrupted run gives: the schedule's
+        clock and counters, the training capture buffers (at most ``train_buffer_size`` samples per
+        tap, on the CPU), the history of values and the widths seen. Tensors and plain Python values
+        only, so checkpoints load with ``torch.load(weights_only=True)``."""
         return {
             "train_steps": self.train_steps,
             "epoch": self.epoch,
+            "eval_passes": self.eval_passes,
             "history": {k: list(v) for k, v in self.history.items()},
             "num_features": dict(self.num_features),
             "batch_size": self._batch_size,
+            "buffers": {tap: (None if (views := buffer.state()) is None else views.cpu()) for tap, buffer in self._buffers.items()},
+            "train_dropped": dict(self._train_dropped),
+            "epoch_capture_steps": self._epoch_capture_steps,
+            "epoch_train_captures": dict(self._epoch_train_captures),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Restore what :meth:`state_dict` saved (buffers go back to the model's device at the next capture)."""
         self.train_steps = int(state["train_steps"])
         self.epoch = int(state.get("epoch", 0))
+        self.eval_passes = int(state.get("eval_passes", self.eval_passes))
         self.history = {k: [tuple(x) for x in v] for k, v in state["history"].items()}
         self.num_features = dict(state.get("num_features", {}))
         self._batch_size = state.get("batch_size")
+        device = self._device()
+        for tap, views in state.get("buffers", {}).items():
+            if tap in self._buffers:
+                self._buffers[tap].load(None if views is None else views.to(device))
+        self._train_dropped.update({k: int(v) for k, v in state.get("train_dropped", {}).items() if k in self._train_dropped})
+        self._epoch_capture_steps = int(state.get("epoch_capture_steps", 0))
+        self._epoch_train_captures.update({k: int(v) for k, v in state.get("epoch_train_captures", {}).items() if k in self._epoch_train_captures})

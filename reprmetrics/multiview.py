@@ -1,12 +1,12 @@
 r"""Streaming multi-view metrics: :class:`LiDAR`, :class:`Alignment` and :class:`Uniformity`.
 
-- :class:`LiDAR` keeps sufficient statistics of whole groups of views (the within-group scatter,
-  sum-reduced, and shifted centred moments of the group means, merged exactly): memory and DDP
-  traffic are O(D²) whatever the number of samples.
-- :class:`Alignment` keeps a sum and a count.
-- :class:`Uniformity` needs the points: it keeps a uniform random sample of at most ``max_samples``
-  of them, the same sample on every rank (see :class:`reprmetrics._sampling.BoundedSampleMetric`),
-  and evaluates every pair of it exactly, in tiles.
+- :class:`LiDAR` reads :class:`~reprmetrics.statistics.ViewMoments`: the within-group scatter
+  (sum-reduced) and the exact centred moments of the group means: memory and DDP traffic are O(D²)
+  whatever the number of samples.
+- :class:`Alignment` reads :class:`~reprmetrics.statistics.PairDistances`: a sum and a count.
+- :class:`Uniformity` needs the points: it reads :class:`~reprmetrics.statistics.BoundedSample`, a
+  uniform random sample of at most ``max_samples`` of them, the same sample on every rank, and
+  evaluates every pair of it exactly, in tiles.
 
 ``forward()`` (``metric(batch)``) validates the batch against what was accumulated before torchmetrics
 swaps the state out, so a rejected batch leaves the state unchanged there too.
@@ -19,26 +19,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reprmetrics._base import ReprMetric
-from reprmetrics._linalg import centred_moments_state, merge_centred_moments, no_autocast
-from reprmetrics._sampling import BoundedSampleMetric
-from reprmetrics._validation import check_nonnegative_float, check_positive_int
+from reprmetrics._linalg import no_autocast
+from reprmetrics._validation import check_nonnegative_float
 from reprmetrics.functional.multiview import (
-    _add_lidar_moments_,
-    _alignment_distances,
-    _check_pair,
-    _check_views,
     _lidar_eigenvalues,
     _lidar_scatter_from_moments,
-    _normalised,
     _smooth_effective_rank,
     _uniformity_from_points,
 )
+from reprmetrics.statistics import BoundedSample, PairDistances, ViewMoments, sample_points
 
 __all__ = ["Alignment", "LiDAR", "Uniformity"]
 
 
-class LiDAR(ReprMetric):
+class LiDAR(ViewMoments):
     r"""LiDAR (Thilak et al., ICLR 2024), streamed over batches of whole groups of views.
 
     Each source sample is a class whose members are its q augmented views. With :math:`\mu_i` the
@@ -93,83 +87,38 @@ class LiDAR(ReprMetric):
         True
     """
 
+    registry_name = "lidar"
+    in_default_set = True
+    input_kind = "views"
     higher_is_better = True
     plot_lower_bound = 1.0
-    _reset_attributes = ("_known_views",)
-
-    within: Tensor
-    means_moments: Tensor
-    num_groups: Tensor
-    num_views: Tensor
-    total_views: Tensor
 
     def __init__(self, delta: float = 1e-4, eps: float = 1e-8, num_features: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(num_features=num_features, **kwargs)
         self.delta = check_nonnegative_float(delta, "LiDAR", "delta")
         self.eps = check_nonnegative_float(eps, "LiDAR", "eps")
-        if num_features is not None:
-            check_positive_int(num_features, "LiDAR", "num_features")
-        d = num_features or 0
-        self.add_state("within", torch.zeros(d, d, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("means_moments", centred_moments_state(num_features), dist_reduce_fx=merge_centred_moments)
-        self.add_state("num_groups", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        # q is fixed: "max" carries it through a sync, and total_views = n·q checks that ranks agree.
-        self.add_state("num_views", torch.tensor(0, dtype=torch.long), dist_reduce_fx="max")
-        self.add_state("total_views", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        # Machine epsilon of the coarsest input seen: sets when Σ_b is indistinguishable from 0.
-        self.add_state("input_eps", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
-        self._known_views: int | None = None  # q of earlier batches, checked without a device sync
 
-    def _validated(self, views: Any) -> Tensor:
-        known = self.within.shape[0] if self.within.numel() else None
-        return _check_views(views, "LiDAR", min_groups=1, features=known, num_views=self._known_views)
-
-    def update(self, views: Tensor) -> None:
-        """Add a ``(B, q, d)`` batch of whole groups. Raises ``ValueError`` (state untouched) on bad input."""
-        v = self._validated(views)
-        b, q, d = v.shape
-        with no_autocast(v.device):
-            if self.within.numel() == 0:
-                self.within = torch.zeros(d, d, dtype=torch.float64, device=self.within.device)
-            v64 = v.to(device=self.within.device, dtype=torch.float64)
-            self.means_moments = _add_lidar_moments_(self.within, self.means_moments, v64)
-            self.input_eps.clamp_(min=torch.finfo(v.dtype).eps)
-            self.num_groups += b
-            self.num_views.fill_(q)
-            self.total_views += b * q
-        self._known_views = q
-
-    def compute(self) -> Tensor:
-        """LiDAR of every group seen so far."""
-        n, q = int(self.num_groups), int(self.num_views)
-        if n == 0 or self.within.numel() == 0:
+    def values_from(self, stat: ViewMoments, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        n, q = int(stat.num_groups), int(stat.num_views)
+        if n == 0 or stat.within.numel() == 0:
             raise ValueError("LiDAR: compute() called before any update() (no views seen)")
         if n < 2:
             raise ValueError(f"LiDAR: needs at least 2 samples (groups of views), got {n}")
-        if int(self.total_views) != n * q:
+        if int(stat.total_views) != n * q:
             raise ValueError(
-                f"LiDAR: the processes saw different numbers of views per sample ({int(self.total_views)} views"
+                f"LiDAR: the processes saw different numbers of views per sample ({int(stat.total_views)} views"
                 f" in {n} groups, at most {q} per group); every group must have the same q"
             )
-        with no_autocast(self.within.device):
-            between, within, tol, _ = _lidar_scatter_from_moments(self.within, self.means_moments, q, float(self.input_eps))
-            value = _smooth_effective_rank(_lidar_eigenvalues(between, within, self.delta, tol, "LiDAR"), self.eps)
-        return value.to(torch.get_default_dtype())
+        with no_autocast(stat.within.device):
+            between, within, tol, _ = _lidar_scatter_from_moments(stat.within, stat.means_moments, q, float(stat.input_eps))
+            return {"": _smooth_effective_rank(_lidar_eigenvalues(between, within, self.delta, tol, "LiDAR"), self.eps)}
 
-    def _check_forward(self, views: Any) -> Tensor:
-        v = self._validated(views)
-        if v.shape[0] < 2:
-            raise ValueError(
-                f"LiDAR: forward() returns the value of this batch alone, which needs at least 2 samples"
-                f" (groups of views), got {v.shape[0]}; use update() for smaller batches"
-            )
-        return v
+    def compute(self) -> Tensor:
+        """LiDAR of every group seen so far."""
+        return self.values_from(self, {})[""].to(torch.get_default_dtype())
 
-    def reset(self) -> None:
-        super().reset()
-        self._known_views = None
 
-class Alignment(ReprMetric):
+class Alignment(PairDistances):
     r"""Alignment of positive pairs (Wang & Isola, ICML 2020), streamed over batches.
 
     .. math::
@@ -193,7 +142,7 @@ class Alignment(ReprMetric):
 
     Args:
         alpha: exponent > 0 (the paper's 2).
-        normalize: L2-normalise the rows first (zero-norm rows then raise ``ValueError``).
+        normalize: L2-normalise the rows first (a zero row stays zero: it has no direction).
         kwargs: passed to :class:`torchmetrics.Metric`.
 
     Example:
@@ -207,50 +156,27 @@ class Alignment(ReprMetric):
         True
     """
 
-    _reset_attributes = ("_num_features",)
+    registry_name = "alignment"
+    in_default_set = True
+    input_kind = "pairs"
     is_differentiable = True
     higher_is_better = False
     plot_lower_bound = 0.0
 
-    sum_distances: Tensor
-    num_pairs: Tensor
-
     def __init__(self, alpha: float = 2.0, normalize: bool = True, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.alpha = check_nonnegative_float(alpha, "Alignment", "alpha", strictly_positive=True)
-        self.normalize = bool(normalize)
-        self.add_state("sum_distances", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("num_pairs", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self._num_features: int | None = None
+        super().__init__(alpha=alpha, normalize=normalize, **kwargs)
 
-    def _distances(self, x: Any, y: Any) -> Tensor:
-        """Validated per-pair distances; raises before any state changes."""
-        xs, ys = _check_pair(x, y, "Alignment", features=self._num_features)
-        with no_autocast(xs.device):
-            return _alignment_distances(xs, ys, self.alpha, self.normalize, "Alignment")
-
-    def update(self, x: Tensor, y: Tensor) -> None:
-        """Add a batch of ``(B, D)`` pairs. Raises ``ValueError`` (state untouched) on bad input."""
-        distances = self._distances(x, y)
-        self.sum_distances += distances.sum().to(self.sum_distances.device)
-        self.num_pairs += distances.shape[0]
-        self._num_features = x.shape[-1]
+    def values_from(self, stat: PairDistances, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        if stat.rows_seen() == 0:
+            raise ValueError("Alignment: compute() called before any update() (no pairs seen)")
+        return {"": stat.sum_distances / stat.num_pairs}
 
     def compute(self) -> Tensor:
         """Mean distance over every pair seen so far."""
-        if int(self.num_pairs) == 0:
-            raise ValueError("Alignment: compute() called before any update() (no pairs seen)")
-        return (self.sum_distances / self.num_pairs).to(torch.get_default_dtype())
-
-    def _check_forward(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
-        return _check_pair(x, y, "Alignment", features=self._num_features)
-
-    def reset(self) -> None:
-        super().reset()
-        self._num_features = None
+        return self.values_from(self, {})[""].to(torch.get_default_dtype())
 
 
-class Uniformity(BoundedSampleMetric):
+class Uniformity(BoundedSample):
     r"""Uniformity on the hypersphere (Wang & Isola, ICML 2020), exact over every pair of a bounded sample.
 
     .. math::
@@ -281,7 +207,7 @@ class Uniformity(BoundedSampleMetric):
 
     Args:
         t: temperature > 0 (the paper's 2).
-        normalize: L2-normalise the rows first (zero-norm rows then raise ``ValueError`` at update).
+        normalize: L2-normalise the rows first (a zero row stays zero: it has no direction).
         max_samples: the most points kept (default 25,600).
         seed: seeds the sampling keys (each rank adds its own offset).
         kwargs: passed to :class:`torchmetrics.Metric`.
@@ -296,6 +222,8 @@ class Uniformity(BoundedSampleMetric):
         True
     """
 
+    registry_name = "uniformity"
+    in_default_set = True
     higher_is_better = False
     _min_samples = 2
 
@@ -306,24 +234,11 @@ class Uniformity(BoundedSampleMetric):
         self.t = check_nonnegative_float(t, "Uniformity", "t", strictly_positive=True)
         self.normalize = bool(normalize)
 
-    def _check_batch(self, x: Any) -> Tensor:
-        z = super()._check_batch(x)
-        if self.normalize:
-            _normalised(z.to(torch.float64), "Uniformity", "embeddings")  # raises on zero-norm rows
-        return z
+    def values_from(self, stat: BoundedSample, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        points = sample_points(stat, cache, "Uniformity", 2)
+        with no_autocast(points.device):
+            return {"": _uniformity_from_points(points, self.t, self.normalize, "Uniformity")}
 
     def compute(self) -> Tensor:
         """Uniformity over every pair of the kept points."""
-        points = self._sample()
-        with no_autocast(points.device):
-            value = _uniformity_from_points(points, self.t, self.normalize, "Uniformity")
-        return value.to(torch.get_default_dtype())
-
-    def _check_forward(self, embeddings: Any) -> Tensor:
-        z = self._check_batch(embeddings)
-        if z.shape[0] < 2:
-            raise ValueError(
-                f"Uniformity: forward() returns the value of this batch alone, which needs at least 2 samples,"
-                f" got {z.shape[0]}; use update() for smaller batches"
-            )
-        return z
+        return self.values_from(self, {})[""].to(torch.get_default_dtype())

@@ -37,7 +37,7 @@ class LinearCKA(ReprMetric):
 
     over all rows seen, :math:`\tilde X, \tilde Y` column-centred. The state is the packed centred
     moments of ``concat([x, y], dim=1)`` (count, shift, Σ(z − c), Σ(z − c)(z − c)ᵀ with the shift c
-    the first batch's mean; ``reprmetrics._linalg``), whose scatter blocks are X̃ᵀX̃, X̃ᵀỸ and ỸᵀỸ.
+    the first row seen; ``reprmetrics._linalg``), whose scatter blocks are X̃ᵀX̃, X̃ᵀỸ and ỸᵀỸ.
     Ranks and ``forward()`` merge it exactly (Chan et al.'s pairwise update, a custom
     ``dist_reduce_fx``): memory and DDP traffic O((D1 + D2)²), never O(N), and no cancellation when
     the embeddings sit far from the origin (tested at offsets of 1e8 × the spread). Equals
@@ -95,20 +95,20 @@ class LinearCKA(ReprMetric):
         return dx, self.moments.shape[1] - dx
 
     def _check_batch(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
-        return _check_pair(x, y, "LinearCKA", 1, widths=self._known_widths())
+        return _check_pair(x, y, "LinearCKA", 0, widths=self._known_widths())
 
     def update(self, x: Tensor, y: Tensor) -> None:
         """Add a batch of paired rows. Raises ``ValueError`` (state untouched) on bad input."""
         xs, ys = self._check_batch(x, y)
-        with no_autocast(xs.device):
-            device = self.num_features_x.device
-            joint = torch.cat([xs.to(device=device, dtype=torch.float64), ys.to(device=device, dtype=torch.float64)], dim=1)
-            self.moments = centred_moments_update_(self.moments, joint)
-        self.num_features_x.fill_(xs.shape[1])
+        self.accumulate(xs, ys)
 
-    def _check_forward(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
-        # forward() also computes this batch's own value, which needs 2 rows.
-        return _check_pair(x, y, "LinearCKA", _MIN_ROWS_BIASED, widths=self._known_widths())
+    def accumulate(self, x: Tensor, y: Tensor, weights: Tensor | None = None) -> None:
+        """Add checked rows (no checks, no host sync); ``weights``: 0/1 per row, rows with 0 left out (they must be finite)."""
+        with no_autocast(x.device):
+            device = self.num_features_x.device
+            joint = torch.cat([x.to(device=device, dtype=torch.float64), y.to(device=device, dtype=torch.float64)], dim=1)
+            self.moments = centred_moments_update_(self.moments, joint, weights)
+        self.num_features_x.fill_(x.shape[1])
 
     def compute(self) -> Tensor:
         """Linear CKA of everything seen so far."""
@@ -192,11 +192,17 @@ class MinibatchCKA(ReprMetric):
         self._widths: tuple[int, int] | None = None  # (D1, D2) of earlier minibatches
 
     def _check_batch(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
-        return _check_pair(x, y, "MinibatchCKA", _MIN_ROWS_UNBIASED, widths=self._widths)
+        xs, ys = _check_pair(x, y, "MinibatchCKA", 0, widths=self._widths)
+        if 0 < xs.shape[0] < _MIN_ROWS_UNBIASED:  # an empty batch (a rank without data) adds nothing
+            _check_pair(x, y, "MinibatchCKA", _MIN_ROWS_UNBIASED, widths=self._widths)
+        return xs, ys
 
     def update(self, x: Tensor, y: Tensor) -> None:
-        """Add one minibatch of paired rows. Raises ``ValueError`` (state untouched) on bad input."""
+        """Add one minibatch of paired rows (an empty one adds nothing). Raises ``ValueError`` (state untouched) on bad input."""
         xs, ys = self._check_batch(x, y)
+        if xs.shape[0] == 0:
+            self._widths = (xs.shape[1], ys.shape[1])
+            return
         with no_autocast(xs.device):
             # The RBF bandwidth check can still reject the batch, so compute before touching state.
             terms = _hsic_terms(xs, ys, self.kernel, self.sigma, True, "MinibatchCKA").to(self.hsic_xy.device)

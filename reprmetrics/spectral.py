@@ -1,11 +1,11 @@
-r"""Streaming spectral metrics: :class:`RankMe` and :class:`AlphaReQ`.
+r"""Streaming spectral metrics: :class:`RankMe`, :class:`AlphaReQ`, :class:`NESum` and :class:`CodingRate`.
 
-Both keep sufficient statistics of the embeddings, not the embeddings. RankMe's definition is
-un-centred, so it keeps the Gram matrix ZᵀZ (D×D), Σz and N, sum-reduced. α-ReQ is centred, so it
-keeps shifted moments (N, a shift c, Σ(z − c), Σ(z − c)(z − c)ᵀ in one packed tensor, see
-:func:`reprmetrics._linalg.centred_moments_update_`) merged exactly across batches and ranks: an
-offset far larger than the spread does not cancel. Memory is O(D²) whatever the number of samples,
-a DDP sync moves O(D²) numbers, and every rank computes the same value.
+All four read one statistic, :class:`reprmetrics.statistics.RowMoments`: the exact centred second
+moments of the rows (coding rate: of the L2-normalised rows), merged exactly across batches and ranks,
+so an offset far larger than the spread cancels nothing. RankMe's definition is un-centred: its Gram
+matrix ZᵀZ = scatter + N·μμᵀ is recovered from the moments, as exactly as accumulating ZᵀZ directly.
+Memory is O(D²) whatever the number of samples, a DDP sync moves O(D²) numbers, and every rank
+computes the same value.
 """
 
 from __future__ import annotations
@@ -15,126 +15,58 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reprmetrics._base import ReprMetric
-from reprmetrics._linalg import (
-    add_gram_,
-    centred_moments,
-    centred_moments_count,
-    centred_moments_state,
-    centred_moments_update_,
-    eigvalsh_descending,
-    merge_centred_moments,
-    no_autocast,
-)
-from reprmetrics._validation import check_nonnegative_float, check_positive_int, check_tensor
-from reprmetrics.functional.collapse import _l2_normalize
+from reprmetrics._linalg import centred_moments, no_autocast, symmetric_from_upper
+from reprmetrics._validation import check_nonnegative_float
 from reprmetrics.functional.spectral import (
     _check_coding_rate_eps,
     _check_fit_range,
     _coding_rate_from_gram,
-    _covariance_from_moments,
-    _covariance_spectrum_from_state,
-    _nesum_from_state,
+    _covariance_spectrum_from_parts,
+    _nesum_from_parts,
     _power_law_fit,
     _rankme_from_singular_values,
-    _singular_values_from_gram,
     _spectrum_diagnostics,
 )
+from reprmetrics.statistics import RowMoments, cached, moments_checked, scatter_eigenvalues, uncentred_singular_values
 
 __all__ = ["AlphaReQ", "CodingRate", "NESum", "RankMe"]
 
 
-class _SecondMoments(ReprMetric):
-    """Base class: streams ZᵀZ, Σz and N of ``(B, D)`` batches in ``accumulate_dtype``.
+class _RowSpectrum(RowMoments):
+    """Shared reading methods of the metrics on the rows' centred moments."""
 
-    ``num_features`` may be given up front; otherwise the states take their shape from the first
-    batch (every DDP rank must then see at least one batch before ``compute()``).
-    """
+    def _synced(self) -> Any:
+        return self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync)
 
-    _min_samples = 1
-
-    gram: Tensor
-    total: Tensor
-    num_samples: Tensor
-
-    def __init__(
-        self,
-        num_features: int | None = None,
-        accumulate_dtype: torch.dtype = torch.float64,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        name = type(self).__name__
-        if num_features is not None:
-            check_positive_int(num_features, name, "num_features")
-        if accumulate_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"{name}: `accumulate_dtype` must be torch.float32 or torch.float64, got {accumulate_dtype}")
-        self.accumulate_dtype = accumulate_dtype
-        d = num_features or 0
-        self.add_state("gram", torch.zeros(d, d, dtype=accumulate_dtype), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros(d, dtype=accumulate_dtype), dist_reduce_fx="sum")
-        self.add_state("num_samples", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        # Machine epsilon of the coarsest input seen: what counts as a zero eigenvalue depends on it.
-        self.add_state("input_eps", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
-
-    def _check_batch(self, embeddings: Tensor) -> Tensor:
-        known = self.gram.shape[0] if self.gram.numel() else None
-        return check_tensor(embeddings, type(self).__name__, min_rows=1, features=known)
-
-    def update(self, embeddings: Tensor) -> None:
-        """Add a ``(B, D)`` batch. Raises ``ValueError`` (state untouched) on bad input."""
-        known = self.gram.shape[0] if self.gram.numel() else None
-        z = self._check_batch(embeddings)
-        with no_autocast(z.device):
-            if known is None:
-                d = z.shape[1]
-                self.gram = torch.zeros(d, d, dtype=self.gram.dtype, device=self.gram.device)
-                self.total = torch.zeros(d, dtype=self.total.dtype, device=self.total.device)
-            input_eps = torch.finfo(z.dtype).eps
-            z = z.to(device=self.gram.device, dtype=self.gram.dtype)
-            add_gram_(self.gram, z)
-            self.total += z.sum(dim=0)
-            self.num_samples += z.shape[0]
-            self.input_eps.clamp_(min=input_eps)
-
-    def _checked_moments(self) -> tuple[Tensor, Tensor, int]:
-        n = int(self.num_samples)
-        name = type(self).__name__
-        if n == 0 or self.gram.numel() == 0:
-            raise ValueError(f"{name}: compute() called before any update() (no embeddings seen)")
-        if n < self._min_samples:
-            raise ValueError(f"{name}: needs at least {self._min_samples} samples, got {n}")
-        # Upper triangle valid only (see add_gram_); the eigensolver reads just that triangle.
-        return self.gram.to(torch.float64), self.total.to(torch.float64), n
-
-    def _singular_values(self) -> Tensor:
-        gram, _, n = self._checked_moments()
-        with no_autocast(gram.device):
-            return _singular_values_from_gram(gram, n, gram.shape[0], torch.finfo(self.accumulate_dtype).eps)
+    def covariance_eigenvalues(self) -> Tensor:
+        """Eigenvalues of the covariance of all rows seen (centred; synced across ranks), descending, ``min(N, D)``."""
+        with self._synced():
+            return _covariance_spectrum(self, {}, type(self).__name__)[0]
 
     def singular_values(self) -> Tensor:
-        """Singular values of the un-centred matrix of all embeddings seen (synced across ranks), descending.
+        """Singular values of the un-centred matrix of all rows seen (synced across ranks), descending.
 
         Those at the Gram's round-off level are exact zeros (see
         :func:`reprmetrics._linalg.gram_zero_tolerance`).
         """
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
-            return self._singular_values()
+        with self._synced():
+            moments_checked(self, type(self).__name__, 1)
+            with no_autocast(self.moments.device):
+                return uncentred_singular_values(self, {})
 
-    def covariance_eigenvalues(self) -> Tensor:
-        """Eigenvalues of the covariance of all embeddings seen (synced across ranks), descending.
 
-        Formed from the un-centred ZᵀZ that RankMe keeps, so it loses about log10(‖mean‖²/λ) of
-        float64's digits on an eigenvalue λ; :class:`AlphaReQ` keeps centred moments and does not.
-        """
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
-            gram, total, n = self._checked_moments()
-            if n < 2:
-                raise ValueError(f"{type(self).__name__}: the covariance needs at least 2 samples, got {n}")
-            with no_autocast(gram.device):
-                return eigvalsh_descending(_covariance_from_moments(gram, total, n))[: min(n - 1, gram.shape[0])]
+def _covariance_spectrum(stat: RowMoments, cache: dict[Any, Any], metric: str) -> tuple[Tensor, float]:
+    """Covariance eigenvalues of a row-moments statistic and their zero tolerance (one eigendecomposition, cached)."""
+    moments_checked(stat, metric, 2)
 
-class RankMe(_SecondMoments):
+    def make() -> tuple[Tensor, float]:
+        n, mean, _, eigenvalues = scatter_eigenvalues(stat, cache)
+        return _covariance_spectrum_from_parts(n, mean, eigenvalues, float(stat.input_eps))
+
+    return cached(cache, "covariance_spectrum", make)
+
+
+class RankMe(_RowSpectrum):
     r"""RankMe (Garrido et al., ICML 2023), streamed over batches.
 
     .. math::
@@ -174,6 +106,8 @@ class RankMe(_SecondMoments):
         True
     """
 
+    registry_name = "rankme"
+    in_default_set = True
     higher_is_better = True
     plot_lower_bound = 1.0
 
@@ -182,17 +116,33 @@ class RankMe(_SecondMoments):
         eps: float = 1e-7,
         num_features: int | None = None,
         accumulate_dtype: torch.dtype = torch.float64,
+        diagnostics: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_features=num_features, accumulate_dtype=accumulate_dtype, **kwargs)
+        super().__init__(normalize=False, num_features=num_features, accumulate_dtype=accumulate_dtype, **kwargs)
         self.eps = check_nonnegative_float(eps, "RankMe", "eps")
+        self.diagnostics_reported = bool(diagnostics)
+
+    def value_names(self) -> tuple[str, ...]:
+        return ("", "top_singular_value", "condition_number") if self.diagnostics_reported else ("",)
+
+    def values_from(self, stat: RowMoments, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        moments_checked(stat, "RankMe", 1)
+        with no_autocast(stat.moments.device):
+            sigma = uncentred_singular_values(stat, cache)
+            values = {"": _rankme_from_singular_values(sigma, self.eps)}
+        if self.diagnostics_reported:
+            found = _spectrum_diagnostics(sigma)
+            values["top_singular_value"] = torch.tensor(found["top_singular_value"], dtype=torch.float64, device=sigma.device)
+            values["condition_number"] = torch.tensor(found["condition_number"], dtype=torch.float64, device=sigma.device)
+        return values
+
+    def artifacts_from(self, stat: RowMoments, cache: dict[Any, Any]) -> dict[str, Any]:
+        return {"singular_values": uncentred_singular_values(stat, cache)}
 
     def compute(self) -> Tensor:
         """RankMe of everything seen so far."""
-        sigma = self._singular_values()
-        with no_autocast(sigma.device):
-            value = _rankme_from_singular_values(sigma, self.eps)
-        return value.to(torch.get_default_dtype())
+        return self.values_from(self, {})[""].to(torch.get_default_dtype())
 
     def diagnostics(self) -> dict[str, float | int]:
         """RankMe plus σ₁, the condition number and the numerical rank, synced across ranks, from one
@@ -203,76 +153,16 @@ class RankMe(_SecondMoments):
         embeddings, whose zero singular values show in ``numerical_rank`` instead. Costs what
         ``compute()`` costs; call it where the values are logged, not per step.
         """
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
-            sigma = self._singular_values()
+        with self._synced():
+            moments_checked(self, "RankMe", 1)
+            with no_autocast(self.moments.device):
+                sigma = uncentred_singular_values(self, {})
         out: dict[str, float | int] = {"rankme": float(_rankme_from_singular_values(sigma, self.eps))}
         out.update(_spectrum_diagnostics(sigma))
         return out
 
 
-class _CentredSecondMoments(ReprMetric):
-    """Base class: streams the packed centred moments of ``(B, D)`` batches (float64).
-
-    ``num_features`` may be given up front; otherwise the state takes its shape from the first batch
-    (every DDP rank must then see at least one batch before ``compute()``).
-    """
-
-    _min_samples = 2
-
-    moments: Tensor
-    input_eps: Tensor
-
-    def __init__(self, num_features: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if num_features is not None:
-            check_positive_int(num_features, type(self).__name__, "num_features")
-        self.add_state("moments", centred_moments_state(num_features), dist_reduce_fx=merge_centred_moments)
-        # Machine epsilon of the coarsest input seen: what counts as a zero eigenvalue depends on it.
-        self.add_state("input_eps", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
-
-    def _known_features(self) -> int | None:
-        return self.moments.shape[1] if self.moments.numel() else None
-
-    def _check_batch(self, embeddings: Tensor) -> Tensor:
-        return check_tensor(embeddings, type(self).__name__, min_rows=1, features=self._known_features())
-
-    def update(self, embeddings: Tensor) -> None:
-        """Add a ``(B, D)`` batch. Raises ``ValueError`` (state untouched) on bad input."""
-        z = self._check_batch(embeddings)
-        with no_autocast(z.device):
-            self.moments = centred_moments_update_(self.moments, z)
-            self.input_eps.clamp_(min=torch.finfo(z.dtype).eps)
-
-    def _checked_state(self) -> tuple[Tensor, int]:
-        n = centred_moments_count(self.moments)
-        name = type(self).__name__
-        if n == 0:
-            raise ValueError(f"{name}: compute() called before any update() (no embeddings seen)")
-        if n < self._min_samples:
-            raise ValueError(f"{name}: needs at least {self._min_samples} samples, got {n}")
-        return self.moments, n
-
-    def _spectrum(self) -> tuple[Tensor, float]:
-        state, _ = self._checked_state()
-        with no_autocast(state.device):
-            lam, tol, _ = _covariance_spectrum_from_state(state, float(self.input_eps))
-        return lam, tol
-
-    def covariance_eigenvalues(self) -> Tensor:
-        """Eigenvalues of the covariance of all embeddings seen (synced across ranks), descending, ``min(N, D)``."""
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
-            return self._spectrum()[0]
-
-    def singular_values(self) -> Tensor:
-        """Singular values of the un-centred matrix of all embeddings seen (synced), from scatter + N·μμᵀ."""
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
-            state, n = self._checked_state()
-            with no_autocast(state.device):
-                _, mean, scatter = centred_moments(state)
-                return _singular_values_from_gram(scatter + n * torch.outer(mean, mean), n, scatter.shape[0])
-
-
-class AlphaReQ(_CentredSecondMoments):
+class AlphaReQ(_RowSpectrum):
     r"""α-ReQ (Agrawal et al., NeurIPS 2022), streamed over batches.
 
     With :math:`\lambda_1 \ge \lambda_2 \ge \dots` the eigenvalues of the covariance of all embeddings
@@ -281,7 +171,7 @@ class AlphaReQ(_CentredSecondMoments):
     .. math::
         \log \lambda_k \approx -b_0 \log k + b_1, \qquad k \in [k_{lo}, k_{hi}],\ \text{weights } 1/k.
 
-    The covariance comes from shifted moments (the first batch's mean as shift, merged exactly across
+    The covariance comes from shifted moments (the first row seen as shift, merged exactly across
     batches and ranks with Chan et al.'s pairwise update), so a common offset does not cancel: at
     offsets up to 1e8 × the spread (float64 input) α stays within 1e-6 of a reference that centres
     before any product. Eigenvalues at the input's rounding noise or float64 round-off are zero (see
@@ -313,7 +203,11 @@ class AlphaReQ(_CentredSecondMoments):
         1.0
     """
 
+    registry_name = "alpha_req"
+    in_default_set = True
+    min_features = 13  # the default fit range, ranks 11..100, needs 3 of them
     higher_is_better = None
+    healthy_value = 1.0
 
     def __init__(
         self,
@@ -326,20 +220,28 @@ class AlphaReQ(_CentredSecondMoments):
             raise ValueError(
                 f"AlphaReQ: `accumulate_dtype` must be torch.float64 (the centred moments are float64), got {accumulate_dtype}"
             )
-        super().__init__(num_features=num_features, **kwargs)
-        self.accumulate_dtype = accumulate_dtype
+        super().__init__(normalize=False, num_features=num_features, accumulate_dtype=accumulate_dtype, **kwargs)
         self.fit_range = _check_fit_range(fit_range, "AlphaReQ")
 
-    def _fit(self) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int]:
-        lam, tol = self._spectrum()
+    def value_names(self) -> tuple[str, ...]:
+        return ("", "r2")
+
+    def _fit(self, stat: RowMoments, cache: dict[Any, Any]) -> dict[str, Any]:
+        lam, tol = _covariance_spectrum(stat, cache, "AlphaReQ")
         with no_autocast(lam.device):
-            slope, intercept, r2, first, last = _power_law_fit(lam, self.fit_range, tol, "AlphaReQ")
-        return lam, slope, intercept, r2, first, last
+            slope, intercept, r2, first, last = cached(cache, ("power_law_fit", self.fit_range), lambda: _power_law_fit(lam, self.fit_range, tol, "AlphaReQ"))
+        return {"eigenvalues": lam, "alpha": -slope, "intercept": intercept, "r2": r2, "first": first, "last": last}
+
+    def values_from(self, stat: RowMoments, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        fit = self._fit(stat, cache)
+        return {"": fit["alpha"], "r2": fit["r2"]}
+
+    def artifacts_from(self, stat: RowMoments, cache: dict[Any, Any]) -> dict[str, Any]:
+        return {"spectrum": _as_plain_fit(self._fit(stat, cache))}
 
     def compute(self) -> Tensor:
         """α of everything seen so far."""
-        _, slope, _, _, _, _ = self._fit()
-        return (-slope).to(torch.get_default_dtype())
+        return self.values_from(self, {})[""].to(torch.get_default_dtype())
 
     def spectrum_fit(self) -> dict[str, Any]:
         """The covariance eigenvalues and the α-ReQ fit, synced across ranks, for plotting and diagnostics.
@@ -349,28 +251,31 @@ class AlphaReQ(_CentredSecondMoments):
         R² in log-log space (near 1: the spectrum is a power law there and α describes it; much
         lower: α is a poor summary).
         """
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync):
-            lam, slope, intercept, r2, first, last = self._fit()
-        return {
-            "eigenvalues": lam,
-            "alpha": float(-slope),
-            "intercept": float(intercept),
-            "r2": float(r2),
-            "first": first,
-            "last": last,
-        }
+        with self._synced():
+            return _as_plain_fit(self._fit(self, {}))
 
 
-class CodingRate(_SecondMoments):
+def _as_plain_fit(fit: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "eigenvalues": fit["eigenvalues"],
+        "alpha": float(fit["alpha"]),
+        "intercept": float(fit["intercept"]),
+        "r2": float(fit["r2"]),
+        "first": fit["first"],
+        "last": fit["last"],
+    }
+
+
+class CodingRate(_RowSpectrum):
     r"""Coding rate (Yu et al., NeurIPS 2020, MCR²), streamed over batches.
 
     .. math::
         R(Z; \varepsilon) = \frac12 \log\det\Big(I_D + \frac{D}{N \varepsilon^2} Z^\top Z\Big)
 
     with Z all embeddings seen, rows L2-normalised when ``normalize=True`` (the default, as in MCR²)
-    and not centred. States: ZᵀZ of the (normalised) rows (D×D) and N, sum-reduced (the inherited
-    Σz state holds the sum of the normalised rows). The log-determinant is taken by a float64 Cholesky
-    factorisation of the positive definite matrix. Equals :func:`reprmetrics.functional.coding_rate`
+    and not centred. State: the centred moments of the (normalised) rows
+    (:class:`~reprmetrics.statistics.RowMoments`), from which ZᵀZ = scatter + N·μμᵀ; the
+    log-determinant is taken by a float64 Cholesky factorisation of the positive definite matrix. Equals :func:`reprmetrics.functional.coding_rate`
     on the concatenation of every batch of every rank.
 
     As input to ``update``:
@@ -397,6 +302,8 @@ class CodingRate(_SecondMoments):
         True
     """
 
+    registry_name = "coding_rate"
+    in_default_set = True
     higher_is_better = True
     plot_lower_bound = 0.0
 
@@ -408,29 +315,24 @@ class CodingRate(_SecondMoments):
         accumulate_dtype: torch.dtype = torch.float64,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_features=num_features, accumulate_dtype=accumulate_dtype, **kwargs)
-        self.eps = _check_coding_rate_eps(eps, "CodingRate")
         if not isinstance(normalize, bool):
             raise ValueError(f"CodingRate: `normalize` must be True or False, got {normalize!r}")
-        self.normalize = normalize
+        super().__init__(normalize=normalize, num_features=num_features, accumulate_dtype=accumulate_dtype, **kwargs)
+        self.eps = _check_coding_rate_eps(eps, "CodingRate")
 
-    def update(self, embeddings: Tensor) -> None:
-        """Add a ``(B, D)`` batch (normalised first if asked). Raises ``ValueError`` (state untouched) on bad input."""
-        z = self._check_batch(embeddings)
-        if self.normalize:
-            with no_autocast(z.device):
-                z = _l2_normalize(z.to(device=self.gram.device, dtype=torch.float64))
-        super().update(z)
+    def values_from(self, stat: RowMoments, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        moments_checked(stat, "CodingRate", 1)
+        with no_autocast(stat.moments.device):
+            n, mean, scatter = centred_moments(stat.moments.to(torch.float64))
+            gram = symmetric_from_upper(scatter) + n * torch.outer(mean, mean)
+            return {"": _coding_rate_from_gram(gram, n, gram.shape[0], self.eps)}
 
     def compute(self) -> Tensor:
         """The coding rate of everything seen so far (nats)."""
-        gram, _, n = self._checked_moments()
-        with no_autocast(gram.device):
-            value = _coding_rate_from_gram(gram, n, gram.shape[0], self.eps)
-        return value.to(torch.get_default_dtype())
+        return self.values_from(self, {})[""].to(torch.get_default_dtype())
 
 
-class NESum(_CentredSecondMoments):
+class NESum(_RowSpectrum):
     r"""NESum, the normalised eigenvalue sum (He & Ozay, ICML 2022), streamed over batches.
 
     .. math::
@@ -463,12 +365,20 @@ class NESum(_CentredSecondMoments):
         True
     """
 
+    registry_name = "nesum"
+    in_default_set = True
     higher_is_better = True
     plot_lower_bound = 0.0
 
+    def __init__(self, num_features: int | None = None, **kwargs: Any) -> None:
+        super().__init__(normalize=False, num_features=num_features, **kwargs)
+
+    def values_from(self, stat: RowMoments, cache: dict[Any, Any]) -> dict[str, Tensor]:
+        moments_checked(stat, "NESum", 2)
+        with no_autocast(stat.moments.device):
+            n, mean, scatter, eigenvalues = scatter_eigenvalues(stat, cache)
+            return {"": _nesum_from_parts(n, mean, scatter, eigenvalues, float(stat.input_eps))}
+
     def compute(self) -> Tensor:
         """NESum of everything seen so far."""
-        state, _ = self._checked_state()
-        with no_autocast(state.device):
-            value = _nesum_from_state(state, float(self.input_eps))
-        return value.to(torch.get_default_dtype())
+        return self.values_from(self, {})[""].to(torch.get_default_dtype())

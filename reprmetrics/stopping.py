@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from reprmetrics.monitor import CaptureReport, MonitorConfigurationError, available_metrics
+from reprmetrics.monitor import CaptureReport
+from reprmetrics.registry import MonitorConfigurationError, available_metrics
 
 __all__ = ["SSL_GUARD_DEFAULTS", "CollapseCriteria", "Decision", "SSLGuard", "check_criteria_fit", "collapse_kind", "ssl_guard"]
 

@@ -74,7 +74,7 @@ def test_hook_taps_and_output_taps_see_the_same_embeddings(tmp_path):
 
 def test_progress_bar_and_other_loggers(tmp_path):
     pl.seed_everything(0)
-    monitor = RepresentationMonitor(["z"], every_n_train_steps=4, default_metrics=False, metrics={"rankme": RankMe()})
+    monitor = RepresentationMonitor(["z"], every_n_train_steps=4, train_buffer_size=128, default_metrics=False, metrics={"rankme": RankMe()})
     csv = CSVLogger(str(tmp_path))
     t = trainer(tmp_path, [monitor], max_epochs=1, logger=csv)
     t.fit(ToyEncoder(), *loaders())

@@ -178,15 +178,21 @@ def test_compare(tmp_path, capsys):
     assert math.isclose(row["cka"], linear_cka_ref(z, other), rel_tol=1e-6)
 
 
-def test_progress_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch):
-    np.save(tmp_path / "a.npy", embeddings())
-    status, _, err = run_cli("report", tmp_path / "a.npy", capsys=capsys)
-    assert status == 0 and err == ""  # not a TTY: no bar
+def test_progress_bar_only_on_a_terminal_and_a_note_when_computing(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "a.npy"
+    np.save(path, embeddings())
+    phase = f"reprmetrics: {path}: computing rankme, alpha_req, normalized_std, uniformity, lid, nesum, coding_rate, wasserstein_uniformity, isoscore (uniformity, lid on 700 sampled rows)"
+    status, _, err = run_cli("report", path, capsys=capsys)
+    assert status == 0 and err == phase + "\n"  # not a TTY: no bar, but the compute phase is announced
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    status, _, err = run_cli("report", tmp_path / "a.npy", "--metrics", "rankme", capsys=capsys)
+    status, _, err = run_cli("report", path, "--metrics", "rankme,lid", capsys=capsys)
     assert status == 0 and "rows" in err
-    status, _, err = run_cli("report", tmp_path / "a.npy", "--metrics", "rankme", "--quiet", capsys=capsys)
+    # The bar is closed (its line cleared) before the note, which is the last line.
+    assert err.splitlines()[-1] == f"reprmetrics: {path}: computing rankme, lid (lid on 700 sampled rows)"
+    status, _, err = run_cli("report", path, "--metrics", "rankme", "--quiet", capsys=capsys)
     assert status == 0 and err == ""
+    status, _, err = run_cli("compare", path, path, "--format", "json", capsys=capsys)
+    assert status == 0 and "computing" not in err  # linear CKA has no slow phase to announce
 
 
 # ---- bad input: one line, exit 2 ----------------------------------------------------------------------------
@@ -199,6 +205,7 @@ def bad_files(tmp: Path) -> dict[str, Path]:
     np.save(tmp / "nan.npy", nan)
     np.save(tmp / "one_d.npy", z[:, 0])
     np.save(tmp / "three_d.npy", z.reshape(300, 2, 4))
+    np.save(tmp / "views.npy", np.stack([z, z + 0.01], axis=1))
     np.save(tmp / "empty.npy", np.zeros((0, 8), np.float32))
     np.save(tmp / "strings.npy", np.array([["a", "b"]]))
     np.save(tmp / "short.npy", z[:299])
@@ -240,7 +247,8 @@ BAD_INPUTS = [
     (["report", "nan.npy"], "nan.npy: 4 of 300 rows contain NaN or infinite values; pass --drop-nonfinite to skip them"),
     (["report", "good.npy", "--views", "good.npy"], r"good.npy: views must be a 3-D (N, q, D) array"),
     (["report", "good.npy", "--views", "three_d.npy"], "three_d.npy: views have D = 4 but good.npy has D = 8"),
-    (["report", "good.npy", "good.npy", "--views", "three_d.npy"], "--views: give one views file per FILE"),
+    (["report", "good.npy", "--views", "views.npy", "--views", "views.npy"], "--views: 2 views files for 1 FILE(s); the i-th --views belongs to the i-th FILE"),
+    (["report", "good.npy", "nan.npy", "--views", "views.npy", "--metrics", "lidar"], "nan.npy: has no --views (the i-th --views belongs to the i-th FILE), and lidar need(s) augmented views"),
     (["report", "good.npy", "--metrics", "rankme,lidr"], "unknown metric 'lidr'; did you mean 'lidar' or 'lid'?"),
     (["report", "good.npy", "--metrics", "lidar"], "lidar need(s) augmented views"),
     (["report", "good.npy", "--format", "xml"], "Invalid value for '--format'"),
@@ -276,7 +284,7 @@ def test_drop_nonfinite_skips_and_reports(tmp_path, capsys):
     files = bad_files(tmp_path)
     status, out, err = run_cli("report", files["nan.npy"], "--drop-nonfinite", "--format", "json", capsys=capsys)
     assert status == 0
-    assert err.strip() == f"reprmetrics: {files['nan.npy']}: skipped 4 of 300 rows with NaN or infinite values"
+    assert err.splitlines()[-1] == f"reprmetrics: {files['nan.npy']}: skipped 4 of 300 rows with NaN or infinite values"
     z = np.load(files["nan.npy"])
     finite = z[np.isfinite(z).all(1)]
     row = json.loads(out)[0]
@@ -288,6 +296,225 @@ def test_bad_input_in_a_fresh_process_has_no_traceback(tmp_path):
     result = subprocess.run([SCRIPT, "report", str(tmp_path / "nope.npy")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr == f"reprmetrics: error: {tmp_path / 'nope.npy'}: no such file\n"
+
+
+# ---- views matched by position -------------------------------------------------------------------------
+def test_views_for_some_files_are_matched_by_position(tmp_path, capsys):
+    paths = [tmp_path / f"e{i}.npy" for i in range(3)]
+    zs = [embeddings(300, 16, seed=i) for i in range(3)]
+    for path, z in zip(paths, zs):
+        np.save(path, z)
+    views = np.stack([zs[0], zs[0] + 0.05 * np.random.default_rng(5).standard_normal(zs[0].shape)], axis=1).astype(np.float32)
+    np.save(tmp_path / "v0.npy", views)
+    status, out, err = run_cli("report", *paths, "--views", tmp_path / "v0.npy", "--format", "json", capsys=capsys)
+    assert status == 0, err
+    rows = json.loads(out)
+    assert_values(rows[0], evaluate(torch.from_numpy(zs[0]), views=torch.from_numpy(views)))
+    assert "lidar" in rows[0] and "alignment" in rows[0]
+    for row, z in zip(rows[1:], zs[1:]):
+        assert "lidar" not in row and "alignment" not in row
+        assert_values(row, evaluate(torch.from_numpy(z)))
+    note = [line for line in err.splitlines() if "--views" in line]
+    assert note == [f"reprmetrics: --views matched by position: 1 of 3 files have views; {paths[1]}, {paths[2]}: no lidar or alignment"]
+    status, out, _ = run_cli("report", *paths, "--views", tmp_path / "v0.npy", "--quiet", capsys=capsys)
+    assert status == 0
+    table = out.splitlines()
+    assert "lidar ↑" in table[0] and table[3].rstrip().endswith("—")  # a file without views: no value
+
+
+# ---- numbers as computed, integers in one format ----------------------------------------------------------
+def test_as_computed_drops_digits_float32_never_had():
+    from reprmetrics.cli import _as_computed
+
+    widened = float(np.float32(209.00795))
+    assert repr(widened) == "209.00794982910156"
+    assert repr(_as_computed(widened)) == "209.00795"
+    assert np.float32(_as_computed(widened)) == np.float32(widened)  # reads back as the same float32
+    double = float(np.nextafter(widened, np.inf))  # a float64 value no float32 can hold
+    assert float(np.float32(double)) != double and repr(_as_computed(double)) == repr(double)  # untouched
+    assert math.isnan(_as_computed(float("nan"))) and _as_computed(1.0) == 1.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_json_and_csv_print_the_precision_computed(tmp_path, capsys, dtype):
+    z = embeddings(1_500, 16, dtype=dtype)
+    np.save(tmp_path / "z.npy", z)
+    outputs = {}
+    for fmt in ("json", "csv", "table", "markdown"):
+        status, outputs[fmt], err = run_cli("report", tmp_path / "z.npy", "--format", fmt, "--quiet", capsys=capsys)
+        assert status == 0, err
+    row = json.loads(outputs["json"])[0]
+    expected = evaluate(torch.from_numpy(z))
+    csv_row = next(csv.DictReader(io.StringIO(outputs["csv"])))
+    for name, value in expected.items():
+        text = csv_row[name]
+        assert float(text) == row[name]
+        if float(np.float32(value)) == value:  # computed in float32 (the metrics return float32 today,
+            # whatever the input): the shortest decimal of the same float32, at most 9 significant digits
+            assert np.float32(float(text)) == np.float32(value), name
+            assert len(text.lstrip("-").replace(".", "").lstrip("0").split("e")[0]) <= 9, text
+        else:  # computed in float64: every digit
+            assert float(text) == value, name
+    assert (row["N"], csv_row["N"]) == (1500, "1500")  # machine formats: plain integers
+    assert '"N": 1500' in outputs["json"]
+    assert outputs["table"].splitlines()[2].split("|")[1].strip() == "1,500"  # human formats: separators
+    assert outputs["markdown"].splitlines()[2].split("|")[2].strip() == "1,500"
+
+
+def test_small_and_large_integers_share_one_table_format(tmp_path, capsys):
+    np.save(tmp_path / "small.npy", embeddings(600, 8))
+    np.save(tmp_path / "large.npy", embeddings(10_500, 8))
+    status, out, _ = run_cli("report", tmp_path / "small.npy", tmp_path / "large.npy", "--metrics", "rankme", "--quiet", capsys=capsys)
+    assert status == 0
+    assert [line.split("|")[1].strip() for line in out.splitlines()[2:]] == ["600", "10,500"]
+
+
+# ---- .pt files: weights_only, always; refusals are one line --------------------------------------------------
+class _WritesAFileWhenUnpickled:
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _unsafe_torch_files(tmp: Path) -> dict[str, Path]:
+    import pickle
+
+    marker = tmp / "code_ran"
+    _WritesAFileWhenUnpickled.marker = marker
+    files = {"pickle": tmp / "pickle.pt", "module": tmp / "module.pt", "zip_object": tmp / "zip_object.pt", "numpy": tmp / "numpy.pt", "truncated": tmp / "truncated.pt"}
+    with open(files["pickle"], "wb") as f:
+        pickle.dump(_WritesAFileWhenUnpickled(), f)  # a plain (legacy-style) pickle that runs code
+    torch.save(torch.nn.Linear(3, 4), files["module"])
+    torch.save({"emb": torch.zeros(10, 3), "hook": _WritesAFileWhenUnpickled()}, files["zip_object"])
+    torch.save(np.zeros((10, 3), np.float32), files["numpy"])
+    whole = (tmp / "whole.pt")
+    torch.save(torch.zeros(100, 8), whole)
+    files["truncated"].write_bytes(whole.read_bytes()[:300])
+    return files
+
+
+UNSAFE_TORCH_FILES = [
+    ("pickle", "holds pickled data that is not tensors"),
+    ("module", "holds pickled Python objects (torch.nn.modules.linear.Linear)"),
+    ("zip_object", "holds pickled Python objects"),
+    ("numpy", "holds pickled Python objects (numpy."),
+    ("truncated", "cannot read as a torch file (PytorchStreamReader failed reading zip archive"),
+]
+
+
+@pytest.mark.parametrize("kind, message", UNSAFE_TORCH_FILES, ids=[k for k, _ in UNSAFE_TORCH_FILES])
+def test_unloadable_torch_file_is_one_line_and_never_runs_its_code(tmp_path, kind, message):
+    files = _unsafe_torch_files(tmp_path)
+    result = subprocess.run([SCRIPT, "report", files[kind].name], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr  # no torch warnings, no traceback
+    assert lines[0].startswith(f"reprmetrics: error: {files[kind].name}: ") and message in lines[0], lines[0]
+    assert "torch.save(tensor)" in lines[0] and ".npy or .safetensors" in lines[0]
+    assert "weights_only=False" not in lines[0] and "\x1b" not in lines[0]
+    assert not (tmp_path / "code_ran").exists()
+
+
+def test_legacy_format_tensor_still_loads(tmp_path, capsys):
+    z = embeddings()
+    torch.save(torch.from_numpy(z), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    status, out, err = run_cli("report", tmp_path / "legacy.pt", "--format", "json", "--quiet", capsys=capsys)
+    assert status == 0, err
+    assert_values(json.loads(out)[0], evaluate(torch.from_numpy(z)))
+
+
+def test_torch_load_is_always_weights_only(tmp_path, capsys, monkeypatch):
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    torch.save(torch.from_numpy(embeddings()), tmp_path / "z.pt")
+    torch.save(torch.from_numpy(embeddings()), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("z.pt", "legacy.pt"):
+        status, _, err = run_cli("report", tmp_path / name, "--metrics", "rankme", "--quiet", capsys=capsys)
+        assert status == 0, err
+    assert calls == [True, True]
+
+
+# ---- start-up: --help, --version and usage errors never import torch ---------------------------------------
+HEAVY_MODULES = ("torch", "torchmetrics", "numpy", "reprmetrics.evaluate")
+
+
+def imported_modules(command: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run ``command`` (a Python entry point) under ``-X importtime``; the modules it imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", *command], capture_output=True, text=True, cwd="/")
+    modules = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:") and "|" in line}
+    return result, modules
+
+
+@pytest.mark.parametrize(
+    "args, status",
+    [(["--help"], 0), (["--version"], 0), (["report", "--help"], 0), (["compare", "--help"], 0), (["metrics", "--help"], 0),
+     (["report"], 2), (["report", "x.npy", "--format", "xml"], 2), (["report", "x.npy", "--batch-size", "1"], 2), (["frobnicate"], 2)],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else None,
+)
+@pytest.mark.parametrize("entry", ["script", "python -m"])
+def test_help_version_and_usage_errors_do_not_import_torch(args, status, entry):
+    command = [SCRIPT, *args] if entry == "script" else ["-m", "reprmetrics", *args]
+    result, modules = imported_modules(command)
+    assert result.returncode == status, result.stderr[-2000:]
+    assert "click" in modules and "reprmetrics.cli" in modules  # the measurement sees the imports
+    assert not modules & set(HEAVY_MODULES), sorted(modules & set(HEAVY_MODULES))
+
+
+def test_import_reprmetrics_is_lazy_and_complete():
+    code = (
+        "import sys, reprmetrics; assert 'torch' not in sys.modules, 'import reprmetrics loaded torch';"
+        "assert set(reprmetrics.__all__) <= set(dir(reprmetrics));"
+        "from reprmetrics import RankMe, evaluate; import reprmetrics.evaluate;"
+        "assert callable(reprmetrics.evaluate) and reprmetrics.evaluate is evaluate, 'the submodule shadowed evaluate()';"
+        "missing = [n for n in reprmetrics.__all__ if getattr(reprmetrics, n, None) is None]; assert not missing, missing;"
+        "print(RankMe.__module__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "reprmetrics.spectral"
+
+
+def test_version_is_one_source():
+    import importlib.metadata
+
+    import reprmetrics
+
+    result = subprocess.run([SCRIPT, "--version"], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0
+    assert result.stdout == f"reprmetrics, version {reprmetrics.__version__}\n"
+    assert importlib.metadata.version("reprmetrics") == reprmetrics.__version__
+    assert 'dynamic = ["version"]' in (ROOT / "pyproject.toml").read_text()
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert f"## [{reprmetrics.__version__}]" in changelog  # the released version has its entry
+
+
+def test_cli_defaults_are_evaluates():
+    import reprmetrics.cli as cli_module
+    from reprmetrics import evaluate as _  # noqa: F401  (loads the submodule)
+
+    evaluate_module = sys.modules["reprmetrics.evaluate"]
+    assert cli_module.DEFAULT_BATCH_SIZE == evaluate_module.DEFAULT_BATCH_SIZE
+    assert cli_module.DEFAULT_MAX_SAMPLES == evaluate_module.DEFAULT_MAX_SAMPLES
+
+
+def test_metrics_command_lists_every_name(capsys):
+    evaluate_module = sys.modules["reprmetrics.evaluate"]
+    status, out, _ = run_cli("metrics", "--format", "json", capsys=capsys)
+    assert status == 0
+    rows = {row["metric"]: row for row in json.loads(out)}
+    assert list(rows) == list(evaluate_module.METRIC_NAMES)
+    assert rows["rankme"]["healthy"] == "↑" and rows["rankme"]["in the default set"] == "yes"
+    assert rows["alpha_req"]["in the default set"] == "yes, D >= 13"
+    assert rows["lidar"]["in the default set"] == "yes, with --views"
+    assert rows["twonn"]["in the default set"].startswith("no")
+    assert rows["cka"]["in the default set"].startswith("with --reference")
 
 
 # ---- help, console script, python -m --------------------------------------------------------------------
@@ -381,7 +608,7 @@ def test_report_streams_a_1gb_npy_in_bounded_memory(tmp_path):
     The bound is on what the data costs: peak RSS of the 1 GB run minus that of the same command on a
     1,000-row file (the interpreter plus imports, which here include the transformers, scipy and
     matplotlib that torchmetrics imports whenever they are installed: about 360 MB in the test
-    environment, about 240 MB with the core install; README, "Evaluate saved embeddings").
+    environment, about 240 MB with the core install; docs/guide/saved-embeddings.md, "Any size").
     """
     scale = (np.arange(1, FEATURES + 1) ** -0.5).astype(np.float32)
     rng = np.random.default_rng(0)

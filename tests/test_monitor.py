@@ -74,12 +74,16 @@ def test_plain_loop_schedule_and_values():
         values = tracker.end_train_step()
         if values:
             results[step] = values
-    # Step 0 captures (batch size unknown: window 1); then a 20-sample buffer needs the 2 steps before each compute.
-    assert captured_steps == [4, 8, 9]
+    # Steps 0 and 1 capture to fill the 20-sample buffer (batch size unknown before); then the 2 steps
+    # before each compute refill it, so even the first value (the baseline of relative criteria) reads
+    # a full buffer of the most recent samples.
+    assert captured_steps == [0, 1, 3, 4, 8, 9]
     assert sorted(results) == [4, 9]
-    with torch.no_grad():
-        expected = rankme(torch.cat([net.encoder(x) for x in data[8:10]]))  # weights never change here
-    assert results[9]["encoder/rankme"].item() == pytest.approx(expected.item(), rel=1e-5)
+    with torch.no_grad():  # weights never change here
+        for step, (start, stop) in {4: (3, 5), 9: (8, 10)}.items():
+            expected = rankme(torch.cat([net.encoder(x) for x in data[start:stop]]))
+            assert results[step]["encoder/rankme"].item() == pytest.approx(expected.item(), rel=1e-5)
+            assert results[step]["encoder/num_samples"].item() == 20
     assert set(results[9]) == {f"{tap}/{name}" for tap in ("encoder", "encoder.0") for name in ("rankme", "num_samples", "nonfinite_fraction")}
     assert results[9]["encoder/num_samples"].item() == 20 and results[9]["encoder/nonfinite_fraction"].item() == 0
     assert tracker.num_features == {"encoder": 16, "encoder.0": 8}
@@ -145,14 +149,54 @@ def test_bad_configuration():
 
 
 def test_state_dict_round_trip():
-    tracker = RepresentationTracker(["z"], every_n_train_steps=2, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=16)
+    tracker = RepresentationTracker(["z"], every_n_train_steps=2, train_buffer_size=32, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=16)
     for _ in range(4):
         tracker.start_train_step()
         tracker.end_train_step({"z": torch.randn(16, 5)})
     state = tracker.state_dict()
-    fresh = RepresentationTracker(["z"], every_n_train_steps=2, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=16)
+    fresh = RepresentationTracker(["z"], every_n_train_steps=2, train_buffer_size=32, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=16)
     fresh.load_state_dict(state)
     assert fresh.train_steps == 4 and fresh.history == tracker.history and len(fresh.history["train/z/rankme"]) == 2
+
+
+@pytest.mark.parametrize("stop_after", [3, 5, 6])  # before, inside and at the end of a capture window
+def test_a_resumed_run_gives_the_values_of_the_uninterrupted_run(stop_after):
+    net = Net()
+    data = [torch.randn(10, 8, generator=torch.Generator().manual_seed(i)) for i in range(16)]
+
+    def tracker():
+        t = RepresentationTracker(["encoder"], every_n_train_steps=4, train_buffer_size=30, min_samples=8)
+        t.attach(net)
+        return t
+
+    def run(t, steps):
+        for x in steps:
+            t.start_train_step()
+            net(x)
+            t.end_train_step()
+
+    whole = tracker()
+    run(whole, data)
+    first = tracker()
+    run(first, data[:stop_after])
+    state = first.state_dict()
+    first.detach()
+    resumed = tracker()
+    resumed.load_state_dict(torch.load(_saved(state), weights_only=True))  # as a checkpoint would
+    run(resumed, data[stop_after:])
+    assert resumed.history.keys() == whole.history.keys() and whole.history["train/encoder/rankme"]
+    for key, values in whole.history.items():
+        assert [s for s, _ in resumed.history[key]] == [s for s, _ in values], key
+        assert [v for _, v in resumed.history[key]] == pytest.approx([v for _, v in values], rel=1e-6, nan_ok=True), key
+
+
+def _saved(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def test_alpha_req_fit_quality_and_rankme_diagnostics_are_reported():

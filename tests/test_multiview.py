@@ -437,8 +437,8 @@ def test_lidar_bad_input_raises_and_leaves_state_unchanged():
         },
         "LiDAR",
     )
-    with pytest.raises(ValueError, match="LiDAR: forward.*at least 2 samples"):
-        metric(torch.randn(1, 3, 8))
+    with pytest.raises(ValueError, match="LiDAR: needs at least 2 samples"):
+        metric(torch.randn(1, 3, 8))  # forward()'s value of this batch alone; the state keeps out the batch
     metric.update(torch.randn(1, 3, 8))  # a single group is fine for update()
     assert int(metric.num_groups) == 11
 
@@ -454,13 +454,16 @@ def test_alignment_bad_input_raises_and_leaves_state_unchanged():
             "same shape": (torch.randn(4, 8), torch.randn(5, 8)),
             "earlier batches had 8": (torch.randn(4, 9), torch.randn(4, 9)),
             "NaN or infinite": (torch.randn(4, 8), torch.full((4, 8), float("nan"))),
-            "zero-norm": (torch.randn(4, 8), zero_row),
             "shape (N, D)": (torch.randn(4, 2, 8), torch.randn(4, 2, 8)),
         },
         "Alignment",
     )
-    unnormalised = Alignment(normalize=False)
-    unnormalised.update(torch.randn(4, 8), zero_row)  # zero rows are fine without normalisation
+    # A zero row has no direction and stays zero when normalised: distance 1 to its unit partner.
+    x = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    zero = torch.zeros(4, 8)
+    pairs = Alignment()
+    pairs.update(x, zero)
+    assert pairs.compute().item() == pytest.approx(1.0)
 
 
 def test_uniformity_bad_input_raises_and_leaves_state_unchanged():
@@ -473,11 +476,11 @@ def test_uniformity_bad_input_raises_and_leaves_state_unchanged():
         {
             "NaN or infinite": (torch.full((4, 8), float("-inf")),),
             "earlier batches had 8": (torch.randn(4, 9),),
-            "zero-norm": (zero_row,),
             "shape (N, D)": (torch.randn(4, 2, 8),),
         },
         "Uniformity",
     )
+    metric.update(zero_row)  # a zero row stays zero when normalised (the one zero-row policy)
     Uniformity(normalize=False).update(zero_row)
 
 
@@ -490,10 +493,8 @@ def test_functional_bad_input():
         (lambda: lidar(torch.randn(5, 2, 8), delta=-1.0), "lidar: `delta`"),
         (lambda: lidar(torch.randn(5, 2, 8), delta=0.0), "singular"),  # n(q − 1) = 5 < 8
         (lambda: alignment(torch.randn(5, 8), torch.randn(5, 7)), "alignment: `x` and `y` must have the same shape"),
-        (lambda: alignment(torch.randn(5, 8), torch.zeros(5, 8)), "zero-norm"),
         (lambda: alignment(torch.randn(5, 8), torch.randn(5, 8), alpha=0.0), "alignment: `alpha`"),
         (lambda: uniformity(torch.randn(1, 8)), "uniformity: `embeddings` needs at least 2 rows"),
-        (lambda: uniformity(torch.zeros(5, 8)), "uniformity: `embeddings` has 5 zero-norm"),
         (lambda: uniformity(torch.randn(5, 8), t=-2.0), "uniformity: `t`"),
         (lambda: uniformity(torch.randn(5)), "shape (N, D)"),
     ]
@@ -503,6 +504,9 @@ def test_functional_bad_input():
         assert fragment in str(info.value), str(info.value)
     assert alignment(torch.zeros(5, 8), torch.zeros(5, 8), normalize=False).item() == 0.0
     assert uniformity(torch.zeros(5, 8), normalize=False).item() == 0.0
+    # Zero rows stay zero when normalised: identical points (0), at distance 1 from unit rows.
+    assert uniformity(torch.zeros(5, 8)).item() == 0.0
+    assert alignment(torch.eye(8)[:5], torch.zeros(5, 8)).item() == pytest.approx(1.0)
 
 
 def test_compute_before_update_too_few_samples_and_bad_arguments():
@@ -681,9 +685,7 @@ def test_failed_forward_keeps_the_width_check():
     """A batch rejected inside forward() (after torchmetrics reset the state) must not unlock a new width."""
     metric = Alignment()
     metric.update(torch.randn(5, 8), torch.randn(5, 8))
-    zero_row = torch.randn(5, 8)
-    zero_row[0] = 0
-    with pytest.raises(ValueError, match="zero-norm"):
-        metric(zero_row, torch.randn(5, 8))
+    with pytest.raises(ValueError, match="NaN"):
+        metric(torch.full((5, 8), float("nan")), torch.randn(5, 8))
     with pytest.raises(ValueError, match="earlier batches had 8"):
         metric.update(torch.randn(5, 9), torch.randn(5, 9))

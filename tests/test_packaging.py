@@ -34,6 +34,14 @@ def test_wheel_contains_and_imports_callbacks(tmp_path):
     (wheel,) = tmp_path.glob("reprmetrics-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "reprmetrics/callbacks/__init__.py" in names
+    # The version comes from reprmetrics.__version__; the Apache-2.0 text ships in the metadata.
+    import reprmetrics
+
+    assert wheel.name.startswith(f"reprmetrics-{reprmetrics.__version__}-")
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    assert f"Version: {reprmetrics.__version__}\n" in zipfile.ZipFile(wheel).read(metadata).decode()
+    license_files = [n for n in names if ".dist-info/" in n and n.rsplit("/", 1)[-1] == "LICENSE"]
+    assert license_files and b"Apache License" in zipfile.ZipFile(wheel).read(license_files[0])
     assert not any(n.startswith("callbacks/") for n in names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -53,3 +61,17 @@ def test_ci_runs_the_readme_quick_start_test_command():
     assert len(commands) >= 2
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[1] in ci.splitlines()
+
+
+def test_lazy_names_match_the_type_checking_imports():
+    """`reprmetrics.__getattr__` loads names from `_LAZY`; type checkers, IDEs and the API reference read
+    the `if TYPE_CHECKING:` imports. Both must list the same names from the same modules."""
+    import ast
+
+    import reprmetrics
+
+    tree = ast.parse((ROOT / "reprmetrics" / "__init__.py").read_text())
+    guarded = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", None) == "TYPE_CHECKING")
+    imported = {alias.name: node.module for node in guarded.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert imported == reprmetrics._LAZY
+    assert set(reprmetrics._LAZY) == set(reprmetrics.__all__) - {"__version__"}

@@ -352,7 +352,7 @@ def test_linear_cka_bad_input_raises_and_leaves_state_unchanged():
     metric = LinearCKA()
     metric.update(torch.randn(10, 5), torch.randn(10, 3))
     assert_rejects_and_keeps_state(metric, bad_pairs(5, 3), "LinearCKA")
-    with pytest.raises(ValueError, match="LinearCKA: needs at least 2 rows"):
+    with pytest.raises(ValueError, match="LinearCKA: needs at least 2 samples"):
         metric(torch.randn(1, 5), torch.randn(1, 3))  # forward needs the batch's own value
     metric.update(torch.randn(1, 5), torch.randn(1, 3))  # one row is fine for update()
     assert int(metric.moments[0, 0]) == 11

@@ -217,7 +217,7 @@ def test_reset_allows_a_new_width():
     metric.update(torch.randn(10, 4))
     metric.reset()
     metric.update(torch.randn(10, 6))
-    assert metric.gram.shape == (6, 6)
+    assert metric.moments.shape == (6 + 3, 6)  # the packed centred moments of 6 features
 
 
 def test_plot():

@@ -9,15 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reprmetrics._linalg import centred_moments, no_autocast
+from reprmetrics._linalg import centred_moments, l2_normalize_rows, no_autocast
 from reprmetrics._validation import check_tensor, result_dtype
 
 __all__ = ["normalized_std"]
-
-
-def _l2_normalize(z: Tensor) -> Tensor:
-    # A zero row stays zero (it has no direction); documented on the public functions.
-    return z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
 
 
 def _normalized_std_from_scatter(scatter: Tensor, num_samples: int) -> Tensor:
@@ -28,6 +23,8 @@ def _normalized_std_from_scatter(scatter: Tensor, num_samples: int) -> Tensor:
 def _normalized_std_from_state(state: Tensor) -> Tensor:
     """The same from a diagonal packed centred-moments state of the normalised embeddings."""
     n, _, scatter = centred_moments(state)
+    if scatter.ndim == 2:  # full moments (shared with other metrics): the per-feature variances are the diagonal
+        scatter = scatter.diagonal()
     return _normalized_std_from_scatter(scatter, n)
 
 
@@ -58,6 +55,6 @@ def normalized_std(embeddings: Tensor) -> Tensor:
     """
     z = check_tensor(embeddings, "normalized_std", min_rows=2)
     with no_autocast(z.device):
-        zn = _l2_normalize(z.to(torch.float64))
+        zn = l2_normalize_rows(z.to(torch.float64))
         value = _normalized_std_from_scatter((zn - zn.mean(dim=0)).square().sum(dim=0), z.shape[0])
     return value.to(result_dtype(z))

@@ -26,6 +26,7 @@ from reprmetrics._linalg import (
     centred_moments_update_,
     no_autocast,
     symmetric_from_upper,
+    l2_normalize_rows,
 )
 from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
 
@@ -162,9 +163,9 @@ def _smooth_effective_rank(values: Tensor, eps: float) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_pair(x: object, y: object, metric: str, features: int | None = None) -> tuple[Tensor, Tensor]:
-    x = check_tensor(x, metric, name="x", min_rows=1, features=features)
-    y = check_tensor(y, metric, name="y", min_rows=1, features=features)
+def _check_pair(x: object, y: object, metric: str, features: int | None = None, min_rows: int = 1) -> tuple[Tensor, Tensor]:
+    x = check_tensor(x, metric, name="x", min_rows=min_rows, features=features)
+    y = check_tensor(y, metric, name="y", min_rows=min_rows, features=features)
     if x.shape != y.shape:
         raise ValueError(
             f"{metric}: `x` and `y` must have the same shape (row i of each is a positive pair),"
@@ -173,22 +174,11 @@ def _check_pair(x: object, y: object, metric: str, features: int | None = None) 
     return x, y
 
 
-def _normalised(x: Tensor, metric: str, name: str) -> Tensor:
-    """Rows scaled to unit L2 norm; a zero row has no direction, so it is an error."""
-    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    if bool((norms == 0).any()):
-        raise ValueError(
-            f"{metric}: `{name}` has {int((norms == 0).sum())} zero-norm row(s), which cannot be L2-normalised;"
-            " drop them or pass normalize=False"
-        )
-    return x / norms
-
-
 def _alignment_distances(x: Tensor, y: Tensor, alpha: float, normalize: bool, metric: str) -> Tensor:
-    """‖x̂_i − ŷ_i‖^α per row, in float64 (raises before anything is returned on zero-norm rows)."""
+    """‖x̂_i − ŷ_i‖^α per row, in float64 (a zero row stays zero when normalising)."""
     x64, y64 = x.to(torch.float64), y.to(torch.float64)
     if normalize:
-        x64, y64 = _normalised(x64, metric, "x"), _normalised(y64, metric, "y")
+        x64, y64 = l2_normalize_rows(x64), l2_normalize_rows(y64)
     # The difference itself, not 2 − 2cos: near-identical pairs keep full relative precision.
     diff = x64 - y64
     if alpha == 2.0:  # the paper's default: a sum of squares, smooth everywhere (also at x = y)
@@ -388,7 +378,7 @@ def _uniformity_from_points(points: Tensor, t: float, normalize: bool, metric: s
     """
     x = points.to(torch.float64)
     if normalize:
-        x = _normalised(x, metric, "embeddings")
+        x = l2_normalize_rows(x)
     with torch.no_grad():
         anchor = (x - x.mean(dim=0)).square().sum(dim=1).argmin()
     x = x - x[anchor]  # the gradient through the anchor is −Σ_i ∂/∂x_i = 0: the value is shift-invariant
@@ -477,7 +467,8 @@ def alignment(x: Tensor, y: Tensor, alpha: float = 2.0, normalize: bool = True) 
         x: ``(N, D)`` embeddings of the first views.
         y: ``(N, D)`` embeddings of the second views, same shape.
         alpha: exponent > 0 (the paper's 2).
-        normalize: L2-normalise the rows first (zero-norm rows then raise ``ValueError``).
+        normalize: L2-normalise the rows first (a zero row has no direction and stays zero, at
+            distance 1 from every unit vector: :func:`reprmetrics._linalg.l2_normalize_rows`).
 
     Returns:
         A scalar tensor.
@@ -520,7 +511,8 @@ def uniformity(x: Tensor, t: float = 2.0, normalize: bool = True) -> Tensor:
     Args:
         x: ``(N, D)`` embeddings, N ≥ 2.
         t: temperature > 0 (the paper's 2).
-        normalize: L2-normalise the rows first (zero-norm rows then raise ``ValueError``).
+        normalize: L2-normalise the rows first (a zero row has no direction and stays zero, at
+            distance 1 from every unit vector: :func:`reprmetrics._linalg.l2_normalize_rows`).
 
     Returns:
         A scalar tensor (≤ 0).

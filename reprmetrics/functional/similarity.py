@@ -43,8 +43,8 @@ def _check_pair(
 
     ``widths``: the (D1, D2) of earlier batches, which a streaming metric requires again.
     """
-    x = check_tensor(x, metric, name="x", features=None if widths is None else widths[0])
-    y = check_tensor(y, metric, name="y", features=None if widths is None else widths[1])
+    x = check_tensor(x, metric, name="x", min_rows=0, features=None if widths is None else widths[0])
+    y = check_tensor(y, metric, name="y", min_rows=0, features=None if widths is None else widths[1])
     if x.shape[0] != y.shape[0]:
         raise ValueError(
             f"{metric}: `x` and `y` must have the same number of rows (the same N samples), got {x.shape[0]} and {y.shape[0]}"

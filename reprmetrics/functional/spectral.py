@@ -22,7 +22,7 @@ from reprmetrics._linalg import (
     symmetric_from_upper,
 )
 from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
-from reprmetrics.functional.collapse import _l2_normalize
+from reprmetrics._linalg import l2_normalize_rows
 
 __all__ = ["alpha_req", "alpha_req_fit", "coding_rate", "eigenspectrum", "nesum", "rankme", "rankme_diagnostics", "singular_values"]
 
@@ -81,10 +81,15 @@ def _covariance_spectrum_from_state(state: Tensor, input_eps: float) -> tuple[Te
     """Covariance eigenvalues (descending, ``min(N, D)``), their zero tolerance and N of a packed
     centred-moments state (see :func:`reprmetrics._linalg.centred_moments_update_`)."""
     n, mean, scatter = centred_moments(state)
-    d = scatter.shape[0]
-    lam = eigvalsh_descending(scatter)[: min(n, d)] / (n - 1)
-    tol = nonzero_eigenvalue_tolerance(lam, n, d, input_eps, float(mean.square().mean()))
+    lam, tol = _covariance_spectrum_from_parts(n, mean, eigvalsh_descending(scatter), input_eps)
     return lam, tol, n
+
+
+def _covariance_spectrum_from_parts(n: int, mean: Tensor, scatter_eigenvalues: Tensor, input_eps: float) -> tuple[Tensor, float]:
+    """Covariance eigenvalues (scatter's / (N − 1), the top ``min(N, D)``) and their zero tolerance."""
+    d = scatter_eigenvalues.shape[0]
+    lam = scatter_eigenvalues[: min(n, d)] / (n - 1)
+    return lam, nonzero_eigenvalue_tolerance(lam, n, d, input_eps, float(mean.square().mean()))
 
 
 def _centred_covariance_spectrum(z64: Tensor, input_eps: float) -> tuple[Tensor, float]:
@@ -329,16 +334,21 @@ def alpha_req_fit(embeddings: Tensor, fit_range: tuple[int, int] = (11, 100)) ->
 
 
 def _nesum_from_state(state: Tensor, input_eps: float) -> Tensor:
-    """NESum from packed centred moments; ``input_eps``: machine epsilon of the embeddings' dtype.
+    """NESum from packed centred moments; ``input_eps``: machine epsilon of the embeddings' dtype."""
+    n, mean, scatter = centred_moments(state)
+    return _nesum_from_parts(n, mean, scatter, eigvalsh_descending(scatter), input_eps)
+
+
+def _nesum_from_parts(n: int, mean: Tensor, scatter: Tensor, scatter_eigenvalues: Tensor, input_eps: float) -> Tensor:
+    """NESum from the centred moments and the scatter's eigenvalues (descending).
 
     Σλ_k is the trace (exact, no eigensolver error). A covariance whose largest eigenvalue is at or
     below the zero tolerance of :func:`reprmetrics._linalg.nonzero_eigenvalue_tolerance` (identical
     embeddings, or a spread no larger than the rounding of the input to its dtype) gives 0: the
     ratio would otherwise read rounding noise as an isotropic spread.
     """
-    n, mean, scatter = centred_moments(state)
     d = scatter.shape[0]
-    lam = eigvalsh_descending(scatter) / (n - 1)
+    lam = scatter_eigenvalues / (n - 1)
     trace = scatter.diagonal().sum() / (n - 1)
     tol = nonzero_eigenvalue_tolerance(lam, n, d, input_eps, float(mean.square().mean()))
     if float(lam[0]) <= tol:
@@ -444,7 +454,7 @@ def coding_rate(embeddings: Tensor, eps: float = 0.5, normalize: bool = True) ->
     with no_autocast(z.device):
         z64 = z.to(torch.float64)
         if normalize:
-            z64 = _l2_normalize(z64)
+            z64 = l2_normalize_rows(z64)
         n, d = z.shape
         value = _coding_rate_from_gram(_smaller_gram(z64), n, d, eps)
     return value.to(result_dtype(z))
