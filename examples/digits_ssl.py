@@ -6,7 +6,7 @@ Everything runs offline on CPU: the 1,797 handwritten 8×8 digits ship inside sc
 - :func:`digit_splits`: a fixed split into an SSL training split (labels unused by SSL) and a
   held-out split, whose labels are used only to score the backbone afterwards.
 - :func:`augment`: batched random affine warp, contrast, cutout and noise, from any generator.
-- :class:`SimCLR`, :class:`SimSiam`: LightningModules with submodules ``backbone`` and
+- :class:`SimCLR`, :class:`SimSiam`, :class:`BYOL`, :class:`VICReg`, :class:`BarlowTwins`: LightningModules with submodules ``backbone`` and
   ``projector`` (the taps a :class:`~reprmetrics.callbacks.RepresentationMonitor` reads). Their
   ``validation_step`` embeds two fixed views of each held-out image: two forward calls, i.e. views
   1 and 2 for LiDAR and alignment.
@@ -226,6 +226,127 @@ class SimSiam(SSLModule):
         if self.stop_gradient:
             z_1, z_2 = z_1.detach(), z_2.detach()
         return -(F.cosine_similarity(p_1, z_2).mean() + F.cosine_similarity(p_2, z_1).mean()) / 2
+
+
+def off_diagonal(matrix: Tensor) -> Tensor:
+    """The off-diagonal entries of a square matrix, flattened."""
+    d = matrix.shape[0]
+    return matrix.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
+
+
+def vicreg_loss(z_1: Tensor, z_2: Tensor, invariance: float = 25.0, variance: float = 25.0, covariance: float = 1.0) -> Tensor:
+    """VICReg's loss (Bardes et al. 2022): mean squared distance between the views (invariance), a hinge
+    keeping each dimension's std above 1 (variance), and the squared off-diagonal covariances over D
+    (covariance), weighted as in the paper (25, 25, 1). A weight of 0 removes that term."""
+    loss = invariance * F.mse_loss(z_1, z_2)
+    for z in (z_1, z_2):
+        centred = z - z.mean(0)
+        std = torch.sqrt(centred.var(0) + 1e-4)
+        cov = centred.T @ centred / (z.shape[0] - 1)
+        loss = loss + variance * F.relu(1 - std).mean() / 2 + covariance * off_diagonal(cov).pow(2).sum() / z.shape[1] / 2
+    return loss
+
+
+def barlow_twins_loss(z_1: Tensor, z_2: Tensor, redundancy: float = 5e-3) -> Tensor:
+    """Barlow Twins' loss (Zbontar et al. 2021) on the cross-correlation C of the batch-standardised
+    views: (1 - C_ii)² on the diagonal (invariance) plus ``redundancy`` × C_ij² off it (redundancy
+    reduction). ``redundancy=0`` leaves only the invariance term."""
+    n = z_1.shape[0]
+    standardise = lambda z: (z - z.mean(0)) / (z.std(0) + 1e-5)  # noqa: E731  (BatchNorm without affine)
+    c = standardise(z_1).T @ standardise(z_2) / n
+    return (torch.diagonal(c) - 1).pow(2).sum() + redundancy * off_diagonal(c).pow(2).sum()
+
+
+class VICReg(SSLModule):
+    """VICReg (Bardes et al. 2022): invariance, variance and covariance terms, no negatives, no teacher.
+
+    Setting ``variance`` and/or ``covariance`` to 0 gives the paper's ablations: without the variance
+    term nothing stops the embeddings from shrinking together (a slow, steady collapse here); without
+    the covariance term the dimensions become redundant (dimensional collapse).
+    """
+
+    def __init__(
+        self, lr: float = 2e-3, weight_decay: float = 1e-4, invariance: float = 25.0, variance: float = 25.0, covariance: float = 1.0,
+        feature_dim: int = 128, embedding_dim: int = 64, backbone: nn.Module | None = None,
+    ) -> None:
+        super().__init__(lr, weight_decay, feature_dim)
+        self.save_hyperparameters(ignore=["backbone"])
+        if backbone is not None:
+            self.backbone = backbone
+        self.projector = projector(feature_dim, 128, embedding_dim)
+        self.weights = (invariance, variance, covariance)
+
+    def ssl_loss(self, view_1: Tensor, view_2: Tensor) -> Tensor:
+        return vicreg_loss(self.projector(self.backbone(view_1)), self.projector(self.backbone(view_2)), *self.weights)
+
+
+class BarlowTwins(SSLModule):
+    """Barlow Twins (Zbontar et al. 2021): drive the views' cross-correlation matrix to the identity.
+
+    The standardisation inside the loss rules out complete collapse; ``redundancy=0`` removes the
+    off-diagonal term, so the dimensions are free to encode the same feature (dimensional collapse).
+    """
+
+    def __init__(
+        self, lr: float = 2e-3, weight_decay: float = 1e-4, redundancy: float = 5e-3, feature_dim: int = 128, embedding_dim: int = 64,
+        backbone: nn.Module | None = None,
+    ) -> None:
+        super().__init__(lr, weight_decay, feature_dim)
+        self.save_hyperparameters(ignore=["backbone"])
+        if backbone is not None:
+            self.backbone = backbone
+        self.projector = projector(feature_dim, 128, embedding_dim)
+        self.redundancy = redundancy
+
+    def ssl_loss(self, view_1: Tensor, view_2: Tensor) -> Tensor:
+        return barlow_twins_loss(self.projector(self.backbone(view_1)), self.projector(self.backbone(view_2)), self.redundancy)
+
+
+class BYOL(SSLModule):
+    """BYOL (Grill et al. 2020): the online network predicts a slowly moving (EMA) teacher's embedding.
+
+    The teacher is a copy of backbone and projector made here, in ``__init__``: a
+    ``RepresentationMonitor`` attaches its forward hooks in ``setup``, later, to the student's
+    ``backbone`` and ``projector`` only, so the teacher's forward calls are never captured as the
+    student's. After every optimiser step the teacher moves towards the student,
+    θ_teacher ← m·θ_teacher + (1 − m)·θ_student (buffers are copied). ``predictor=False`` and
+    ``momentum=0`` (the teacher is the student of the last step) are the paper's collapsing ablations.
+    """
+
+    def __init__(
+        self, lr: float = 2e-3, weight_decay: float = 1e-4, momentum: float = 0.99, predictor: bool = True, feature_dim: int = 128,
+        embedding_dim: int = 64, backbone: nn.Module | None = None,
+    ) -> None:
+        import copy
+
+        super().__init__(lr, weight_decay, feature_dim)
+        self.save_hyperparameters(ignore=["backbone"])
+        if backbone is not None:
+            self.backbone = backbone
+        self.projector = projector(feature_dim, 128, embedding_dim)
+        self.predictor = (
+            nn.Sequential(nn.Linear(embedding_dim, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, embedding_dim)) if predictor else nn.Identity()
+        )
+        self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone), "projector": copy.deepcopy(self.projector)})
+        self.teacher.requires_grad_(False)  # no gradient: the optimiser skips it, only the EMA moves it
+        self.momentum = momentum
+
+    def ssl_loss(self, view_1: Tensor, view_2: Tensor) -> Tensor:
+        z_1, z_2 = self.projector(self.backbone(view_1)), self.projector(self.backbone(view_2))
+        p_1, p_2 = self.predictor(z_1), self.predictor(z_2)
+        with torch.no_grad():
+            t_1 = self.teacher["projector"](self.teacher["backbone"](view_1))
+            t_2 = self.teacher["projector"](self.teacher["backbone"](view_2))
+        # 2 - 2 cos: the normalised squared distance of the paper, symmetrised over the views.
+        return (4 - 2 * F.cosine_similarity(p_1, t_2).mean() - 2 * F.cosine_similarity(p_2, t_1).mean()) / 2
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        student = nn.ModuleDict({"backbone": self.backbone, "projector": self.projector})
+        for teacher_p, student_p in zip(self.teacher.parameters(), student.parameters()):
+            teacher_p.mul_(self.momentum).add_(student_p.detach(), alpha=1 - self.momentum)
+        for teacher_b, student_b in zip(self.teacher.buffers(), student.buffers()):
+            teacher_b.copy_(student_b)
 
 
 # ---- evaluation -------------------------------------------------------------------------------------
