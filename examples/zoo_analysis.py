@@ -975,7 +975,7 @@ def write_outputs(out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapp
             plot_curves(records, detections, cell, figure)
             figures.append(figure)
     readme = readme_section(legend, results, confirmed_scores, chosen, plain, drops, records, detections, rules, splits, tuning_name, found, len(settings_list))
-    with open(path("README_section.md"), "w") as handle:
+    with open(path("_readme_section.md"), "w") as handle:  # the summary the README and docs/zoo.md quote
         handle.write(readme)
     summary = "\n".join([f"ssl_guard settings chosen on {tuning_name}: {settings_text(chosen)}", comparison_table(results)])
     return {

@@ -275,7 +275,7 @@ def test_fast_mode_records_every_value_dates_onsets_and_replays_the_guard(tmp_pa
     assert labels["vicreg"]["label"] == "healthy"  # one seed: its own reference, so no onset
     # The replay: a stop or None for every run and rule, the tables and the figure written.
     assert set(result["chosen"]) == set(analysis.GUARD_KEYWORDS)
-    for name in ("detector.md", "labels.md", "healthy_drops.md", "tuning.md", "runs.csv", "grid.csv.gz", "README_section.md", "curves_digits-mlp.png"):
+    for name in ("detector.md", "labels.md", "healthy_drops.md", "tuning.md", "runs.csv", "grid.csv.gz", "_readme_section.md", "curves_digits-mlp.png"):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
     runs = analysis.read_csv(os.path.join(out_dir, "runs.csv"))
     assert len(runs) == 3 and {r["name"] for r in runs} == {c.name for c in zoo.FAST_ZOO}
