@@ -8,6 +8,7 @@ from references_centred import alpha_req_centred_ref, centred_covariance_eigenva
 
 from reprmetrics import AlphaReQ
 from reprmetrics._linalg import (
+    add_gram_,
     centred_moments,
     centred_moments_count,
     centred_moments_of,
@@ -50,6 +51,18 @@ def test_streaming_scatter_matches_centring_first(offset, sizes):
     assert n == 1000
     np.testing.assert_allclose(mean.numpy(), z.numpy().mean(axis=0), rtol=1e-12)
     assert np.abs(scatter.numpy() - ref).max() <= 1e-10 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("d", [1, 127, 128, 129, 200, 511, 512, 1030])
+def test_gram_update_fills_the_upper_triangle_exactly_at_every_block_layout(d):
+    # Widths either side of the blocking thresholds and of uneven last blocks.
+    x = torch.randn(37, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
+    gram = torch.full((d, d), 3.0, dtype=torch.float64)
+    add_gram_(gram, x)
+    want = 3.0 + x.numpy().T @ x.numpy()
+    upper = np.triu_indices(d)
+    np.testing.assert_allclose(gram.numpy()[upper], want[upper], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(symmetric_from_upper(gram).numpy(), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("offset", [1e0, 1e8])
