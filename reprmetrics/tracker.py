@@ -1,7 +1,7 @@
 """The framework-agnostic core of monitoring: :class:`RepresentationTracker` (schedule, counts, results).
 
 It captures embeddings through :class:`reprmetrics.taps.Capture`, feeds them to one
-:class:`reprmetrics.metric_set.MetricSet` per tap and stage, and gives each computation as a
+:class:`reprmetrics.tap_metrics.TapMetrics` per tap and stage, and gives each computation as a
 :class:`reprmetrics.results.TrackerResult` — returned as ``{"tap/metric": value}`` and published to
 subscribers (:meth:`RepresentationTracker.subscribe`): the Lightning and Hugging Face adapters log
 from it and the guard in :mod:`reprmetrics.stopping` decides from it.
@@ -18,12 +18,12 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from reprmetrics._counts import CaptureCounts, RecentBuffer
-from reprmetrics._validation import check_memory
+from reprmetrics._counts import RecentBuffer
 from reprmetrics._warnings import warn
 from reprmetrics.metric_set import MetricSet
-from reprmetrics.registry import MONITOR_MAX_SAMPLES, MonitorConfigurationError, check_metric_names, default_metrics
-from reprmetrics.results import STAGE_LABELS, CaptureReport, TrackerResult
+from reprmetrics.registry import MONITOR_MAX_SAMPLES, MonitorConfigurationError, check_metric_names
+from reprmetrics.results import CaptureReport, TrackerResult
+from reprmetrics.tap_metrics import MetricChoice, TapMetrics
 from reprmetrics.taps import OWNER, VIEW_LAYOUTS, Capture, Tap, _closest
 
 __all__ = ["DEFAULT_MIN_SAMPLES", "RepresentationTracker"]
@@ -126,6 +126,7 @@ class RepresentationTracker:
         self.reference = reference
         self.rankme_diagnostics = bool(rankme_diagnostics)
         self.capture = Capture(self.taps, num_views, view_layout, reference, owner)
+        choice = MetricChoice(default_metrics, tuple(self.named_metrics), self.extra_metrics, max_samples, self.rankme_diagnostics)
 
         self.train_steps = 0  # training steps seen (the schedule's clock)
         self.epoch = 0  # advanced by end_train_epoch(); warnings about empty captures are once per epoch
@@ -135,9 +136,9 @@ class RepresentationTracker:
         self.last_result: TrackerResult | None = None
         self._subscribers: list[Callable[[TrackerResult], None]] = []
         self._warned: set[str] = set()
-        self._metric_sets: dict[tuple[str, str], MetricSet] = {}
-        self._drift: dict[str, Metric] = {}
-        self._counts = {(stage, t.name): CaptureCounts() for stage in ("train", "val") for t in self.taps}
+        self._tap_metrics = {
+            (stage, t.name): TapMetrics(stage, t.name, choice, owner, strict, self._warned, warn) for stage in ("train", "val") for t in self.taps
+        }
         self._buffers = {t.name: RecentBuffer(train_buffer_size) for t in self.taps}
         self._train_dropped = {t.name: 0 for t in self.taps}
         self._epoch_train_captures = {t.name: 0 for t in self.taps}
@@ -296,7 +297,7 @@ class RepresentationTracker:
         if stage == "train":
             self._train_dropped[tap] += samples
         else:
-            self._counts[("val", tap)].update(dropped=samples)
+            self._tap_metrics[("val", tap)].counts.update(dropped=samples)
         key = f"dropped/{stage}/{tap}"
         if key not in self._warned:
             self._warned.add(key)
@@ -305,14 +306,8 @@ class RepresentationTracker:
     # ---- evaluation ----------------------------------------------------------------------------------
     def start_eval(self) -> None:
         """Call before an evaluation pass: metrics stream over all of its batches."""
-        for (stage, _), metric_set in self._metric_sets.items():
-            if stage == "val":
-                metric_set.reset()
-        for (stage, _), counts in self._counts.items():
-            if stage == "val":
-                counts.reset()
-        for drift in self._drift.values():
-            drift.reset()
+        for tap in self.taps:
+            self._tap_metrics[("val", tap.name)].reset()
         self.capture.clear()
         self.capture.start("eval")
 
@@ -328,9 +323,9 @@ class RepresentationTracker:
         if self.capture.mode != "eval":
             return
         for tap, (views, reference) in self.capture.group(lambda tap, samples, why: self._count_dropped("val", tap, samples, why)).items():
-            self._feed("val", tap, views)
+            self._tap_metrics[("val", tap)].feed(views)
             if reference is not None:
-                self._feed_drift(tap, views, reference)
+                self._tap_metrics[("val", tap)].feed_drift(views, reference)
         self._hint_at_views()
 
     def end_eval(self) -> dict[str, Tensor]:
@@ -344,134 +339,52 @@ class RepresentationTracker:
     # ---- metrics ---------------------------------------------------------------------------------------
     def metric_set(self, stage: str, tap: str, views: Tensor | None = None, width: int | None = None, num_views: int | None = None) -> MetricSet:
         """The metrics of ``tap`` at ``stage``, created from the first batch's width and views."""
-        key = (stage, tap)
-        if key not in self._metric_sets:
-            d = views.shape[-1] if views is not None else width
-            q = views.shape[1] if views is not None else num_views
-            device = views.device if views is not None else self.capture.device()
-            options = {"rankme": {"diagnostics": True}} if self.rankme_diagnostics else None
-            metrics = default_metrics(d, q, self.max_samples, options=options) if self.use_default_metrics else {}
-            if self.named_metrics:
-                metrics.update(default_metrics(d, q, self.max_samples, names=self.named_metrics, options=options))
-            metrics.update({name: m.clone() for name, m in self.extra_metrics.items()})
-            for metric in metrics.values():
-                if self.rankme_diagnostics and hasattr(metric, "diagnostics_reported"):  # a RankMe given as a Metric too
-                    metric.diagnostics_reported = True
-            metric_set = MetricSet(metrics, f"{stage}/{tap}", self.strict, self._warned, lambda m: warn(f"{self.owner}: {m}"))
-            try:  # each D×D float64 statistic, and as much again while its eigenvalues are computed
-                check_memory(
-                    2 * metric_set.dense_states() * (d + 3) * d * 8, device, self.owner, f"tap {tap!r} of width D = {d:,} ({stage})",
-                    "tap a narrower layer, pool or project it with the Tap's `reduce`, or choose metrics that keep no D×D matrix",
-                )
-            except ValueError as error:
-                raise MonitorConfigurationError(str(error)) from None
-            self._metric_sets[key] = metric_set.to(device)  # embeddings stay where they are
-        return self._metric_sets[key]
+        if views is not None:
+            width, num_views, device = views.shape[-1], views.shape[1], views.device
+        else:
+            device = self.capture.device()
+        return self._tap_metrics[(stage, tap)].metrics(width, num_views, device)
 
     def metric_sets(self, stage: str) -> dict[str, MetricSet]:
         """``{tap: MetricSet}`` of a stage (``"train"`` or ``"val"``)."""
-        return {tap: s for (st, tap), s in self._metric_sets.items() if st == stage}
+        return {tap: m.metric_set for (st, tap), m in self._tap_metrics.items() if st == stage and m.metric_set is not None}
 
     def metric_names(self, stage: str) -> dict[str, list[str]]:
         """``{tap: [names it reports]}`` for the taps of a stage seen so far, the counts included."""
-        drift = ["cka_to_reference"] if stage == "val" and self.reference is not None else []
-        return {tap: [*s.value_names(), *drift, "num_samples", "nonfinite_fraction"] for tap, s in self.metric_sets(stage).items()}
-
-    def _feed(self, stage: str, tap: str, views: Tensor) -> None:
-        used = self.metric_set(stage, tap, views).update(views)
-        counts = self._counts[(stage, tap)].to(views.device)
-        counts.update(used=used, nonfinite=len(views) - used, width=views.shape[-1], views=views.shape[1])
-
-    def _feed_drift(self, tap: str, views: Tensor, reference: Tensor) -> None:
-        from reprmetrics.similarity import LinearCKA
-
-        live, ref = views[:, 0], reference[:, 0]
-        finite = torch.isfinite(live).all(dim=1) & torch.isfinite(ref).all(dim=1)  # weighted out: no host sync
-        zero = torch.zeros((), dtype=live.dtype, device=live.device)
-        live, ref = torch.where(finite[:, None], live, zero), torch.where(finite[:, None], ref, zero.to(ref.dtype))
-        if tap not in self._drift:
-            self._drift[tap] = LinearCKA(num_features=(live.shape[-1], ref.shape[-1])).to(live.device)
-        self._counts[("val", tap)].update(reference_width=ref.shape[-1])
-        self._drift[tap].accumulate(live, ref, finite.to(torch.float64))
+        with_drift = stage == "val" and self.reference is not None
+        return {tap: self._tap_metrics[(stage, tap)].value_names(with_drift) for tap in self.metric_sets(stage)}
 
     def _compute_train(self) -> dict[str, Tensor]:
         values: dict[str, Tensor] = {}
         for tap in self.taps:
-            counts = self._counts[("train", tap.name)]
-            counts.reset()
-            counts.to(self.capture.device()).update(fill=self._buffers[tap.name].fill())
-            if counts.compute()["fill"] < 1.0:  # synced: every rank waits for a full buffer on every rank
+            tap_metrics = self._tap_metrics[("train", tap.name)]
+            tap_metrics.counts.reset()
+            tap_metrics.counts.to(self.capture.device()).update(fill=self._buffers[tap.name].fill())
+            if tap_metrics.counts.compute()["fill"] < 1.0:  # synced: every rank waits for a full buffer on every rank
                 continue
             views = self._buffers[tap.name].recent()
             dropped, self._train_dropped[tap.name] = self._train_dropped[tap.name], 0
-            counts.reset()
-            if ("train", tap.name) in self._metric_sets:  # on every rank: a rank without samples must not reuse the last state
-                self._metric_sets[("train", tap.name)].reset()
+            tap_metrics.reset()
             if views is not None:
-                self._feed("train", tap.name, views)
-            counts.update(dropped=dropped)
+                tap_metrics.feed(views)
+            tap_metrics.counts.update(dropped=dropped)
             values.update(self._compute_tap("train", tap.name))
         return self._publish("train", values)
 
     def _compute_tap(self, stage: str, tap: str) -> dict[str, Tensor]:
         """One tap's values. The counts are synced first, so every rank takes the same branch."""
-        counts = self._counts[(stage, tap)]
-        metric_set = self._metric_sets.get((stage, tap))
-        device = self.capture.device() if metric_set is None else next(iter(metric_set.statistics.values()), counts).device
-        counts.to(device)
-        found = counts.compute()
-        used, nonfinite, dropped = int(found["used"]), int(found["nonfinite"]), int(found["dropped"])
-        width, reference_width = int(found["width"]), int(found["reference_width"])
-        report = self.reports[(stage, tap)] = CaptureReport(stage, tap, used, nonfinite, dropped)
-        label = STAGE_LABELS[stage]
-        if report.seen == 0:
-            if stage == "val":
-                hint = self._nothing_hint(next(t for t in self.taps if t.name == tap), stage)
-                warn(f"{self.owner}: tap {tap!r} captured nothing during validation pass {self.eval_passes} ({hint}); no val-stage values for it")
-            return {}
-        values = {
-            f"{tap}/num_samples": torch.tensor(float(used), device=device),
-            f"{tap}/nonfinite_fraction": torch.tensor(report.nonfinite_fraction, device=device),
-        }
-        if metric_set is None and width:  # nothing reached this rank but others have data: join their sync
-            metric_set = self.metric_set(stage, tap, width=width, num_views=int(found["views"]))
-        # Drift is computed wherever any rank saw reference embeddings (synced), so every rank joins its sync.
-        has_drift = stage == "val" and reference_width > 0
-        if has_drift and tap not in self._drift:
-            from reprmetrics.similarity import LinearCKA
-
-            self._drift[tap] = LinearCKA(num_features=(width, reference_width)).to(device)
-        if nonfinite:
-            warn(
-                f"{self.owner}: divergence: tap {tap!r} produced non-finite embeddings ({report.nonfinite_fraction:.0%} of"
-                f" {report.seen} samples, {label}); its metrics are reported as NaN"
-            )
-            names = (metric_set.value_names() if metric_set is not None else []) + (["cka_to_reference"] if has_drift else [])
-            values.update({f"{tap}/{name}": torch.tensor(float("nan"), device=device) for name in names})
-            return values
-        if dropped:
-            warn(
-                f"{self.owner}: tap {tap!r} ({label}): only {used} of {report.seen} samples were usable; {dropped} were in"
-                f" batches that could not be grouped into {self.num_views} views (view_layout={self.view_layout!r})"
-            )
-        if used < self.min_samples:
-            warn(
-                f"{self.owner}: tap {tap!r} ({label}): {used} usable samples, fewer than min_samples={self.min_samples}; its metrics"
-                f" are not reported (num_samples is). {self._few_samples_hint(stage, used)}"
-            )
-            return values
-        if metric_set is not None:
-            values.update({f"{tap}/{name}": value for name, value in metric_set.compute().items()})
-        if has_drift:
-            try:
-                values[f"{tap}/cka_to_reference"] = self._drift[tap].compute().detach()
-            except (ValueError, RuntimeError) as error:
-                if self.strict:
-                    raise
-                warn(f"{self.owner}: skipping {stage}/{tap}/cka_to_reference: {error}")
+        tap_object = next(t for t in self.taps if t.name == tap)
+        report, values = self._tap_metrics[(stage, tap)].compute(
+            self.capture.device(),
+            self.min_samples,
+            grouping=f"{self.num_views} views (view_layout={self.view_layout!r})",
+            nothing=f"validation pass {self.eval_passes} ({self._nothing_hint(tap_object, stage)})",
+            few=self._few_samples_hint(stage),
+        )
+        self.reports[(stage, tap)] = report
         return values
 
-    def _few_samples_hint(self, stage: str, used: int) -> str:
+    def _few_samples_hint(self, stage: str) -> str:
         if stage == "train":
             return f"The training buffer holds {self.train_buffer_size} samples: raise train_buffer_size, or lower min_samples"
         return "The evaluation set is too small for these metrics: use more evaluation samples, or lower min_samples"
