@@ -482,3 +482,50 @@ def test_ssl_guard_preset_stops_a_collapse_and_not_a_healthy_run(tmp_path, caplo
     assert trainer.state.global_step == 60 and callback.stopping_reason is None
     with pytest.raises(MonitorConfigurationError, match="names tap 'encodr'.*did you mean 'encoder'"):
         RepresentationCallback(["encoder"], stop_on=ssl_guard("encodr"))
+
+
+def test_docstring_lists_every_metric_the_callback_logs(tmp_path):
+    import inspect
+    import re
+
+    from reprmetrics.registry import available_metrics
+
+    section = RepresentationCallback.__doc__.split("**Metrics**", 1)[1].split("**Where values go.**", 1)[0]
+    default_part, opt_in_part = section.split("opt-in", 1)
+    specs = available_metrics()
+    assert {name for name, spec in specs.items() if spec.default} <= set(re.findall(r"``(\w+)``", default_part))
+    assert {name for name, spec in specs.items() if not spec.default} <= set(re.findall(r"``(\w+)``", opt_in_part))
+    listed = set(re.findall(r"``(\w+)``", section)) - set(inspect.signature(RepresentationCallback).parameters)  # names, not options
+    # With views, a reference, RankMe's diagnostics and every opt-in metric, an evaluation logs exactly what is listed.
+    callback = RepresentationCallback(
+        ["encoder"], num_views=2, view_layout="calls", every_n_train_steps=0, reference="initial", rankme_diagnostics=True,
+        metrics=[name for name, spec in specs.items() if not spec.default], log_figures=False,
+    )
+    args = training_args(tmp_path, num_train_epochs=1)
+    trainer = Trainer(model=Encoder(views=2), args=args, train_dataset=Points(128, seed=0), eval_dataset=Points(256, seed=1), callbacks=[callback])
+    logged = {key.rsplit("/", 1)[1] for key in trainer.evaluate() if key.startswith("eval_repr/encoder/")}
+    assert logged == listed
+
+
+def test_stopping_callback_acts_on_the_monitor_of_its_prefix_only_while_training(tmp_path, caplog):
+    from reprmetrics.callbacks.huggingface import CollapseEarlyStoppingCallback
+
+    def trainer_with(*callbacks, **overrides):
+        args = training_args(tmp_path, max_steps=20, eval_strategy="steps", eval_steps=5, **overrides)
+        return Trainer(model=Encoder(), args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=list(callbacks))
+
+    # Listed before the monitor, found through the model and the prefix: an impossible floor stops at the first
+    # evaluation of training; an evaluate() before training is not a check.
+    stop = CollapseEarlyStoppingCallback("eval_repr/encoder/rankme", min_value=1e3, patience=1)
+    trainer = trainer_with(stop, RepresentationCallback(["encoder"], every_n_train_steps=0, log_figures=False))
+    assert "eval_repr/stop_reason" not in trainer.evaluate() and stop.stopping_reason is None
+    with caplog.at_level(logging.WARNING, logger="reprmetrics.callbacks.huggingface"):
+        trainer.train()
+    assert trainer.state.global_step == stop.stopped_step == 5 and stop.stopping_reason in caplog.text
+    assert eval_logs(trainer)[-1]["eval_repr/stop_reason"] == stop.stopping_reason and "below the floor 1000" in stop.stopping_reason
+
+    # No monitor with its prefix, or a tap the monitor lacks: raised before the first step.
+    with pytest.raises(MonitorConfigurationError, match=r"no RepresentationCallback with prefix 'repr'.*RepresentationCallback\(\['encoder'\]\)"):
+        trainer_with(CollapseEarlyStoppingCallback("repr/eval/encoder/rankme", min_value=1.0), RepresentationCallback(["encoder"], prefix="other")).train()
+    with pytest.raises(MonitorConfigurationError, match=r"names tap 'encodr'.*did you mean repr/eval/encoder/rankme"):
+        trainer_with(CollapseEarlyStoppingCallback("repr/eval/encodr/rankme", min_value=1.0), RepresentationCallback(["encoder"])).train()
