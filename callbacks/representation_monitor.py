@@ -231,9 +231,9 @@ class RepresentationMonitor(Callback):
                 on_epoch=not on_step,
                 prog_bar=metric == self.progress_bar and stage == "val",
                 # Train values go to the loggers below: Lightning would keep only those on its
-                # `log_every_n_steps` grid, which need not meet `every_n_train_steps`. Without a
-                # logger, logger=True would warn once per key.
-                logger=not on_step and bool(trainer.loggers),
+                # `log_every_n_steps` grid, which need not meet `every_n_train_steps`. None, not True:
+                # the same (validate() returns them) without a warning per key when there is no logger.
+                logger=False if on_step else None,
                 sync_dist=False,  # already identical on every rank
                 batch_size=1,
             )

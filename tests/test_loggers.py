@@ -148,6 +148,8 @@ def test_lightning_without_a_logger_logs_quietly(tmp_path):
         trainer.fit(ToyEncoder(), *loaders())
     assert not [str(w.message) for w in caught if "no logger configured" in str(w.message)]
     assert "repr/val/projector/rankme" in trainer.callback_metrics  # still there for EarlyStopping and checkpoints
+    validated = trainer.validate(trainer.lightning_module, loaders()[1], verbose=False)[0]  # and in what validate() returns
+    assert "repr/val/projector/rankme" in validated and "repr/val/z/num_samples" in validated
     assert not glob.glob(str(tmp_path / "**" / "*.png"), recursive=True)  # no logger: nothing drawn
 
 
