@@ -15,7 +15,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
-from reprmetrics.callbacks._figures import log_figures
+from reprmetrics.callbacks._figures import drawable, log_figures
 from reprmetrics.monitor import DEFAULT_MIN_SAMPLES, MONITOR_MAX_SAMPLES, MonitorConfigurationError, RepresentationTracker, Tap
 from reprmetrics.results import channel
 
@@ -54,10 +54,13 @@ class RepresentationMonitor(Callback):
     says why). Scalars, figures and histograms of one validation epoch share one logger step (the
     one Lightning gives epoch-end values).
 
-    With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, each validation epoch also adds,
-    per tap, the covariance eigenvalue spectrum as a log-log figure with the α-ReQ fit
-    (``{prefix}/val/{tap}/spectrum``), and histograms of the singular values and of the per-sample
-    local intrinsic dimension. Other loggers, or none, get the scalars only.
+    Each validation epoch also adds, per tap, the covariance eigenvalue spectrum as a log-log figure
+    with the α-ReQ fit (``{prefix}/val/{tap}/spectrum``), and histograms of the singular values and
+    of the per-sample local intrinsic dimension, to every logger: TensorBoard (figure, histograms),
+    Weights & Biases (``wandb.Image``, ``wandb.Histogram``), MLflow (PNG artifacts
+    ``{key}/step_{step}.png``; histograms drawn as bar charts), and any other logger (CSVLogger, ...)
+    as PNG files ``{log_dir}/figures/{key}/step_{step}.png``. Without a logger nothing is drawn, and
+    the values are logged without Lightning's "no logger configured" warnings.
 
     Args:
         taps: submodule names (a forward hook reads their output; see
@@ -87,7 +90,7 @@ class RepresentationMonitor(Callback):
             dimension, NESum, coding rate, Wasserstein uniformity, IsoScore, and with views LiDAR
             and alignment.
         progress_bar: the validation metric shown in the progress bar for each tap (``None``: none).
-        log_figures: add the spectrum figure and histograms when the logger is TensorBoard.
+        log_figures: add the spectrum figure and histograms to the loggers.
         figures_every_n_epochs: draw them every this many validation epochs (drawing costs time on CPU).
         strict: raise instead of warning once and skipping a metric that cannot be computed.
         prefix: first component of every logged name.
@@ -228,8 +231,9 @@ class RepresentationMonitor(Callback):
                 on_epoch=not on_step,
                 prog_bar=metric == self.progress_bar and stage == "val",
                 # Train values go to the loggers below: Lightning would keep only those on its
-                # `log_every_n_steps` grid, which need not meet `every_n_train_steps`.
-                logger=not on_step,
+                # `log_every_n_steps` grid, which need not meet `every_n_train_steps`. None, not True:
+                # the same (validate() returns them) without a warning per key when there is no logger.
+                logger=False if on_step else None,
                 sync_dist=False,  # already identical on every rank
                 batch_size=1,
             )
@@ -238,16 +242,10 @@ class RepresentationMonitor(Callback):
                 logger.log_metrics({k: float(v) for k, v in named.items()}, step=_logger_step(trainer))
 
     def _log_figures(self, trainer: pl.Trainer) -> None:
-        result = self.tracker.last_result
-        if result is None or result.stage != "val":
+        if not trainer.is_global_zero or not trainer.loggers:
             return
-        step = _logger_step(trainer)
-        for tap, artifacts in result.artifacts.items():
-            report = result.reports.get(tap)
-            if report is None or report.nonfinite or report.used < self.tracker.min_samples:
-                continue  # nothing trustworthy to draw (the same decision on every rank: counts are synced)
-            if trainer.is_global_zero:
-                log_figures(trainer.loggers, f"{self.prefix}/val/{tap}", tap, artifacts, step)
+        for tap, artifacts in drawable(self.tracker.last_result, self.tracker.min_samples):
+            log_figures(trainer.loggers, f"{self.prefix}/val/{tap}", tap, artifacts, _logger_step(trainer))
 
     # ---- persistence -----------------------------------------------------------------------------
     @override

@@ -15,8 +15,12 @@ module trains with the Trainer. One ``RepresentationCallback`` taps ``backbone``
   backbone on the 500 held-out digits) below 0.8 for 2 evaluations, or
 - complete collapse: ``eval_repr/backbone/normalized_std`` below 0.25/√D;
 
-``report_to="tensorboard"`` receives every value (``eval/repr/backbone/...``), and
-``load_best_model_at_end`` with ``metric_for_best_model="accuracy"`` (``compute_metrics`` on the
+TensorBoard receives every value (``eval/repr/backbone/...``) with the Trainer's own in one event file:
+its ``TensorBoardCallback`` is listed after ``RepresentationCallback`` (``report_to="none"``), so its
+``on_log`` sees the values the callback adds to the evaluation logs. (With ``report_to="tensorboard"``
+the Trainer runs the integration before user callbacks, and the callback writes its values, spectrum
+figures and histograms to that run folder itself, in an event file of its own.) The figures go to
+``{log_dir}/lr_{lr}/figures`` as PNG files. ``load_best_model_at_end`` with ``metric_for_best_model="accuracy"`` (``compute_metrics`` on the
 held-out labels) loads the best epoch's weights at the end: after a stop, the least damaged ones. A
 representation key works there too (``metric_for_best_model="repr/backbone/rankme"``: the Trainer
 looks up ``eval_repr/backbone/rankme``), but in supervised fine-tuning RankMe falls in healthy runs
@@ -43,6 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 from transformers import PrinterCallback, Trainer, TrainingArguments  # noqa: E402
+from transformers.integrations import TensorBoardCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from reprmetrics.callbacks.huggingface import RepresentationCallback  # noqa: E402
@@ -77,6 +82,18 @@ class Digits(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {"images": self.images[i], "labels": self.labels[i]}
+
+
+def evaluations(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One dict per evaluation: the Trainer's entry with the callback's entries of the same evaluation (its
+    values, a stop reason) merged in; the callback appends those right after the Trainer's own."""
+    merged: list[dict[str, Any]] = []
+    for entry in log_history:
+        if "eval_loss" in entry:
+            merged.append(dict(entry))
+        elif merged and entry["step"] == merged[-1]["step"] and any(key.startswith("eval_") for key in entry):
+            merged[-1].update(entry)
+    return merged
 
 
 def accuracy(prediction: Any) -> dict[str, float]:
@@ -148,18 +165,18 @@ def run(args: argparse.Namespace, splits: Any, pretrained: SimCLR, lr: float) ->
         learning_rate=lr, lr_scheduler_type="constant", max_grad_norm=0.0,  # as the Lightning example: no clipping
         eval_strategy="epoch", logging_strategy="epoch", save_strategy="epoch", save_total_limit=2,
         load_best_model_at_end=True, metric_for_best_model=BEST, greater_is_better=True,
-        report_to=["tensorboard"], use_cpu=True, disable_tqdm=True, dataloader_drop_last=True, seed=args.seed,
+        report_to="none", use_cpu=True, disable_tqdm=True, dataloader_drop_last=True, seed=args.seed,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     trainer = Trainer(
         model=model, args=training_args, train_dataset=Digits(images, labels),
         eval_dataset=Digits(splits.held_out_images, splits.held_out_labels), compute_metrics=accuracy,
-        optimizers=(optimizer, None), callbacks=[callback],
+        optimizers=(optimizer, None), callbacks=[callback, TensorBoardCallback()],  # after the callback: it logs its values too
     )
     trainer.remove_callback(PrinterCallback)  # this example prints its own table
     trainer.train()
 
-    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    evals = evaluations(trainer.state.log_history)
     ckas = [e["eval_repr/backbone/cka_to_reference"] for e in evals]
     stds = [e["eval_repr/backbone/normalized_std"] for e in evals]
     ranks = [e["eval_repr/backbone/rankme"] for e in evals]

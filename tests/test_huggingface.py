@@ -105,7 +105,15 @@ def training_args(tmp_path, **overrides):
 
 
 def eval_logs(trainer):
-    return [e for e in trainer.state.log_history if "eval_loss" in e]
+    """The Trainer's evaluation entries of ``log_history``, each with the callbacks' entries of the same
+    evaluation (values, stop reason: entries of their own, appended right after it) merged in."""
+    merged = []
+    for entry in trainer.state.log_history:
+        if "eval_loss" in entry:
+            merged.append(dict(entry))
+        elif merged and entry["step"] == merged[-1]["step"] and any(key.startswith("eval_") for key in entry):
+            merged[-1].update(entry)
+    return merged
 
 
 @torch.no_grad()
@@ -117,7 +125,7 @@ def bert_outputs(model, dataset):
 
 
 # ---- logging --------------------------------------------------------------------------------------
-def test_values_reach_log_history_and_tensorboard(tmp_path):
+def test_values_and_figures_reach_log_history_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     model = tiny_bert()
@@ -144,24 +152,31 @@ def test_values_reach_log_history_and_tensorboard(tmp_path):
     assert evals[-1]["eval_repr/bert.pooler/normalized_std"] == pytest.approx(normalized_std_ref(pooled), rel=1e-4)
     assert evals[-1]["eval_repr/bert.encoder.layer.1/rankme"] == pytest.approx(rankme_ref(first_tokens), rel=1e-4)
 
-    # Training-stage values: every 4 steps, in the training log of that step.
+    # Training-stage values: every 4 steps, in entries of their own at that step.
     train_steps = [e["step"] for e in trainer.state.log_history if "repr/bert.pooler/rankme" in e]
-    assert train_steps == [4, 8, 12, 16] and all("loss" in e for e in trainer.state.log_history if "repr/bert.pooler/rankme" in e)
+    assert train_steps == [4, 8, 12, 16]
 
-    (events,) = glob.glob(str(tmp_path / "out" / "runs" / "*" / "events.out.tfevents.*"))
-    accumulator = EventAccumulator(events, size_guidance={"scalars": 0})
+    # One TensorBoard run: the Trainer's own scalars and the callback's, which it writes itself (the
+    # integration runs before user callbacks), with the spectrum figure and histograms at each evaluation.
+    (run_dir,) = glob.glob(str(tmp_path / "out" / "runs" / "*"))
+    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0, "histograms": 0})
     accumulator.Reload()
+    assert [s.step for s in accumulator.Scalars("eval/loss")] == [e["step"] for e in evals]
     scalars = accumulator.Scalars("eval/repr/bert.pooler/rankme")
     assert [s.step for s in scalars] == [e["step"] for e in evals]
     assert [s.value for s in scalars] == pytest.approx([e["eval_repr/bert.pooler/rankme"] for e in evals], rel=1e-6)
     assert [s.step for s in accumulator.Scalars("train/repr/bert.encoder.layer.1/lid")] == train_steps
+    for tap in ("bert.pooler", "bert.encoder.layer.1"):
+        assert [i.step for i in accumulator.Images(f"eval/repr/{tap}/spectrum")] == [e["step"] for e in evals]
+        for histogram in ("singular_values", "lid_per_sample"):
+            assert [h.step for h in accumulator.Histograms(f"eval/repr/{tap}/{histogram}")] == [e["step"] for e in evals]
 
 
 @pytest.mark.gpu
 def test_on_cuda_the_metrics_run_where_the_model_is(tmp_path):
     model = tiny_bert()
     eval_set = Tokens(256, seed=1)
-    callback = RepresentationCallback(["bert.pooler"], every_n_train_steps=2, train_buffer_size=128, reference="initial")
+    callback = RepresentationCallback(["bert.pooler"], log_figures=False, every_n_train_steps=2, train_buffer_size=128, reference="initial")
     args = training_args(tmp_path, num_train_epochs=1, use_cpu=False)
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(256, seed=0), eval_dataset=eval_set, callbacks=[callback])
     trainer.train()
@@ -176,7 +191,7 @@ def test_on_cuda_the_metrics_run_where_the_model_is(tmp_path):
 def test_evaluate_alone_returns_the_values_and_drift_starts_at_one(tmp_path):
     model = Encoder()
     eval_set = Points(256, seed=1)
-    callback = RepresentationCallback(["encoder"], every_n_train_steps=0, reference="initial")
+    callback = RepresentationCallback(["encoder"], log_figures=False, every_n_train_steps=0, reference="initial")
     trainer = Trainer(model=model, args=training_args(tmp_path, num_train_epochs=1), train_dataset=Points(512, seed=0), eval_dataset=eval_set, callbacks=[callback])
     metrics = trainer.evaluate()
     assert metrics["eval_repr/encoder/cka_to_reference"] == pytest.approx(1.0, abs=1e-6)  # before training: the reference itself
@@ -199,7 +214,7 @@ FLOOR = 0.25 / 16**0.5 / 4  # a quarter of the normalised std of this encoder's 
 def collapse_run(tmp_path, objective, lr, caplog):
     model = Encoder(objective)
     callback = RepresentationCallback(
-        ["encoder", "embeddings"], every_n_train_steps=0,
+        ["encoder", "embeddings"], log_figures=False, every_n_train_steps=0,
         stop_on={"repr/eval/encoder/rankme": {}, "eval_repr/embeddings/normalized_std": {"min_value": FLOOR}},
         min_value=2.0, patience=2,
     )
@@ -233,14 +248,15 @@ def test_healthy_run_is_not_stopped(tmp_path, caplog):
 
 def test_training_stage_key_stops_between_evaluations(tmp_path, caplog):
     model = Encoder("collapse")
-    callback = RepresentationCallback(["encoder"], every_n_train_steps=5, train_buffer_size=128, stop_on="repr/train/encoder/normalized_std", min_value=FLOOR, patience=1)
+    callback = RepresentationCallback(["encoder"], log_figures=False, every_n_train_steps=5, train_buffer_size=128, stop_on="repr/train/encoder/normalized_std", min_value=FLOOR, patience=1)
     args = training_args(tmp_path, max_steps=100, eval_strategy="no", learning_rate=0.02, lr_scheduler_type="constant")
     trainer = Trainer(model=model, args=args, train_dataset=Points(512, seed=0), callbacks=[callback])
     with caplog.at_level(logging.WARNING, logger="reprmetrics.callbacks.huggingface"):
         trainer.train()
     assert trainer.state.global_step < 100 and trainer.state.global_step % 5 == 0
     entry = next(e for e in trainer.state.log_history if "repr/stop_reason" in e)
-    assert entry["step"] == trainer.state.global_step and entry["repr/encoder/normalized_std"] < FLOOR
+    values = next(e for e in trainer.state.log_history if "repr/encoder/normalized_std" in e and e["step"] == entry["step"])
+    assert entry["step"] == trainer.state.global_step and values["repr/encoder/normalized_std"] < FLOOR
     assert entry["repr/stop_reason"] == callback.stopping_reason and callback.stopping_reason.startswith("Complete collapse: repr/encoder/normalized_std")
     assert callback.stopping_reason in caplog.text
 
@@ -248,7 +264,7 @@ def test_training_stage_key_stops_between_evaluations(tmp_path, caplog):
 @pytest.mark.filterwarnings("ignore:.*divergence.*", "ignore:.*non-finite.*")
 def test_divergence_stops_at_once_and_says_so(tmp_path):
     model = Encoder("diverge")
-    callback = RepresentationCallback(["encoder"], every_n_train_steps=0, stop_on="repr/eval/encoder/rankme", min_value=1.0, patience=5)
+    callback = RepresentationCallback(["encoder"], log_figures=False, every_n_train_steps=0, stop_on="repr/eval/encoder/rankme", min_value=1.0, patience=5)
     args = training_args(tmp_path, max_steps=100, eval_strategy="steps", eval_steps=2, learning_rate=1e4, optim="sgd", max_grad_norm=0.0)
     trainer = Trainer(model=model, args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=[callback])
     trainer.train()
@@ -265,7 +281,7 @@ def test_training_with_and_without_the_callback_gives_identical_weights(tmp_path
         return model.state_dict()
 
     plain = train([])
-    watched = train([RepresentationCallback(["bert.pooler"], every_n_train_steps=2, train_buffer_size=128, reference="initial")])
+    watched = train([RepresentationCallback(["bert.pooler"], log_figures=False, every_n_train_steps=2, train_buffer_size=128, reference="initial")])
     assert plain.keys() == watched.keys()
     for name in plain:
         assert torch.equal(plain[name], watched[name]), name
@@ -274,7 +290,7 @@ def test_training_with_and_without_the_callback_gives_identical_weights(tmp_path
 def test_metric_for_best_model_keeps_the_best_checkpoint_by_a_repr_key(tmp_path):
     model = Encoder("classify")
     eval_set = Points(256, seed=1)
-    callback = RepresentationCallback(["encoder"], every_n_train_steps=0)
+    callback = RepresentationCallback(["encoder"], log_figures=False, every_n_train_steps=0)
     args = training_args(
         tmp_path, max_steps=40, eval_strategy="steps", eval_steps=10, save_strategy="steps", save_steps=10, learning_rate=0.3, optim="sgd",
         load_best_model_at_end=True, metric_for_best_model="repr/encoder/rankme", greater_is_better=True,
@@ -293,7 +309,7 @@ def test_metric_for_best_model_keeps_the_best_checkpoint_by_a_repr_key(tmp_path)
 
 def test_gradient_accumulation_with_views_one_tracker_step_per_micro_batch(tmp_path):
     model = Encoder("classify", views=2)
-    callback = RepresentationCallback(["encoder"], num_views=2, view_layout="calls", every_n_train_steps=4, train_buffer_size=64)
+    callback = RepresentationCallback(["encoder"], num_views=2, view_layout="calls", log_figures=False, every_n_train_steps=4, train_buffer_size=64)
     args = training_args(tmp_path, num_train_epochs=1, per_device_train_batch_size=32, gradient_accumulation_steps=2)
     trainer = Trainer(model=model, args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=[callback])
     trainer.train()
@@ -395,7 +411,7 @@ evaluation = Dataset.from_dict({"anchor": sentences(128), "positive": sentences(
 # The Pooling module (submodule "1") returns the features dict: its sentence embeddings are the tap.
 # The loss embeds anchor and positive with two forward calls: views 1 and 2.
 callback = RepresentationCallback(
-    [Tap("1", reduce=lambda features: features["sentence_embedding"])], num_views=2, view_layout="calls", every_n_train_steps=0,
+    [Tap("1", reduce=lambda features: features["sentence_embedding"])], num_views=2, view_layout="calls", log_figures=False, every_n_train_steps=0,
     stop_on="repr/eval/1/rankme", min_value=1000.0, patience=2,  # an impossible floor: stops at the 2nd evaluation
 )
 args = SentenceTransformerTrainingArguments(
@@ -406,7 +422,12 @@ trainer = SentenceTransformerTrainer(
     model=model, args=args, train_dataset=train, eval_dataset=evaluation, loss=losses.MultipleNegativesRankingLoss(model), callbacks=[callback]
 )
 trainer.train()
-last = [e for e in trainer.state.log_history if "eval_loss" in e][-1]
+last = {}
+for entry in trainer.state.log_history:  # the last evaluation: the Trainer's entry, then the callback's
+    if "eval_loss" in entry:
+        last = dict(entry)
+    elif entry.get("step") == last.get("step") and any(key.startswith("eval_") for key in entry):
+        last.update(entry)
 anchors = model.encode(evaluation["anchor"], convert_to_numpy=True).astype(np.float64)
 print(json.dumps({"last": last, "reference_rankme": rankme_ref(anchors), "global_step": trainer.state.global_step, "reason": callback.stopping_reason}))
 '''
@@ -446,7 +467,7 @@ def test_ssl_guard_preset_stops_a_collapse_and_not_a_healthy_run(tmp_path, caplo
     from reprmetrics.stopping import ssl_guard
 
     def run(objective):
-        callback = RepresentationCallback(["encoder"], every_n_train_steps=0, stop_on=ssl_guard("encoder", patience=2))
+        callback = RepresentationCallback(["encoder"], log_figures=False, every_n_train_steps=0, stop_on=ssl_guard("encoder", patience=2))
         args = training_args(tmp_path / objective, max_steps=60, eval_strategy="steps", eval_steps=5, learning_rate=0.02, lr_scheduler_type="constant")
         trainer = Trainer(model=Encoder(objective), args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=[callback])
         with caplog.at_level(logging.WARNING, logger="reprmetrics.callbacks.huggingface"):
@@ -461,3 +482,50 @@ def test_ssl_guard_preset_stops_a_collapse_and_not_a_healthy_run(tmp_path, caplo
     assert trainer.state.global_step == 60 and callback.stopping_reason is None
     with pytest.raises(MonitorConfigurationError, match="names tap 'encodr'.*did you mean 'encoder'"):
         RepresentationCallback(["encoder"], stop_on=ssl_guard("encodr"))
+
+
+def test_docstring_lists_every_metric_the_callback_logs(tmp_path):
+    import inspect
+    import re
+
+    from reprmetrics.registry import available_metrics
+
+    section = RepresentationCallback.__doc__.split("**Metrics**", 1)[1].split("**Where values go.**", 1)[0]
+    default_part, opt_in_part = section.split("opt-in", 1)
+    specs = available_metrics()
+    assert {name for name, spec in specs.items() if spec.default} <= set(re.findall(r"``(\w+)``", default_part))
+    assert {name for name, spec in specs.items() if not spec.default} <= set(re.findall(r"``(\w+)``", opt_in_part))
+    listed = set(re.findall(r"``(\w+)``", section)) - set(inspect.signature(RepresentationCallback).parameters)  # names, not options
+    # With views, a reference, RankMe's diagnostics and every opt-in metric, an evaluation logs exactly what is listed.
+    callback = RepresentationCallback(
+        ["encoder"], num_views=2, view_layout="calls", every_n_train_steps=0, reference="initial", rankme_diagnostics=True,
+        metrics=[name for name, spec in specs.items() if not spec.default], log_figures=False,
+    )
+    args = training_args(tmp_path, num_train_epochs=1)
+    trainer = Trainer(model=Encoder(views=2), args=args, train_dataset=Points(128, seed=0), eval_dataset=Points(256, seed=1), callbacks=[callback])
+    logged = {key.rsplit("/", 1)[1] for key in trainer.evaluate() if key.startswith("eval_repr/encoder/")}
+    assert logged == listed
+
+
+def test_stopping_callback_acts_on_the_monitor_of_its_prefix_only_while_training(tmp_path, caplog):
+    from reprmetrics.callbacks.huggingface import CollapseEarlyStoppingCallback
+
+    def trainer_with(*callbacks, **overrides):
+        args = training_args(tmp_path, max_steps=20, eval_strategy="steps", eval_steps=5, **overrides)
+        return Trainer(model=Encoder(), args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=list(callbacks))
+
+    # Listed before the monitor, found through the model and the prefix: an impossible floor stops at the first
+    # evaluation of training; an evaluate() before training is not a check.
+    stop = CollapseEarlyStoppingCallback("eval_repr/encoder/rankme", min_value=1e3, patience=1)
+    trainer = trainer_with(stop, RepresentationCallback(["encoder"], every_n_train_steps=0, log_figures=False))
+    assert "eval_repr/stop_reason" not in trainer.evaluate() and stop.stopping_reason is None
+    with caplog.at_level(logging.WARNING, logger="reprmetrics.callbacks.huggingface"):
+        trainer.train()
+    assert trainer.state.global_step == stop.stopped_step == 5 and stop.stopping_reason in caplog.text
+    assert eval_logs(trainer)[-1]["eval_repr/stop_reason"] == stop.stopping_reason and "below the floor 1000" in stop.stopping_reason
+
+    # No monitor with its prefix, or a tap the monitor lacks: raised before the first step.
+    with pytest.raises(MonitorConfigurationError, match=r"no RepresentationCallback with prefix 'repr'.*RepresentationCallback\(\['encoder'\]\)"):
+        trainer_with(CollapseEarlyStoppingCallback("repr/eval/encoder/rankme", min_value=1.0), RepresentationCallback(["encoder"], prefix="other")).train()
+    with pytest.raises(MonitorConfigurationError, match=r"names tap 'encodr'.*did you mean repr/eval/encoder/rankme"):
+        trainer_with(CollapseEarlyStoppingCallback("repr/eval/encodr/rankme", min_value=1.0), RepresentationCallback(["encoder"])).train()
