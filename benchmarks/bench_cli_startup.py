@@ -64,10 +64,7 @@ def measure(commands: dict[str, list[str]], repeats: int) -> dict[str, list[floa
 
 def table(times: dict[str, list[float]]) -> str:
     torch_median = statistics.median(times['python -c "import torch"'])
-    lines = [
-        "| command | median (s) | fastest (s) | × `import torch` (median) |",
-        "|---|---:|---:|---:|",
-    ]
+    lines = ["| command | median (s) | fastest (s) | × `import torch` (median) |", "|---|---:|---:|---:|"]
     for name, values in times.items():
         median = statistics.median(values)
         lines.append(f"| `{name}` | {median:.3f} | {min(values):.3f} | {median / torch_median:.2f} |")

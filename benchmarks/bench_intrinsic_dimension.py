@@ -106,7 +106,11 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         desc = f"{n:,} × {d} float32"
         # The 30k baselines take tens of seconds each: one timed repeat after the warm-up.
         repeats = 3 if quick or n <= 10_000 else 1
-        big = "" if quick or n <= 10_000 else " Full 30k×30k matrix, sorted values and int64 indices (~13.5 GiB), in one piece."
+        big = (
+            ""
+            if quick or n <= 10_000
+            else " Full 30k×30k matrix, sorted values and int64 indices (~13.5 GiB), in one piece."
+        )
         out += [
             Case(
                 name=f"intrinsic dim: LID k={K}",

@@ -50,16 +50,24 @@ def _model_cls():
 def _fit(data: dict, with_monitor: bool) -> float:
     """Seconds per training step of a short fit (validation disabled: training-step cost only)."""
     import lightning.pytorch as pl
-
     from reprmetrics.callbacks import RepresentationMonitor
 
     torch.manual_seed(0)
     callbacks = [RepresentationMonitor(["backbone", "projector"], num_views=2)] if with_monitor else []
     trainer = pl.Trainer(
-        max_steps=data["steps"], callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
+        max_steps=data["steps"],
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
     )
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["x"]), batch_size=256, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data["x"]), batch_size=256, shuffle=True, drop_last=True
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()

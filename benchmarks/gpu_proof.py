@@ -133,7 +133,11 @@ def knn_seconds(n: int, d: int, k: int) -> float:
     rows, cols = tile_plan(n, n, 4, default_tile_bytes(torch.device("cuda")))
     tiles = math.ceil(n / rows) * math.ceil(n / cols)
     refine_blocks = math.ceil(n / max(1, 4 * 2**20 // (8 * (k + 4) * d)))
-    return gemm_seconds(n, n, d, "float32") + TOPK_PASSES * 4 * n * n / BANDWIDTH + (8 * tiles + 10 * refine_blocks) * LAUNCH_S
+    return (
+        gemm_seconds(n, n, d, "float32")
+        + TOPK_PASSES * 4 * n * n / BANDWIDTH
+        + (8 * tiles + 10 * refine_blocks) * LAUNCH_S
+    )
 
 
 # ---- sizes --------------------------------------------------------------------------------------
@@ -264,7 +268,9 @@ def new_row(case: TimedCase | CustomCase, ours: str, baseline: str, device: torc
 # ---- the runner -------------------------------------------------------------------------------
 
 
-def run_timed_case(case: TimedCase, device: torch.device, deadline: float, clock: Callable[[], float] = time.perf_counter) -> list[dict]:
+def run_timed_case(
+    case: TimedCase, device: torch.device, deadline: float, clock: Callable[[], float] = time.perf_counter
+) -> list[dict]:
     """Rows for one case: medians over the repetitions that fit in its budget (and before ``deadline``).
 
     ``clock`` gives wall-clock seconds (``deadline`` is on it); a test passes a fake one.
@@ -295,33 +301,54 @@ def run_timed_case(case: TimedCase, device: torch.device, deadline: float, clock
     for v in case.ours:
         row = new_row(case, v.label, case.baseline.label if case.baseline else f"none: {case.no_baseline}", device)
         ours_s = statistics.median(times[v.label])
-        row.update(ours_s=ours_s, est_ours_s=v.estimate_s, ours_peak_mib=max(peaks[v.label]) / 2**20, reps=reps_note, notes=case.notes)
+        row.update(
+            ours_s=ours_s,
+            est_ours_s=v.estimate_s,
+            ours_peak_mib=max(peaks[v.label]) / 2**20,
+            reps=reps_note,
+            notes=case.notes,
+        )
         if case.baseline:
             row.update(baseline_s=base_s, baseline_peak_mib=max(peaks[case.baseline.label]) / 2**20)
             if case.speedup:
                 row["speedup"] = base_s / ours_s if ours_s > 0 else math.inf
         if case.check is not None:
-            got = Measured(v, data, results[v.label], results.get(case.baseline.label) if case.baseline else None, ours_s, base_s or math.nan)
+            got = Measured(
+                v,
+                data,
+                results[v.label],
+                results.get(case.baseline.label) if case.baseline else None,
+                ours_s,
+                base_s or math.nan,
+            )
             row["result"] = case.check(got)
         rows.append(row)
     del data, results
     return rows
 
 
-def run_cases(cases: list[TimedCase | CustomCase], device: torch.device, deadline: float, log: Callable[[str], None]) -> list[dict]:
+def run_cases(
+    cases: list[TimedCase | CustomCase], device: torch.device, deadline: float, log: Callable[[str], None]
+) -> list[dict]:
     rows = []
     for case in cases:
         left = deadline - time.perf_counter()
         if left < case.budget_s:
             row = new_row(case, "—", "—", device)
-            row["result"] = f"skipped: {left:.0f} s left of the command's limit, the case's budget is {case.budget_s:.0f} s"
+            row["result"] = (
+                f"skipped: {left:.0f} s left of the command's limit, the case's budget is {case.budget_s:.0f} s"
+            )
             rows.append(row)
             log(f"skipping {case.name}: {row['result']}")
             continue
         log(f"running {case.name} on {case.input_desc} (budget {case.budget_s:.0f} s) ...")
         t0 = time.perf_counter()
         try:
-            got = run_timed_case(case, device, deadline) if isinstance(case, TimedCase) else case.run(min(case.budget_s, left))
+            got = (
+                run_timed_case(case, device, deadline)
+                if isinstance(case, TimedCase)
+                else case.run(min(case.budget_s, left))
+            )
         except Exception as error:  # one failing case must not cost the rest of the GPU time
             row = new_row(case, "—", "—", device)
             row["result"] = f"error: {type(error).__name__}: {error}"
@@ -425,10 +452,17 @@ def gram_peak_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
             input_desc=f"(B, {d:,}) batches into a {d:,}² {_torch_dtype(label)} accumulator; square GEMM {n:,}³",
             make_input=make(label),
             ours=[
-                Variant(f"gram.addmm_(x.T, x), B = {b:,} ({inner} calls)", addmm(label, b), inner * gemm_seconds(d, d, b, label), meta={"batch": b})
+                Variant(
+                    f"gram.addmm_(x.T, x), B = {b:,} ({inner} calls)",
+                    addmm(label, b),
+                    inner * gemm_seconds(d, d, b, label),
+                    meta={"batch": b},
+                )
                 for b in s.gram_batches
             ],
-            baseline=Variant(f"square torch.mm {n:,}³ ({inner // 4} calls)", square(label), inner // 4 * gemm_seconds(n, n, n, label)),
+            baseline=Variant(
+                f"square torch.mm {n:,}³ ({inner // 4} calls)", square(label), inner // 4 * gemm_seconds(n, n, n, label)
+            ),
             budget_s=8,
             repeats=s.repeats,
             check=report(label),
@@ -459,7 +493,11 @@ def _streamed_rankme(batches: list[torch.Tensor], accumulate: str, float64_value
         metric = RankMe(accumulate_dtype=_torch_dtype(accumulate)).to(batches[0].device)
         for b in batches:
             metric.update(b)
-        return rankme_from_singular_values(metric.singular_values(), metric.eps) if float64_value else float(metric.compute())
+        return (
+            rankme_from_singular_values(metric.singular_values(), metric.eps)
+            if float64_value
+            else float(metric.compute())
+        )
 
 
 def _near_collapsed_batches(n: int, d: int, batch: int, device: torch.device) -> list[torch.Tensor]:
@@ -538,7 +576,9 @@ def manifold_points(n: int, d: int, device: torch.device) -> torch.Tensor:
     """A curved 16-D manifold in d dimensions plus small noise: LIDs in the tens, like real embeddings."""
     g = _generator(device)
     latent = torch.randn(n, 16, generator=g, device=device)
-    return torch.tanh(latent) @ torch.randn(16, d, generator=g, device=device) + 0.05 * torch.randn(n, d, generator=g, device=device)
+    return torch.tanh(latent) @ torch.randn(16, d, generator=g, device=device) + 0.05 * torch.randn(
+        n, d, generator=g, device=device
+    )
 
 
 def lid_from_distances(distances: torch.Tensor) -> torch.Tensor:
@@ -586,14 +626,18 @@ def knn_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
         return f"geometric-mean LID {float(m.ours.double().log().mean().exp()):.3f}; 256 queries vs brute-force float64: max rel. diff {float(diff):.1e}"
 
     n_fit, n = s.knn_fit_rows, s.knn_rows
-    cdist_estimate = gemm_seconds(n_fit, n_fit, d, "float32") + (2 + TOPK_PASSES) * 4 * n_fit * n_fit / BANDWIDTH  # + clamp/sqrt pass
+    cdist_estimate = (
+        gemm_seconds(n_fit, n_fit, d, "float32") + (2 + TOPK_PASSES) * 4 * n_fit * n_fit / BANDWIDTH
+    )  # + clamp/sqrt pass
     return [
         TimedCase(
             name="lid vs cdist+topk",
             input_desc=f"{n_fit:,} × {d} float32, k = {K}",
             make_input=lambda: manifold_points(n_fit, d, device),
             ours=[Variant("local_intrinsic_dimension (blocked exact kNN)", ours_lid, knn_seconds(n_fit, d, K))],
-            baseline=Variant(f"torch.cdist + topk ({_bytes(4 * n_fit * n_fit)} N×N matrix)", cdist_topk_lid, cdist_estimate),
+            baseline=Variant(
+                f"torch.cdist + topk ({_bytes(4 * n_fit * n_fit)} N×N matrix)", cdist_topk_lid, cdist_estimate
+            ),
             budget_s=15,
             repeats=s.repeats,
             check=versus_cdist,
@@ -614,7 +658,13 @@ def knn_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
             name="twonn, large N",
             input_desc=f"{n:,} × {d} float32",
             make_input=lambda: manifold_points(n, d, device),
-            ours=[Variant("twonn_dimension (blocked exact kNN, k = 2)", lambda x: float(twonn_dimension(x)), knn_seconds(n, d, 2))],
+            ours=[
+                Variant(
+                    "twonn_dimension (blocked exact kNN, k = 2)",
+                    lambda x: float(twonn_dimension(x)),
+                    knn_seconds(n, d, 2),
+                )
+            ],
             baseline=None,
             no_baseline=f"cdist's N×N float32 matrix would be {_bytes(4 * n * n)}",
             budget_s=35,
@@ -659,7 +709,11 @@ def uniformity_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
             input_desc=f"{n_fit:,} × {d} float32, t = 2",
             make_input=lambda: points(n_fit),
             ours=[Variant("functional.uniformity (pair tiles)", ours, uniformity_seconds(n_fit, d))],
-            baseline=Variant(f"torch.pdist(x̂).pow(2).mul(-t).exp().mean().log() ({_bytes(4 * pairs_fit)} of distances)", pdist_uniformity, pdist_estimate),
+            baseline=Variant(
+                f"torch.pdist(x̂).pow(2).mul(-t).exp().mean().log() ({_bytes(4 * pairs_fit)} of distances)",
+                pdist_uniformity,
+                pdist_estimate,
+            ),
             budget_s=12,
             repeats=s.repeats,
             check=lambda m: f"{m.ours:.6f} vs {m.baseline:.6f} (rel. diff {_rel(m.ours, m.baseline):.1e})",
@@ -673,7 +727,9 @@ def uniformity_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
             no_baseline=f"pdist's N(N−1)/2 float32 distances alone would be {_bytes(2 * n * (n - 1))}",
             budget_s=20,
             repeats=s.repeats,
-            check=lambda m: f"uniformity {m.ours:.6f} (≈ −2t + 2t²/D = {-4 + 8 / d:.4f} for isotropic points on the sphere)",
+            check=lambda m: (
+                f"uniformity {m.ours:.6f} (≈ −2t + 2t²/D = {-4 + 8 / d:.4f} for isotropic points on the sphere)"
+            ),
             warmup_input=lambda x: x[: max(x.shape[0] // 16, 2)],
         ),
     ]
@@ -703,8 +759,15 @@ def evaluate_case(device: torch.device, s: Sizes) -> TimedCase:
         names = ", ".join(sorted(m.ours))
         return f"{len(m.ours)} metrics ({names}); rankme {m.ours['rankme']:.4f} vs floor {m.baseline:.4f} (rel. diff {_rel(m.ours['rankme'], m.baseline):.1e})"
 
-    ours_estimate = 12 * n * d * d / PEAK_FLOPS["float64"] + 12 * n * d * 8 / BANDWIDTH + batches * EVALUATE_LAUNCH_S_PER_BATCH + 6 * eigensolver_seconds(d)
-    floor_estimate = 2 * n * d * d / PEAK_FLOPS["float64"] + 3 * n * d * 8 / BANDWIDTH + batches * 3e-5 + eigensolver_seconds(d)
+    ours_estimate = (
+        12 * n * d * d / PEAK_FLOPS["float64"]
+        + 12 * n * d * 8 / BANDWIDTH
+        + batches * EVALUATE_LAUNCH_S_PER_BATCH
+        + 6 * eigensolver_seconds(d)
+    )
+    floor_estimate = (
+        2 * n * d * d / PEAK_FLOPS["float64"] + 3 * n * d * 8 / BANDWIDTH + batches * 3e-5 + eigensolver_seconds(d)
+    )
     return TimedCase(
         name="evaluate (default set)",
         input_desc=f"{n:,} × {d} float32 tensor on the device (λ_k ∝ 1/k), batches of {DEFAULT_BATCH_SIZE:,}",
@@ -738,7 +801,9 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)))
@@ -754,7 +819,10 @@ class ResNetLikeEncoder(nn.Module):
     def __init__(self, blocks: tuple[int, int, int, int] = (3, 4, 6, 3), width: int = 64) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1)
+            nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1),
         )
         stages, channels = [], width
         for i, count in enumerate(blocks):
@@ -789,7 +857,9 @@ def forward_flops(blocks: tuple[int, int, int, int], width: int, image_size: int
     def count(module: nn.Module, args: Any, output: torch.Tensor) -> None:
         nonlocal total
         if isinstance(module, nn.Conv2d):
-            total += output.numel() * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+            total += (
+                output.numel() * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+            )
         elif isinstance(module, nn.Linear):
             total += output.numel() * module.in_features
 
@@ -823,7 +893,9 @@ class SimCLRStep:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-6)
         g = _generator(device)
         shape = (s.monitor_batch, 3, s.image_size, s.image_size)
-        self.images = [torch.randn(shape, generator=g, device=device).contiguous(memory_format=memory_format) for _ in range(4)]
+        self.images = [
+            torch.randn(shape, generator=g, device=device).contiguous(memory_format=memory_format) for _ in range(4)
+        ]
         self.calls = 0
 
     def __call__(self) -> None:
@@ -951,7 +1023,12 @@ def measure_monitor_overhead(case: CustomCase, device: torch.device, s: Sizes, b
     overhead_s = (window_extra_s + (cadence - window) * (off_s - plain_s)) / cadence
     fraction = overhead_s / plain_s
     step_flops = 3 * forward_flops(s.resnet_blocks, s.resnet_width, s.image_size) * 2 * s.monitor_batch
-    row = new_row(case, f"monitored step, amortised over every_n_train_steps={cadence}", "the same step without the monitor", device)
+    row = new_row(
+        case,
+        f"monitored step, amortised over every_n_train_steps={cadence}",
+        "the same step without the monitor",
+        device,
+    )
     row.update(
         ours_s=plain_s + overhead_s,
         baseline_s=plain_s,
@@ -975,7 +1052,11 @@ def measure_monitor_overhead(case: CustomCase, device: torch.device, s: Sizes, b
 def run_gpu_tests(device: torch.device, timeout_s: float, log: Callable[[str], None]) -> dict:
     """``pytest -m gpu tests`` in a subprocess; without CUDA it reports that they skip, and runs nothing."""
     if device.type != "cuda":
-        return {"status": "skipped", "summary": "not run: the gpu-marked tests need CUDA (without it they skip)", "output": ""}
+        return {
+            "status": "skipped",
+            "summary": "not run: the gpu-marked tests need CUDA (without it they skip)",
+            "output": "",
+        }
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
     log("running " + " ".join(command[1:]) + f" (limit {timeout_s:.0f} s) ...")
     t0 = time.perf_counter()
@@ -985,7 +1066,14 @@ def run_gpu_tests(device: torch.device, timeout_s: float, log: Callable[[str], N
         output = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
         return {"status": "timeout", "summary": f"timed out after {timeout_s:.0f} s", "output": output}
     output = done.stdout + done.stderr
-    summary = next((line.strip("= ") for line in reversed(output.splitlines()) if re.search(r"\d+ (passed|failed|error|skipped|deselected)", line)), "")
+    summary = next(
+        (
+            line.strip("= ")
+            for line in reversed(output.splitlines())
+            if re.search(r"\d+ (passed|failed|error|skipped|deselected)", line)
+        ),
+        "",
+    )
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, flags=re.MULTILINE)
     status = "passed" if done.returncode == 0 else "failed"
     return {
@@ -1040,7 +1128,8 @@ def markdown(rows: list[dict], tests: dict, env: dict[str, str], smoke: bool, to
         f"`{command}`: torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']};"
         f" {total_s:.0f} s in all (limit {TIME_LIMIT_S:.0f} s).",
         "",
-        f"GPU tests (`pytest -m gpu tests`): {tests['summary']}" + (f"; failed: {', '.join(tests['failed'])}" if tests.get("failed") else ""),
+        f"GPU tests (`pytest -m gpu tests`): {tests['summary']}"
+        + (f"; failed: {', '.join(tests['failed'])}" if tests.get("failed") else ""),
         "",
         f"est. = estimated from the case's work at the {ASSUMED_DEVICE}'s datasheet peaks (see `benchmarks/gpu_proof.py`);"
         " times are medians; peak = extra memory during the call; speed-up = baseline / ours.",
@@ -1104,8 +1193,12 @@ def build_cases(device: torch.device, s: Sizes) -> list[TimedCase | CustomCase]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (default when available) or cpu")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (default when available) or cpu"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: the same code paths in seconds (CI)")
     parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
     parser.add_argument("--json", default=None, help="also write the rows and the test summary to this JSON file")
@@ -1131,7 +1224,9 @@ def main(argv: list[str] | None = None) -> int:
         # times faster than threads that wait for each other.
         torch.set_num_threads(1)
     env = environment(device)
-    log(f"GPU proof on {env['device']}, torch {env['torch']}, CUDA {env['cuda']}{' (smoke sizes)' if args.smoke else ''}")
+    log(
+        f"GPU proof on {env['device']}, torch {env['torch']}, CUDA {env['cuda']}{' (smoke sizes)' if args.smoke else ''}"
+    )
     if args.skip_tests:
         tests = {"status": "skipped", "summary": "not run (--skip-tests)", "output": ""}
     else:
@@ -1148,8 +1243,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "smoke": args.smoke, "tests": tests, "rows": rows}, indent=2, default=str))
-    return 0 if tests["status"] in ("passed", "skipped") and not any(r["result"].startswith("error") for r in rows) else 1
+        Path(args.json).write_text(
+            json.dumps({"environment": env, "smoke": args.smoke, "tests": tests, "rows": rows}, indent=2, default=str)
+        )
+    return (
+        0 if tests["status"] in ("passed", "skipped") and not any(r["result"].startswith("error") for r in rows) else 1
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Run every benchmark and print a Markdown table of ours vs the baseline (optionally JSON too).
 
-    python -m benchmarks.run                 # all benchmarks, full size, on CPU
-    python -m benchmarks.run --quick         # small inputs (seconds); what CI could afford
-    python -m benchmarks.run --device cuda --json results.json --only rankme
+python -m benchmarks.run                 # all benchmarks, full size, on CPU
+python -m benchmarks.run --quick         # small inputs (seconds); what CI could afford
+python -m benchmarks.run --device cuda --json results.json --only rankme
 """
 
 from __future__ import annotations

@@ -170,7 +170,9 @@ def drawable(result: TrackerResult | None, min_samples: int) -> Iterator[tuple[s
 def write_figures(sinks: Iterable[Any], base: str, tap: str, artifacts: Mapping[str, Any], step: int) -> None:
     """Write one tap's figure and histograms under ``base`` to each sink."""
     spectrum = artifacts.get("spectrum")
-    figure = None if spectrum is None else spectrum_figure(spectrum, title=f"{tap}: covariance spectrum", missing_ok=True)
+    figure = (
+        None if spectrum is None else spectrum_figure(spectrum, title=f"{tap}: covariance spectrum", missing_ok=True)
+    )
     histograms = {name: artifacts[name].detach().float().cpu() for name in HISTOGRAMS if name in artifacts}
     try:
         for sink in sinks:
@@ -182,7 +184,14 @@ def write_figures(sinks: Iterable[Any], base: str, tap: str, artifacts: Mapping[
         _close(figure)
 
 
-def log_figures(loggers: Iterable[Any], base: str, tap: str, artifacts: Mapping[str, Any], step: int, owner: str = "RepresentationMonitor") -> None:
+def log_figures(
+    loggers: Iterable[Any],
+    base: str,
+    tap: str,
+    artifacts: Mapping[str, Any],
+    step: int,
+    owner: str = "RepresentationMonitor",
+) -> None:
     """Write one tap's figures (``artifacts`` of a tracker result) under ``base`` to each Lightning logger."""
     from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
@@ -198,7 +207,9 @@ def log_figures(loggers: Iterable[Any], base: str, tap: str, artifacts: Mapping[
             sinks.append(FilesSink(directory))
         elif type(logger).__name__ not in _warned_loggers:
             _warned_loggers.add(type(logger).__name__)
-            warn(f"{owner}: {type(logger).__name__} takes no images and has no log_dir or save_dir; figures are not written for it")
+            warn(
+                f"{owner}: {type(logger).__name__} takes no images and has no log_dir or save_dir; figures are not written for it"
+            )
     write_figures(sinks, base, tap, artifacts, step)
 
 
@@ -207,7 +218,7 @@ def _integration_key(key: str) -> str:
     """The name transformers' TensorBoard and W&B integrations give a logged key (``rewrite_logs``)."""
     for prefix in ("eval_", "test_"):
         if key.startswith(prefix):
-            return f"{prefix[:-1]}/{key[len(prefix):]}"
+            return f"{prefix[:-1]}/{key[len(prefix) :]}"
     return f"train/{key}"
 
 
@@ -257,7 +268,9 @@ class TrainerBackends:
         wandb = sys.modules.get("wandb")
         if "wandb" in report_to and wandb is not None and wandb.run is not None:
             run = wandb.run
-            sinks.append(WandbSink(lambda values, step: run.log({**values, "train/global_step": step}), _integration_key))
+            sinks.append(
+                WandbSink(lambda values, step: run.log({**values, "train/global_step": step}), _integration_key)
+            )
         mlflow = sys.modules.get("mlflow")
         if "mlflow" in report_to and mlflow is not None and (active := mlflow.active_run()) is not None:
             sinks.append(MLflowSink(mlflow.tracking.MlflowClient(), active.info.run_id))
@@ -270,7 +283,8 @@ class TrainerBackends:
         runs = os.path.join(args.output_dir, "runs")
         host = socket.gethostname()
         recent = [
-            entry.path for entry in (os.scandir(runs) if os.path.isdir(runs) else ())
+            entry.path
+            for entry in (os.scandir(runs) if os.path.isdir(runs) else ())
             if entry.is_dir() and entry.name.endswith(f"_{host}") and entry.stat().st_mtime >= self._since - 2
         ]
         return max(recent, key=os.path.getmtime, default=os.path.join(runs, "reprmetrics"))

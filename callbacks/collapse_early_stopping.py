@@ -91,16 +91,40 @@ class CollapseEarlyStopping(EarlyStopping):
         verbose: bool = False,
         guard: Guard | None = None,
     ) -> None:
-        super().__init__(monitor=monitor, patience=patience, mode="max", strict=strict, check_finite=check_finite, verbose=verbose, check_on_train_epoch_end=False)
+        super().__init__(
+            monitor=monitor,
+            patience=patience,
+            mode="max",
+            strict=strict,
+            check_finite=check_finite,
+            verbose=verbose,
+            check_on_train_epoch_end=False,
+        )
         self.criteria: CollapseCriteria | None = None
         try:
             if guard is None:
-                self.criteria = CollapseCriteria(monitor, patience, min_value, min_fraction_of_dim, max_relative_drop, baseline, dim, kind, check_finite)
+                self.criteria = CollapseCriteria(
+                    monitor,
+                    patience,
+                    min_value,
+                    min_fraction_of_dim,
+                    max_relative_drop,
+                    baseline,
+                    dim,
+                    kind,
+                    check_finite,
+                )
         except MonitorConfigurationError as error:
             raise MisconfigurationException(str(error)) from error
         self.guard = guard
         self._key_guard: KeyGuard | None = None
-        self.min_value, self.min_fraction_of_dim, self.max_relative_drop, self.dim, self.kind = min_value, min_fraction_of_dim, max_relative_drop, dim, kind
+        self.min_value, self.min_fraction_of_dim, self.max_relative_drop, self.dim, self.kind = (
+            min_value,
+            min_fraction_of_dim,
+            max_relative_drop,
+            dim,
+            kind,
+        )
         self.prefix = monitor.split("/", 1)[0]
         self._trainer: Any = None
         self._from_monitor = False
@@ -108,7 +132,9 @@ class CollapseEarlyStopping(EarlyStopping):
         self._warned_unknown = False
 
     @classmethod
-    def for_ssl(cls, tap: str, stage: str = "val", prefix: str = "repr", verbose: bool = False, **settings: Any) -> CollapseEarlyStopping:
+    def for_ssl(
+        cls, tap: str, stage: str = "val", prefix: str = "repr", verbose: bool = False, **settings: Any
+    ) -> CollapseEarlyStopping:
         """The SSL preset: one callback watching ``tap``'s RankMe, normalised std and their trend.
 
         The rule is :func:`reprmetrics.stopping.ssl_guard` (floors on rank and spread, and a sustained
@@ -138,7 +164,10 @@ class CollapseEarlyStopping(EarlyStopping):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(
-            monitor=self.monitor, min_value=self.min_value, min_fraction_of_dim=self.min_fraction_of_dim, max_relative_drop=self.max_relative_drop,
+            monitor=self.monitor,
+            min_value=self.min_value,
+            min_fraction_of_dim=self.min_fraction_of_dim,
+            max_relative_drop=self.max_relative_drop,
             **({"guard": repr(self.guard)} if self.guard is not None else {}),
         )
 
@@ -204,7 +233,8 @@ class CollapseEarlyStopping(EarlyStopping):
             close = difflib.get_close_matches(tap, taps, n=3, cutoff=0.5)
             self._unknown(
                 f"CollapseEarlyStopping: the RepresentationMonitor has no tap {tap!r} (in {self.monitor!r}); its taps are"
-                f" {', '.join(repr(t) for t in taps)}" + (f"; did you mean {self.prefix}/{stage}/{close[0]}/{parsed[2]}?" if close else "")
+                f" {', '.join(repr(t) for t in taps)}"
+                + (f"; did you mean {self.prefix}/{stage}/{close[0]}/{parsed[2]}?" if close else "")
             )
         if stage == "train" and tracker.every_n_train_steps == 0:
             raise MisconfigurationException(
@@ -261,7 +291,10 @@ class CollapseEarlyStopping(EarlyStopping):
         assert self.criteria is not None
         value = float(logs[self.monitor].squeeze())
         stop, reason = self.criteria.check(value, self.dim)
-        self._apply(trainer, Decision(stop, self.criteria.last_kind if stop else "", reason, self.monitor, value, self.criteria.best))
+        self._apply(
+            trainer,
+            Decision(stop, self.criteria.last_kind if stop else "", reason, self.monitor, value, self.criteria.best),
+        )
 
     def _apply(self, trainer: Any, decision: Decision) -> None:
         if decision.best is not None and math.isfinite(decision.best):
@@ -272,7 +305,11 @@ class CollapseEarlyStopping(EarlyStopping):
         trainer.should_stop = trainer.should_stop or should_stop
         if should_stop:
             self.stopped_epoch = trainer.current_epoch
-            self.stopping_reason = EarlyStoppingReason.NON_FINITE_METRIC if decision.kind == "divergence" else EarlyStoppingReason.PATIENCE_EXHAUSTED
+            self.stopping_reason = (
+                EarlyStoppingReason.NON_FINITE_METRIC
+                if decision.kind == "divergence"
+                else EarlyStoppingReason.PATIENCE_EXHAUSTED
+            )
             self.stopping_reason_message = decision.reason
             self._announce(trainer, decision.reason)
         elif decision.reason and self.verbose:
@@ -295,7 +332,9 @@ class CollapseEarlyStopping(EarlyStopping):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         rule = self._rule()
-        state.update(guard=rule.state_dict() if rule is not None else self.criteria.state_dict(), key_verified=self._key_verified)  # type: ignore[union-attr]
+        state.update(
+            guard=rule.state_dict() if rule is not None else self.criteria.state_dict(), key_verified=self._key_verified
+        )  # type: ignore[union-attr]
         return state
 
     @override

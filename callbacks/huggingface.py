@@ -27,11 +27,18 @@ except ModuleNotFoundError as error:  # exercised in a subprocess test
         name=error.name,
     ) from error
 import torch
+from reprmetrics.callbacks._figures import TrainerBackends, drawable
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from reprmetrics.callbacks._figures import TrainerBackends, drawable
-from reprmetrics.monitor import DEFAULT_MIN_SAMPLES, MONITOR_MAX_SAMPLES, MonitorConfigurationError, RepresentationTracker, Tap, warn
+from reprmetrics.monitor import (
+    DEFAULT_MIN_SAMPLES,
+    MONITOR_MAX_SAMPLES,
+    MonitorConfigurationError,
+    RepresentationTracker,
+    Tap,
+    warn,
+)
 from reprmetrics.results import TrackerResult, channel
 from reprmetrics.stopping import CollapseCriteria, Guard, KeyGuard, SSLGuard, parse_key
 
@@ -39,7 +46,16 @@ __all__ = ["CollapseEarlyStoppingCallback", "RepresentationCallback", "first_tok
 
 logger = logging.getLogger(__name__)
 _STAGES = {"eval": "val", "train": "train"}  # stop_on stage -> the tracker's stage
-_CRITERIA = ("patience", "min_value", "min_fraction_of_dim", "max_relative_drop", "baseline", "dim", "kind", "check_finite")
+_CRITERIA = (
+    "patience",
+    "min_value",
+    "min_fraction_of_dim",
+    "max_relative_drop",
+    "baseline",
+    "dim",
+    "kind",
+    "check_finite",
+)
 
 
 def first_token(output: Any) -> Tensor:
@@ -52,7 +68,9 @@ def first_token(output: Any) -> Tensor:
         output = output[0]
     if not isinstance(output, Tensor) or output.ndim != 3:
         shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-        raise MonitorConfigurationError(f"first_token: expected (B, T, D) hidden states (or a tuple starting with them), got {shape}")
+        raise MonitorConfigurationError(
+            f"first_token: expected (B, T, D) hidden states (or a tuple starting with them), got {shape}"
+        )
     return output[:, 0]
 
 
@@ -118,11 +136,14 @@ class _Resumable(ExportableState):
         if saved is None and state.global_step > 0:
             entries = state.stateful_callbacks.get(type(self).__name__, [])
             mine = [
-                e["attributes"]["resume_state"] for e in (entries if isinstance(entries, list) else [entries])
+                e["attributes"]["resume_state"]
+                for e in (entries if isinstance(entries, list) else [entries])
                 if e.get("attributes", {}).get("resume_state", {}).get("identity") == self._identity()
             ]
             if not mine:
-                warn(f"{self.owner}: training resumes at step {state.global_step}, but the checkpoint holds no state for it ({self._identity()}); it starts afresh")
+                warn(
+                    f"{self.owner}: training resumes at step {state.global_step}, but the checkpoint holds no state for it ({self._identity()}); it starts afresh"
+                )
                 return
             saved = mine[-1]  # transformers appends an entry per save when a class is there twice
         if saved is not None:
@@ -188,12 +209,25 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
     ) -> None:
         self._arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.owner, self.prefix = owner, prefix
-        shared = dict(zip(_CRITERIA, (patience, min_value, min_fraction_of_dim, max_relative_drop, baseline, dim, kind, check_finite)))
+        shared = dict(
+            zip(
+                _CRITERIA,
+                (patience, min_value, min_fraction_of_dim, max_relative_drop, baseline, dim, kind, check_finite),
+            )
+        )
         if isinstance(stop_on, (str, SSLGuard)):
             stop_on = [stop_on]
-        items = [(k, dict(v or {})) for k, v in stop_on.items()] if isinstance(stop_on, Mapping) else [(k, {}) for k in stop_on or []]
-        if not any(isinstance(k, str) for k, _ in items) and any(v is not None for v in (min_value, min_fraction_of_dim, max_relative_drop, baseline)):
-            raise MonitorConfigurationError(f"{owner}: stopping criteria given but no `stop_on` key to apply them to, e.g. stop_on='{prefix}/eval/projector/rankme'")
+        items = (
+            [(k, dict(v or {})) for k, v in stop_on.items()]
+            if isinstance(stop_on, Mapping)
+            else [(k, {}) for k in stop_on or []]
+        )
+        if not any(isinstance(k, str) for k, _ in items) and any(
+            v is not None for v in (min_value, min_fraction_of_dim, max_relative_drop, baseline)
+        ):
+            raise MonitorConfigurationError(
+                f"{owner}: stopping criteria given but no `stop_on` key to apply them to, e.g. stop_on='{prefix}/eval/projector/rankme'"
+            )
         self.rules: list[tuple[str, Guard]] = []  # (what the user wrote, the guard)
         for key, own in items:
             if isinstance(key, SSLGuard):
@@ -202,14 +236,20 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
             stage, tap, metric = self._parse(key)
             unknown = sorted(set(own) - set(_CRITERIA))
             if unknown:
-                raise MonitorConfigurationError(f"{owner}: stop_on[{key!r}] has unknown criteria {unknown}; they are {sorted(_CRITERIA)}")
+                raise MonitorConfigurationError(
+                    f"{owner}: stop_on[{key!r}] has unknown criteria {unknown}; they are {sorted(_CRITERIA)}"
+                )
             logged = f"eval_{prefix}/{tap}/{metric}" if stage == "val" else f"{prefix}/{tap}/{metric}"
-            self.rules.append((key, KeyGuard(stage, tap, metric, CollapseCriteria(logged, owner=owner, **{**shared, **own}))))
+            self.rules.append(
+                (key, KeyGuard(stage, tap, metric, CollapseCriteria(logged, owner=owner, **{**shared, **own})))
+            )
         if taps is not None:
             self.check_taps(*taps)
         self.stopping_reason: str | None = None
         self.stopped_step: int | None = None
-        self._control: TrainerControl | None = None  # held while training: a decision arrives inside another callback's event
+        self._control: TrainerControl | None = (
+            None  # held while training: a decision arrives inside another callback's event
+        )
         self._pending: tuple[str, str] | None = None  # (stage, reason) not yet logged
         self._verified: set[int] = set()
         self._source_checked = False
@@ -218,9 +258,13 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
 
     def _parse(self, key: Any) -> tuple[str, str, str]:
         if not isinstance(key, str):
-            raise MonitorConfigurationError(f"{self.owner}: `stop_on` keys must be strings or ssl_guard(...), got {type(key).__name__}")
+            raise MonitorConfigurationError(
+                f"{self.owner}: `stop_on` keys must be strings or ssl_guard(...), got {type(key).__name__}"
+            )
         logged = f"eval_{self.prefix}/"
-        parsed = parse_key(f"{self.prefix}/eval/{key[len(logged):]}" if key.startswith(logged) else key, self.prefix, _STAGES)
+        parsed = parse_key(
+            f"{self.prefix}/eval/{key[len(logged) :]}" if key.startswith(logged) else key, self.prefix, _STAGES
+        )
         if parsed is None:
             raise MonitorConfigurationError(
                 f"{self.owner}: stop_on={key!r} is not a key of this callback; they read {self.prefix}/eval/{{tap}}/{{metric}} (evaluation,"
@@ -234,13 +278,23 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
             if rule.tap not in taps:
                 close = difflib.get_close_matches(rule.tap, taps, n=1, cutoff=0.5)
                 stage = "eval" if rule.stage == "val" else "train"
-                hint = (f"{self.prefix}/{stage}/{close[0]}/{rule.metric}" if isinstance(rule, KeyGuard) else repr(close[0])) if close else ""
+                hint = (
+                    (
+                        f"{self.prefix}/{stage}/{close[0]}/{rule.metric}"
+                        if isinstance(rule, KeyGuard)
+                        else repr(close[0])
+                    )
+                    if close
+                    else ""
+                )
                 raise MonitorConfigurationError(
                     f"{self.owner}: stop_on={written!r} names tap {rule.tap!r}, which is not one of the monitored taps"
                     f" ({', '.join(map(repr, taps))})" + (f"; did you mean {hint}?" if hint else "")
                 )
             if rule.stage == "train" and every_n_train_steps == 0:
-                raise MonitorConfigurationError(f"{self.owner}: stop_on={written!r} needs training-stage values, but every_n_train_steps=0")
+                raise MonitorConfigurationError(
+                    f"{self.owner}: stop_on={written!r} needs training-stage values, but every_n_train_steps=0"
+                )
 
     def _identity(self) -> str:
         return f"{self.prefix}:" + ";".join(written for written, _ in self.rules)
@@ -252,7 +306,11 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
         if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no":
             for written, rule in self.rules:
                 if rule.stage == "val":
-                    fix = "use ssl_guard(tap, stage='train')" if isinstance(rule, SSLGuard) else "stop on a training-stage key"
+                    fix = (
+                        "use ssl_guard(tap, stage='train')"
+                        if isinstance(rule, SSLGuard)
+                        else "stop on a training-stage key"
+                    )
                     shown = written if isinstance(rule, SSLGuard) else rule.criteria.monitor
                     raise MonitorConfigurationError(
                         f"{self.owner}: stop_on={shown!r} is checked at evaluations, but eval_strategy='no': set eval_strategy"
@@ -263,30 +321,52 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
         self._control, self._pending = control, None
         self.backends.start()
 
-    def _flush(self, args: TrainingArguments, state: TrainerState, metrics: dict[str, Any] | None = None, final: bool = False) -> None:
+    def _flush(
+        self, args: TrainingArguments, state: TrainerState, metrics: dict[str, Any] | None = None, final: bool = False
+    ) -> None:
         """Log a stop reason: a training-stage one at the next event, an evaluation's with its metrics."""
         if self._pending is None or (self._pending[0] == "val" and metrics is None and not final):
             return
         stage, reason = self._pending
         self._pending, self.stopped_step = None, state.global_step
-        key = f"{_eval_prefix(metrics or {}) or 'eval'}_{self.prefix}/stop_reason" if stage == "val" else f"{self.prefix}/stop_reason"
+        key = (
+            f"{_eval_prefix(metrics or {}) or 'eval'}_{self.prefix}/stop_reason"
+            if stage == "val"
+            else f"{self.prefix}/stop_reason"
+        )
         if metrics is not None:
             metrics[key] = reason  # the dict evaluate() returns
         state.log_history.append(_entry(state, {key: reason}))
         self.backends.text(args, state, key, reason)
 
-    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_init_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._check_rebuild(args)
         self._attach(args, model)
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._attach(args, model)
         self._resume(state)
         self._begin(control)
         self._source_checked = False
         self._model = model
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._control = control
         if not self._source_checked:  # every callback's on_train_begin has run: a monitor has published by now
             self._source_checked = True
@@ -304,10 +384,19 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
 
     on_substep_end = on_epoch_end = on_step_end
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._flush(args, state, metrics if metrics is not None else {})
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._flush(args, state, final=True)
         self._control = None
         self.backends.close()
@@ -345,7 +434,11 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
 
     # ---- persistence -----------------------------------------------------------------------------------
     def _save(self) -> dict[str, Any]:
-        return {"guards": [rule.state_dict() for _, rule in self.rules], "stopping_reason": self.stopping_reason, "stopped_step": self.stopped_step}
+        return {
+            "guards": [rule.state_dict() for _, rule in self.rules],
+            "stopping_reason": self.stopping_reason,
+            "stopped_step": self.stopped_step,
+        }
 
     def _load(self, saved: Mapping[str, Any]) -> None:
         for (_, rule), guard_state in zip(self.rules, saved["guards"]):
@@ -488,20 +581,51 @@ class RepresentationCallback(TrainerCallback, _Resumable):
         self._arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.owner = type(self).__name__
         self.tracker = RepresentationTracker(
-            taps, num_views=num_views, every_n_train_steps=every_n_train_steps, train_buffer_size=train_buffer_size, max_samples=max_samples,
-            metrics=metrics, default_metrics=default_metrics, strict=strict, view_layout=view_layout, min_samples=min_samples,
-            reference=reference, rankme_diagnostics=rankme_diagnostics, owner=self.owner,
+            taps,
+            num_views=num_views,
+            every_n_train_steps=every_n_train_steps,
+            train_buffer_size=train_buffer_size,
+            max_samples=max_samples,
+            metrics=metrics,
+            default_metrics=default_metrics,
+            strict=strict,
+            view_layout=view_layout,
+            min_samples=min_samples,
+            reference=reference,
+            rankme_diagnostics=rankme_diagnostics,
+            owner=self.owner,
         )
         if not isinstance(prefix, str) or not prefix or "/" in prefix:
-            raise MonitorConfigurationError(f"{self.owner}: `prefix` must be a non-empty string without '/', got {prefix!r}")
-        if isinstance(figures_every_n_evals, bool) or not isinstance(figures_every_n_evals, int) or figures_every_n_evals < 1:
-            raise MonitorConfigurationError(f"{self.owner}: `figures_every_n_evals` must be a positive integer, got {figures_every_n_evals!r}")
+            raise MonitorConfigurationError(
+                f"{self.owner}: `prefix` must be a non-empty string without '/', got {prefix!r}"
+            )
+        if (
+            isinstance(figures_every_n_evals, bool)
+            or not isinstance(figures_every_n_evals, int)
+            or figures_every_n_evals < 1
+        ):
+            raise MonitorConfigurationError(
+                f"{self.owner}: `figures_every_n_evals` must be a positive integer, got {figures_every_n_evals!r}"
+            )
         self.prefix, self.log_figures, self.figures_every_n_evals = prefix, log_figures, figures_every_n_evals
-        criteria = dict(zip(_CRITERIA, (patience, min_value, min_fraction_of_dim, max_relative_drop, baseline, dim, kind, check_finite)))
-        if stop_on is None and any(v is not None for v in (min_value, min_fraction_of_dim, max_relative_drop, baseline)):
-            raise MonitorConfigurationError(f"{self.owner}: stopping criteria given but no `stop_on` key to apply them to, e.g. stop_on='{prefix}/eval/{self.tracker.taps[0].name}/rankme'")
+        criteria = dict(
+            zip(
+                _CRITERIA,
+                (patience, min_value, min_fraction_of_dim, max_relative_drop, baseline, dim, kind, check_finite),
+            )
+        )
+        if stop_on is None and any(
+            v is not None for v in (min_value, min_fraction_of_dim, max_relative_drop, baseline)
+        ):
+            raise MonitorConfigurationError(
+                f"{self.owner}: stopping criteria given but no `stop_on` key to apply them to, e.g. stop_on='{prefix}/eval/{self.tracker.taps[0].name}/rankme'"
+            )
         taps_known = ([t.name for t in self.tracker.taps], every_n_train_steps)
-        self.stopper = None if stop_on is None else CollapseEarlyStoppingCallback(stop_on, prefix, **criteria, owner=self.owner, taps=taps_known)
+        self.stopper = (
+            None
+            if stop_on is None
+            else CollapseEarlyStoppingCallback(stop_on, prefix, **criteria, owner=self.owner, taps=taps_known)
+        )
         self.backends = TrainerBackends()
         self._model: nn.Module | None = None
         self._root_handles: list[Any] = []
@@ -524,9 +648,14 @@ class RepresentationCallback(TrainerCallback, _Resumable):
                 handle.remove()
             self.tracker.attach(model)
             self._model = model
-            self._root_handles = [model.register_forward_pre_hook(self._before_forward), model.register_forward_hook(self._after_forward)]
+            self._root_handles = [
+                model.register_forward_pre_hook(self._before_forward),
+                model.register_forward_hook(self._after_forward),
+            ]
         if self._model is not None:
-            channel(self._model, self.prefix).publish_from(self.tracker)  # a stopper finds the results by model and prefix
+            channel(self._model, self.prefix).publish_from(
+                self.tracker
+            )  # a stopper finds the results by model and prefix
         # The model's forward returns the same keys in training and evaluation: a missing output key is an error at once.
         self.tracker.expect_eval = False
         self.backends.start()
@@ -548,11 +677,25 @@ class RepresentationCallback(TrainerCallback, _Resumable):
         return output
 
     # ---- the Trainer's events ----------------------------------------------------------------------------
-    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_init_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._check_rebuild(args)
         self._setup(args, model)
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._setup(args, model)
         if model is not None and self.tracker.reference == "initial":
             self.tracker.retake_reference(model)  # the weights training starts from, the same on every rank
@@ -560,40 +703,68 @@ class RepresentationCallback(TrainerCallback, _Resumable):
         if self.stopper is not None:
             self.stopper._begin(control)
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._start_train_step()
 
-    def on_substep_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._end_train_step(args, state)  # gradient accumulation: each micro-batch is one tracker step
         self._start_train_step()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._end_train_step(args, state)
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.tracker.end_train_epoch()
 
-    def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self._eval_open:
             self.tracker.end_eval_step(self._take_output())
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         eval_prefix = _eval_prefix(logs or {})
         if self._eval_open and eval_prefix is not None:
-            logs.update(self._end_eval(args, state, eval_prefix))  # the dict evaluate() returns and best-model selection reads
+            logs.update(
+                self._end_eval(args, state, eval_prefix)
+            )  # the dict evaluate() returns and best-model selection reads
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         metrics = metrics if metrics is not None else {}
         if self._eval_open:  # the evaluation log did not come through on_log (a Trainer whose log() skips callbacks)
             metrics.update(self._end_eval(args, state, _eval_prefix(metrics) or "eval"))
-            warn(f"{self.owner}: the evaluation metrics were not logged through on_log; its values are in the evaluate() metrics only")
+            warn(
+                f"{self.owner}: the evaluation metrics were not logged through on_log; its values are in the evaluate() metrics only"
+            )
         if self.stopper is not None:
             self.stopper._flush(args, state, metrics)
 
     def on_predict(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._close_eval()
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.stopper is not None:
             self.stopper.on_train_end(args, state, control)
         self.backends.close()
@@ -637,7 +808,10 @@ class RepresentationCallback(TrainerCallback, _Resumable):
     def _save(self) -> dict[str, Any]:
         buffer = io.BytesIO()
         torch.save(self.tracker.state_dict(), buffer)  # tensors and plain values: loads with weights_only=True
-        return {"tracker": base64.b64encode(buffer.getvalue()).decode("ascii"), "stopper": self.stopper._save() if self.stopper is not None else None}
+        return {
+            "tracker": base64.b64encode(buffer.getvalue()).decode("ascii"),
+            "stopper": self.stopper._save() if self.stopper is not None else None,
+        }
 
     def _load(self, saved: Mapping[str, Any]) -> None:
         self.tracker.load_state_dict(torch.load(io.BytesIO(base64.b64decode(saved["tracker"])), weights_only=True))

@@ -11,12 +11,18 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from reprmetrics.callbacks._figures import drawable, log_figures
 from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
-from reprmetrics.callbacks._figures import drawable, log_figures
-from reprmetrics.monitor import DEFAULT_MIN_SAMPLES, MONITOR_MAX_SAMPLES, MonitorConfigurationError, RepresentationTracker, Tap
+from reprmetrics.monitor import (
+    DEFAULT_MIN_SAMPLES,
+    MONITOR_MAX_SAMPLES,
+    MonitorConfigurationError,
+    RepresentationTracker,
+    Tap,
+)
 from reprmetrics.results import channel
 
 
@@ -137,8 +143,14 @@ class RepresentationMonitor(Callback):
                 owner="RepresentationMonitor",
             )
         self.progress_bar = progress_bar
-        if isinstance(figures_every_n_epochs, bool) or not isinstance(figures_every_n_epochs, int) or figures_every_n_epochs < 1:
-            raise MisconfigurationException(f"RepresentationMonitor: `figures_every_n_epochs` must be a positive integer, got {figures_every_n_epochs!r}")
+        if (
+            isinstance(figures_every_n_epochs, bool)
+            or not isinstance(figures_every_n_epochs, int)
+            or figures_every_n_epochs < 1
+        ):
+            raise MisconfigurationException(
+                f"RepresentationMonitor: `figures_every_n_epochs` must be a positive integer, got {figures_every_n_epochs!r}"
+            )
         self.log_figures = log_figures
         self.figures_every_n_epochs = figures_every_n_epochs
         self._val_epochs = 0
@@ -175,11 +187,15 @@ class RepresentationMonitor(Callback):
 
     # ---- training --------------------------------------------------------------------------------
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.tracker.start_train_step()
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         with _as_misconfiguration():
             values = self.tracker.end_train_step(outputs)
         if values:
@@ -197,7 +213,13 @@ class RepresentationMonitor(Callback):
 
     @override
     def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         with _as_misconfiguration():
             if trainer.sanity_checking:
@@ -218,7 +240,14 @@ class RepresentationMonitor(Callback):
         self._val_epochs += 1
 
     # ---- logging ---------------------------------------------------------------------------------
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, values: Mapping[str, Tensor], on_step: bool) -> None:
+    def _log(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        stage: str,
+        values: Mapping[str, Tensor],
+        on_step: bool,
+    ) -> None:
         named = {}
         for name, value in values.items():
             tap, metric = name.rsplit("/", 1)
@@ -255,4 +284,3 @@ class RepresentationMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict)
-

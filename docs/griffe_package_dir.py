@@ -10,11 +10,11 @@ gives. Static only: nothing is imported, so the docs build needs neither Lightni
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import griffe
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def _mapped_subpackages() -> dict[str, Path]:
     table = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     package_dir = table["tool"]["setuptools"].get("package-dir", {})
-    return {name: ROOT / folder for name, folder in package_dir.items() if "." in name and (ROOT / folder) != ROOT / name.replace(".", "/")}
+    return {
+        name: ROOT / folder
+        for name, folder in package_dir.items()
+        if "." in name and (ROOT / folder) != ROOT / name.replace(".", "/")
+    }
 
 
 def _visit(name: str, path: Path, parent: griffe.Module, loader: griffe.GriffeLoader) -> griffe.Module:

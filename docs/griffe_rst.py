@@ -18,7 +18,9 @@ import griffe
 _ROLE = re.compile(r":(?:func|class|meth|data|mod|attr):`~?([^`]+)`")
 _TILDE_ROLE = re.compile(r":(?:func|class|meth|data|mod|attr):`~([^`]+)`")
 _MATH_ROLE = re.compile(r":math:`([^`]+)`")
-_MATH_BLOCK = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]*\n(?P<body>(?:(?P=indent)[ \t]+\S.*\n|[ \t]*\n)+)", re.MULTILINE)
+_MATH_BLOCK = re.compile(
+    r"^(?P<indent>[ \t]*)\.\. math::[ \t]*\n(?P<body>(?:(?P=indent)[ \t]+\S.*\n|[ \t]*\n)+)", re.MULTILINE
+)
 
 
 def _math_block(match: re.Match[str]) -> str:

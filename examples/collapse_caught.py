@@ -27,11 +27,12 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared digits_ssl module
 
+import lightning.pytorch as pl  # noqa: E402
 from digits_ssl import (  # noqa: E402  (first: it quiets an import-time warning of Lightning)
     SimSiam,
     Stopwatch,
-    example_session,
     digit_splits,
+    example_session,
     few_shot_probe_accuracy,
     format_table,
     make_trainer,
@@ -39,10 +40,7 @@ from digits_ssl import (  # noqa: E402  (first: it quiets an import-time warning
     train_loader,
     validation_loader,
 )
-
-import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-
 from reprmetrics.callbacks import CollapseEarlyStopping, RepresentationMonitor  # noqa: E402
 
 STOP_METRIC = "repr/val/projector/rankme"
@@ -61,9 +59,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (cosine schedule), both runs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-fraction-of-dim", type=float, default=0.2, help="stop when projector RankMe < this × 64 ...")
-    parser.add_argument("--patience", type=int, default=None, help="... for this many consecutive epochs (default 3; 2 with --fast)")
-    parser.add_argument("--log-dir", default="runs/collapse_caught", help="TensorBoard logs: LOG_DIR/healthy, LOG_DIR/collapsing")
+    parser.add_argument(
+        "--min-fraction-of-dim", type=float, default=0.2, help="stop when projector RankMe < this × 64 ..."
+    )
+    parser.add_argument(
+        "--patience", type=int, default=None, help="... for this many consecutive epochs (default 3; 2 with --fast)"
+    )
+    parser.add_argument(
+        "--log-dir", default="runs/collapse_caught", help="TensorBoard logs: LOG_DIR/healthy, LOG_DIR/collapsing"
+    )
     parser.add_argument("--fast", action="store_true", help="fewer epochs, shorter patience, no progress bar (CI)")
     args = parser.parse_args(argv)
     if args.epochs is None:
@@ -73,16 +77,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def train_run(name: str, args: argparse.Namespace, stop: bool = True, log_dir: str | None = None, progress_bar: bool | None = None) -> dict[str, Any]:
+def train_run(
+    name: str, args: argparse.Namespace, stop: bool = True, log_dir: str | None = None, progress_bar: bool | None = None
+) -> dict[str, Any]:
     """Train one of :data:`RUNS`; returns its monitor history, whether and why it was stopped, the model."""
     pl.seed_everything(args.seed, verbose=False)
     splits = digit_splits()
     model = SimSiam(lr=args.lr, **RUNS[name][1])
-    monitor = RepresentationMonitor(["backbone", "projector"], num_views=2, every_n_train_steps=20, train_buffer_size=512)
+    monitor = RepresentationMonitor(
+        ["backbone", "projector"], num_views=2, every_n_train_steps=20, train_buffer_size=512
+    )
     callbacks: list[pl.Callback] = [monitor]
     stopper = None
     if stop:
-        stopper = CollapseEarlyStopping(STOP_METRIC, min_fraction_of_dim=args.min_fraction_of_dim, patience=args.patience)
+        stopper = CollapseEarlyStopping(
+            STOP_METRIC, min_fraction_of_dim=args.min_fraction_of_dim, patience=args.patience
+        )
         callbacks.append(stopper)
     logger = TensorBoardLogger(log_dir, name=name, default_hp_metric=False) if log_dir else False
     progress_bar = not args.fast if progress_bar is None else progress_bar
@@ -122,14 +132,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "5-shot probe": run["probe_accuracy"],
             }
         )
-    print(f"\nCollapseEarlyStopping({STOP_METRIC!r}, min_fraction_of_dim={args.min_fraction_of_dim}, patience={args.patience}):")
-    print(f"stop when the held-out projector RankMe stays below {threshold:.1f} of {EMBEDDING_DIM} dimensions. {clock} in all.\n")
+    print(
+        f"\nCollapseEarlyStopping({STOP_METRIC!r}, min_fraction_of_dim={args.min_fraction_of_dim}, patience={args.patience}):"
+    )
+    print(
+        f"stop when the held-out projector RankMe stays below {threshold:.1f} of {EMBEDDING_DIM} dimensions. {clock} in all.\n"
+    )
     print(format_table(rows, list(rows[0])))
     for name, run in runs.items():
         if run["stopped"]:
             print(f"\n{name} run stopped after {run['epochs_run']} epochs. Reason:\n  {run['reason']}")
         else:
-            print(f"\n{name} run not stopped: it ran all {run['epochs_run']} epochs (its RankMe never stayed below {threshold:.1f}).")
+            print(
+                f"\n{name} run not stopped: it ran all {run['epochs_run']} epochs (its RankMe never stayed below {threshold:.1f})."
+            )
     print(
         "\nNormalised std: 1/sqrt(64) = 0.125 when the embeddings spread evenly, 0 when they all coincide.\n"
         "5-shot probe: backbone accuracy on the held-out labels (used for nothing else). Stopped early, the\n"

@@ -43,16 +43,14 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared example modules
 
-from digits_ssl import BYOL, BarlowTwins, VICReg, example_session, make_trainer  # noqa: E402  (first: quiets Lightning)
-
 import lightning.pytorch as pl  # noqa: E402
+import model_selection_study as study  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-import model_selection_study as study  # noqa: E402
 import zoo_analysis as analysis  # noqa: E402
+from digits_ssl import BYOL, BarlowTwins, VICReg, example_session, make_trainer  # noqa: E402  (first: quiets Lightning)
 from reprmetrics.callbacks import RepresentationMonitor  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 TAPS = ("backbone", "projector")
 SEEDS = (0, 1, 2)
@@ -84,11 +82,20 @@ class ZooConfig:
 
     def key(self, epochs: int, seed: int, probe_draws: int) -> str:
         """Changes whenever anything that affects the record changes."""
-        payload = {**asdict(self), "epochs": epochs, "seed": seed, "probe_draws": probe_draws, "v": ZOO_VERSION, "encoder_v": study.ENCODER_VERSION}
+        payload = {
+            **asdict(self),
+            "epochs": epochs,
+            "seed": seed,
+            "probe_draws": probe_draws,
+            "v": ZOO_VERSION,
+            "encoder_v": study.ENCODER_VERSION,
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def config(name: str, family: str, mode: str = "healthy", expected: str = "none", lr: float = 2e-3, **options: Any) -> ZooConfig:
+def config(
+    name: str, family: str, mode: str = "healthy", expected: str = "none", lr: float = 2e-3, **options: Any
+) -> ZooConfig:
     design = "healthy" if mode == "healthy" else "collapsing"
     return ZooConfig(name, family, design, mode, expected, lr, tuple(sorted(options.items())))
 
@@ -96,7 +103,9 @@ def config(name: str, family: str, mode: str = "healthy", expected: str = "none"
 # Per cell. Each collapsing configuration changes one thing from its family's healthy one.
 CELL_ZOO: tuple[ZooConfig, ...] = (
     config("simclr", "simclr", temperature=0.2),
-    config("simclr-t5", "simclr", "temperature 5", "dimensional", temperature=5.0),  # weak repulsion: few directions suffice
+    config(
+        "simclr-t5", "simclr", "temperature 5", "dimensional", temperature=5.0
+    ),  # weak repulsion: few directions suffice
     config("simsiam", "simsiam"),
     config("simsiam-no-stopgrad", "simsiam", "no stop-gradient", "complete", stop_gradient=False),
     config("simsiam-no-predictor", "simsiam", "no predictor", "complete", predictor=False),
@@ -108,7 +117,9 @@ CELL_ZOO: tuple[ZooConfig, ...] = (
     config("vicreg-no-covariance", "vicreg", "no covariance term", "dimensional", covariance=0.0),
     # The issue's slow collapse. Without the variance term alone the curves were the same to within
     # seed noise in a first pass (the covariance term cannot stop a uniform shrink), so only both are run.
-    config("vicreg-invariance-only", "vicreg", "no variance and covariance terms", "complete", variance=0.0, covariance=0.0),
+    config(
+        "vicreg-invariance-only", "vicreg", "no variance and covariance terms", "complete", variance=0.0, covariance=0.0
+    ),
     config("vicreg-lr0.05", "vicreg", "learning rate 0.05", "dimensional", lr=0.05),
     config("barlow-twins", "barlow_twins", redundancy=5e-3),
     config("barlow-twins-no-redundancy", "barlow_twins", "no redundancy term", "dimensional", redundancy=0.0),
@@ -178,7 +189,10 @@ class FewShotCurve(pl.Callback):
         s = self.splits
         train_x = study.embed(module.backbone, s.train_images).double().numpy()
         test_x = study.embed(module.backbone, s.held_out_images).double().numpy()
-        scores = [study.nearest_mean_accuracy(train_x, s.train_labels.numpy(), test_x, s.held_out_labels.numpy(), seed=d) for d in range(self.draws)]
+        scores = [
+            study.nearest_mean_accuracy(train_x, s.train_labels.numpy(), test_x, s.held_out_labels.numpy(), seed=d)
+            for d in range(self.draws)
+        ]
         self.values.append(float(np.mean(scores)))
         self.first_draw.append(scores[0])
 
@@ -193,21 +207,38 @@ def train_and_record(config: ZooConfig, epochs: int, seed: int, probe_draws: int
     model = build_model(config)
     view_1, view_2 = study.fixed_views(config.dataset, splits.held_out_images, 2)
     val = DataLoader(TensorDataset(view_1, view_2, splits.held_out_labels), batch_size=500)
-    train = DataLoader(TensorDataset(splits.train_images, splits.train_labels), batch_size=128, shuffle=True, drop_last=True)
-    monitor = RepresentationMonitor(list(TAPS), num_views=2, every_n_train_steps=0, log_figures=False, progress_bar=None)
+    train = DataLoader(
+        TensorDataset(splits.train_images, splits.train_labels), batch_size=128, shuffle=True, drop_last=True
+    )
+    monitor = RepresentationMonitor(
+        list(TAPS), num_views=2, every_n_train_steps=0, log_figures=False, progress_bar=None
+    )
     probe = FewShotCurve(splits, probe_draws)
     start = time.perf_counter()
-    make_trainer(epochs, [monitor, probe], logger=False, progress_bar=False, enable_checkpointing=False).fit(model, train, val)
+    make_trainer(epochs, [monitor, probe], logger=False, progress_bar=False, enable_checkpointing=False).fit(
+        model, train, val
+    )
     train_seconds = time.perf_counter() - start
 
     # history: {"val/projector/rankme": [(step, value), ...]} -> {"projector/rankme": [value per epoch]}
-    history = {key.split("/", 1)[1]: [value for _, value in values] for key, values in monitor.tracker.history.items() if key.startswith("val/")}
+    history = {
+        key.split("/", 1)[1]: [value for _, value in values]
+        for key, values in monitor.tracker.history.items()
+        if key.startswith("val/")
+    }
     return {
-        **asdict(config), "options": dict(config.options), "cell": config.cell, "epochs": epochs, "seed": seed,
+        **asdict(config),
+        "options": dict(config.options),
+        "cell": config.cell,
+        "epochs": epochs,
+        "seed": seed,
         "widths": {tap: int(monitor.tracker.num_features[tap]) for tap in TAPS},  # D of each tap, as the monitor saw it
-        "history": history, "epoch_probe": probe.values, "epoch_probe_first_draw": probe.first_draw,
+        "history": history,
+        "epoch_probe": probe.values,
+        "epoch_probe_first_draw": probe.first_draw,
         # The final score is the last epoch's (a logistic-regression probe would cost ~8 s a run, a third of the zoo's time).
-        "probe_accuracy": probe.values[-1], "train_seconds": train_seconds,
+        "probe_accuracy": probe.values[-1],
+        "train_seconds": train_seconds,
     }
 
 
@@ -237,14 +268,36 @@ def save_record(path: str, record: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="runs/collapse_zoo", help="records, CSVs, tables and the figure go here")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs of every run (default 30 on the digits, 20 on MNIST-1D; 4 with --fast)")
-    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="training seeds of every configuration (default 0 1 2; 0 with --fast)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs of every run (default 30 on the digits, 20 on MNIST-1D; 4 with --fast)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="*",
+        default=None,
+        help="training seeds of every configuration (default 0 1 2; 0 with --fast)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="shorthand for --seeds SEED")
-    parser.add_argument("--probe-draws", type=int, default=None, help="draws of the per-epoch 5-shot nearest-class-mean accuracy (default 10; 2 with --fast)")
-    parser.add_argument("--only", nargs="*", default=None, help="train only these configuration names (then analyse what exists)")
+    parser.add_argument(
+        "--probe-draws",
+        type=int,
+        default=None,
+        help="draws of the per-epoch 5-shot nearest-class-mean accuracy (default 10; 2 with --fast)",
+    )
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="train only these configuration names (then analyse what exists)"
+    )
     parser.add_argument("--cells", nargs="*", default=None, help="only these cells, e.g. digits-mlp mnist1d-cnn")
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained in parallel (processes, one torch thread each)")
-    parser.add_argument("--fast", action="store_true", help="digits-mlp x 3 configurations x 1 seed x 4 epochs: the CI smoke run")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs trained in parallel (processes, one torch thread each)"
+    )
+    parser.add_argument(
+        "--fast", action="store_true", help="digits-mlp x 3 configurations x 1 seed x 4 epochs: the CI smoke run"
+    )
     args = parser.parse_args(argv)
     if args.seed is not None:
         args.seeds = [args.seed]
@@ -295,7 +348,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for cfg in zoo:
         epochs = args.epochs if args.epochs is not None else EPOCHS[cfg.dataset]
         for seed in args.seeds:
-            tasks.append((cfg, seed, epochs, args.probe_draws, record_path(args.out_dir, cfg, seed), cfg.key(epochs, seed, args.probe_draws)))
+            tasks.append(
+                (
+                    cfg,
+                    seed,
+                    epochs,
+                    args.probe_draws,
+                    record_path(args.out_dir, cfg, seed),
+                    cfg.key(epochs, seed, args.probe_draws),
+                )
+            )
     records: dict[int, dict[str, Any]] = {}
     pending = []
     for index, task in enumerate(tasks):
@@ -309,7 +371,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def report(index: int, record: dict[str, Any]) -> None:
         records[index] = record
-        print(f"[{len(records)}/{len(tasks)}] {record['cell']} {record['name']} seed {record['seed']}: 5-shot probe {record['probe_accuracy']:.3f} ({record['seconds']:.0f} s)", flush=True)
+        print(
+            f"[{len(records)}/{len(tasks)}] {record['cell']} {record['name']} seed {record['seed']}: 5-shot probe {record['probe_accuracy']:.3f} ({record['seconds']:.0f} s)",
+            flush=True,
+        )
 
     trained = [f"{tasks[i][0].cell}-{tasks[i][0].name}-s{tasks[i][1]}" for i in pending]
     if args.jobs == 1 or len(pending) <= 1:

@@ -112,7 +112,9 @@ def fixed_views(images: Tensor, num_views: int = 2, seed: int = VIEW_SEED) -> li
 
 def train_loader(splits: DigitSplits, batch_size: int) -> DataLoader:
     # drop_last: BatchNorm and the contrastive loss both want full batches.
-    return DataLoader(TensorDataset(splits.train_images, splits.train_labels), batch_size=batch_size, shuffle=True, drop_last=True)
+    return DataLoader(
+        TensorDataset(splits.train_images, splits.train_labels), batch_size=batch_size, shuffle=True, drop_last=True
+    )
 
 
 def validation_loader(splits: DigitSplits, batch_size: int = 250) -> DataLoader:
@@ -186,7 +188,14 @@ def nt_xent(z_1: Tensor, z_2: Tensor, temperature: float) -> Tensor:
 class SimCLR(SSLModule):
     """SimCLR (Chen et al. 2020): contrastive, so its negatives keep the embeddings spread out."""
 
-    def __init__(self, lr: float = 2e-3, weight_decay: float = 1e-4, temperature: float = 0.2, feature_dim: int = 128, embedding_dim: int = 64) -> None:
+    def __init__(
+        self,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        temperature: float = 0.2,
+        feature_dim: int = 128,
+        embedding_dim: int = 64,
+    ) -> None:
         super().__init__(lr, weight_decay, feature_dim)
         self.save_hyperparameters()
         self.projector = projector(feature_dim, 128, embedding_dim)
@@ -210,13 +219,21 @@ class SimSiam(SSLModule):
     """
 
     def __init__(
-        self, lr: float = 2e-3, weight_decay: float = 1e-4, stop_gradient: bool = True, predictor: bool = True, feature_dim: int = 128, embedding_dim: int = 64
+        self,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        stop_gradient: bool = True,
+        predictor: bool = True,
+        feature_dim: int = 128,
+        embedding_dim: int = 64,
     ) -> None:
         super().__init__(lr, weight_decay, feature_dim)
         self.save_hyperparameters()
         self.projector = projector(feature_dim, 128, embedding_dim)
         self.predictor = (
-            nn.Sequential(nn.Linear(embedding_dim, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, embedding_dim)) if predictor else nn.Identity()
+            nn.Sequential(nn.Linear(embedding_dim, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, embedding_dim))
+            if predictor
+            else nn.Identity()
         )
         self.stop_gradient = stop_gradient
 
@@ -234,7 +251,9 @@ def off_diagonal(matrix: Tensor) -> Tensor:
     return matrix.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
 
 
-def vicreg_loss(z_1: Tensor, z_2: Tensor, invariance: float = 25.0, variance: float = 25.0, covariance: float = 1.0) -> Tensor:
+def vicreg_loss(
+    z_1: Tensor, z_2: Tensor, invariance: float = 25.0, variance: float = 25.0, covariance: float = 1.0
+) -> Tensor:
     """VICReg's loss (Bardes et al. 2022): mean squared distance between the views (invariance), a hinge
     keeping each dimension's std above 1 (variance), and the squared off-diagonal covariances over D
     (covariance), weighted as in the paper (25, 25, 1). A weight of 0 removes that term."""
@@ -243,7 +262,9 @@ def vicreg_loss(z_1: Tensor, z_2: Tensor, invariance: float = 25.0, variance: fl
         centred = z - z.mean(0)
         std = torch.sqrt(centred.var(0) + 1e-4)
         cov = centred.T @ centred / (z.shape[0] - 1)
-        loss = loss + variance * F.relu(1 - std).mean() / 2 + covariance * off_diagonal(cov).pow(2).sum() / z.shape[1] / 2
+        loss = (
+            loss + variance * F.relu(1 - std).mean() / 2 + covariance * off_diagonal(cov).pow(2).sum() / z.shape[1] / 2
+        )
     return loss
 
 
@@ -266,8 +287,15 @@ class VICReg(SSLModule):
     """
 
     def __init__(
-        self, lr: float = 2e-3, weight_decay: float = 1e-4, invariance: float = 25.0, variance: float = 25.0, covariance: float = 1.0,
-        feature_dim: int = 128, embedding_dim: int = 64, backbone: nn.Module | None = None,
+        self,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        invariance: float = 25.0,
+        variance: float = 25.0,
+        covariance: float = 1.0,
+        feature_dim: int = 128,
+        embedding_dim: int = 64,
+        backbone: nn.Module | None = None,
     ) -> None:
         super().__init__(lr, weight_decay, feature_dim)
         self.save_hyperparameters(ignore=["backbone"])
@@ -288,7 +316,12 @@ class BarlowTwins(SSLModule):
     """
 
     def __init__(
-        self, lr: float = 2e-3, weight_decay: float = 1e-4, redundancy: float = 5e-3, feature_dim: int = 128, embedding_dim: int = 64,
+        self,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        redundancy: float = 5e-3,
+        feature_dim: int = 128,
+        embedding_dim: int = 64,
         backbone: nn.Module | None = None,
     ) -> None:
         super().__init__(lr, weight_decay, feature_dim)
@@ -299,7 +332,9 @@ class BarlowTwins(SSLModule):
         self.redundancy = redundancy
 
     def ssl_loss(self, view_1: Tensor, view_2: Tensor) -> Tensor:
-        return barlow_twins_loss(self.projector(self.backbone(view_1)), self.projector(self.backbone(view_2)), self.redundancy)
+        return barlow_twins_loss(
+            self.projector(self.backbone(view_1)), self.projector(self.backbone(view_2)), self.redundancy
+        )
 
 
 class BYOL(SSLModule):
@@ -314,8 +349,14 @@ class BYOL(SSLModule):
     """
 
     def __init__(
-        self, lr: float = 2e-3, weight_decay: float = 1e-4, momentum: float = 0.99, predictor: bool = True, feature_dim: int = 128,
-        embedding_dim: int = 64, backbone: nn.Module | None = None,
+        self,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.99,
+        predictor: bool = True,
+        feature_dim: int = 128,
+        embedding_dim: int = 64,
+        backbone: nn.Module | None = None,
     ) -> None:
         import copy
 
@@ -325,9 +366,13 @@ class BYOL(SSLModule):
             self.backbone = backbone
         self.projector = projector(feature_dim, 128, embedding_dim)
         self.predictor = (
-            nn.Sequential(nn.Linear(embedding_dim, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, embedding_dim)) if predictor else nn.Identity()
+            nn.Sequential(nn.Linear(embedding_dim, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, embedding_dim))
+            if predictor
+            else nn.Identity()
         )
-        self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone), "projector": copy.deepcopy(self.projector)})
+        self.teacher = nn.ModuleDict(
+            {"backbone": copy.deepcopy(self.backbone), "projector": copy.deepcopy(self.projector)}
+        )
         self.teacher.requires_grad_(False)  # no gradient: the optimiser skips it, only the EMA moves it
         self.momentum = momentum
 
@@ -368,7 +413,9 @@ def knn_accuracy(backbone: nn.Module, splits: DigitSplits, k: int = 5) -> float:
     return float(classifier.score(backbone_features(backbone, splits.held_out_images), splits.held_out_labels.numpy()))
 
 
-def few_shot_probe_accuracy(backbone: nn.Module, splits: DigitSplits, shots: int = 5, draws: int = 10, seed: int = 0) -> tuple[float, float]:
+def few_shot_probe_accuracy(
+    backbone: nn.Module, splits: DigitSplits, shots: int = 5, draws: int = 10, seed: int = 0
+) -> tuple[float, float]:
     """Mean and std over ``draws`` of a logistic regression on standardised backbone features,
     trained on ``shots`` labelled training images per class, scored on the held-out split."""
     from sklearn.linear_model import LogisticRegression
@@ -380,7 +427,9 @@ def few_shot_probe_accuracy(backbone: nn.Module, splits: DigitSplits, shots: int
     rng = np.random.default_rng(seed)
     scores = []
     for _ in range(draws):
-        chosen = np.concatenate([rng.choice(np.flatnonzero(train_y == c), shots, replace=False) for c in range(NUM_CLASSES)])
+        chosen = np.concatenate(
+            [rng.choice(np.flatnonzero(train_y == c), shots, replace=False) for c in range(NUM_CLASSES)]
+        )
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # constant (dead) features make the scaler warn
@@ -464,7 +513,9 @@ def example_session() -> Iterator[None]:
                 lg.setLevel(level)
 
 
-def make_trainer(max_epochs: int, callbacks: list[pl.Callback], logger: Any, progress_bar: bool, **kwargs: Any) -> pl.Trainer:
+def make_trainer(
+    max_epochs: int, callbacks: list[pl.Callback], logger: Any, progress_bar: bool, **kwargs: Any
+) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=max_epochs,
         callbacks=callbacks,
@@ -496,7 +547,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths)))]
     lines.append("-|-".join("-" * w for w in widths))
-    lines += [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines += [
+        " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells
+    ]
     return "\n".join(lines)
 
 

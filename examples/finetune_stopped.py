@@ -30,6 +30,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared digits_ssl module
 
+import lightning.pytorch as pl  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from digits_ssl import (  # noqa: E402  (first: it quiets an import-time warning of Lightning)
     NUM_CLASSES,
     SimCLR,
@@ -44,17 +48,11 @@ from digits_ssl import (  # noqa: E402  (first: it quiets an import-time warning
     representation_metrics,
     train_loader,
 )
-
-import lightning.pytorch as pl  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from reprmetrics.callbacks import CollapseEarlyStopping, RepresentationMonitor  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-from reprmetrics.callbacks import CollapseEarlyStopping, RepresentationMonitor  # noqa: E402
 
 MONITORED = "repr/val/backbone/rankme"  # what the checkpoint keeps the best of
 DRIFT = "repr/val/backbone/cka_to_reference"
@@ -102,18 +100,37 @@ class FineTuner(pl.LightningModule):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained", default=None, help="a SimCLR checkpoint from ssl_digits.py (default: pretrain here)")
-    parser.add_argument("--pretrain-epochs", type=int, default=None, help="SimCLR epochs when pretraining here (default 20; 5 with --fast)")
+    parser.add_argument(
+        "--pretrained", default=None, help="a SimCLR checkpoint from ssl_digits.py (default: pretrain here)"
+    )
+    parser.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=None,
+        help="SimCLR epochs when pretraining here (default 20; 5 with --fast)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 20; 6 with --fast)")
-    parser.add_argument("--lr", type=float, default=1.0, help="SGD learning rate (momentum 0.9) of the first run; 1.0 is harmful")
-    parser.add_argument("--healthy-lr", type=float, default=0.05, help="learning rate of the second run, same guard (0: skip it)")
-    parser.add_argument("--min-cka", type=float, default=0.8, help="stop when CKA to the pretrained backbone stays below this ...")
+    parser.add_argument(
+        "--lr", type=float, default=1.0, help="SGD learning rate (momentum 0.9) of the first run; 1.0 is harmful"
+    )
+    parser.add_argument(
+        "--healthy-lr", type=float, default=0.05, help="learning rate of the second run, same guard (0: skip it)"
+    )
+    parser.add_argument(
+        "--min-cka", type=float, default=0.8, help="stop when CKA to the pretrained backbone stays below this ..."
+    )
     parser.add_argument("--labels-per-class", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--patience", type=int, default=2, help="... for this many consecutive epochs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-dir", default="runs/finetune_stopped", help="TensorBoard logs and checkpoints go to LOG_DIR/version_N")
-    parser.add_argument("--fast", action="store_true", help="shorter pretraining and fine-tuning, fewer probe draws, no progress bar (CI)")
+    parser.add_argument(
+        "--log-dir", default="runs/finetune_stopped", help="TensorBoard logs and checkpoints go to LOG_DIR/version_N"
+    )
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="shorter pretraining and fine-tuning, fewer probe draws, no progress bar (CI)",
+    )
     args = parser.parse_args(argv)
     if args.pretrain_epochs is None:
         args.pretrain_epochs = 5 if args.fast else 20
@@ -127,7 +144,9 @@ def pretrained_encoder(args: argparse.Namespace, splits: Any) -> SimCLR:
     if args.pretrained:
         return SimCLR.load_from_checkpoint(args.pretrained, map_location="cpu")
     model = SimCLR()
-    make_trainer(args.pretrain_epochs, [], logger=False, progress_bar=False, enable_checkpointing=False, limit_val_batches=0).fit(model, train_loader(splits, 128))
+    make_trainer(
+        args.pretrain_epochs, [], logger=False, progress_bar=False, enable_checkpointing=False, limit_val_batches=0
+    ).fit(model, train_loader(splits, 128))
     return model
 
 
@@ -135,13 +154,17 @@ def few_labels(splits: Any, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
     """``per_class`` labelled training images of each digit, drawn once."""
     rng = np.random.default_rng(seed)
     labels = splits.train_labels.numpy()
-    chosen = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in range(NUM_CLASSES)])
+    chosen = np.concatenate(
+        [rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in range(NUM_CLASSES)]
+    )
     return splits.train_images[chosen], splits.train_labels[chosen]
 
 
 def backbone_rankme(model: FineTuner, loader: DataLoader) -> float:
     """The monitored value, computed the way the monitor computes it, outside a Trainer."""
-    values = representation_metrics(model, loader, taps=("backbone",), num_views=1, forward=lambda batch: model.backbone(batch[0]))
+    values = representation_metrics(
+        model, loader, taps=("backbone",), num_views=1, forward=lambda batch: model.backbone(batch[0])
+    )
     return values["backbone/rankme"]
 
 
@@ -164,13 +187,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.healthy_lr > 0:
             result["healthy"] = run(args, splits, pretrained, args.healthy_lr)
             summary = [
-                {"learning rate": r["lr"], "epochs run": r["epochs_run"], "stopped": "yes" if r["stopped"] else "no",
-                 "last CKA to pretrained": r["cka"][-1], "backbone RankMe vs pretrained": f"{r['ranks'][-1] / r['baseline'] - 1:+.0%}",
-                 "5-shot probe (last)": r["comparison"][-1]["5-shot probe"]}
+                {
+                    "learning rate": r["lr"],
+                    "epochs run": r["epochs_run"],
+                    "stopped": "yes" if r["stopped"] else "no",
+                    "last CKA to pretrained": r["cka"][-1],
+                    "backbone RankMe vs pretrained": f"{r['ranks'][-1] / r['baseline'] - 1:+.0%}",
+                    "5-shot probe (last)": r["comparison"][-1]["5-shot probe"],
+                }
                 for r in (result, result["healthy"])
             ]
-            print("\nThe same guard on both fine-tunes (CKA to the pretrained backbone >= "
-                  f"{args.min_cka} with patience {args.patience}; normalised std >= 0.25/√D):\n")
+            print(
+                "\nThe same guard on both fine-tunes (CKA to the pretrained backbone >= "
+                f"{args.min_cka} with patience {args.patience}; normalised std >= 0.25/√D):\n"
+            )
             print(format_table(summary, list(summary[0])))
         print(f"{clock} in all.")
         return result
@@ -192,7 +222,9 @@ def run(args: argparse.Namespace, splits: Any, pretrained: SimCLR, lr: float) ->
     drift = CollapseEarlyStopping(DRIFT, min_value=args.min_cka, patience=args.patience)
     dim = model.head.in_features
     spread = CollapseEarlyStopping(SPREAD, min_value=0.25 / dim**0.5, patience=1)  # complete collapse
-    checkpoint = ModelCheckpoint(monitor=MONITORED, mode="max", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False)
+    checkpoint = ModelCheckpoint(
+        monitor=MONITORED, mode="max", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False
+    )
     logger = TensorBoardLogger(args.log_dir, name="", default_hp_metric=False)
     trainer = make_trainer(args.epochs, [monitor, drift, spread, checkpoint], logger, progress_bar=not args.fast)
     trainer.fit(model, train, held_out)
@@ -206,11 +238,19 @@ def run(args: argparse.Namespace, splits: Any, pretrained: SimCLR, lr: float) ->
     reason = drift.stopping_reason_message or spread.stopping_reason_message
 
     print(f"\nFine-tuning the pretrained encoder ({source}) on {len(labels)} labels, SGD lr={lr}.")
-    print(f"Stop when CKA to the pretrained backbone stays below {args.min_cka} for {args.patience} epochs, or normalised std"
-          f" falls below 0.25/√D = {0.25 / dim**0.5:.3g}. Pretrained backbone RankMe: {baseline:.2f}.\n")
+    print(
+        f"Stop when CKA to the pretrained backbone stays below {args.min_cka} for {args.patience} epochs, or normalised std"
+        f" falls below 0.25/√D = {0.25 / dim**0.5:.3g}. Pretrained backbone RankMe: {baseline:.2f}.\n"
+    )
     rows = [
-        {"epoch": epoch, "CKA to pretrained": cka, "normalised std": std, "backbone RankMe": rank,
-         "RankMe vs pretrained": f"{rank / baseline - 1:+.0%}", "classifier accuracy": accuracy}
+        {
+            "epoch": epoch,
+            "CKA to pretrained": cka,
+            "normalised std": std,
+            "backbone RankMe": rank,
+            "RankMe vs pretrained": f"{rank / baseline - 1:+.0%}",
+            "classifier accuracy": accuracy,
+        }
         for epoch, (cka, std, rank, accuracy) in enumerate(zip(ckas, stds, ranks, model.val_accuracies))
     ]
     print(format_table(rows, list(rows[0])))
@@ -221,7 +261,12 @@ def run(args: argparse.Namespace, splits: Any, pretrained: SimCLR, lr: float) ->
     print(f"\nBest checkpoint (ModelCheckpoint on {MONITORED}, mode='max'): {checkpoint.best_model_path}")
     print(f"  epoch {best_epoch}, backbone RankMe {float(checkpoint.best_model_score):.2f}\n")
     comparison = [
-        {"encoder": "pretrained", "backbone RankMe": baseline, "classifier accuracy": None, "5-shot probe": pretrained_probe},
+        {
+            "encoder": "pretrained",
+            "backbone RankMe": baseline,
+            "classifier accuracy": None,
+            "5-shot probe": pretrained_probe,
+        },
         {
             "encoder": f"best checkpoint (epoch {best_epoch})",
             "backbone RankMe": backbone_rankme(best, held_out),

@@ -38,19 +38,26 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared digits modules
 
-from digits_ssl import NUM_CLASSES, SimCLR, Stopwatch, augment, digit_splits, example_session, few_shot_probe_accuracy, format_table  # noqa: E402
-from finetune_stopped import few_labels, pretrained_encoder  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from digits_ssl import (
+    NUM_CLASSES,
+    SimCLR,
+    Stopwatch,
+    augment,
+    digit_splits,
+    example_session,
+    few_shot_probe_accuracy,
+    format_table,
+)  # noqa: E402
+from finetune_stopped import few_labels, pretrained_encoder  # noqa: E402
+from reprmetrics.callbacks.huggingface import RepresentationCallback  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 from transformers import PrinterCallback, Trainer, TrainingArguments  # noqa: E402
 from transformers.integrations import TensorBoardCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
-
-from reprmetrics.callbacks.huggingface import RepresentationCallback  # noqa: E402
 
 DRIFT = "repr/eval/backbone/cka_to_reference"
 SPREAD = "repr/eval/backbone/normalized_std"
@@ -102,18 +109,35 @@ def accuracy(prediction: Any) -> dict[str, float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained", default=None, help="a SimCLR checkpoint from ssl_digits.py (default: pretrain here)")
-    parser.add_argument("--pretrain-epochs", type=int, default=None, help="SimCLR epochs when pretraining here (default 20; 5 with --fast)")
+    parser.add_argument(
+        "--pretrained", default=None, help="a SimCLR checkpoint from ssl_digits.py (default: pretrain here)"
+    )
+    parser.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=None,
+        help="SimCLR epochs when pretraining here (default 20; 5 with --fast)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 20; 6 with --fast)")
-    parser.add_argument("--lr", type=float, default=1.0, help="SGD learning rate (momentum 0.9) of the first run; 1.0 is harmful")
-    parser.add_argument("--healthy-lr", type=float, default=0.05, help="learning rate of the second run, same guard (0: skip it)")
-    parser.add_argument("--min-cka", type=float, default=0.8, help="stop when CKA to the pretrained backbone stays below this ...")
+    parser.add_argument(
+        "--lr", type=float, default=1.0, help="SGD learning rate (momentum 0.9) of the first run; 1.0 is harmful"
+    )
+    parser.add_argument(
+        "--healthy-lr", type=float, default=0.05, help="learning rate of the second run, same guard (0: skip it)"
+    )
+    parser.add_argument(
+        "--min-cka", type=float, default=0.8, help="stop when CKA to the pretrained backbone stays below this ..."
+    )
     parser.add_argument("--patience", type=int, default=2, help="... for this many consecutive evaluations (epochs)")
     parser.add_argument("--labels-per-class", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-dir", default="runs/hf_finetune_digits", help="TensorBoard logs and checkpoints go to LOG_DIR/lr_<lr>")
-    parser.add_argument("--fast", action="store_true", help="shorter pretraining and fine-tuning, fewer probe draws (CI)")
+    parser.add_argument(
+        "--log-dir", default="runs/hf_finetune_digits", help="TensorBoard logs and checkpoints go to LOG_DIR/lr_<lr>"
+    )
+    parser.add_argument(
+        "--fast", action="store_true", help="shorter pretraining and fine-tuning, fewer probe draws (CI)"
+    )
     args = parser.parse_args(argv)
     if args.pretrain_epochs is None:
         args.pretrain_epochs = 5 if args.fast else 20
@@ -135,13 +159,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.healthy_lr > 0:
             result["healthy"] = run(args, splits, pretrained, args.healthy_lr)
             summary = [
-                {"learning rate": r["lr"], "epochs run": r["epochs_run"], "stopped": "yes" if r["stopped"] else "no",
-                 "last CKA to pretrained": r["cka"][-1], "last normalised std": r["normalized_std"][-1],
-                 "last accuracy": r["accuracy"][-1], "best epoch (loaded)": r["best_epoch"], "its 5-shot probe": r["probe"]}
+                {
+                    "learning rate": r["lr"],
+                    "epochs run": r["epochs_run"],
+                    "stopped": "yes" if r["stopped"] else "no",
+                    "last CKA to pretrained": r["cka"][-1],
+                    "last normalised std": r["normalized_std"][-1],
+                    "last accuracy": r["accuracy"][-1],
+                    "best epoch (loaded)": r["best_epoch"],
+                    "its 5-shot probe": r["probe"],
+                }
                 for r in (result, result["healthy"])
             ]
-            print(f"\nThe same guard on both fine-tunes (CKA to the pretrained backbone >= {args.min_cka} with patience {args.patience};"
-                  " normalised std >= 0.25/√D):\n")
+            print(
+                f"\nThe same guard on both fine-tunes (CKA to the pretrained backbone >= {args.min_cka} with patience {args.patience};"
+                " normalised std >= 0.25/√D):\n"
+            )
             print(format_table(summary, list(summary[0])))
         print(f"{clock} in all.")
         return result
@@ -156,22 +189,45 @@ def run(args: argparse.Namespace, splits: Any, pretrained: SimCLR, lr: float) ->
     pretrained_probe = few_shot_probe_accuracy(model.backbone, splits, draws=args.probe_draws)[0]
 
     callback = RepresentationCallback(
-        ["backbone"], every_n_train_steps=0, reference="initial",
-        stop_on={DRIFT: {"min_value": args.min_cka, "patience": args.patience}, SPREAD: {"min_value": 0.25 / math.sqrt(dim), "patience": 1}},
+        ["backbone"],
+        every_n_train_steps=0,
+        reference="initial",
+        stop_on={
+            DRIFT: {"min_value": args.min_cka, "patience": args.patience},
+            SPREAD: {"min_value": 0.25 / math.sqrt(dim), "patience": 1},
+        },
     )
     output_dir = os.path.join(args.log_dir, f"lr_{lr:g}")
     training_args = TrainingArguments(
-        output_dir=output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=250,
-        learning_rate=lr, lr_scheduler_type="constant", max_grad_norm=0.0,  # as the Lightning example: no clipping
-        eval_strategy="epoch", logging_strategy="epoch", save_strategy="epoch", save_total_limit=2,
-        load_best_model_at_end=True, metric_for_best_model=BEST, greater_is_better=True,
-        report_to="none", use_cpu=True, disable_tqdm=True, dataloader_drop_last=True, seed=args.seed,
+        output_dir=output_dir,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=250,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,  # as the Lightning example: no clipping
+        eval_strategy="epoch",
+        logging_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=BEST,
+        greater_is_better=True,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+        seed=args.seed,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     trainer = Trainer(
-        model=model, args=training_args, train_dataset=Digits(images, labels),
-        eval_dataset=Digits(splits.held_out_images, splits.held_out_labels), compute_metrics=accuracy,
-        optimizers=(optimizer, None), callbacks=[callback, TensorBoardCallback()],  # after the callback: it logs its values too
+        model=model,
+        args=training_args,
+        train_dataset=Digits(images, labels),
+        eval_dataset=Digits(splits.held_out_images, splits.held_out_labels),
+        compute_metrics=accuracy,
+        optimizers=(optimizer, None),
+        callbacks=[callback, TensorBoardCallback()],  # after the callback: it logs its values too
     )
     trainer.remove_callback(PrinterCallback)  # this example prints its own table
     trainer.train()
@@ -185,22 +241,34 @@ def run(args: argparse.Namespace, splits: Any, pretrained: SimCLR, lr: float) ->
     reason = callback.stopping_reason
 
     print(f"\nHugging Face Trainer: fine-tuning the pretrained encoder on {len(labels)} labels, SGD lr={lr}.")
-    print(f"Stop when CKA to the pretrained backbone stays below {args.min_cka} for {args.patience} evaluations, or normalised std"
-          f" falls below 0.25/√D = {0.25 / math.sqrt(dim):.3g}.\n")
+    print(
+        f"Stop when CKA to the pretrained backbone stays below {args.min_cka} for {args.patience} evaluations, or normalised std"
+        f" falls below 0.25/√D = {0.25 / math.sqrt(dim):.3g}.\n"
+    )
     rows = [
-        {"epoch": int(round(e["epoch"])), "eval_repr/backbone/cka_to_reference": c, "normalized_std": s, "rankme": r, "eval_accuracy": a}
+        {
+            "epoch": int(round(e["epoch"])),
+            "eval_repr/backbone/cka_to_reference": c,
+            "normalized_std": s,
+            "rankme": r,
+            "eval_accuracy": a,
+        }
         for e, c, s, r, a in zip(evals, ckas, stds, ranks, accuracies)
     ]
     print(format_table(rows, list(rows[0])))
     if reason:
-        print(f"\nStopped after {epochs_run} of {args.epochs} epochs (control.should_training_stop). Reason:\n  {reason}")
+        print(
+            f"\nStopped after {epochs_run} of {args.epochs} epochs (control.should_training_stop). Reason:\n  {reason}"
+        )
     else:
         print(f"\nNot stopped: all {args.epochs} epochs ran.")
     best_step = trainer.state.best_global_step
     best_epoch = next(int(round(e["epoch"])) for e in evals if e["step"] == best_step)
     probe = few_shot_probe_accuracy(model.backbone, splits, draws=args.probe_draws)[0]
-    print(f"load_best_model_at_end on eval_{BEST}: epoch {best_epoch} ({trainer.state.best_metric:.3f}) is loaded;"
-          f" 5-shot probe of its backbone {probe:.3f} (pretrained: {pretrained_probe:.3f}).")
+    print(
+        f"load_best_model_at_end on eval_{BEST}: epoch {best_epoch} ({trainer.state.best_metric:.3f}) is loaded;"
+        f" 5-shot probe of its backbone {probe:.3f} (pretrained: {pretrained_probe:.3f})."
+    )
     print(f"TensorBoard: tensorboard --logdir {output_dir}")
     return {
         "lr": lr,

@@ -20,9 +20,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared digits_ssl module
 
 import collapse_caught  # noqa: E402  (first: digits_ssl quiets an import-time warning of Lightning)
-from digits_ssl import Stopwatch, digit_splits, example_session, fixed_views, metric_values  # noqa: E402
-
 import torch  # noqa: E402
+from digits_ssl import Stopwatch, digit_splits, example_session, fixed_views, metric_values  # noqa: E402
 
 from reprmetrics.functional import eigenspectrum  # noqa: E402
 
@@ -37,7 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fast", action="store_true", help="fewer epochs (CI)")
     args = parser.parse_args(argv)
     # The collapse runs' own options, at their defaults (epochs and fast mode passed through).
-    run_argv = ["--seed", str(args.seed)] + (["--epochs", str(args.epochs)] if args.epochs else []) + (["--fast"] if args.fast else [])
+    run_argv = (
+        ["--seed", str(args.seed)]
+        + (["--epochs", str(args.epochs)] if args.epochs else [])
+        + (["--fast"] if args.fast else [])
+    )
     args.run_args = collapse_caught.parse_args(run_argv)
     return args
 
@@ -67,11 +70,24 @@ def draw(runs: dict[str, dict[str, Any]], args: argparse.Namespace, path: str) -
     ):
         curves = {name: metric_values(run["history"], key) for name, run in runs.items()}
         epochs = range(1, len(curves["healthy"]) + 1)
-        ax.plot(epochs, curves["healthy"], color=HEALTHY, lw=2, label=f"healthy (probe {healthy['probe_accuracy']:.2f})")
-        ax.plot(range(1, len(curves["collapsing, not stopped"]) + 1), curves["collapsing, not stopped"], color=COLLAPSING, lw=1.5, ls=":",
-                label=f"no stop-gradient, not stopped (probe {full['probe_accuracy']:.2f})")
-        ax.plot(range(1, len(curves["collapsing"]) + 1), curves["collapsing"], color=COLLAPSING, lw=2,
-                label=f"no stop-gradient, stopped (probe {stopped['probe_accuracy']:.2f})")
+        ax.plot(
+            epochs, curves["healthy"], color=HEALTHY, lw=2, label=f"healthy (probe {healthy['probe_accuracy']:.2f})"
+        )
+        ax.plot(
+            range(1, len(curves["collapsing, not stopped"]) + 1),
+            curves["collapsing, not stopped"],
+            color=COLLAPSING,
+            lw=1.5,
+            ls=":",
+            label=f"no stop-gradient, not stopped (probe {full['probe_accuracy']:.2f})",
+        )
+        ax.plot(
+            range(1, len(curves["collapsing"]) + 1),
+            curves["collapsing"],
+            color=COLLAPSING,
+            lw=2,
+            label=f"no stop-gradient, stopped (probe {stopped['probe_accuracy']:.2f})",
+        )
         ax.axvline(stopped["epochs_run"], color="0.4", lw=1, ls="--")
         ax.set_xlabel("epoch")
         ax.set_title(title)
@@ -80,11 +96,13 @@ def draw(runs: dict[str, dict[str, Any]], args: argparse.Namespace, path: str) -
     axes[0].axhline(threshold, color="0.4", lw=1, ls="-.")
     axes[0].annotate(
         f"stopped: below {threshold:.1f} (0.2·D)\nfor {args.run_args.patience} epochs",
-        xy=(stopped["epochs_run"], threshold), xytext=(stopped["epochs_run"] + 0.12 * args.run_args.epochs, threshold + 0.12 * rank_top),
-        fontsize=8, arrowprops={"arrowstyle": "->", "color": "0.3"},
+        xy=(stopped["epochs_run"], threshold),
+        xytext=(stopped["epochs_run"] + 0.12 * args.run_args.epochs, threshold + 0.12 * rank_top),
+        fontsize=8,
+        arrowprops={"arrowstyle": "->", "color": "0.3"},
     )
     axes[0].legend(fontsize=7.5, loc="upper right")
-    isotropic = collapse_caught.EMBEDDING_DIM ** -0.5
+    isotropic = collapse_caught.EMBEDDING_DIM**-0.5
     axes[1].set_ylim(0, isotropic * 1.15)
     axes[1].axhline(isotropic, color="0.4", lw=1, ls="-.")
     axes[1].text(args.run_args.epochs, isotropic * 1.02, "1/√D: evenly spread", fontsize=8, ha="right", va="bottom")
@@ -94,7 +112,9 @@ def draw(runs: dict[str, dict[str, Any]], args: argparse.Namespace, path: str) -
         axes[2].loglog(range(1, len(shares) + 1), shares, color=color, ls=ls, lw=2, label=name)
     axes[2].set_ylim(bottom=1e-6)
     axes[2].set_xlabel("eigenvalue rank k")
-    axes[2].set_title(f"projector covariance spectrum, epoch {len(metric_values(full['history'], 'val/projector/rankme'))}")
+    axes[2].set_title(
+        f"projector covariance spectrum, epoch {len(metric_values(full['history'], 'val/projector/rankme'))}"
+    )
     axes[2].set_ylabel("share of variance")
     axes[2].legend(fontsize=8)
     fig.suptitle("SimSiam on the digits: with and without stop-gradient (held-out views, label-free)", fontsize=11)
@@ -108,9 +128,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clock = Stopwatch()
     runs = {}
     with example_session():
-        for name, stop, run_name in (("healthy", True, "healthy"), ("collapsing", True, "collapsing"), ("collapsing, not stopped", False, "collapsing")):
+        for name, stop, run_name in (
+            ("healthy", True, "healthy"),
+            ("collapsing", True, "collapsing"),
+            ("collapsing, not stopped", False, "collapsing"),
+        ):
             run = collapse_caught.train_run(run_name, args.run_args, stop=stop, progress_bar=False)
-            print(f"{name}: {run['epochs_run']} epochs, 5-shot probe {run['probe_accuracy']:.3f}" + (" (stopped)" if run['stopped'] else ""))
+            print(
+                f"{name}: {run['epochs_run']} epochs, 5-shot probe {run['probe_accuracy']:.3f}"
+                + (" (stopped)" if run["stopped"] else "")
+            )
             run["spectrum"] = projector_spectrum(run.pop("model"))
             runs[name] = run
     os.makedirs(args.out_dir, exist_ok=True)

@@ -37,7 +37,8 @@ def generated_embeddings(n: int, d: int, seed: int = 0) -> dict[str, torch.Tenso
     return {
         "healthy (λ_k ∝ 1/k)": torch.randn(n, d, generator=g) * decay,
         "dimensional collapse (rank 8 + noise)": low_rank + 1e-2 * torch.randn(n, d, generator=g),
-        "complete collapse (one point + 1e-3 noise)": torch.randn(1, d, generator=g) + 1e-3 * torch.randn(n, d, generator=g),
+        "complete collapse (one point + 1e-3 noise)": torch.randn(1, d, generator=g)
+        + 1e-3 * torch.randn(n, d, generator=g),
     }
 
 
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'embeddings':<{width}} | " + " | ".join(f"{n:>14}" for n in names))
     print("-" * width + "-|-" + "-|-".join("-" * 14 for _ in names))
     for label, values in rows:
-        print(f"{label:<{width}} | " + " | ".join(f"{values[n]:>14.{3 if abs(values[n]) < 1e5 else 0}f}" for n in names))
+        print(
+            f"{label:<{width}} | " + " | ".join(f"{values[n]:>14.{3 if abs(values[n]) < 1e5 else 0}f}" for n in names)
+        )
     return 0
 
 

@@ -41,29 +41,22 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared digits_ssl module
 
-from digits_ssl import (  # noqa: E402  (first: it quiets an import-time warning of Lightning)
-    SimCLR,
-    SimSiam,
-    example_session,
-    make_trainer,
-    representation_metrics,
-)
-
 import lightning.pytorch as pl  # noqa: E402
 import numpy as np  # noqa: E402
+import study_analysis as analysis  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from digits_ssl import SimCLR, SimSiam, example_session, make_trainer, representation_metrics  # noqa: E402  (first: it quiets an import-time warning of Lightning)
+from reprmetrics.callbacks import RepresentationMonitor  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-import study_analysis as analysis  # noqa: E402
-from reprmetrics.callbacks import RepresentationMonitor  # noqa: E402
 from reprmetrics.functional import coding_rate, isoscore, lidar, nesum, rankme, sigreg, wasserstein_uniformity  # noqa: E402
 from reprmetrics.functional.intrinsic_dimension import twonn_dimension  # noqa: E402
 
@@ -86,7 +79,7 @@ class Splits:
     held_out_labels: Tensor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_splits(dataset: str) -> Splits:
     if dataset == "digits":
         from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
@@ -146,9 +139,13 @@ def augment_mnist1d(signals: Tensor, strength: float, generator: torch.Generator
     shift = symmetric(strength * 12 / length)  # normalised coordinates span 2: 12/40 is 6 samples
     stretch = 1 + symmetric(strength * 0.2)
     zeros = torch.zeros(b, device=device)
-    theta = torch.stack([torch.stack([1 / stretch, zeros, shift], 1), torch.stack([zeros, torch.ones_like(zeros), zeros], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([1 / stretch, zeros, shift], 1), torch.stack([zeros, torch.ones_like(zeros), zeros], 1)], 1
+    )
     grid = F.affine_grid(theta, [b, 1, 1, length], align_corners=False)
-    views = F.grid_sample(signals.unsqueeze(2), grid, mode="bilinear", padding_mode="zeros", align_corners=False).squeeze(2)
+    views = F.grid_sample(
+        signals.unsqueeze(2), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    ).squeeze(2)
     views = views * (1 + symmetric(strength * 0.3)).view(b, 1, 1)
     return views + strength * 0.15 * torch.randn(views.shape, generator=generator, device=device)
 
@@ -165,25 +162,43 @@ def fixed_views(dataset: str, images: Tensor, num_views: int, seed: int = VIEW_S
 
 # ---- encoders ---------------------------------------------------------------------------------------
 ENCODER_VERSION = 2  # in every record's key: bump when an encoder changes, so old records are retrained
+
+
 def build_encoder(dataset: str, encoder: str) -> nn.Module:
     """An MLP on the flattened input, or a small CNN (2-D on 8x8 digits, 1-D on 40-sample signals);
     every encoder ends in ``FEATURE_DIM`` features after BatchNorm and ReLU (the backbone tap)."""
     in_dim = 64 if dataset == "digits" else 40
     if encoder == "mlp":
         return nn.Sequential(
-            nn.Flatten(), nn.Linear(in_dim, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, FEATURE_DIM), nn.BatchNorm1d(FEATURE_DIM), nn.ReLU()
+            nn.Flatten(),
+            nn.Linear(in_dim, 256),
+            nn.BatchNorm1d(256),
+            nn.ReLU(),
+            nn.Linear(256, FEATURE_DIM),
+            nn.BatchNorm1d(FEATURE_DIM),
+            nn.ReLU(),
         )
     if encoder == "cnn" and dataset == "digits":
         convs: list[nn.Module] = [
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),  # 4x4
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),  # 4x4
         ]
         flat = 32 * 4 * 4
     elif encoder == "cnn":
         convs = [
-            nn.Conv1d(1, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(),
-            nn.Conv1d(16, 32, 5, padding=2, stride=2), nn.BatchNorm1d(32), nn.ReLU(),  # 20
-            nn.Conv1d(32, 32, 3, padding=1, stride=2), nn.BatchNorm1d(32), nn.ReLU(),  # 10
+            nn.Conv1d(1, 16, 5, padding=2),
+            nn.BatchNorm1d(16),
+            nn.ReLU(),
+            nn.Conv1d(16, 32, 5, padding=2, stride=2),
+            nn.BatchNorm1d(32),
+            nn.ReLU(),  # 20
+            nn.Conv1d(32, 32, 3, padding=1, stride=2),
+            nn.BatchNorm1d(32),
+            nn.ReLU(),  # 10
         ]
         flat = 32 * 10
     else:
@@ -213,7 +228,14 @@ class StudyConfig:
 
     def key(self, epochs: int, seed: int, probe_draws: int) -> str:
         """Changes whenever anything that affects the record changes (the metrics scored included)."""
-        payload = {**asdict(self), "epochs": epochs, "seed": seed, "probe_draws": probe_draws, "metrics": list(analysis.SCORED_METRICS), "v": ENCODER_VERSION}
+        payload = {
+            **asdict(self),
+            "epochs": epochs,
+            "seed": seed,
+            "probe_draws": probe_draws,
+            "metrics": list(analysis.SCORED_METRICS),
+            "v": ENCODER_VERSION,
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -222,7 +244,14 @@ def simclr(name: str, **kwargs: Any) -> StudyConfig:
 
 
 def simsiam(name: str, **kwargs: Any) -> StudyConfig:
-    return StudyConfig(name, "simsiam", temperature=None, stop_gradient=kwargs.pop("stop_gradient", True), predictor=kwargs.pop("predictor", True), **kwargs)
+    return StudyConfig(
+        name,
+        "simsiam",
+        temperature=None,
+        stop_gradient=kwargs.pop("stop_gradient", True),
+        predictor=kwargs.pop("predictor", True),
+        **kwargs,
+    )
 
 
 # Per cell: each configuration changes one thing from its method's base (a reduced version of the
@@ -246,7 +275,10 @@ SWEEP: tuple[StudyConfig, ...] = tuple(replace(c, dataset=d, encoder=e) for d, e
 FAST_SWEEP: tuple[StudyConfig, ...] = tuple(
     replace(c, dataset=d, encoder=e)
     for d, e in (("digits", "mlp"), ("mnist1d", "cnn"))
-    for c in (simclr("simclr-base"), simsiam("simsiam-no-stopgrad-no-predictor", stop_gradient=False, predictor=False, collapse_setting="full"))
+    for c in (
+        simclr("simclr-base"),
+        simsiam("simsiam-no-stopgrad-no-predictor", stop_gradient=False, predictor=False, collapse_setting="full"),
+    )
 )
 
 
@@ -298,9 +330,17 @@ class StudySimSiam(_StudyAugmentation, SimSiam):
 
 def build_model(config: StudyConfig) -> pl.LightningModule:
     if config.method == "simclr":
-        model: Any = StudySimCLR(lr=config.lr, temperature=config.temperature, feature_dim=FEATURE_DIM, embedding_dim=config.projector_dim)
+        model: Any = StudySimCLR(
+            lr=config.lr, temperature=config.temperature, feature_dim=FEATURE_DIM, embedding_dim=config.projector_dim
+        )
     elif config.method == "simsiam":
-        model = StudySimSiam(lr=config.lr, stop_gradient=config.stop_gradient, predictor=config.predictor, feature_dim=FEATURE_DIM, embedding_dim=config.projector_dim)
+        model = StudySimSiam(
+            lr=config.lr,
+            stop_gradient=config.stop_gradient,
+            predictor=config.predictor,
+            feature_dim=FEATURE_DIM,
+            embedding_dim=config.projector_dim,
+        )
     else:
         raise ValueError(f"unknown method {config.method!r}")
     model.backbone = build_encoder(config.dataset, config.encoder)
@@ -318,12 +358,16 @@ def embed(module: nn.Module, inputs: Tensor, batch_size: int = 1000) -> Tensor:
     return out
 
 
-def nearest_mean_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, shots: int = 5, seed: int = 0) -> float:
+def nearest_mean_accuracy(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, shots: int = 5, seed: int = 0
+) -> float:
     """A cheap label-based curve for every epoch: ``shots`` labels per class (one fixed draw), cosine
     nearest class mean. Used only to date the onset of a collapse, never by a stopping rule."""
     rng = np.random.default_rng(seed)
     normalise = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    means = np.stack([train_x[rng.choice(np.flatnonzero(train_y == c), shots, replace=False)].mean(0) for c in range(NUM_CLASSES)])
+    means = np.stack(
+        [train_x[rng.choice(np.flatnonzero(train_y == c), shots, replace=False)].mean(0) for c in range(NUM_CLASSES)]
+    )
     predicted = (normalise(test_x - train_x.mean(0)) @ normalise(means - train_x.mean(0)).T).argmax(1)
     return float((predicted == test_y).mean())
 
@@ -331,7 +375,9 @@ def nearest_mean_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.n
 class EpochProbe(pl.Callback):
     """After each validation pass: the backbone's 5-shot nearest-class-mean accuracy (labels for evaluation only)."""
 
-    def __init__(self, splits: Splits, backbone: Callable[[pl.LightningModule], nn.Module] = lambda m: m.backbone) -> None:
+    def __init__(
+        self, splits: Splits, backbone: Callable[[pl.LightningModule], nn.Module] = lambda m: m.backbone
+    ) -> None:
         self.splits, self.backbone, self.values = splits, backbone, []
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -339,12 +385,17 @@ class EpochProbe(pl.Callback):
         s = self.splits
         self.values.append(
             nearest_mean_accuracy(
-                embed(encoder, s.train_images).double().numpy(), s.train_labels.numpy(), embed(encoder, s.held_out_images).double().numpy(), s.held_out_labels.numpy()
+                embed(encoder, s.train_images).double().numpy(),
+                s.train_labels.numpy(),
+                embed(encoder, s.held_out_images).double().numpy(),
+                s.held_out_labels.numpy(),
             )
         )
 
 
-def probe_accuracies(features_train: np.ndarray, train_y: np.ndarray, features_test: np.ndarray, test_y: np.ndarray, draws: int) -> dict[str, float]:
+def probe_accuracies(
+    features_train: np.ndarray, train_y: np.ndarray, features_test: np.ndarray, test_y: np.ndarray, draws: int
+) -> dict[str, float]:
     """k-shot logistic-regression probes (k in SHOTS, mean over ``draws`` draws), the full linear probe
     (every training label) and a cosine 5-NN, all on standardised backbone features."""
     import warnings
@@ -361,7 +412,9 @@ def probe_accuracies(features_train: np.ndarray, train_y: np.ndarray, features_t
             rng = np.random.default_rng(0)
             scores = []
             for _ in range(draws):
-                chosen = np.concatenate([rng.choice(np.flatnonzero(train_y == c), shots, replace=False) for c in range(NUM_CLASSES)])
+                chosen = np.concatenate(
+                    [rng.choice(np.flatnonzero(train_y == c), shots, replace=False) for c in range(NUM_CLASSES)]
+                )
                 probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
                 probe.fit(features_train[chosen], train_y[chosen])
                 scores.append(probe.score(features_test, test_y))
@@ -389,10 +442,15 @@ EXTRA_METRICS = {
 
 
 @torch.no_grad()
-def protocol_metrics(model: pl.LightningModule, config: StudyConfig, splits: Splits, view_1: Tensor) -> dict[str, float]:
+def protocol_metrics(
+    model: pl.LightningModule, config: StudyConfig, splits: Splits, view_1: Tensor
+) -> dict[str, float]:
     """The extra metrics on view 1, LiDAR with q views per held-out sample, RankMe on every image."""
     model.eval()
-    taps = {"backbone": lambda x: embed(model.backbone, x), "projector": lambda x: embed(nn.Sequential(model.backbone, model.projector), x)}
+    taps = {
+        "backbone": lambda x: embed(model.backbone, x),
+        "projector": lambda x: embed(nn.Sequential(model.backbone, model.projector), x),
+    }
     views = fixed_views(config.dataset, splits.held_out_images, max(LIDAR_VIEWS), seed=VIEW_SEED + 1)
     everything = torch.cat([splits.train_images, splits.held_out_images])
     values: dict[str, float] = {}
@@ -413,9 +471,16 @@ def train_and_score(config: StudyConfig, epochs: int, seed: int, probe_draws: in
     model = build_model(config)
     view_1, view_2 = fixed_views(config.dataset, splits.held_out_images, 2)
     val = DataLoader(TensorDataset(view_1, view_2, splits.held_out_labels), batch_size=500)
-    train = DataLoader(TensorDataset(splits.train_images, splits.train_labels), batch_size=config.batch_size, shuffle=True, drop_last=True)
+    train = DataLoader(
+        TensorDataset(splits.train_images, splits.train_labels),
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
+    )
     # The recommended SSL guard's inputs, every epoch (replayed offline by the analysis, never stopping here).
-    monitor = RepresentationMonitor(["projector"], num_views=2, every_n_train_steps=0, metrics=["rankme", "normalized_std"], default_metrics=False)
+    monitor = RepresentationMonitor(
+        ["projector"], num_views=2, every_n_train_steps=0, metrics=["rankme", "normalized_std"], default_metrics=False
+    )
     probe = EpochProbe(splits)
     start = time.perf_counter()
     if epochs > 0:
@@ -427,14 +492,26 @@ def train_and_score(config: StudyConfig, epochs: int, seed: int, probe_draws: in
     values.update(protocol_metrics(model, config, splits, view_1))
     features_train = embed(model.backbone, splits.train_images).double().numpy()
     features_test = embed(model.backbone, splits.held_out_images).double().numpy()
-    values.update(probe_accuracies(features_train, splits.train_labels.numpy(), features_test, splits.held_out_labels.numpy(), probe_draws))
+    values.update(
+        probe_accuracies(
+            features_train, splits.train_labels.numpy(), features_test, splits.held_out_labels.numpy(), probe_draws
+        )
+    )
     history = monitor.tracker.history
     series = {
         "epoch_projector_rankme": [v for _, v in history.get("val/projector/rankme", [])],
         "epoch_projector_normalized_std": [v for _, v in history.get("val/projector/normalized_std", [])],
         "epoch_probe": probe.values,
     }
-    return {**asdict(config), "cell": config.cell, "epochs": epochs, "seed": seed, "train_seconds": train_seconds, **values, **series}
+    return {
+        **asdict(config),
+        "cell": config.cell,
+        "epochs": epochs,
+        "seed": seed,
+        "train_seconds": train_seconds,
+        **values,
+        **series,
+    }
 
 
 def finetune_and_record(config: FinetuneConfig, seed: int, probe_draws: int) -> dict[str, Any]:
@@ -446,7 +523,9 @@ def finetune_and_record(config: FinetuneConfig, seed: int, probe_draws: int) -> 
     pl.seed_everything(seed, verbose=False)
     splits = digit_splits()
     pretrained = SimCLR()
-    make_trainer(config.pretrain_epochs, [], logger=False, progress_bar=False, enable_checkpointing=False, limit_val_batches=0).fit(pretrained, train_loader(splits, 128))
+    make_trainer(
+        config.pretrain_epochs, [], logger=False, progress_bar=False, enable_checkpointing=False, limit_val_batches=0
+    ).fit(pretrained, train_loader(splits, 128))
     pl.seed_everything(seed, verbose=False)
     images, labels = ft.few_labels(splits, config.labels_per_class, seed)
     train = DataLoader(TensorDataset(images, labels), batch_size=50, shuffle=True, drop_last=True)
@@ -462,18 +541,34 @@ def finetune_and_record(config: FinetuneConfig, seed: int, probe_draws: int) -> 
 
     before = backbone_probe()
     before_ncm = nearest_mean_accuracy(
-        embed(model.backbone, splits.train_images).double().numpy(), splits.train_labels.numpy(),
-        embed(model.backbone, splits.held_out_images).double().numpy(), splits.held_out_labels.numpy(),
+        embed(model.backbone, splits.train_images).double().numpy(),
+        splits.train_labels.numpy(),
+        embed(model.backbone, splits.held_out_images).double().numpy(),
+        splits.held_out_labels.numpy(),
     )
-    monitor = RepresentationMonitor(["backbone"], num_views=1, every_n_train_steps=0, reference="initial", metrics=["normalized_std"], default_metrics=False)
+    monitor = RepresentationMonitor(
+        ["backbone"],
+        num_views=1,
+        every_n_train_steps=0,
+        reference="initial",
+        metrics=["normalized_std"],
+        default_metrics=False,
+    )
     probe = EpochProbe(as_splits)
-    make_trainer(config.epochs, [monitor, probe], logger=False, progress_bar=False, enable_checkpointing=False).fit(model, train, held_out)
+    make_trainer(config.epochs, [monitor, probe], logger=False, progress_bar=False, enable_checkpointing=False).fit(
+        model, train, held_out
+    )
     after = backbone_probe()
     history = monitor.tracker.history
     return {
-        **asdict(config), "name": config.name, "seed": seed, "feature_dim": model.head.in_features,
-        "pretrained_probe_accuracy": before["probe_accuracy"], "probe_accuracy": after["probe_accuracy"],
-        "pretrained_epoch_probe": before_ncm, "classifier_accuracy": model.val_accuracies[-1] if model.val_accuracies else math.nan,
+        **asdict(config),
+        "name": config.name,
+        "seed": seed,
+        "feature_dim": model.head.in_features,
+        "pretrained_probe_accuracy": before["probe_accuracy"],
+        "probe_accuracy": after["probe_accuracy"],
+        "pretrained_epoch_probe": before_ncm,
+        "classifier_accuracy": model.val_accuracies[-1] if model.val_accuracies else math.nan,
         "epoch_cka": [v for _, v in history.get("val/backbone/cka_to_reference", [])],
         "epoch_normalized_std": [v for _, v in history.get("val/backbone/normalized_std", [])],
         "epoch_probe": probe.values,
@@ -483,17 +578,40 @@ def finetune_and_record(config: FinetuneConfig, seed: int, probe_draws: int) -> 
 # ---- running ----------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", default="runs/model_selection_study", help="records, CSVs, tables and figures go here")
+    parser.add_argument(
+        "--out-dir", default="runs/model_selection_study", help="records, CSVs, tables and figures go here"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 20; 2 with --fast)")
-    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="training seeds of every configuration (default 0 1 2; 0 with --fast)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="*",
+        default=None,
+        help="training seeds of every configuration (default 0 1 2; 0 with --fast)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="shorthand for --seeds SEED")
-    parser.add_argument("--probe-draws", type=int, default=None, help="few-shot probe draws averaged (default 10; 2 with --fast)")
-    parser.add_argument("--only", nargs="*", default=None, help="train only these configuration names (then analyse what exists)")
+    parser.add_argument(
+        "--probe-draws", type=int, default=None, help="few-shot probe draws averaged (default 10; 2 with --fast)"
+    )
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="train only these configuration names (then analyse what exists)"
+    )
     parser.add_argument("--cells", nargs="*", default=None, help="only these cells, e.g. digits-mlp mnist1d-cnn")
     parser.add_argument("--no-finetunes", action="store_true", help="skip the fine-tune runs of the drift detector")
-    parser.add_argument("--resamples", type=int, default=None, help="bootstrap resamples of the confidence intervals (default 1000; 100 with --fast)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained in parallel (processes, one torch thread each)")
-    parser.add_argument("--fast", action="store_true", help="2 cells x 2 configurations x 1 seed x 2 epochs, 1 short fine-tune: the CI smoke run")
+    parser.add_argument(
+        "--resamples",
+        type=int,
+        default=None,
+        help="bootstrap resamples of the confidence intervals (default 1000; 100 with --fast)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs trained in parallel (processes, one torch thread each)"
+    )
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="2 cells x 2 configurations x 1 seed x 2 epochs, 1 short fine-tune: the CI smoke run",
+    )
     args = parser.parse_args(argv)
     if args.epochs is None:
         args.epochs = 2 if args.fast else 20
@@ -566,10 +684,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tasks: list[tuple[Any, ...]] = []
     for config in sweep:
         for seed in args.seeds:
-            tasks.append(("ssl", config, seed, args.epochs, args.probe_draws, record_path(args.out_dir, config, seed), config.key(args.epochs, seed, args.probe_draws)))
+            tasks.append(
+                (
+                    "ssl",
+                    config,
+                    seed,
+                    args.epochs,
+                    args.probe_draws,
+                    record_path(args.out_dir, config, seed),
+                    config.key(args.epochs, seed, args.probe_draws),
+                )
+            )
     for config in finetunes:
         for seed in args.seeds:
-            tasks.append(("finetune", config, seed, 0, args.probe_draws, record_path(args.out_dir, config, seed), config.key(seed, args.probe_draws)))
+            tasks.append(
+                (
+                    "finetune",
+                    config,
+                    seed,
+                    0,
+                    args.probe_draws,
+                    record_path(args.out_dir, config, seed),
+                    config.key(seed, args.probe_draws),
+                )
+            )
 
     records: dict[int, dict[str, Any]] = {}
     pending = []
@@ -584,7 +722,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def report(index: int, record: dict[str, Any]) -> None:
         records[index] = record
         label = f"{record.get('cell', 'digits-mlp')} {record['name']} seed {record['seed']}"
-        print(f"[{len(records)}/{len(tasks)}] {label}: 5-shot probe {record['probe_accuracy']:.3f} ({record['seconds']:.0f} s)", flush=True)
+        print(
+            f"[{len(records)}/{len(tasks)}] {label}: 5-shot probe {record['probe_accuracy']:.3f} ({record['seconds']:.0f} s)",
+            flush=True,
+        )
 
     trained = [f"{tasks[i][1].name}-s{tasks[i][2]}" for i in pending]
     if args.jobs == 1 or len(pending) <= 1:
@@ -606,9 +747,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finetune_rows = [r for r in ordered if r.get("kind") == "finetune"]
     outputs = analysis.write_outputs(args.out_dir, ssl_rows, finetune_rows, args.resamples)
     elapsed = time.perf_counter() - start
-    print(f"\n{len(ordered)} runs ({len(trained)} trained now, {args.epochs} epochs each) in {elapsed:.0f} s; outputs in {args.out_dir}")
+    print(
+        f"\n{len(ordered)} runs ({len(trained)} trained now, {args.epochs} epochs each) in {elapsed:.0f} s; outputs in {args.out_dir}"
+    )
     print(outputs["summary"])
-    return {"rows": ssl_rows, "finetunes": finetune_rows, "trained": trained, "out_dir": args.out_dir, "seconds": elapsed, **outputs}
+    return {
+        "rows": ssl_rows,
+        "finetunes": finetune_rows,
+        "trained": trained,
+        "out_dir": args.out_dir,
+        "seconds": elapsed,
+        **outputs,
+    }
 
 
 if __name__ == "__main__":

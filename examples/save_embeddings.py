@@ -34,10 +34,14 @@ from digits_ssl import SimCLR, digit_splits, fixed_views  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="SimCLR .ckpt files of examples/ssl_digits.py")
-    parser.add_argument("--tap", choices=("backbone", "projector"), default="backbone", help="which embeddings (default: backbone)")
+    parser.add_argument(
+        "--tap", choices=("backbone", "projector"), default="backbone", help="which embeddings (default: backbone)"
+    )
     parser.add_argument("--out-dir", default="embeddings", help="where the files go (default: embeddings/)")
     parser.add_argument("--format", choices=("npy", "safetensors"), default="npy", help="file format (default: npy)")
-    parser.add_argument("--views", action="store_true", help="also save the (N, 2, D) embeddings of the two fixed held-out views")
+    parser.add_argument(
+        "--views", action="store_true", help="also save the (N, 2, D) embeddings of the two fixed held-out views"
+    )
     return parser.parse_args(argv)
 
 

@@ -27,11 +27,13 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared digits_ssl module
 
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
 from digits_ssl import (  # noqa: E402  (first: it quiets an import-time warning of Lightning)
     SimCLR,
     Stopwatch,
-    example_session,
     digit_splits,
+    example_session,
     format_table,
     make_trainer,
     metric_values,
@@ -39,12 +41,8 @@ from digits_ssl import (  # noqa: E402  (first: it quiets an import-time warning
     train_loader,
     validation_loader,
 )
-
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-
 from reprmetrics.callbacks import RepresentationMonitor  # noqa: E402
 
 # On the digits a barely trained encoder has the highest rank (RankMe and LiDAR fall slightly as
@@ -72,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (cosine schedule)")
     parser.add_argument("--temperature", type=float, default=0.2, help="SimCLR softmax temperature")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-dir", default="runs/ssl_digits", help="TensorBoard logs and checkpoints go to LOG_DIR/version_N")
+    parser.add_argument(
+        "--log-dir", default="runs/ssl_digits", help="TensorBoard logs and checkpoints go to LOG_DIR/version_N"
+    )
     parser.add_argument("--fast", action="store_true", help="a few epochs, fewer probe draws, no progress bar (CI)")
     args = parser.parse_args(argv)
     if args.epochs is None:
@@ -91,7 +91,10 @@ def summary_table(scores: dict[str, dict[str, float]]) -> str:
                 rows.append({"": f"{tap:<9} {label}", **{name: s.get(key) for name, s in scores.items()}})
     rows.append({"": "k-NN accuracy (k=5, all 1297 labels)", **{name: s["knn_accuracy"] for name, s in scores.items()}})
     rows.append(
-        {"": "5-shot linear probe accuracy", **{name: f"{s['probe_accuracy']:.3f} ± {s['probe_std']:.3f}" for name, s in scores.items()}}
+        {
+            "": "5-shot linear probe accuracy",
+            **{name: f"{s['probe_accuracy']:.3f} ± {s['probe_std']:.3f}" for name, s in scores.items()},
+        }
     )
     return format_table(rows, columns)
 
@@ -118,7 +121,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     logger = TensorBoardLogger(args.log_dir, name="", default_hp_metric=False)
     checkpoint = ModelCheckpoint(
-        monitor=CHECKPOINT_METRIC, mode="max", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False, save_last=True
+        monitor=CHECKPOINT_METRIC,
+        mode="max",
+        filename="best-epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        save_last=True,
     )
     trainer = make_trainer(args.epochs, [monitor, checkpoint], logger, progress_bar=not args.fast)
     trainer.fit(model, train, val)
@@ -134,9 +141,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     backbone_ranks = metric_values(monitor.tracker.history, "val/backbone/rankme")
     max_rank_epoch = backbone_ranks.index(max(backbone_ranks))
-    this_run = f" (this run: epoch {max_rank_epoch} of {len(backbone_ranks)})" if max_rank_epoch < len(backbone_ranks) // 4 else ""
+    this_run = (
+        f" (this run: epoch {max_rank_epoch} of {len(backbone_ranks)})"
+        if max_rank_epoch < len(backbone_ranks) // 4
+        else ""
+    )
     print(f"\nSimCLR on the digits: {args.epochs} epochs trained in {train_time}, {clock} in all (seed {args.seed}).")
-    print(f"Representation metrics on 2 fixed views of the {len(splits.held_out_labels)} held-out digits; accuracies of the backbone on their labels.\n")
+    print(
+        f"Representation metrics on 2 fixed views of the {len(splits.held_out_labels)} held-out digits; accuracies of the backbone on their labels.\n"
+    )
     print(summary_table(scores))
     print(
         f"\nBest checkpoint: {checkpoint.best_model_path}\n"

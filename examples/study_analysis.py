@@ -73,7 +73,14 @@ CONFIG_COLUMNS = (
 )
 # probe_accuracy is the 5-shot probe (the study's headline accuracy, as before); linear_probe_accuracy
 # is the full linear probe (logistic regression on every training label).
-ACCURACY_COLUMNS = ("probe_1shot", "probe_accuracy", "probe_10shot", "linear_probe_accuracy", "knn_accuracy", "probe_std")
+ACCURACY_COLUMNS = (
+    "probe_1shot",
+    "probe_accuracy",
+    "probe_10shot",
+    "linear_probe_accuracy",
+    "knn_accuracy",
+    "probe_std",
+)
 RANKED_ACCURACIES = ("probe_1shot", "probe_accuracy", "probe_10shot", "linear_probe_accuracy", "knn_accuracy")
 ACCURACY_LABELS = {
     "probe_1shot": "1-shot probe",
@@ -208,7 +215,9 @@ def pick_rows(rows: Sequence[Mapping[str, Any]], accuracy: str = "probe_accuracy
         for metric in SCORED_METRICS:
             for tap in TAPS:
                 column = metric_column(tap, metric)
-                chosen = pick(members, lambda r: oriented_score(metric, _as_float(r.get(column))))
+                chosen = pick(
+                    members, lambda r, metric=metric, column=column: oriented_score(metric, _as_float(r.get(column)))
+                )
                 chosen_accuracy = _as_float(chosen[accuracy]) if chosen is not None else math.nan
                 table.append(
                     {
@@ -313,7 +322,9 @@ def average_seeds(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         for accuracy in RANKED_ACCURACIES:
             values = [v for v in (_as_float(r.get(accuracy)) for r in members) if math.isfinite(v)]
             mean = sum(values) / len(values) if values else math.nan
-            out[f"{accuracy}_seed_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
+            out[f"{accuracy}_seed_std"] = (
+                math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
+            )
         averaged.append(out)
     return averaged
 
@@ -369,7 +380,9 @@ def percentile_interval(values: Any, level: float = 0.95) -> tuple[float, float]
     return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
 
 
-def correlation_ci_rows(averaged: Sequence[Mapping[str, Any]], resamples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+def correlation_ci_rows(
+    averaged: Sequence[Mapping[str, Any]], resamples: int = 1000, seed: int = 0
+) -> list[dict[str, Any]]:
     """Per cell, group, (metric, tap) and accuracy: Spearman and Kendall tau-b on the seed-averaged
     configurations with percentile-bootstrap 95 % intervals (configurations resampled with replacement,
     ``resamples`` times; a resample in which either side is constant is left out of the interval)."""
@@ -386,19 +399,35 @@ def correlation_ci_rows(averaged: Sequence[Mapping[str, Any]], resamples: int = 
                         scores = np.array([oriented_score(metric, _as_float(r.get(column))) for r in members])
                         keep = np.isfinite(scores) & np.isfinite(target)
                         s, t = scores[keep], target[keep]
-                        row = {"cell": cell, "metric": metric, "tap": tap, "direction": SCORED_DIRECTIONS[metric], "group": group, "accuracy": accuracy, "n": int(keep.sum())}
+                        row = {
+                            "cell": cell,
+                            "metric": metric,
+                            "tap": tap,
+                            "direction": SCORED_DIRECTIONS[metric],
+                            "group": group,
+                            "accuracy": accuracy,
+                            "n": int(keep.sum()),
+                        }
                         row["spearman"], row["kendall"] = spearman(list(s), list(t)), kendall_tau_b(list(s), list(t))
                         if len(s) >= 3:
                             index = bootstrap_indices(len(s), resamples, seed)
-                            row["spearman_lo"], row["spearman_hi"] = percentile_interval(batched_spearman(s[index], t[index]))
-                            row["kendall_lo"], row["kendall_hi"] = percentile_interval(batched_kendall_tau_b(s[index], t[index]))
+                            row["spearman_lo"], row["spearman_hi"] = percentile_interval(
+                                batched_spearman(s[index], t[index])
+                            )
+                            row["kendall_lo"], row["kendall_hi"] = percentile_interval(
+                                batched_kendall_tau_b(s[index], t[index])
+                            )
                         else:
-                            row.update(spearman_lo=math.nan, spearman_hi=math.nan, kendall_lo=math.nan, kendall_hi=math.nan)
+                            row.update(
+                                spearman_lo=math.nan, spearman_hi=math.nan, kendall_lo=math.nan, kendall_hi=math.nan
+                            )
                         table.append(row)
     return table
 
 
-def pick_ci_rows(averaged: Sequence[Mapping[str, Any]], accuracy: str = "probe_accuracy", resamples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+def pick_ci_rows(
+    averaged: Sequence[Mapping[str, Any]], accuracy: str = "probe_accuracy", resamples: int = 1000, seed: int = 0
+) -> list[dict[str, Any]]:
     """:func:`pick_rows` per cell on the seed-averaged configurations, plus a bootstrap 95 % interval of
     the gap: in each resample of configurations, the best resampled accuracy minus the accuracy of the
     resampled configuration the metric picks."""
@@ -411,7 +440,9 @@ def pick_ci_rows(averaged: Sequence[Mapping[str, Any]], accuracy: str = "probe_a
         for p in picks:
             members = groups[p["group"]]
             target = np.array([_as_float(r.get(accuracy)) for r in members])
-            scores = np.array([oriented_score(p["metric"], _as_float(r.get(metric_column(p["tap"], p["metric"])))) for r in members])
+            scores = np.array(
+                [oriented_score(p["metric"], _as_float(r.get(metric_column(p["tap"], p["metric"])))) for r in members]
+            )
             gaps = []
             if np.isfinite(scores).any():
                 scores = np.where(np.isfinite(scores), scores, -np.inf)
@@ -430,7 +461,15 @@ def noise_floor_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         for accuracy in RANKED_ACCURACIES:
             stds = sorted(v for v in (_as_float(r.get(f"{accuracy}_seed_std")) for r in cell_rows) if math.isfinite(v))
             median = (stds[(len(stds) - 1) // 2] + stds[len(stds) // 2]) / 2 if stds else math.nan
-            table.append({"cell": cell, "accuracy": accuracy, "configurations": len(stds), "median_seed_std": median, "max_seed_std": stds[-1] if stds else math.nan})
+            table.append(
+                {
+                    "cell": cell,
+                    "accuracy": accuracy,
+                    "configurations": len(stds),
+                    "median_seed_std": median,
+                    "max_seed_std": stds[-1] if stds else math.nan,
+                }
+            )
     return table
 
 
@@ -446,7 +485,9 @@ CHANCE = 0.1  # ten balanced classes
 COLLAPSE_KEEP = 0.75  # a collapsed run keeps less than this share of the base configurations' gain over chance
 
 
-def replay_ssl_guard(rankme_series: Sequence[float], std_series: Sequence[float], dim: int, min_fraction_of_dim: float = 0.2) -> tuple[int | None, str]:
+def replay_ssl_guard(
+    rankme_series: Sequence[float], std_series: Sequence[float], dim: int, min_fraction_of_dim: float = 0.2
+) -> tuple[int | None, str]:
     """The recommended SSL guard replayed on one run's per-epoch projector values:
     ``CollapseEarlyStopping("repr/val/projector/rankme", min_fraction_of_dim=0.2, patience=3)`` and
     ``CollapseEarlyStopping("repr/val/projector/normalized_std", min_value=0.25/√D)`` (patience 3, the
@@ -528,36 +569,57 @@ def ssl_detector_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
         threshold = CHANCE + COLLAPSE_KEEP * (reference - CHANCE)
         for r in members:
             dim = int(float(r["projector_dim"]))
-            stop, reason = replay_ssl_guard(_series(r.get("epoch_projector_rankme")), _series(r.get("epoch_projector_normalized_std")), dim)
+            stop, reason = replay_ssl_guard(
+                _series(r.get("epoch_projector_rankme")), _series(r.get("epoch_projector_normalized_std")), dim
+            )
             curve = _series(r.get("epoch_probe"))
             onset = next((e for e in range(min(len(curve), length)) if curve[e] < base_curve[e] - ONSET_MARGIN), None)
             collapsed = r.get("collapse_setting", "none") == "full"
             table.append(
                 {
-                    "cell": cell, "name": r["name"], "method": r["method"], "seed": r["seed"], "collapse_setting": r.get("collapse_setting", "none"),
-                    "probe_accuracy": _as_float(r["probe_accuracy"]), "threshold": threshold, "collapsed": collapsed,
+                    "cell": cell,
+                    "name": r["name"],
+                    "method": r["method"],
+                    "seed": r["seed"],
+                    "collapse_setting": r.get("collapse_setting", "none"),
+                    "probe_accuracy": _as_float(r["probe_accuracy"]),
+                    "threshold": threshold,
+                    "collapsed": collapsed,
                     "harmful": bool(math.isfinite(reference) and _as_float(r["probe_accuracy"]) < threshold),
-                    "epochs": len(_series(r.get("epoch_projector_rankme"))), "stop_epoch": stop, "onset_epoch": onset,
-                    "onset_to_stop": (stop - onset) if (stop is not None and onset is not None) else None, "reason": reason,
+                    "epochs": len(_series(r.get("epoch_projector_rankme"))),
+                    "stop_epoch": stop,
+                    "onset_epoch": onset,
+                    "onset_to_stop": (stop - onset) if (stop is not None and onset is not None) else None,
+                    "reason": reason,
                 }
             )
     return table
 
 
-def threshold_sweep_rows(rows: Sequence[Mapping[str, Any]], fractions: Sequence[float] = (0.1, 0.15, 0.2, 0.3)) -> list[dict[str, Any]]:
+def threshold_sweep_rows(
+    rows: Sequence[Mapping[str, Any]], fractions: Sequence[float] = (0.1, 0.15, 0.2, 0.3)
+) -> list[dict[str, Any]]:
     """The SSL guard replayed with other ``min_fraction_of_dim`` values: per value, the collapsing runs
     (built to collapse fully) stopped, the other runs stopped, and the latest stop epoch of a collapsing run."""
     table = []
     for fraction in fractions:
         stops = []
         for r in rows:
-            stop, _ = replay_ssl_guard(_series(r.get("epoch_projector_rankme")), _series(r.get("epoch_projector_normalized_std")), int(float(r["projector_dim"])), fraction)
+            stop, _ = replay_ssl_guard(
+                _series(r.get("epoch_projector_rankme")),
+                _series(r.get("epoch_projector_normalized_std")),
+                int(float(r["projector_dim"])),
+                fraction,
+            )
             stops.append((r.get("collapse_setting", "none") == "full", stop))
         caught = [stop for collapsing, stop in stops if collapsing and stop is not None]
         table.append(
             {
-                "min_fraction_of_dim": fraction, "collapsing_runs": sum(c for c, _ in stops), "detected": len(caught),
-                "healthy_runs": sum(not c for c, _ in stops), "false_stops": sum((not c) and stop is not None for c, stop in stops),
+                "min_fraction_of_dim": fraction,
+                "collapsing_runs": sum(c for c, _ in stops),
+                "detected": len(caught),
+                "healthy_runs": sum(not c for c, _ in stops),
+                "false_stops": sum((not c) and stop is not None for c, stop in stops),
                 "latest_stop_epoch": max(caught) if caught else None,
             }
         )
@@ -573,20 +635,35 @@ def finetune_detector_rows(rows: Sequence[Mapping[str, Any]], harm: float = 0.03
         dim = int(float(r.get("feature_dim", 128)))
         stop, reason = replay_finetune_guard(_series(r.get("epoch_cka")), _series(r.get("epoch_normalized_std")), dim)
         harmful = _as_float(r["probe_accuracy"]) < _as_float(r["pretrained_probe_accuracy"]) - harm
-        onset = first_below(_series(r.get("epoch_probe")), _as_float(r["pretrained_epoch_probe"]) - harm) if harmful else None
+        onset = (
+            first_below(_series(r.get("epoch_probe")), _as_float(r["pretrained_epoch_probe"]) - harm)
+            if harmful
+            else None
+        )
         cka = _series(r.get("epoch_cka"))
         table.append(
             {
-                "cell": "digits-mlp", "name": r["name"], "lr": _as_float(r["lr"]), "seed": r["seed"], "collapsed": harmful,
-                "pretrained_probe_accuracy": _as_float(r["pretrained_probe_accuracy"]), "probe_accuracy": _as_float(r["probe_accuracy"]),
-                "min_cka": min(cka) if cka else math.nan, "epochs": len(cka), "stop_epoch": stop, "onset_epoch": onset,
-                "onset_to_stop": (stop - onset) if (stop is not None and onset is not None) else None, "reason": reason,
+                "cell": "digits-mlp",
+                "name": r["name"],
+                "lr": _as_float(r["lr"]),
+                "seed": r["seed"],
+                "collapsed": harmful,
+                "pretrained_probe_accuracy": _as_float(r["pretrained_probe_accuracy"]),
+                "probe_accuracy": _as_float(r["probe_accuracy"]),
+                "min_cka": min(cka) if cka else math.nan,
+                "epochs": len(cka),
+                "stop_epoch": stop,
+                "onset_epoch": onset,
+                "onset_to_stop": (stop - onset) if (stop is not None and onset is not None) else None,
+                "reason": reason,
             }
         )
     return table
 
 
-def detector_summary(detections: Sequence[Mapping[str, Any]], by: str = "cell", label: str = "collapsed") -> list[dict[str, Any]]:
+def detector_summary(
+    detections: Sequence[Mapping[str, Any]], by: str = "cell", label: str = "collapsed"
+) -> list[dict[str, Any]]:
     """Per value of ``by`` and overall: runs labelled ``label`` and the share the guard stopped
     (detection rate), the other runs and the share stopped (false-stop rate), and the median (min–max)
     of epochs from onset to stop over the detected runs with an onset."""
@@ -601,11 +678,16 @@ def detector_summary(detections: Sequence[Mapping[str, Any]], by: str = "cell", 
         lags = [float(d["onset_to_stop"]) for d in bad if d["onset_to_stop"] is not None]
         table.append(
             {
-                by: name, "collapsed_runs": len(bad), "detected": sum(d["stop_epoch"] is not None for d in bad),
+                by: name,
+                "collapsed_runs": len(bad),
+                "detected": sum(d["stop_epoch"] is not None for d in bad),
                 "detection_rate": (sum(d["stop_epoch"] is not None for d in bad) / len(bad)) if bad else math.nan,
-                "healthy_runs": len(good), "false_stops": sum(d["stop_epoch"] is not None for d in good),
+                "healthy_runs": len(good),
+                "false_stops": sum(d["stop_epoch"] is not None for d in good),
                 "false_stop_rate": (sum(d["stop_epoch"] is not None for d in good) / len(good)) if good else math.nan,
-                "onset_to_stop_median": _median(lags), "onset_to_stop_min": min(lags) if lags else math.nan, "onset_to_stop_max": max(lags) if lags else math.nan,
+                "onset_to_stop_median": _median(lags),
+                "onset_to_stop_min": min(lags) if lags else math.nan,
+                "onset_to_stop_max": max(lags) if lags else math.nan,
             }
         )
     return table
@@ -614,15 +696,82 @@ def detector_summary(detections: Sequence[Mapping[str, Any]], by: str = "cell", 
 # ---- tables and figures -----------------------------------------------------------------------------
 # The (metric, tap) pairs of the compact summary: the paper protocols next to the monitor's settings.
 SUMMARY_METRICS = (
-    ("rankme", "projector"), ("rankme", "backbone"), ("rankme_all", "backbone"), ("lidar", "projector"), ("lidar_q16", "projector"),
-    ("lidar_q16", "backbone"), ("alpha_req", "backbone"), ("alignment", "backbone"), ("uniformity", "backbone"), ("normalized_std", "projector"),
-    ("nesum", "backbone"), ("coding_rate", "backbone"), ("isoscore", "backbone"),
+    ("rankme", "projector"),
+    ("rankme", "backbone"),
+    ("rankme_all", "backbone"),
+    ("lidar", "projector"),
+    ("lidar_q16", "projector"),
+    ("lidar_q16", "backbone"),
+    ("alpha_req", "backbone"),
+    ("alignment", "backbone"),
+    ("uniformity", "backbone"),
+    ("normalized_std", "projector"),
+    ("nesum", "backbone"),
+    ("coding_rate", "backbone"),
+    ("isoscore", "backbone"),
 )
-CORRELATION_COLUMNS = ["cell", "metric", "tap", "direction", "group", "accuracy", "n", "spearman", "spearman_lo", "spearman_hi", "kendall", "kendall_lo", "kendall_hi"]
-PICK_COLUMNS = ["cell", "metric", "tap", "direction", "group", "pick", "pick_value", "pick_accuracy", "best", "best_accuracy", "gap", "gap_lo", "gap_hi"]
+CORRELATION_COLUMNS = [
+    "cell",
+    "metric",
+    "tap",
+    "direction",
+    "group",
+    "accuracy",
+    "n",
+    "spearman",
+    "spearman_lo",
+    "spearman_hi",
+    "kendall",
+    "kendall_lo",
+    "kendall_hi",
+]
+PICK_COLUMNS = [
+    "cell",
+    "metric",
+    "tap",
+    "direction",
+    "group",
+    "pick",
+    "pick_value",
+    "pick_accuracy",
+    "best",
+    "best_accuracy",
+    "gap",
+    "gap_lo",
+    "gap_hi",
+]
 NOISE_COLUMNS = ["cell", "accuracy", "configurations", "median_seed_std", "max_seed_std"]
-SSL_DETECTION_COLUMNS = ["cell", "name", "method", "seed", "collapse_setting", "probe_accuracy", "threshold", "collapsed", "harmful", "epochs", "stop_epoch", "onset_epoch", "onset_to_stop", "reason"]
-FINETUNE_DETECTION_COLUMNS = ["cell", "name", "lr", "seed", "pretrained_probe_accuracy", "probe_accuracy", "collapsed", "min_cka", "epochs", "stop_epoch", "onset_epoch", "onset_to_stop", "reason"]
+SSL_DETECTION_COLUMNS = [
+    "cell",
+    "name",
+    "method",
+    "seed",
+    "collapse_setting",
+    "probe_accuracy",
+    "threshold",
+    "collapsed",
+    "harmful",
+    "epochs",
+    "stop_epoch",
+    "onset_epoch",
+    "onset_to_stop",
+    "reason",
+]
+FINETUNE_DETECTION_COLUMNS = [
+    "cell",
+    "name",
+    "lr",
+    "seed",
+    "pretrained_probe_accuracy",
+    "probe_accuracy",
+    "collapsed",
+    "min_cka",
+    "epochs",
+    "stop_epoch",
+    "onset_epoch",
+    "onset_to_stop",
+    "reason",
+]
 
 
 def rho_cell(c: Mapping[str, Any] | None) -> str:
@@ -633,14 +782,36 @@ def rho_cell(c: Mapping[str, Any] | None) -> str:
     return f"{c['spearman']:+.2f}{interval}"
 
 
-def summary_markdown(correlations: Sequence[Mapping[str, Any]], group: str, accuracy: str, metrics: Sequence[tuple[str, str]] = SUMMARY_METRICS) -> str:
+def summary_markdown(
+    correlations: Sequence[Mapping[str, Any]],
+    group: str,
+    accuracy: str,
+    metrics: Sequence[tuple[str, str]] = SUMMARY_METRICS,
+) -> str:
     """metric × cell: Spearman ρ [bootstrap 95 % CI] against ``accuracy`` within ``group``."""
     cells = list(dict.fromkeys(c["cell"] for c in correlations))
     by_key = {(c["cell"], c["metric"], c["tap"], c["group"], c["accuracy"]): c for c in correlations}
-    n = {cell: max((int(c["n"]) for c in correlations if c["cell"] == cell and c["group"] == group and c["accuracy"] == accuracy), default=0) for cell in cells}
-    lines = ["| metric (tap) | " + " | ".join(f"{cell} (n={n[cell]})" for cell in cells) + " |", "|---|" + "---:|" * len(cells)]
+    n = {
+        cell: max(
+            (
+                int(c["n"])
+                for c in correlations
+                if c["cell"] == cell and c["group"] == group and c["accuracy"] == accuracy
+            ),
+            default=0,
+        )
+        for cell in cells
+    }
+    lines = [
+        "| metric (tap) | " + " | ".join(f"{cell} (n={n[cell]})" for cell in cells) + " |",
+        "|---|" + "---:|" * len(cells),
+    ]
     for metric, tap in metrics:
-        lines.append(f"| {metric} ({tap}) | " + " | ".join(rho_cell(by_key.get((cell, metric, tap, group, accuracy))) for cell in cells) + " |")
+        lines.append(
+            f"| {metric} ({tap}) | "
+            + " | ".join(rho_cell(by_key.get((cell, metric, tap, group, accuracy))) for cell in cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -650,7 +821,11 @@ def full_correlations_markdown(correlations: Sequence[Mapping[str, Any]], accura
     parts = []
     for cell in cells:
         parts.append(f"### {cell}: Spearman ρ [95 % CI] / Kendall τ-b vs the {ACCURACY_LABELS[accuracy]}\n")
-        by_key = {(c["metric"], c["tap"], c["group"]): c for c in correlations if c["cell"] == cell and c["accuracy"] == accuracy}
+        by_key = {
+            (c["metric"], c["tap"], c["group"]): c
+            for c in correlations
+            if c["cell"] == cell and c["accuracy"] == accuracy
+        }
         lines = ["| metric (direction) | tap | " + " | ".join(groups) + " |", "|---|---|" + "---:|" * len(groups)]
         for metric in SCORED_METRICS:
             for tap in TAPS:
@@ -663,12 +838,16 @@ def full_correlations_markdown(correlations: Sequence[Mapping[str, Any]], accura
     return "\n".join(parts)
 
 
-def picks_ci_markdown(picks: Sequence[Mapping[str, Any]], group: str, metrics: Sequence[tuple[str, str]] = SUMMARY_METRICS) -> str:
+def picks_ci_markdown(
+    picks: Sequence[Mapping[str, Any]], group: str, metrics: Sequence[tuple[str, str]] = SUMMARY_METRICS
+) -> str:
     cells = list(dict.fromkeys(p["cell"] for p in picks))
     by_key = {(p["cell"], p["metric"], p["tap"]): p for p in picks if p["group"] == group}
     best = {p["cell"]: (p["best"], p["best_accuracy"]) for p in picks if p["group"] == group}
     lines = [
-        "Accuracy-best configuration (seed mean): " + "; ".join(f"{c}: `{best[c][0]}` ({best[c][1]:.3f})" for c in cells if c in best) + ".",
+        "Accuracy-best configuration (seed mean): "
+        + "; ".join(f"{c}: `{best[c][0]}` ({best[c][1]:.3f})" for c in cells if c in best)
+        + ".",
         "",
         "| metric (tap) | " + " | ".join(f"{c}: pick, gap [95 % CI]" for c in cells) + " |",
         "|---|" + "---|" * len(cells),
@@ -677,7 +856,11 @@ def picks_ci_markdown(picks: Sequence[Mapping[str, Any]], group: str, metrics: S
         row = []
         for cell in cells:
             p = by_key.get((cell, metric, tap))
-            row.append("–" if p is None or not p["pick"] else f"`{p['pick']}` {p['gap']:.3f} [{p['gap_lo']:.3f}, {p['gap_hi']:.3f}]")
+            row.append(
+                "–"
+                if p is None or not p["pick"]
+                else f"`{p['pick']}` {p['gap']:.3f} [{p['gap_lo']:.3f}, {p['gap_hi']:.3f}]"
+            )
         lines.append(f"| {metric} ({tap}) | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -685,20 +868,36 @@ def picks_ci_markdown(picks: Sequence[Mapping[str, Any]], group: str, metrics: S
 def noise_markdown(noise: Sequence[Mapping[str, Any]]) -> str:
     cells = list(dict.fromkeys(n["cell"] for n in noise))
     by_key = {(n["cell"], n["accuracy"]): n for n in noise}
-    lines = ["| accuracy | " + " | ".join(f"{c}: median (max) seed std" for c in cells) + " |", "|---|" + "---:|" * len(cells)]
+    lines = [
+        "| accuracy | " + " | ".join(f"{c}: median (max) seed std" for c in cells) + " |",
+        "|---|" + "---:|" * len(cells),
+    ]
     for accuracy in RANKED_ACCURACIES:
         row = []
         for cell in cells:
             n = by_key.get((cell, accuracy))
-            row.append("–" if n is None or not math.isfinite(_as_float(n["median_seed_std"])) else f"{n['median_seed_std']:.3f} ({n['max_seed_std']:.3f})")
+            row.append(
+                "–"
+                if n is None or not math.isfinite(_as_float(n["median_seed_std"]))
+                else f"{n['median_seed_std']:.3f} ({n['max_seed_std']:.3f})"
+            )
         lines.append(f"| {ACCURACY_LABELS[accuracy]} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def detector_markdown(summary: Sequence[Mapping[str, Any]], by: str, positive: str = "collapsing runs", negative: str = "healthy runs") -> str:
-    lines = [f"| {by} | {positive} | detected | {negative} | false stops | epochs onset → stop, median (min–max) |", "|---|---:|---:|---:|---:|---|"]
+def detector_markdown(
+    summary: Sequence[Mapping[str, Any]], by: str, positive: str = "collapsing runs", negative: str = "healthy runs"
+) -> str:
+    lines = [
+        f"| {by} | {positive} | detected | {negative} | false stops | epochs onset → stop, median (min–max) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for s in summary:
-        lag = "–" if not math.isfinite(_as_float(s["onset_to_stop_median"])) else f"{s['onset_to_stop_median'] + 0.0:+g} ({s['onset_to_stop_min'] + 0.0:+g} to {s['onset_to_stop_max'] + 0.0:+g})"  # + 0.0: no "-0"
+        lag = (
+            "–"
+            if not math.isfinite(_as_float(s["onset_to_stop_median"]))
+            else f"{s['onset_to_stop_median'] + 0.0:+g} ({s['onset_to_stop_min'] + 0.0:+g} to {s['onset_to_stop_max'] + 0.0:+g})"
+        )  # + 0.0: no "-0"
         detected = f"{s['detected']} ({s['detection_rate']:.0%})" if s["collapsed_runs"] else "–"
         false = f"{s['false_stops']} ({s['false_stop_rate']:.0%})" if s["healthy_runs"] else "–"
         lines.append(f"| {s[by]} | {s['collapsed_runs']} | {detected} | {s['healthy_runs']} | {false} | {lag} |")
@@ -729,14 +928,19 @@ def plot_summary(correlations: Sequence[Mapping[str, Any]], path: str) -> None:
             his.append(hi - c["spearman"] if math.isfinite(hi) else 0)
         left.errorbar(xs, ys, yerr=[los, his], fmt="o", ms=4, capsize=2, label=cell)
     left.axhline(0, color="gray", lw=0.8)
-    left.set_xticks(range(len(SUMMARY_METRICS)), [f"{m}\n({t[:4]})" for m, t in SUMMARY_METRICS], fontsize=7, rotation=60)
+    left.set_xticks(
+        range(len(SUMMARY_METRICS)), [f"{m}\n({t[:4]})" for m, t in SUMMARY_METRICS], fontsize=7, rotation=60
+    )
     left.set_ylabel("Spearman ρ vs 5-shot probe (all configurations)")
     left.set_ylim(-1.05, 1.05)
     left.legend(fontsize=8)
     for cell in cells:
         for tap, style in (("projector", "-"), ("backbone", "--")):
             qs = [2, 4, 8, 16]
-            values = [_as_float(by_key.get((cell, f"lidar_q{q}", tap, "all", "probe_accuracy"), {}).get("spearman")) for q in qs]
+            values = [
+                _as_float(by_key.get((cell, f"lidar_q{q}", tap, "all", "probe_accuracy"), {}).get("spearman"))
+                for q in qs
+            ]
             right.plot(qs, values, style, marker="o", label=f"{cell} {tap[:4]}")
     right.set_xscale("log", base=2)
     right.set_xticks([2, 4, 8, 16], ["2", "4", "8", "16"])
@@ -749,14 +953,23 @@ def plot_summary(correlations: Sequence[Mapping[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(out_dir: str, rows: Sequence[Mapping[str, Any]], finetunes: Sequence[Mapping[str, Any]] = (), resamples: int = 1000) -> dict[str, Any]:
+def write_outputs(
+    out_dir: str, rows: Sequence[Mapping[str, Any]], finetunes: Sequence[Mapping[str, Any]] = (), resamples: int = 1000
+) -> dict[str, Any]:
     """Every CSV, Markdown table and figure of the study from its run records; returns them and a printable summary."""
     import os
 
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     write_csv(path("results.csv"), rows, result_columns())
     averaged = average_seeds(rows)
-    write_csv(path("results_seed_mean.csv"), averaged, [c for c in CONFIG_COLUMNS if c != "seed"] + ["n_seeds"] + result_columns()[len(CONFIG_COLUMNS) : -1] + [f"{a}_seed_std" for a in RANKED_ACCURACIES])
+    write_csv(
+        path("results_seed_mean.csv"),
+        averaged,
+        [c for c in CONFIG_COLUMNS if c != "seed"]
+        + ["n_seeds"]
+        + result_columns()[len(CONFIG_COLUMNS) : -1]
+        + [f"{a}_seed_std" for a in RANKED_ACCURACIES],
+    )
     correlations = correlation_ci_rows(averaged, resamples) if averaged else []
     picks = pick_ci_rows(averaged, "probe_accuracy", resamples) if averaged else []
     noise = noise_floor_rows(rows)
@@ -765,7 +978,14 @@ def write_outputs(out_dir: str, rows: Sequence[Mapping[str, Any]], finetunes: Se
     write_csv(path("correlations.csv"), correlations, CORRELATION_COLUMNS)
     write_csv(path("picks.csv"), picks, PICK_COLUMNS)
     write_csv(path("noise_floor.csv"), noise, NOISE_COLUMNS)
-    write_csv(path("detector_runs.csv"), [*detections, *finetune_detections], sorted(set(SSL_DETECTION_COLUMNS) | set(FINETUNE_DETECTION_COLUMNS), key=(SSL_DETECTION_COLUMNS + FINETUNE_DETECTION_COLUMNS).index))
+    write_csv(
+        path("detector_runs.csv"),
+        [*detections, *finetune_detections],
+        sorted(
+            set(SSL_DETECTION_COLUMNS) | set(FINETUNE_DETECTION_COLUMNS),
+            key=(SSL_DETECTION_COLUMNS + FINETUNE_DETECTION_COLUMNS).index,
+        ),
+    )
 
     seeds = sorted({str(r["seed"]) for r in rows})
     scheme = (
@@ -775,7 +995,10 @@ def write_outputs(out_dir: str, rows: Sequence[Mapping[str, Any]], finetunes: Se
     summary_parts = []
     for accuracy in ("probe_accuracy", "linear_probe_accuracy"):
         for group in ("all", "all-healthy"):
-            summary_parts.append(f"#### Spearman ρ [95 % CI] vs the {ACCURACY_LABELS[accuracy]}, group {group}\n\n" + summary_markdown(correlations, group, accuracy))
+            summary_parts.append(
+                f"#### Spearman ρ [95 % CI] vs the {ACCURACY_LABELS[accuracy]}, group {group}\n\n"
+                + summary_markdown(correlations, group, accuracy)
+            )
     summary = scheme + "\n\n" + "\n\n".join(summary_parts)
     ssl_summary = detector_summary(detections, "cell")
     design_summary = detector_summary(detections, "collapse_setting")
@@ -785,30 +1008,50 @@ def write_outputs(out_dir: str, rows: Sequence[Mapping[str, Any]], finetunes: Se
         "SSL runs, the recommended guard replayed per epoch (projector RankMe < 0.2·D for 3 epochs, or normalised std < 0.25/√D for 3)."
         " Collapsing = built to collapse fully (SimSiam without predictor / without predictor and stop-gradient):\n\n"
         + detector_markdown(ssl_summary, "cell")
-        + "\n\nThe same runs by design setting (\"partial\": SimCLR τ = 2, built to lose projector rank; counted as healthy above):\n\n"
+        + '\n\nThe same runs by design setting ("partial": SimCLR τ = 2, built to lose projector rank; counted as healthy above):\n\n'
         + detector_markdown(design_summary, "collapse_setting")
-        + f"\n\nThe same runs labelled by outcome instead (\"harmful\": final 5-shot probe < chance + {COLLAPSE_KEEP} × (base − chance)):\n\n"
+        + f'\n\nThe same runs labelled by outcome instead ("harmful": final 5-shot probe < chance + {COLLAPSE_KEEP} × (base − chance)):\n\n'
         + detector_markdown(harm_summary, "cell", "harmful runs", "other runs")
         + "\n\nThe rank rule replayed with other `min_fraction_of_dim` (normalised std rule unchanged):\n\n"
         + "| min_fraction_of_dim | collapsing runs detected | false stops (of healthy) | latest stop epoch of a collapsing run |\n|---:|---:|---:|---:|\n"
-        + "\n".join(f"| {t['min_fraction_of_dim']:g} | {t['detected']} of {t['collapsing_runs']} | {t['false_stops']} of {t['healthy_runs']} | {t['latest_stop_epoch']} |" for t in threshold_sweep_rows(rows))
+        + "\n".join(
+            f"| {t['min_fraction_of_dim']:g} | {t['detected']} of {t['collapsing_runs']} | {t['false_stops']} of {t['healthy_runs']} | {t['latest_stop_epoch']} |"
+            for t in threshold_sweep_rows(rows)
+        )
         + "\n\nFine-tunes, the drift guard replayed (CKA to pretrained < 0.8 for 2 epochs, or normalised std < 0.25/√D):\n\n"
-        + (detector_markdown(finetune_summary, "cell", "harmful fine-tunes", "healthy fine-tunes") if finetune_detections else "(none run)")
+        + (
+            detector_markdown(finetune_summary, "cell", "harmful fine-tunes", "healthy fine-tunes")
+            if finetune_detections
+            else "(none run)"
+        )
     )
-    protocol_metrics = [(m, t) for t in TAPS for m in ("lidar", "lidar_q2", "lidar_q4", "lidar_q8", "lidar_q16", "rankme", "rankme_all")]
+    protocol_metrics = [
+        (m, t) for t in TAPS for m in ("lidar", "lidar_q2", "lidar_q4", "lidar_q8", "lidar_q16", "rankme", "rankme_all")
+    ]
     protocol = (
         "The papers' protocols next to the monitor's: LiDAR from the monitor's 2 fixed views (`lidar`) and from q = 2, 4, 8, 16"
         " other fixed views per held-out sample (`lidar_qQ`); RankMe as the monitor computes it on the held-out views (`rankme`) and on every clean image,"
-        " training + held-out (`rankme_all`). " + scheme + "\n\n"
-        + "\n\n".join(f"#### vs the {ACCURACY_LABELS[a]}, group {g}\n\n" + summary_markdown(correlations, g, a, protocol_metrics) for a in ("probe_accuracy", "linear_probe_accuracy") for g in ("all", "all-healthy"))
+        " training + held-out (`rankme_all`). "
+        + scheme
+        + "\n\n"
+        + "\n\n".join(
+            f"#### vs the {ACCURACY_LABELS[a]}, group {g}\n\n" + summary_markdown(correlations, g, a, protocol_metrics)
+            for a in ("probe_accuracy", "linear_probe_accuracy")
+            for g in ("all", "all-healthy")
+        )
     )
     files = {
         "summary.md": summary + "\n",
         "protocol.md": protocol + "\n",
-        "correlations.md": scheme + "\n\n" + "\n".join(full_correlations_markdown(correlations, a) for a in RANKED_ACCURACIES),
+        "correlations.md": scheme
+        + "\n\n"
+        + "\n".join(full_correlations_markdown(correlations, a) for a in RANKED_ACCURACIES),
         "picks.md": "Picks on the seed-averaged configurations, 5-shot probe; gap = best accuracy − the pick's.\n\n"
-        + "\n\n".join(f"#### group {g}\n\n" + picks_ci_markdown(picks, g) for g in ("all", "all-healthy")) + "\n",
-        "noise_floor.md": "Std of accuracy across the seeds of one configuration: median (max) over configurations.\n\n" + noise_markdown(noise) + "\n",
+        + "\n\n".join(f"#### group {g}\n\n" + picks_ci_markdown(picks, g) for g in ("all", "all-healthy"))
+        + "\n",
+        "noise_floor.md": "Std of accuracy across the seeds of one configuration: median (max) over configurations.\n\n"
+        + noise_markdown(noise)
+        + "\n",
         "detector.md": detector + "\n",
     }
     for name, text in files.items():
@@ -818,4 +1061,12 @@ def write_outputs(out_dir: str, rows: Sequence[Mapping[str, Any]], finetunes: Se
     if correlations:
         plot_summary(correlations, figure)
     printable = "\n\n".join([summary, "Seed-noise floor:\n\n" + noise_markdown(noise), detector])
-    return {"correlations": correlations, "picks": picks, "noise": noise, "detections": detections, "finetune_detections": finetune_detections, "summary": printable, "figure": figure}
+    return {
+        "correlations": correlations,
+        "picks": picks,
+        "noise": noise,
+        "detections": detections,
+        "finetune_detections": finetune_detections,
+        "summary": printable,
+        "figure": figure,
+    }

@@ -34,7 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(args.log_dir):
         subprocess.run([sys.executable, os.path.join(HERE, "ssl_digits.py"), "--log-dir", args.log_dir], check=True)
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", args.log_dir, "--port", str(args.port), "--host", "127.0.0.1"],
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            args.log_dir,
+            "--port",
+            str(args.port),
+            "--host",
+            "127.0.0.1",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -49,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         with sync_playwright() as p:
             browser = p.chromium.launch(
                 executable_path=args.chromium,
-                args=["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+                args=[
+                    "--no-sandbox",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                ],
             )
             page = browser.new_page(viewport={"width": 1500, "height": 1150})
             page.goto(url)

@@ -59,11 +59,7 @@ FAST_GRID: dict[str, tuple[Any, ...]] = {
     "patience": (1, 2),
 }
 # The former recommendations, replayed for comparison.
-OLD_RULES = {
-    "old rank rule": ("rank",),
-    "old spread rule": ("spread",),
-    "old rules together": ("rank", "spread"),
-}
+OLD_RULES = {"old rank rule": ("rank",), "old spread rule": ("spread",), "old rules together": ("rank", "spread")}
 
 
 # ---- records ------------------------------------------------------------------------------------------
@@ -74,7 +70,10 @@ def series(record: Mapping[str, Any], tap: str, metric: str) -> np.ndarray:
 
 def guard_inputs(record: Mapping[str, Any], tap: str = TAP) -> list[dict[str, float]]:
     """One ``{"rankme": r, "normalized_std": s}`` per validation epoch: what the guard checks."""
-    return [{"rankme": float(r), "normalized_std": float(s)} for r, s in zip(series(record, tap, "rankme"), series(record, tap, "normalized_std"))]
+    return [
+        {"rankme": float(r), "normalized_std": float(s)}
+        for r, s in zip(series(record, tap, "rankme"), series(record, tap, "normalized_std"))
+    ]
 
 
 def run_id(record: Mapping[str, Any]) -> str:
@@ -90,14 +89,19 @@ def onset_epoch(curve: Sequence[float], reference: Sequence[float], margin: floa
     return None
 
 
-def healthy_reference(records: Sequence[Mapping[str, Any]], run: Mapping[str, Any], leave_one_out: bool = False) -> np.ndarray | None:
+def healthy_reference(
+    records: Sequence[Mapping[str, Any]], run: Mapping[str, Any], leave_one_out: bool = False
+) -> np.ndarray | None:
     """The per-epoch median curve of the healthy runs (every seed) of ``run``'s cell and family; None
     when there is none. As the study's onset does, a healthy run is part of its own reference; with
     ``leave_one_out`` it is compared with its sibling seeds only (the stricter check, reported too)."""
     curves = [
         np.asarray(r["epoch_probe"], float)
         for r in records
-        if r["cell"] == run["cell"] and r["family"] == run["family"] and r["design"] == "healthy" and not (leave_one_out and run_id(r) == run_id(run))
+        if r["cell"] == run["cell"]
+        and r["family"] == run["family"]
+        and r["design"] == "healthy"
+        and not (leave_one_out and run_id(r) == run_id(run))
     ]
     if not curves:
         return None
@@ -110,7 +114,9 @@ def _seed_spread(records: Sequence[Mapping[str, Any]]) -> float:
     groups: dict[tuple[str, str], list[np.ndarray]] = {}
     for r in records:
         groups.setdefault((r["cell"], r["name"]), []).append(np.asarray(r["epoch_probe"], float))
-    stds = [np.std(np.stack([c[: min(map(len, cs))] for c in cs]), axis=0, ddof=1) for cs in groups.values() if len(cs) > 1]
+    stds = [
+        np.std(np.stack([c[: min(map(len, cs))] for c in cs]), axis=0, ddof=1) for cs in groups.values() if len(cs) > 1
+    ]
     return float(np.median(np.concatenate(stds))) if stds else math.nan
 
 
@@ -123,7 +129,9 @@ def projector_left_healthy_range(records: Sequence[Mapping[str, Any]], run: Mapp
     those runs. A label-free, relative outcome (the guard itself never sees other runs): it tells a
     collapsing design whose representation never collapses from one the guard missed. None without
     a healthy run to compare with."""
-    healthy = [r for r in records if r["cell"] == run["cell"] and r["family"] == run["family"] and r["design"] == "healthy"]
+    healthy = [
+        r for r in records if r["cell"] == run["cell"] and r["family"] == run["family"] and r["design"] == "healthy"
+    ]
     if not healthy:
         return None
     for metric in ("rankme", "normalized_std"):
@@ -153,17 +161,36 @@ def label_rows(records: Sequence[Mapping[str, Any]], leave_one_out: bool = False
             label = "collapsing" if collapsed else "collapsing, probe held"
         else:
             label = "healthy, probe fell" if collapsed else "healthy"
-        base_probe = [float(x["probe_accuracy"]) for x in records if x["cell"] == r["cell"] and x["family"] == r["family"] and x["design"] == "healthy"]
+        base_probe = [
+            float(x["probe_accuracy"])
+            for x in records
+            if x["cell"] == r["cell"] and x["family"] == r["family"] and x["design"] == "healthy"
+        ]
         gap = np.asarray(r["epoch_probe"][: len(reference)]) - reference if reference is not None else np.array([])
         rows.append(
             {
-                "run": run_id(r), "cell": r["cell"], "dataset": r["dataset"], "encoder": r["encoder"], "family": r["family"], "name": r["name"],
-                "mode": r["mode"], "expected": r["expected"], "design": r["design"], "seed": r["seed"], "epochs": len(r["epoch_probe"]),
-                "onset_epoch": onset, "outcome": "collapsed" if collapsed else "held", "label": label,
+                "run": run_id(r),
+                "cell": r["cell"],
+                "dataset": r["dataset"],
+                "encoder": r["encoder"],
+                "family": r["family"],
+                "name": r["name"],
+                "mode": r["mode"],
+                "expected": r["expected"],
+                "design": r["design"],
+                "seed": r["seed"],
+                "epochs": len(r["epoch_probe"]),
+                "onset_epoch": onset,
+                "outcome": "collapsed" if collapsed else "held",
+                "label": label,
                 "agrees": (r["design"] == "collapsing") == collapsed,
-                "probe_accuracy": float(r["probe_accuracy"]), "healthy_probe_accuracy": float(np.median(base_probe)) if base_probe else math.nan,
-                "largest_probe_gap": float(-gap.min()) if gap.size else math.nan,  # how far below the reference the curve got
-                "dim": int(r["widths"][TAP]), "projector_left_healthy_range": projector_left_healthy_range(records, r),
+                "probe_accuracy": float(r["probe_accuracy"]),
+                "healthy_probe_accuracy": float(np.median(base_probe)) if base_probe else math.nan,
+                "largest_probe_gap": float(-gap.min())
+                if gap.size
+                else math.nan,  # how far below the reference the curve got
+                "dim": int(r["widths"][TAP]),
+                "projector_left_healthy_range": projector_left_healthy_range(records, r),
             }
         )
     return rows
@@ -236,19 +263,25 @@ def library_guard_available() -> bool:
     return True
 
 
-def replay_with_library(per_epoch_values: Sequence[Mapping[str, float]], dim: int, settings: Mapping[str, Any], tap: str = TAP) -> tuple[int | None, str]:
+def replay_with_library(
+    per_epoch_values: Sequence[Mapping[str, float]], dim: int, settings: Mapping[str, Any], tap: str = TAP
+) -> tuple[int | None, str]:
     """The same replay through ``reprmetrics.stopping.ssl_guard`` (once it is on main)."""
     from reprmetrics.stopping import ssl_guard
 
     guard = ssl_guard(tap, **settings)
     for check, values in enumerate(per_epoch_values):
-        decision = guard.check_values({f"{tap}/rankme": values["rankme"], f"{tap}/normalized_std": values["normalized_std"]}, widths={tap: dim})
+        decision = guard.check_values(
+            {f"{tap}/rankme": values["rankme"], f"{tap}/normalized_std": values["normalized_std"]}, widths={tap: dim}
+        )
         if decision.stop:
             return check, decision.kind
     return None, ""
 
 
-def replay_old(per_epoch_values: Sequence[Mapping[str, float]], dim: int, rules: Sequence[str]) -> tuple[int | None, str]:
+def replay_old(
+    per_epoch_values: Sequence[Mapping[str, float]], dim: int, rules: Sequence[str]
+) -> tuple[int | None, str]:
     """The former recommendations through the library's ``CollapseCriteria`` (one counter per rule,
     as two ``CollapseEarlyStopping`` callbacks would keep): "rank" = RankMe < 0.2·D for 3 checks,
     "spread" = normalised std < 0.25/√D for 3. Returns the first stop and its reason."""
@@ -256,9 +289,18 @@ def replay_old(per_epoch_values: Sequence[Mapping[str, float]], dim: int, rules:
 
     criteria = []
     if "rank" in rules:
-        criteria.append(("rankme", CollapseCriteria(f"repr/val/{TAP}/rankme", patience=3, min_fraction_of_dim=0.2, dim=dim)))
+        criteria.append(
+            ("rankme", CollapseCriteria(f"repr/val/{TAP}/rankme", patience=3, min_fraction_of_dim=0.2, dim=dim))
+        )
     if "spread" in rules:
-        criteria.append(("normalized_std", CollapseCriteria(f"repr/val/{TAP}/normalized_std", patience=3, min_value=0.25 / math.sqrt(dim), dim=dim)))
+        criteria.append(
+            (
+                "normalized_std",
+                CollapseCriteria(
+                    f"repr/val/{TAP}/normalized_std", patience=3, min_value=0.25 / math.sqrt(dim), dim=dim
+                ),
+            )
+        )
     for check, values in enumerate(per_epoch_values):
         for metric, criterion in criteria:
             stop, reason = criterion.check(values[metric], dim=dim, normalized_std=values["normalized_std"])
@@ -273,8 +315,15 @@ def _stacked(records: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarr
     ranks = [series(r, TAP, "rankme") for r in records]
     spreads = [series(r, TAP, "normalized_std") for r in records]
     length = max((len(x) for x in ranks), default=0)
-    pad = lambda xs: np.stack([np.pad(x, (0, length - len(x)), constant_values=np.nan) for x in xs]) if xs else np.zeros((0, 0))  # noqa: E731
-    return pad(ranks), pad(spreads), np.asarray([len(x) for x in ranks]), np.asarray([int(r["widths"][TAP]) for r in records])
+    pad = lambda xs: (
+        np.stack([np.pad(x, (0, length - len(x)), constant_values=np.nan) for x in xs]) if xs else np.zeros((0, 0))
+    )  # noqa: E731
+    return (
+        pad(ranks),
+        pad(spreads),
+        np.asarray([len(x) for x in ranks]),
+        np.asarray([int(r["widths"][TAP]) for r in records]),
+    )
 
 
 def _first_streak(unhealthy: np.ndarray, patience: int) -> np.ndarray:
@@ -307,7 +356,10 @@ def batch_stops(
             masked_r = np.where(checks[None, :] >= warmup, np.where(finite, ranks, -np.inf), -np.inf)
             masked_s = np.where(checks[None, :] >= warmup, np.where(finite, spreads, -np.inf), -np.inf)
             with np.errstate(invalid="ignore", divide="ignore"):
-                ratio_cache[warmup] = (r / np.maximum.accumulate(masked_r, axis=1), s / np.maximum.accumulate(masked_s, axis=1))
+                ratio_cache[warmup] = (
+                    r / np.maximum.accumulate(masked_r, axis=1),
+                    s / np.maximum.accumulate(masked_s, axis=1),
+                )
         rank_ratio, spread_ratio = ratio_cache[warmup]
         after = checks[None, :] >= warmup
         dropped = []
@@ -326,8 +378,13 @@ def batch_stops(
         if counters == "shared":
             stops = _first_streak((floors | trend) & valid & finite, patience)
         else:  # one counter per condition: whichever reaches patience first
-            floor_stop, trend_stop = _first_streak(floors & valid & finite, patience), _first_streak(trend & valid & finite, patience)
-            stops = np.where((floor_stop >= 0) & ((trend_stop < 0) | (floor_stop <= trend_stop)), floor_stop, trend_stop)
+            floor_stop, trend_stop = (
+                _first_streak(floors & valid & finite, patience),
+                _first_streak(trend & valid & finite, patience),
+            )
+            stops = np.where(
+                (floor_stop >= 0) & ((trend_stop < 0) | (floor_stop <= trend_stop)), floor_stop, trend_stop
+            )
         stops = np.where((first_broken >= 0) & ((stops < 0) | (first_broken < stops)), first_broken, stops)
         yield settings, stops
 
@@ -344,12 +401,21 @@ def grid_settings(grid: Mapping[str, Sequence[Any]] = GRID) -> list[dict[str, An
 
 
 # ---- scoring a rule ---------------------------------------------------------------------------------
-def detection_rows(records: Sequence[Mapping[str, Any]], labels: Sequence[Mapping[str, Any]], stops: Sequence[tuple[int | None, str]]) -> list[dict[str, Any]]:
+def detection_rows(
+    records: Sequence[Mapping[str, Any]], labels: Sequence[Mapping[str, Any]], stops: Sequence[tuple[int | None, str]]
+) -> list[dict[str, Any]]:
     """One row per run: its label and onset next to the rule's stop, kind and onset-to-stop lag."""
     rows = []
-    for record, label, (stop, kind) in zip(records, labels, stops):
+    for _record, label, (stop, kind) in zip(records, labels, stops):
         onset = label["onset_epoch"]
-        rows.append({**label, "stop_epoch": stop, "kind": kind, "onset_to_stop": (stop - onset) if (stop is not None and onset is not None) else None})
+        rows.append(
+            {
+                **label,
+                "stop_epoch": stop,
+                "kind": kind,
+                "onset_to_stop": (stop - onset) if (stop is not None and onset is not None) else None,
+            }
+        )
     return rows
 
 
@@ -363,16 +429,24 @@ def score(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     unconfirmed = [r for r in collapsing if r["onset_epoch"] is None]
     fell = [r for r in healthy if r["onset_epoch"] is not None]
     return {
-        "collapsing": len(collapsing), "caught": sum(r["stop_epoch"] is not None for r in collapsing),
+        "collapsing": len(collapsing),
+        "caught": sum(r["stop_epoch"] is not None for r in collapsing),
         "missed": [r["run"] for r in collapsing if r["stop_epoch"] is None],
         "missed_probe_fell": [r["run"] for r in collapsing if r["stop_epoch"] is None and r["onset_epoch"] is not None],
-        "missed_projector_left": [r["run"] for r in collapsing if r["stop_epoch"] is None and r.get("projector_left_healthy_range")],
+        "missed_projector_left": [
+            r["run"] for r in collapsing if r["stop_epoch"] is None and r.get("projector_left_healthy_range")
+        ],
         "with_onset": len(lags) + sum(r["stop_epoch"] is None and r["onset_epoch"] is not None for r in collapsing),
-        "lags": sorted(lags), "lag_median": float(np.median(lags)) if lags else math.nan, "lag_worst": max(lags) if lags else math.nan,
+        "lags": sorted(lags),
+        "lag_median": float(np.median(lags)) if lags else math.nan,
+        "lag_worst": max(lags) if lags else math.nan,
         "lag_mean": float(np.mean(lags)) if lags else math.nan,
-        "healthy": len(healthy), "false_stops": [r["run"] for r in healthy if r["stop_epoch"] is not None],
-        "unconfirmed": len(unconfirmed), "unconfirmed_stopped": sum(r["stop_epoch"] is not None for r in unconfirmed),
-        "healthy_fell": len(fell), "healthy_fell_stopped": sum(r["stop_epoch"] is not None for r in fell),
+        "healthy": len(healthy),
+        "false_stops": [r["run"] for r in healthy if r["stop_epoch"] is not None],
+        "unconfirmed": len(unconfirmed),
+        "unconfirmed_stopped": sum(r["stop_epoch"] is not None for r in unconfirmed),
+        "healthy_fell": len(fell),
+        "healthy_fell_stopped": sum(r["stop_epoch"] is not None for r in fell),
     }
 
 
@@ -382,7 +456,9 @@ def goal_met(s: Mapping[str, Any]) -> bool:
 
 
 # ---- tuning -------------------------------------------------------------------------------------------
-SAFETY_MARGIN = 0.2  # a chosen setting must stop no healthy tuning run even with floors 20 % higher and drops 20 % lower
+SAFETY_MARGIN = (
+    0.2  # a chosen setting must stop no healthy tuning run even with floors 20 % higher and drops 20 % lower
+)
 
 
 def tightened(settings: Mapping[str, Any], margin: float) -> dict[str, Any]:
@@ -406,7 +482,10 @@ def plain_objective(t: Mapping[str, Any]) -> tuple[float, ...]:
 
 
 def grid_search(
-    records: Sequence[Mapping[str, Any]], labels: Sequence[Mapping[str, Any]], settings_list: Sequence[Mapping[str, Any]], margin: float = SAFETY_MARGIN
+    records: Sequence[Mapping[str, Any]],
+    labels: Sequence[Mapping[str, Any]],
+    settings_list: Sequence[Mapping[str, Any]],
+    margin: float = SAFETY_MARGIN,
 ) -> list[dict[str, Any]]:
     """Every setting scored on ``records``: false stops (as given and tightened by ``margin``), misses
     of collapsing runs (by design), onset-to-stop lags; sorted best first by :func:`objective`."""
@@ -416,14 +495,19 @@ def grid_search(
     healthy_records = [r for r, h in zip(records, healthy) if h]
     strict = [tightened(s, margin) for s in settings_list]
     table = []
-    for (settings, stops), (_, strict_stops) in zip(batch_stops(records, settings_list), batch_stops(healthy_records, strict)):
+    for (settings, stops), (_, strict_stops) in zip(
+        batch_stops(records, settings_list), batch_stops(healthy_records, strict)
+    ):
         caught = collapsing & (stops >= 0)
         lags = (stops - onsets)[caught & (onsets >= 0)]
         table.append(
             {
-                **settings, "false_stops_tightened": int((strict_stops >= 0).sum()), "false_stops": int((healthy & (stops >= 0)).sum()),
+                **settings,
+                "false_stops_tightened": int((strict_stops >= 0).sum()),
+                "false_stops": int((healthy & (stops >= 0)).sum()),
                 "missed": int((collapsing & (stops < 0)).sum()),
-                "lag_median": float(np.median(lags)) if lags.size else math.inf, "lag_worst": int(lags.max()) if lags.size else math.inf,
+                "lag_median": float(np.median(lags)) if lags.size else math.inf,
+                "lag_worst": int(lags.max()) if lags.size else math.inf,
                 "lag_mean": float(lags.mean()) if lags.size else math.inf,
             }
         )
@@ -456,24 +540,52 @@ def choose_setting(optimal: Sequence[Mapping[str, Any]], grid: Mapping[str, Sequ
 def confirmed_labels(labels: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The labels with collapsing designs whose projector never left the healthy range set apart
     (design "unconfirmed": neither a collapsing run to catch nor a healthy one to leave alone)."""
-    return [{**l, "design": "unconfirmed"} if l["design"] == "collapsing" and not l.get("projector_left_healthy_range") else dict(l) for l in labels]
+    return [
+        {**l, "design": "unconfirmed"}
+        if l["design"] == "collapsing" and not l.get("projector_left_healthy_range")
+        else dict(l)
+        for l in labels
+    ]
 
 
 def goal_search(
-    records: Sequence[Mapping[str, Any]], labels: Sequence[Mapping[str, Any]], splits: Mapping[str, np.ndarray], settings_list: Sequence[Mapping[str, Any]]
+    records: Sequence[Mapping[str, Any]],
+    labels: Sequence[Mapping[str, Any]],
+    splits: Mapping[str, np.ndarray],
+    settings_list: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
     """Which settings of the grid meet the goal on every split at once (no false stop, no miss,
     median onset → stop ≤ 2), with collapsing runs counted by design or only where the projector left
     the healthy range. Uses every split, the held-out one included: an existence check, not a tuning."""
     out: dict[str, Any] = {}
-    for name, these in (("by design", list(labels)), ("only where the projector left the healthy range", confirmed_labels(labels))):
-        per_split = {sp: {tuple(t[k] for k in GUARD_KEYWORDS): t for t in grid_search(_subset(records, m), _subset(these, m), settings_list, margin=0.0)} for sp, m in splits.items()}
+    for name, these in (
+        ("by design", list(labels)),
+        ("only where the projector left the healthy range", confirmed_labels(labels)),
+    ):
+        per_split = {
+            sp: {
+                tuple(t[k] for k in GUARD_KEYWORDS): t
+                for t in grid_search(_subset(records, m), _subset(these, m), settings_list, margin=0.0)
+            }
+            for sp, m in splits.items()
+        }
         keys = list(next(iter(per_split.values())))
         meeting, closest = [], []
         for key in keys:
             rows = [per_split[sp][key] for sp in per_split]
-            total = (sum(r["false_stops"] for r in rows), sum(r["missed"] for r in rows), max(r["lag_median"] for r in rows), max(r["lag_worst"] for r in rows))
-            entry = {**dict(zip(GUARD_KEYWORDS, key)), "false_stops": total[0], "missed": total[1], "lag_median": total[2], "lag_worst": total[3]}
+            total = (
+                sum(r["false_stops"] for r in rows),
+                sum(r["missed"] for r in rows),
+                max(r["lag_median"] for r in rows),
+                max(r["lag_worst"] for r in rows),
+            )
+            entry = {
+                **dict(zip(GUARD_KEYWORDS, key)),
+                "false_stops": total[0],
+                "missed": total[1],
+                "lag_median": total[2],
+                "lag_worst": total[3],
+            }
             closest.append(entry)
             if total[0] == 0 and total[1] == 0 and total[2] <= 2:
                 meeting.append(entry)
@@ -482,12 +594,21 @@ def goal_search(
     return out
 
 
-def replay_reference_rule(records: Sequence[Mapping[str, Any]], run: Mapping[str, Any], factor: float = PROJECTOR_RANGE, patience: int = 2) -> tuple[int | None, str]:
+def replay_reference_rule(
+    records: Sequence[Mapping[str, Any]], run: Mapping[str, Any], factor: float = PROJECTOR_RANGE, patience: int = 2
+) -> tuple[int | None, str]:
     """A rule outside ``ssl_guard``'s family, for comparison: stop when the projector's RankMe or
     normalised std is below ``factor`` × the lowest value of the family's *other* healthy runs in the
     cell at the same epoch, for ``patience`` checks. It needs healthy reference runs of the same
     method and data, which a single run's guard does not have."""
-    others = [r for r in records if r["cell"] == run["cell"] and r["family"] == run["family"] and r["design"] == "healthy" and run_id(r) != run_id(run)]
+    others = [
+        r
+        for r in records
+        if r["cell"] == run["cell"]
+        and r["family"] == run["family"]
+        and r["design"] == "healthy"
+        and run_id(r) != run_id(run)
+    ]
     if not others:
         return None, ""
     streak = 0
@@ -512,13 +633,26 @@ def goal_search_markdown(found: Mapping[str, Any], n_settings: int) -> str:
     ]
     for name, result in found.items():
         lines.append(f"## Collapsing runs counted {name}\n")
-        lines.append(f"{len(result['meeting'])} settings meet the goal." + ("" if result["meeting"] else " The closest (false stops + misses summed over the splits, then the worst split's median lag):"))
+        lines.append(
+            f"{len(result['meeting'])} settings meet the goal."
+            + (
+                ""
+                if result["meeting"]
+                else " The closest (false stops + misses summed over the splits, then the worst split's median lag):"
+            )
+        )
         shown = result["meeting"][:5] or result["closest"]
         lines.append("")
-        lines.append("| " + " | ".join(GUARD_KEYWORDS) + " | false stops | missed | worst split's median lag | worst lag |")
+        lines.append(
+            "| " + " | ".join(GUARD_KEYWORDS) + " | false stops | missed | worst split's median lag | worst lag |"
+        )
         lines.append("|" + "---|" * (len(GUARD_KEYWORDS) + 4))
         for e in shown:
-            lines.append("| " + " | ".join(repr(e[k]) for k in GUARD_KEYWORDS) + f" | {e['false_stops']} | {e['missed']} | {e['lag_median']:+g} | {e['lag_worst']:+g} |")
+            lines.append(
+                "| "
+                + " | ".join(repr(e[k]) for k in GUARD_KEYWORDS)
+                + f" | {e['false_stops']} | {e['missed']} | {e['lag_median']:+g} | {e['lag_worst']:+g} |"
+            )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -534,7 +668,9 @@ def max_drop_after_warmup(values: Sequence[float], warmup: int) -> float:
     return float(np.max(1 - v / np.maximum.accumulate(v)))
 
 
-def healthy_drop_rows(records: Sequence[Mapping[str, Any]], labels: Sequence[Mapping[str, Any]], warmups: Sequence[int] = (0, 1, 2, 3, 5)) -> list[dict[str, Any]]:
+def healthy_drop_rows(
+    records: Sequence[Mapping[str, Any]], labels: Sequence[Mapping[str, Any]], warmups: Sequence[int] = (0, 1, 2, 3, 5)
+) -> list[dict[str, Any]]:
     """Per dataset, family and warmup: over the healthy runs (by design), the median and
     largest fall of projector RankMe and normalised std below their best after the warmup."""
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
@@ -550,9 +686,14 @@ def healthy_drop_rows(records: Sequence[Mapping[str, Any]], labels: Sequence[Map
                 continue  # runs shorter than the warmup
             rows.append(
                 {
-                    "dataset": dataset, "family": family, "warmup": warmup, "runs": len(members),
-                    "rank_drop_median": float(np.nanmedian(rank)), "rank_drop_max": float(np.nanmax(rank)),
-                    "spread_drop_median": float(np.nanmedian(spread)), "spread_drop_max": float(np.nanmax(spread)),
+                    "dataset": dataset,
+                    "family": family,
+                    "warmup": warmup,
+                    "runs": len(members),
+                    "rank_drop_median": float(np.nanmedian(rank)),
+                    "rank_drop_max": float(np.nanmax(rank)),
+                    "spread_drop_median": float(np.nanmedian(spread)),
+                    "spread_drop_max": float(np.nanmax(spread)),
                 }
             )
     return rows
@@ -598,7 +739,11 @@ def family_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def summary_line(s: Mapping[str, Any]) -> str:
-    lag = "–" if not math.isfinite(s["lag_median"]) else f"median {s['lag_median'] + 0.0:+g}, worst {s['lag_worst']:+d} epochs over the {len(s['lags'])} caught runs with an onset"
+    lag = (
+        "–"
+        if not math.isfinite(s["lag_median"])
+        else f"median {s['lag_median'] + 0.0:+g}, worst {s['lag_worst']:+d} epochs over the {len(s['lags'])} caught runs with an onset"
+    )
     return (
         f"collapsing runs caught: **{s['caught']} of {s['collapsing']}** (of the misses, {len(s['missed_probe_fell'])} had a falling probe and"
         f" {len(s['missed_projector_left'])} a projector that left the healthy range;"
@@ -610,7 +755,11 @@ def summary_line(s: Mapping[str, Any]) -> str:
 def comparison_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
     """Rules × splits: caught, lag, false stops (from :func:`score`)."""
     splits = list(next(iter(results.values())).keys()) if results else []
-    header = "| rule | " + " | ".join(f"{sp}: caught | {sp}: onset → stop median (worst) | {sp}: false stops" for sp in splits) + " |"
+    header = (
+        "| rule | "
+        + " | ".join(f"{sp}: caught | {sp}: onset → stop median (worst) | {sp}: false stops" for sp in splits)
+        + " |"
+    )
     lines = [header, "|---|" + "---:|---|---:|" * len(splits)]
     for rule, by_split in results.items():
         cells = []
@@ -626,8 +775,11 @@ def label_table(labels: Sequence[Mapping[str, Any]]) -> str:
     """Design against outcome per cell and configuration: runs whose probe fell, onset epochs."""
     cells = list(dict.fromkeys(l["cell"] for l in labels))
     names = list(dict.fromkeys((l["family"], l["name"], l["design"]) for l in labels))
-    lines = ["| configuration | design | " + " | ".join(f"{c}: probe fell (onsets)" for c in cells) + " |", "|---|---|" + "---|" * len(cells)]
-    for family, name, design in names:
+    lines = [
+        "| configuration | design | " + " | ".join(f"{c}: probe fell (onsets)" for c in cells) + " |",
+        "|---|---|" + "---|" * len(cells),
+    ]
+    for _family, name, design in names:
         cells_text = []
         for cell in cells:
             members = [l for l in labels if l["cell"] == cell and l["name"] == name]
@@ -645,16 +797,32 @@ def label_table(labels: Sequence[Mapping[str, Any]]) -> str:
 def healthy_drop_table(rows: Sequence[Mapping[str, Any]], warmups: Sequence[int]) -> str:
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     lines = [
-        "| dataset | family | runs | " + " | ".join(f"RankMe, warmup {w}: median / max" for w in warmups) + " | " + " | ".join(f"norm. std, warmup {w}: median / max" for w in warmups) + " |",
+        "| dataset | family | runs | "
+        + " | ".join(f"RankMe, warmup {w}: median / max" for w in warmups)
+        + " | "
+        + " | ".join(f"norm. std, warmup {w}: median / max" for w in warmups)
+        + " |",
         "|---|---|---:|" + "---:|" * (2 * len(warmups)),
     ]
     for dataset in datasets:
         families = list(dict.fromkeys(r["family"] for r in rows if r["dataset"] == dataset))
         for family in families:
             by_w = {r["warmup"]: r for r in rows if r["dataset"] == dataset and r["family"] == family}
-            ranks = [f"{by_w[w]['rank_drop_median']:.0%} / {by_w[w]['rank_drop_max']:.0%}" if w in by_w else "–" for w in warmups]
-            spreads = [f"{by_w[w]['spread_drop_median']:.0%} / {by_w[w]['spread_drop_max']:.0%}" if w in by_w else "–" for w in warmups]
-            lines.append(f"| {dataset} | {family} | {next(iter(by_w.values()))['runs']} | " + " | ".join(ranks) + " | " + " | ".join(spreads) + " |")
+            ranks = [
+                f"{by_w[w]['rank_drop_median']:.0%} / {by_w[w]['rank_drop_max']:.0%}" if w in by_w else "–"
+                for w in warmups
+            ]
+            spreads = [
+                f"{by_w[w]['spread_drop_median']:.0%} / {by_w[w]['spread_drop_max']:.0%}" if w in by_w else "–"
+                for w in warmups
+            ]
+            lines.append(
+                f"| {dataset} | {family} | {next(iter(by_w.values()))['runs']} | "
+                + " | ".join(ranks)
+                + " | "
+                + " | ".join(spreads)
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -663,7 +831,11 @@ def settings_text(settings: Mapping[str, Any]) -> str:
 
 
 def sensitivity_rows(
-    records: Sequence[Mapping[str, Any]], labels: Sequence[Mapping[str, Any]], chosen: Mapping[str, Any], splits: Mapping[str, np.ndarray], grid: Mapping[str, Sequence[Any]] = GRID
+    records: Sequence[Mapping[str, Any]],
+    labels: Sequence[Mapping[str, Any]],
+    chosen: Mapping[str, Any],
+    splits: Mapping[str, np.ndarray],
+    grid: Mapping[str, Sequence[Any]] = GRID,
 ) -> list[dict[str, Any]]:
     """Each keyword varied alone over its grid values, the others at ``chosen``: the score on each split."""
     rows = []
@@ -673,14 +845,25 @@ def sensitivity_rows(
             stops = [replay_guard(guard_inputs(r), int(r["widths"][TAP]), settings) for r in records]
             row: dict[str, Any] = {"keyword": keyword, "value": value, "chosen": value == chosen[keyword]}
             for split, mask in splits.items():
-                s = score(detection_rows([r for r, m in zip(records, mask) if m], [l for l, m in zip(labels, mask) if m], [x for x, m in zip(stops, mask) if m]))
+                s = score(
+                    detection_rows(
+                        [r for r, m in zip(records, mask) if m],
+                        [l for l, m in zip(labels, mask) if m],
+                        [x for x, m in zip(stops, mask) if m],
+                    )
+                )
                 row[split] = s
             rows.append(row)
     return rows
 
 
 def sensitivity_table(rows: Sequence[Mapping[str, Any]], splits: Sequence[str]) -> str:
-    lines = ["| keyword | value | " + " | ".join(f"{sp}: missed / false stops / onset → stop median (worst)" for sp in splits) + " |", "|---|---|" + "---|" * len(splits)]
+    lines = [
+        "| keyword | value | "
+        + " | ".join(f"{sp}: missed / false stops / onset → stop median (worst)" for sp in splits)
+        + " |",
+        "|---|---|" + "---|" * len(splits),
+    ]
     for row in rows:
         cells = []
         for sp in splits:
@@ -699,12 +882,21 @@ def write_csv(path: str, rows: Iterable[Mapping[str, Any]], columns: Sequence[st
     import io
 
     raw = open(path, "wb") if path.endswith(".gz") else None
-    handle = io.TextIOWrapper(gzip.GzipFile(fileobj=raw, mode="wb", mtime=0), newline="") if raw else open(path, "w", newline="")
+    handle = (
+        io.TextIOWrapper(gzip.GzipFile(fileobj=raw, mode="wb", mtime=0), newline="")
+        if raw
+        else open(path, "w", newline="")
+    )
     with handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({c: "" if row.get(c) is None else (repr(row[c]) if isinstance(row.get(c), float) else row[c]) for c in columns})
+            writer.writerow(
+                {
+                    c: "" if row.get(c) is None else (repr(row[c]) if isinstance(row.get(c), float) else row[c])
+                    for c in columns
+                }
+            )
     if raw:
         raw.close()
 
@@ -714,7 +906,9 @@ def read_csv(path: str) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def plot_curves(records: Sequence[Mapping[str, Any]], detections: Sequence[Mapping[str, Any]], cell: str, path: str) -> None:
+def plot_curves(
+    records: Sequence[Mapping[str, Any]], detections: Sequence[Mapping[str, Any]], cell: str, path: str
+) -> None:
     """Per family (columns): projector RankMe/D and normalised std·√D per epoch in one cell, every
     configuration and seed; a cross marks the tuned guard's stop, a dot the onset."""
     import matplotlib
@@ -748,17 +942,45 @@ def plot_curves(records: Sequence[Mapping[str, Any]], detections: Sequence[Mappi
         axes[1][column].set_xlabel("epoch")
     axes[0][0].set_ylabel("projector RankMe / D")
     axes[1][0].set_ylabel("projector normalised std · √D")
-    fig.suptitle(f"{cell}: solid healthy, dashed collapsing by design; o onset (probe 0.03 below the family's healthy runs), x tuned ssl_guard stop", fontsize=9)
+    fig.suptitle(
+        f"{cell}: solid healthy, dashed collapsing by design; o onset (probe 0.03 below the family's healthy runs), x tuned ssl_guard stop",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
 RUN_COLUMNS = (
-    "run", "cell", "dataset", "encoder", "family", "name", "mode", "expected", "design", "seed", "epochs", "dim", "onset_epoch", "outcome", "label", "agrees",
-    "probe_accuracy", "healthy_probe_accuracy", "largest_probe_gap", "projector_rankme_last", "projector_normalized_std_last", "projector_left_healthy_range",
-    "guard_stop_epoch", "guard_kind", "guard_onset_to_stop",
-    "old_rank_stop_epoch", "old_spread_stop_epoch", "old_both_stop_epoch", "old_both_reason",
+    "run",
+    "cell",
+    "dataset",
+    "encoder",
+    "family",
+    "name",
+    "mode",
+    "expected",
+    "design",
+    "seed",
+    "epochs",
+    "dim",
+    "onset_epoch",
+    "outcome",
+    "label",
+    "agrees",
+    "probe_accuracy",
+    "healthy_probe_accuracy",
+    "largest_probe_gap",
+    "projector_rankme_last",
+    "projector_normalized_std_last",
+    "projector_left_healthy_range",
+    "guard_stop_epoch",
+    "guard_kind",
+    "guard_onset_to_stop",
+    "old_rank_stop_epoch",
+    "old_spread_stop_epoch",
+    "old_both_stop_epoch",
+    "old_both_reason",
 )
 
 
@@ -775,7 +997,9 @@ def _subset(items: Sequence[Any], mask: np.ndarray) -> list[Any]:
     return [x for x, m in zip(items, mask) if m]
 
 
-def write_outputs(out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapping[str, Sequence[Any]] = GRID) -> dict[str, Any]:
+def write_outputs(
+    out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapping[str, Sequence[Any]] = GRID
+) -> dict[str, Any]:
     """Labels, the healthy runs' early loss, the grid search on the tuning cells, the detector tables
     for the chosen ``ssl_guard`` settings and the former rules, the figure, and a README section."""
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
@@ -794,9 +1018,11 @@ def write_outputs(out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapp
     # The first selection rule, without the safety margin: reported next to the chosen one.
     plain = choose_setting(optimal_set(table, plain_objective), grid)
     # The vectorised search must agree with the pure replay: checked on every run for the chosen setting.
-    (_, vector_stops), = batch_stops(records, [chosen])
+    ((_, vector_stops),) = batch_stops(records, [chosen])
     stops = [replay_guard(guard_inputs(r), int(r["widths"][TAP]), chosen) for r in records]
-    mismatched = [run_id(r) for r, v, (s, _) in zip(records, vector_stops, stops) if (s if s is not None else -1) != int(v)]
+    mismatched = [
+        run_id(r) for r, v, (s, _) in zip(records, vector_stops, stops) if (s if s is not None else -1) != int(v)
+    ]
     if mismatched:
         raise AssertionError(f"batch_stops and replay_guard disagree on {mismatched}")
 
@@ -808,21 +1034,44 @@ def write_outputs(out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapp
     if library_guard_available():
         from reprmetrics.stopping import SSL_GUARD_DEFAULTS
 
-        checked = [chosen, dict(SSL_GUARD_DEFAULTS), *({k: t[k] for k in GUARD_KEYWORDS} for t in optimal[:20]), *settings_list[:: max(1, len(settings_list) // 200)]]
+        checked = [
+            chosen,
+            dict(SSL_GUARD_DEFAULTS),
+            *({k: t[k] for k in GUARD_KEYWORDS} for t in optimal[:20]),
+            *settings_list[:: max(1, len(settings_list) // 200)],
+        ]
         library = library_agreement(records, checked)
-        stops = [replay_with_library(guard_inputs(r), int(r["widths"][TAP]), chosen) for r in records]  # the tables use the library itself
+        stops = [
+            replay_with_library(guard_inputs(r), int(r["widths"][TAP]), chosen) for r in records
+        ]  # the tables use the library itself
         if dict(SSL_GUARD_DEFAULTS) != chosen:
             provisional = {
                 "ssl_guard, main's provisional defaults": detection_rows(
-                    records, labels, [replay_with_library(guard_inputs(r), int(r["widths"][TAP]), dict(SSL_GUARD_DEFAULTS)) for r in records]
+                    records,
+                    labels,
+                    [
+                        replay_with_library(guard_inputs(r), int(r["widths"][TAP]), dict(SSL_GUARD_DEFAULTS))
+                        for r in records
+                    ],
                 )
             }
 
     detections = detection_rows(records, labels, stops)
-    old = {rule: detection_rows(records, labels, [replay_old(guard_inputs(r), int(r["widths"][TAP]), parts) for r in records]) for rule, parts in OLD_RULES.items()}
-    plain_rows = {} if plain == chosen else {
-        "ssl_guard tuned without the margin": detection_rows(records, labels, [replay_guard(guard_inputs(r), int(r["widths"][TAP]), plain) for r in records])
+    old = {
+        rule: detection_rows(
+            records, labels, [replay_old(guard_inputs(r), int(r["widths"][TAP]), parts) for r in records]
+        )
+        for rule, parts in OLD_RULES.items()
     }
+    plain_rows = (
+        {}
+        if plain == chosen
+        else {
+            "ssl_guard tuned without the margin": detection_rows(
+                records, labels, [replay_guard(guard_inputs(r), int(r["widths"][TAP]), plain) for r in records]
+            )
+        }
+    )
     rules = {"tuned ssl_guard": detections, **plain_rows, **provisional, **old}
     results = {rule: {sp: score(_subset(rows, mask)) for sp, mask in splits.items()} for rule, rows in rules.items()}
     legend = (
@@ -846,16 +1095,43 @@ def write_outputs(out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapp
     for r, d, a, b, c in zip(records, detections, old_rank, old_spread, old_both):
         run_rows.append(
             {
-                **d, "projector_rankme_last": float(series(r, TAP, "rankme")[-1]) if len(series(r, TAP, "rankme")) else math.nan,
-                "projector_normalized_std_last": float(series(r, TAP, "normalized_std")[-1]) if len(series(r, TAP, "normalized_std")) else math.nan,
-                "guard_stop_epoch": d["stop_epoch"], "guard_kind": d["kind"], "guard_onset_to_stop": d["onset_to_stop"],
-                "old_rank_stop_epoch": a["stop_epoch"], "old_spread_stop_epoch": b["stop_epoch"], "old_both_stop_epoch": c["stop_epoch"], "old_both_reason": c["kind"],
+                **d,
+                "projector_rankme_last": float(series(r, TAP, "rankme")[-1])
+                if len(series(r, TAP, "rankme"))
+                else math.nan,
+                "projector_normalized_std_last": float(series(r, TAP, "normalized_std")[-1])
+                if len(series(r, TAP, "normalized_std"))
+                else math.nan,
+                "guard_stop_epoch": d["stop_epoch"],
+                "guard_kind": d["kind"],
+                "guard_onset_to_stop": d["onset_to_stop"],
+                "old_rank_stop_epoch": a["stop_epoch"],
+                "old_spread_stop_epoch": b["stop_epoch"],
+                "old_both_stop_epoch": c["stop_epoch"],
+                "old_both_reason": c["kind"],
             }
         )
     write_csv(path("runs.csv"), run_rows, RUN_COLUMNS)
-    write_csv(path("healthy_drops.csv"), drops, ["dataset", "family", "warmup", "runs", "rank_drop_median", "rank_drop_max", "spread_drop_median", "spread_drop_max"])
+    write_csv(
+        path("healthy_drops.csv"),
+        drops,
+        [
+            "dataset",
+            "family",
+            "warmup",
+            "runs",
+            "rank_drop_median",
+            "rank_drop_max",
+            "spread_drop_median",
+            "spread_drop_max",
+        ],
+    )
     # Every setting's score on the tuning cells, best first (gzip: ~100k rows).
-    write_csv(path("grid.csv.gz"), table, [*GUARD_KEYWORDS, "false_stops_tightened", "false_stops", "missed", "lag_median", "lag_worst", "lag_mean"])
+    write_csv(
+        path("grid.csv.gz"),
+        table,
+        [*GUARD_KEYWORDS, "false_stops_tightened", "false_stops", "missed", "lag_median", "lag_worst", "lag_mean"],
+    )
 
     ranges = {k: sorted({t[k] for t in optimal}, key=lambda v: list(grid[k]).index(v)) for k in GUARD_KEYWORDS}
     split_names = list(splits)
@@ -877,20 +1153,27 @@ def write_outputs(out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapp
         for sp, mask in splits.items():
             s = results[rule][sp]
             detector += [f"### {sp}\n", summary_line(s) + ".", "", family_table(_subset(rows, mask)), ""]
-            detector.append(f"Goal (every collapsing run caught, median onset → stop ≤ 2, no healthy run stopped): **{'met' if goal_met(s) else 'not met'}**.")
+            detector.append(
+                f"Goal (every collapsing run caught, median onset → stop ≤ 2, no healthy run stopped): **{'met' if goal_met(s) else 'not met'}**."
+            )
             if rule == "tuned ssl_guard":
                 c = confirmed_scores[sp]
                 detector.append(
                     f"Counting as collapsing only the designs whose projector left the healthy range: caught {c['caught']} of {c['collapsing']},"
                     f" onset → stop median {c['lag_median']:+g} (worst {c['lag_worst']:+g}), healthy stopped {len(c['false_stops'])} of {c['healthy']}:"
-                    f" goal **{'met' if goal_met(c) else 'not met'}**" + (f" (missed {', '.join(c['missed'])})" if c["missed"] else "") + "."
+                    f" goal **{'met' if goal_met(c) else 'not met'}**"
+                    + (f" (missed {', '.join(c['missed'])})" if c["missed"] else "")
+                    + "."
                 )
             if s["missed"]:
                 fell = set(s["missed_probe_fell"])
                 left = set(s["missed_projector_left"])
                 detector.append(
                     "Missed: "
-                    + ", ".join(f"{run} (probe {'fell' if run in fell else 'held'}; projector {'left' if run in left else 'stayed in'} the healthy range)" for run in s["missed"])
+                    + ", ".join(
+                        f"{run} (probe {'fell' if run in fell else 'held'}; projector {'left' if run in left else 'stayed in'} the healthy range)"
+                        for run in s["missed"]
+                    )
                     + "."
                 )
             if s["false_stops"]:
@@ -903,7 +1186,7 @@ def write_outputs(out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapp
             f"Onset: the first epoch at which the backbone's 5-shot nearest-class-mean accuracy (mean of the fixed draws) is more than {ONSET_MARGIN} below"
             " the per-epoch median of the same family's healthy runs (every seed) in the same cell. Projector left the healthy range: its last"
             f" RankMe or normalised std below {PROJECTOR_RANGE:g}× the lowest last value of those healthy runs. A cell reads"
-            " \"runs whose probe fell of runs (their onset epochs)\"; ⚠ marks a configuration whose outcome disagrees with its design in some run.\n\n"
+            ' "runs whose probe fell of runs (their onset epochs)"; ⚠ marks a configuration whose outcome disagrees with its design in some run.\n\n'
             + label_table(labels)
             + f"\n\nWith a stricter reference (each healthy run against its sibling seeds only) {sum(l['design'] == 'healthy' and l['onset_epoch'] is not None for l in label_rows(records, leave_one_out=True))}"
             f" of {sum(l['design'] == 'healthy' for l in labels)} healthy runs would have a falling probe"
@@ -911,15 +1194,22 @@ def write_outputs(out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapp
             f" {_seed_spread(records):.3f} in this accuracy (median over configurations and epochs of the std across seeds), so a margin of {ONSET_MARGIN}"
             " is about 1.5 seed standard deviations.\n"
             + "\n\nRuns whose outcome disagrees with the design:\n\n"
-            + ("\n".join(f"- {l['run']} ({l['design']}): {'probe fell at epoch ' + str(l['onset_epoch']) if l['onset_epoch'] is not None else 'probe never fell'}"
-                         f" (largest gap to the healthy reference {l['largest_probe_gap']:.3f}; final 5-shot NCM {l['probe_accuracy']:.3f} vs healthy {l['healthy_probe_accuracy']:.3f})" for l in disagreements) or "(none)")
+            + (
+                "\n".join(
+                    f"- {l['run']} ({l['design']}): {'probe fell at epoch ' + str(l['onset_epoch']) if l['onset_epoch'] is not None else 'probe never fell'}"
+                    f" (largest gap to the healthy reference {l['largest_probe_gap']:.3f}; final 5-shot NCM {l['probe_accuracy']:.3f} vs healthy {l['healthy_probe_accuracy']:.3f})"
+                    for l in disagreements
+                )
+                or "(none)"
+            )
             + "\n"
         ),
         "healthy_drops.md": (
             "# How much healthy runs lose early\n\n"
             "Over the healthy runs (by design): the largest fall of projector RankMe and normalised std below their best"
             " so far, counting from check `warmup` on (median / max over runs). A trend threshold below the max stops some healthy run.\n\n"
-            + healthy_drop_table(drops, warmups) + "\n"
+            + healthy_drop_table(drops, warmups)
+            + "\n"
         ),
         "tuning.md": (
             "# Tuning `ssl_guard` on the digits\n\n"
@@ -929,7 +1219,9 @@ def write_outputs(out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapp
             f" median onset → stop, worst onset → stop, mean onset → stop). {len(optimal)} settings tie for the best:"
             f" {optimal[0]['false_stops_tightened']} false stops with the margin, {optimal[0]['false_stops']} without, {optimal[0]['missed']} missed,"
             f" onset → stop median {optimal[0]['lag_median']:+g}, worst {optimal[0]['lag_worst']:+g}.\n\n"
-            "Values found in the optimal set, per keyword: " + "; ".join(f"`{k}` {ranges[k]}" for k in GUARD_KEYWORDS) + ".\n\n"
+            "Values found in the optimal set, per keyword: "
+            + "; ".join(f"`{k}` {ranges[k]}" for k in GUARD_KEYWORDS)
+            + ".\n\n"
             f"Chosen (the optimal setting nearest the per-keyword median grid position of the optimal set): `{settings_text(chosen)}`.\n\n"
             f"Without the safety margin (ranked by false stops, misses, lags: the first selection rule) the same procedure chooses `{settings_text(plain)}`"
             + ("" if plain == chosen else "; its detector rows are in `detector.md`")
@@ -937,13 +1229,24 @@ def write_outputs(out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapp
             " MNIST-1D SimSiam runs): the held-out numbers of the chosen setting are therefore not a blind estimate.\n\n"
             "Patience is counted per condition (floors; trend), as `reprmetrics.stopping.ssl_guard` counts. Counted for both together,"
             f" the chosen setting would stop {len(shared_differs)} of {len(records)} runs at another check"
-            + (": " + "; ".join(f"{run} {a[0]} → {b[0]}" for run, a, b in shared_differs[:20]) if shared_differs else "")
+            + (
+                ": " + "; ".join(f"{run} {a[0]} → {b[0]}" for run, a, b in shared_differs[:20])
+                if shared_differs
+                else ""
+            )
             + ".\n\n"
-            "## Each keyword varied alone around the chosen setting\n\n" + sensitivity_table(sensitivity, split_names) + "\n\n"
+            "## Each keyword varied alone around the chosen setting\n\n"
+            + sensitivity_table(sensitivity, split_names)
+            + "\n\n"
             "## The 15 best settings on the tuning cells\n\n"
-            "| " + " | ".join(GUARD_KEYWORDS) + " | false stops with margin | false stops | missed | median | worst |\n|" + "---|" * (len(GUARD_KEYWORDS) + 5) + "\n"
+            "| "
+            + " | ".join(GUARD_KEYWORDS)
+            + " | false stops with margin | false stops | missed | median | worst |\n|"
+            + "---|" * (len(GUARD_KEYWORDS) + 5)
+            + "\n"
             + "\n".join(
-                "| " + " | ".join(repr(t[k]) for k in GUARD_KEYWORDS)
+                "| "
+                + " | ".join(repr(t[k]) for k in GUARD_KEYWORDS)
                 + f" | {t['false_stops_tightened']} | {t['false_stops']} | {t['missed']} | {t['lag_median']:+g} | {t['lag_worst']:+g} |"
                 for t in table[:15]
             )
@@ -955,12 +1258,17 @@ def write_outputs(out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapp
     reference_scores = {sp: score(_subset(reference_rows, mask)) for sp, mask in splits.items()}
     found["reference rule"] = reference_scores
     if len(splits) > 1:
-        files["goal_search.md"] = goal_search_markdown({k: v for k, v in found.items() if k != "reference rule"}, len(settings_list)) + (
+        files["goal_search.md"] = goal_search_markdown(
+            {k: v for k, v in found.items() if k != "reference rule"}, len(settings_list)
+        ) + (
             "## A rule outside the family: compare with healthy reference runs\n\n"
             f"Stop when the projector's RankMe or normalised std is below {PROJECTOR_RANGE:g}× the lowest of the same family's other healthy runs"
             " in the cell at the same epoch, for 2 checks in a row (`replay_reference_rule`; it needs healthy reference runs of the same method"
             " and data, which `ssl_guard` on one run does not have):\n\n"
-            + "\n".join(f"- {sp}: {summary_line(sc)}; goal **{'met' if goal_met(sc) else 'not met'}**." for sp, sc in reference_scores.items())
+            + "\n".join(
+                f"- {sp}: {summary_line(sc)}; goal **{'met' if goal_met(sc) else 'not met'}**."
+                for sp, sc in reference_scores.items()
+            )
             + "\n"
         )
     if library is not None:
@@ -974,17 +1282,48 @@ def write_outputs(out_dir: str, records: Sequence[Mapping[str, Any]], grid: Mapp
             figure = path(f"curves_{cell}.png")
             plot_curves(records, detections, cell, figure)
             figures.append(figure)
-    readme = readme_section(legend, results, confirmed_scores, chosen, plain, drops, records, detections, rules, splits, tuning_name, found, len(settings_list))
+    readme = readme_section(
+        legend,
+        results,
+        confirmed_scores,
+        chosen,
+        plain,
+        drops,
+        records,
+        detections,
+        rules,
+        splits,
+        tuning_name,
+        found,
+        len(settings_list),
+    )
     with open(path("_readme_section.md"), "w") as handle:  # the summary the README and docs/zoo.md quote
         handle.write(readme)
-    summary = "\n".join([f"ssl_guard settings chosen on {tuning_name}: {settings_text(chosen)}", comparison_table(results)])
+    summary = "\n".join(
+        [f"ssl_guard settings chosen on {tuning_name}: {settings_text(chosen)}", comparison_table(results)]
+    )
     return {
-        "labels": labels, "chosen": chosen, "plain": plain, "optimal": optimal, "grid": table, "detections": detections, "old": old, "results": results,
-        "chosen_scores": chosen_scores, "confirmed_scores": confirmed_scores, "drops": drops, "library": library, "figures": figures, "summary": summary, "goal_search": found,
+        "labels": labels,
+        "chosen": chosen,
+        "plain": plain,
+        "optimal": optimal,
+        "grid": table,
+        "detections": detections,
+        "old": old,
+        "results": results,
+        "chosen_scores": chosen_scores,
+        "confirmed_scores": confirmed_scores,
+        "drops": drops,
+        "library": library,
+        "figures": figures,
+        "summary": summary,
+        "goal_search": found,
     }
 
 
-def library_agreement(records: Sequence[Mapping[str, Any]], settings_list: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def library_agreement(
+    records: Sequence[Mapping[str, Any]], settings_list: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
     """:func:`replay_guard` against ``reprmetrics.stopping.ssl_guard`` on every run, for each setting:
     the (run, setting) pairs where the stop check or the kind differ."""
     differences = []
@@ -995,11 +1334,15 @@ def library_agreement(records: Sequence[Mapping[str, Any]], settings_list: Seque
             ours, theirs = replay_guard(values, dim, settings), replay_with_library(values, dim, settings)
             checked += 1
             if ours != theirs:
-                differences.append({"run": run_id(r), "settings": settings_text(settings), "ours": ours, "library": theirs})
+                differences.append(
+                    {"run": run_id(r), "settings": settings_text(settings), "ours": ours, "library": theirs}
+                )
     text = (
         "# replay_guard against reprmetrics.stopping.ssl_guard\n\n"
         f"{checked} (run, setting) replays over {len(settings_list)} settings: {len(differences)} differ in the stop check or the kind.\n\n"
-        + "\n".join(f"- {d['run']}, {d['settings']}: ours {d['ours']}, library {d['library']}" for d in differences[:50])
+        + "\n".join(
+            f"- {d['run']}, {d['settings']}: ours {d['ours']}, library {d['library']}" for d in differences[:50]
+        )
         + "\n"
     )
     return {"checked": checked, "differences": differences, "text": text}
@@ -1010,14 +1353,30 @@ def _run_trace(record: Mapping[str, Any], detection: Mapping[str, Any]) -> str:
     dim = int(record["widths"][TAP])
     ranks, spreads = series(record, TAP, "rankme"), series(record, TAP, "normalized_std")
     best = int(np.nanargmax(ranks)) if ranks.size else 0
-    checks = sorted({0, best, *(e for e in (detection["onset_epoch"], detection["stop_epoch"]) if e is not None), len(ranks) - 1})
-    return "; ".join(f"epoch {e}: RankMe {ranks[e]:.1f} ({ranks[e] / dim:.2f}·D), norm. std {spreads[e] * math.sqrt(dim):.2f}/√D" for e in checks if e < len(ranks))
+    checks = sorted(
+        {0, best, *(e for e in (detection["onset_epoch"], detection["stop_epoch"]) if e is not None), len(ranks) - 1}
+    )
+    return "; ".join(
+        f"epoch {e}: RankMe {ranks[e]:.1f} ({ranks[e] / dim:.2f}·D), norm. std {spreads[e] * math.sqrt(dim):.2f}/√D"
+        for e in checks
+        if e < len(ranks)
+    )
 
 
 def readme_section(
-    legend: str, results: Mapping[str, Mapping[str, Mapping[str, Any]]], confirmed_scores: Mapping[str, Mapping[str, Any]], chosen: Mapping[str, Any], plain: Mapping[str, Any], drops: Sequence[Mapping[str, Any]],
-    records: Sequence[Mapping[str, Any]], detections: Sequence[Mapping[str, Any]], rules: Mapping[str, Sequence[Mapping[str, Any]]],
-    splits: Mapping[str, np.ndarray], tuning_name: str, found: Mapping[str, Any], n_settings: int,
+    legend: str,
+    results: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    confirmed_scores: Mapping[str, Mapping[str, Any]],
+    chosen: Mapping[str, Any],
+    plain: Mapping[str, Any],
+    drops: Sequence[Mapping[str, Any]],
+    records: Sequence[Mapping[str, Any]],
+    detections: Sequence[Mapping[str, Any]],
+    rules: Mapping[str, Sequence[Mapping[str, Any]]],
+    splits: Mapping[str, np.ndarray],
+    tuning_name: str,
+    found: Mapping[str, Any],
+    n_settings: int,
 ) -> str:
     """The README text proposed for the zoo: what runs, the preset's rule and settings, how much
     healthy runs lose early, the detector per family on the tuning and held-out cells, the goal."""
@@ -1025,7 +1384,10 @@ def readme_section(
     cells = list(dict.fromkeys(r["cell"] for r in records))
     configs = list(dict.fromkeys((r["family"], r["name"], r["design"], r["mode"]) for r in records))
     seeds = sorted({r["seed"] for r in records})
-    epochs = {d: sorted({len(r["epoch_probe"]) for r in records if r["dataset"] == d}) for d in dict.fromkeys(r["dataset"] for r in records)}
+    epochs = {
+        d: sorted({len(r["epoch_probe"]) for r in records if r["dataset"] == d})
+        for d in dict.fromkeys(r["dataset"] for r in records)
+    }
     w = int(chosen["warmup"])
     healthy_after = [d for d in drops if d["warmup"] in (0, w)]
     lines = [
@@ -1049,10 +1411,10 @@ def readme_section(
         "",
         "### The preset: `reprmetrics.stopping.ssl_guard(tap)`",
         "",
-        f"`ssl_guard(\"projector\", {settings_text(chosen)})`, chosen on {tuning_name} only. Per check, with RankMe r and normalised"
+        f'`ssl_guard("projector", {settings_text(chosen)})`, chosen on {tuning_name} only. Per check, with RankMe r and normalised'
         " std s of the tap (width D): non-finite r or s stops at once (divergence); r < `rank_floor`·D or s < `spread_floor`/√D is a"
         " floor condition from the first check; from check `warmup` on (0-based), r more than `rank_drop` below its best since then,"
-        " or (`trend_mode=\"any\"`; `\"all\"`: and) s more than `spread_drop` below its best, is the trend condition (collapse in"
+        ' or (`trend_mode="any"`; `"all"`: and) s more than `spread_drop` below its best, is the trend condition (collapse in'
         " progress); `patience` consecutive checks with the same condition stop (one counter for the floors, one for the trend), a check"
         " without it resets that counter. A floor stop is *complete* when both floors hold, *dimensional* when only the rank floor does,"
         " *in progress* when only the spread floor does; a trend stop is *in progress*.",
@@ -1083,7 +1445,14 @@ def readme_section(
     by_run = {run_id(r): (r, d) for r, d in zip(records, detections)}
     for sp, mask in splits.items():
         s = results[rule][sp]
-        lines += [f"**{sp}**, the tuned guard per family and failure mode:", "", family_table(_subset(detections, mask)), "", summary_line(s) + ".", ""]
+        lines += [
+            f"**{sp}**, the tuned guard per family and failure mode:",
+            "",
+            family_table(_subset(detections, mask)),
+            "",
+            summary_line(s) + ".",
+            "",
+        ]
         c = confirmed_scores[sp]
         lines.append(
             f"Goal (every collapsing run caught, median onset → stop ≤ 2 epochs, no healthy run stopped) on {sp}: **{'met' if goal_met(s) else 'not met'}**;"
@@ -1093,7 +1462,10 @@ def readme_section(
         missed: dict[str, list[str]] = {}
         for run in s["missed"]:
             r, d = by_run[run]
-            missed.setdefault(r["name"], []).append(f"{r['cell']} s{r['seed']}" + (" (projector left the healthy range)" if d.get("projector_left_healthy_range") else ""))
+            missed.setdefault(r["name"], []).append(
+                f"{r['cell']} s{r['seed']}"
+                + (" (projector left the healthy range)" if d.get("projector_left_healthy_range") else "")
+            )
         for name, runs in missed.items():
             lines.append(f"- missed `{name}`: {len(runs)} runs ({'; '.join(runs)})")
         for run in s["false_stops"]:
@@ -1104,28 +1476,45 @@ def readme_section(
             if d["design"] == "collapsing" and d["onset_to_stop"] is not None and d["onset_to_stop"] > 2:
                 late.setdefault(d["name"], []).append(d["onset_to_stop"])
         if late:
-            lines.append("- stopped more than 2 epochs after the onset: " + "; ".join(f"`{n}` {len(v)} runs ({min(v):+d} to {max(v):+d})" for n, v in late.items()))
+            lines.append(
+                "- stopped more than 2 epochs after the onset: "
+                + "; ".join(f"`{n}` {len(v)} runs ({min(v):+d} to {max(v):+d})" for n, v in late.items())
+            )
         lines.append("")
     # The issue's case: VICReg without its variance and covariance terms.
     slow = [i for i, r in enumerate(records) if r["name"] == "vicreg-invariance-only"]
     if slow:
-        lines += ["**The slow collapse of the issue** (`vicreg-invariance-only`): stop epoch per run (– = never) and the onset:", ""]
+        lines += [
+            "**The slow collapse of the issue** (`vicreg-invariance-only`): stop epoch per run (– = never) and the onset:",
+            "",
+        ]
         lines.append("| run | onset | " + " | ".join(rules) + " |")
         lines.append("|---|---:|" + "---:|" * len(rules))
         for i in slow:
             onset = detections[i]["onset_epoch"]
-            cells_text = [("–" if rows[i]["stop_epoch"] is None else str(rows[i]["stop_epoch"])) for rows in rules.values()]
-            lines.append(f"| {run_id(records[i])} | {'–' if onset is None else onset} | " + " | ".join(cells_text) + " |")
+            cells_text = [
+                ("–" if rows[i]["stop_epoch"] is None else str(rows[i]["stop_epoch"])) for rows in rules.values()
+            ]
+            lines.append(
+                f"| {run_id(records[i])} | {'–' if onset is None else onset} | " + " | ".join(cells_text) + " |"
+            )
         lines.append("")
     if found:
-        lines += ["**Could any setting meet the goal?** (`docs/zoo/goal_search.md`: every setting of the grid scored on both splits at once)", ""]
+        lines += [
+            "**Could any setting meet the goal?** (`docs/zoo/goal_search.md`: every setting of the grid scored on both splits at once)",
+            "",
+        ]
         for name, result in found.items():
             if name == "reference rule":
                 continue
             best = result["meeting"][0] if result["meeting"] else result["closest"][0]
             lines.append(
                 f"- counting collapsing runs {name}: {len(result['meeting'])} settings meet it"
-                + ("" if result["meeting"] else f"; the closest, `{settings_text(best)}`, has {best['false_stops']} false stops and {best['missed']} misses")
+                + (
+                    ""
+                    if result["meeting"]
+                    else f"; the closest, `{settings_text(best)}`, has {best['false_stops']} false stops and {best['missed']} misses"
+                )
                 + "."
             )
         for sp, sc in found.get("reference rule", {}).items():

@@ -16,7 +16,16 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from reprmetrics._linalg import merge_centred_moments
 
 # dtype <-> small integer, for agreeing on the dtype of lazily shaped states across ranks.
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8, torch.bool)
+_DTYPES = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+)
 _MAX_NDIM = 4
 
 
@@ -78,7 +87,11 @@ class ReprMetric(Metric):
             saved: dict[str, Any] = dict(self._copy_state_dict())
         else:
             # reset() swaps in fresh tensors (references stay intact) but clears lists in place.
-            saved = {attr: (list(value) if isinstance(value, list) else value) for attr in self._defaults for value in [getattr(self, attr)]}
+            saved = {
+                attr: (list(value) if isinstance(value, list) else value)
+                for attr in self._defaults
+                for value in [getattr(self, attr)]
+            }
         saved.update({attr: getattr(self, attr) for attr in self._reset_attributes})
         return saved
 
@@ -132,7 +145,12 @@ class ReprMetric(Metric):
         distributed_available: Callable | None = None,
     ) -> Generator[None, None, None]:
         """torchmetrics' context, but the local state comes back even when the body raises."""
-        self.sync(dist_sync_fn=dist_sync_fn, process_group=process_group, should_sync=should_sync, distributed_available=distributed_available)
+        self.sync(
+            dist_sync_fn=dist_sync_fn,
+            process_group=process_group,
+            should_sync=should_sync,
+            distributed_available=distributed_available,
+        )
         try:
             yield
         finally:
@@ -192,9 +210,19 @@ class ReprMetric(Metric):
                 setattr(self, attr, local)
             if isinstance(value, Tensor) and value.requires_grad:
                 value = incoming_state[attr] = value.detach()
-            if self._reductions[attr] is dim_zero_sum and isinstance(value, Tensor) and value.numel() == 0 and local.numel() > 0:
+            if (
+                self._reductions[attr] is dim_zero_sum
+                and isinstance(value, Tensor)
+                and value.numel() == 0
+                and local.numel() > 0
+            ):
                 incoming_state[attr] = torch.zeros_like(local)  # nothing accumulated yet
-            elif self._reductions[attr] is dim_zero_sum and isinstance(value, Tensor) and local.numel() == 0 and value.numel() > 0:
+            elif (
+                self._reductions[attr] is dim_zero_sum
+                and isinstance(value, Tensor)
+                and local.numel() == 0
+                and value.numel() > 0
+            ):
                 setattr(self, attr, torch.zeros_like(value))
             elif self._reductions[attr] is merge_centred_moments and isinstance(value, Tensor):
                 # One side saw nothing yet: give it the other's shape with n = 0, which the merge ignores.

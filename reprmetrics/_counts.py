@@ -27,8 +27,14 @@ class CaptureCounts(Metric):
         self.add_state("fill", torch.tensor(1.0, dtype=torch.float64), dist_reduce_fx="min")
 
     def update(
-        self, used: int | Tensor = 0, nonfinite: int | Tensor = 0, dropped: int = 0, width: int = 0, views: int = 0,
-        reference_width: int = 0, fill: float = 1.0,
+        self,
+        used: int | Tensor = 0,
+        nonfinite: int | Tensor = 0,
+        dropped: int = 0,
+        width: int = 0,
+        views: int = 0,
+        reference_width: int = 0,
+        fill: float = 1.0,
     ) -> None:
         self.used += used
         self.nonfinite += nonfinite

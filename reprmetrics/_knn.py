@@ -48,7 +48,9 @@ def default_tile_bytes(device: torch.device) -> int:
     return CUDA_TILE_BYTES if device.type == "cuda" else CPU_TILE_BYTES
 
 
-def tile_plan(num_queries: int, num_reference: int, itemsize: int, max_tile_bytes: int = CPU_TILE_BYTES) -> tuple[int, int]:
+def tile_plan(
+    num_queries: int, num_reference: int, itemsize: int, max_tile_bytes: int = CPU_TILE_BYTES
+) -> tuple[int, int]:
     """``(rows, cols)`` of a selection tile: ``rows · cols · itemsize ≤ max_tile_bytes`` when possible.
 
     Full-width tiles (every reference point at once, no merge needed) are preferred; the reference is
@@ -201,7 +203,9 @@ class _NeighbourDistances(torch.autograd.Function):
         chunk = _refine_rows(max(index.shape[1], 1), x64.shape[1])
         out = torch.empty(index.shape, dtype=torch.float64, device=x64.device)
         for start in range(0, x64.shape[0], chunk):
-            out[start : start + chunk] = _distances(x64[start : start + chunk], reference64, index[start : start + chunk])
+            out[start : start + chunk] = _distances(
+                x64[start : start + chunk], reference64, index[start : start + chunk]
+            )
         ctx.save_for_backward(x64, reference64, index, out)
         ctx.chunk = chunk
         return out

@@ -211,7 +211,9 @@ def merge_centred_moments(parts: Tensor) -> Tensor:
     if parts.ndim == 2:  # a single state (torchmetrics may hand one over when nothing was stacked)
         return parts
     if parts.ndim != 3 or parts.shape[0] == 0:
-        raise ValueError(f"merge_centred_moments: expected stacked states (P, D + 3, D), got shape {tuple(parts.shape)}")
+        raise ValueError(
+            f"merge_centred_moments: expected stacked states (P, D + 3, D), got shape {tuple(parts.shape)}"
+        )
     counts = parts[:, _COUNT, 0]
     nonempty = (counts > 0).nonzero().flatten()
     if nonempty.numel() == 0:
@@ -277,15 +279,13 @@ def centred_moments_count(state: Tensor) -> int:
 
 def centred_moments_of(x: Tensor, dtype: torch.dtype = torch.float64, diagonal: bool = False) -> Tensor:
     """Packed state of the rows of ``x`` in one go (the functional twin of streaming ``x``)."""
-    return centred_moments_update_(centred_moments_state(x.shape[1], dtype=dtype, device=x.device, diagonal=diagonal), x)
+    return centred_moments_update_(
+        centred_moments_state(x.shape[1], dtype=dtype, device=x.device, diagonal=diagonal), x
+    )
 
 
 def nonzero_eigenvalue_tolerance(
-    eigenvalues: Tensor,
-    num_samples: int,
-    num_features: int,
-    input_eps: float,
-    offset_mean_square: float = 0.0,
+    eigenvalues: Tensor, num_samples: int, num_features: int, input_eps: float, offset_mean_square: float = 0.0
 ) -> float:
     r"""Covariance eigenvalues (scatter / (N − 1)) at or below this are zero: the larger of two bounds.
 

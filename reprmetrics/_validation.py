@@ -16,18 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 #: Floating dtypes accepted as input (float8 and other exotic formats: convert first).
 SUPPORTED_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_tensor(
-    x: Any,
-    metric: str,
-    name: str = "embeddings",
-    ndim: int = 2,
-    min_rows: int = 1,
-    features: int | None = None,
+    x: Any, metric: str, name: str = "embeddings", ndim: int = 2, min_rows: int = 1, features: int | None = None
 ) -> Tensor:
     """Check that ``x`` is a finite floating tensor with ``ndim`` dimensions and return it.
 
@@ -38,7 +32,9 @@ def check_tensor(
         raise ValueError(f"{metric}: `{name}` must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != ndim:
         shape = {2: "(N, D)", 3: "(N, Q, D)"}.get(ndim, f"{ndim}-D")
-        raise ValueError(f"{metric}: `{name}` must have shape {shape}, got a {x.ndim}-D tensor of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{metric}: `{name}` must have shape {shape}, got a {x.ndim}-D tensor of shape {tuple(x.shape)}"
+        )
     if x.layout != torch.strided:
         raise ValueError(f"{metric}: `{name}` must be a dense tensor, got layout {x.layout}; call .to_dense() first")
     if x.device.type == "meta":
@@ -46,7 +42,9 @@ def check_tensor(
     if x.is_complex() or x.dtype == torch.bool:
         raise ValueError(f"{metric}: `{name}` must be real-valued, got dtype {x.dtype}")
     if x.is_floating_point() and x.dtype not in SUPPORTED_FLOAT_DTYPES:
-        raise ValueError(f"{metric}: `{name}` has dtype {x.dtype}, which is not supported; convert it with .float() first")
+        raise ValueError(
+            f"{metric}: `{name}` has dtype {x.dtype}, which is not supported; convert it with .float() first"
+        )
     if not x.is_floating_point():
         x = x.float()
     if x.shape[0] < min_rows:
@@ -118,7 +116,9 @@ def check_device(device: object, owner: str) -> torch.device | None:
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{owner}: device {str(target)!r} requested but CUDA is not available")
     if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
-        raise ValueError(f"{owner}: device {str(target)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        raise ValueError(
+            f"{owner}: device {str(target)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
     if target.type == "meta":
         raise ValueError(f"{owner}: the 'meta' device holds no values; compute on 'cpu' or 'cuda'")
     if target.type not in ("cpu", "cuda", "mps", "xpu"):

@@ -13,9 +13,20 @@ __all__ = ["register_library_dir", "user_stacklevel", "warn"]
 # Frames in these directories are library code: warnings point at the first frame outside them.
 _LIBRARY_DIRS: tuple[str, ...] = tuple(
     os.path.dirname(os.path.abspath(path)) + os.sep
-    for path in (torch.__file__, __import__("torchmetrics").__file__, os.path.join(os.path.dirname(__file__), "__init__.py"))
+    for path in (
+        torch.__file__,
+        __import__("torchmetrics").__file__,
+        os.path.join(os.path.dirname(__file__), "__init__.py"),
+    )
 )
-_LIBRARY_PACKAGES = ("lightning", "lightning_fabric", "pytorch_lightning", "lightning_utilities", "transformers", "accelerate")
+_LIBRARY_PACKAGES = (
+    "lightning",
+    "lightning_fabric",
+    "pytorch_lightning",
+    "lightning_utilities",
+    "transformers",
+    "accelerate",
+)
 _STDLIB_DIR = os.path.dirname(os.__file__) + os.sep
 
 
@@ -55,5 +66,3 @@ def user_stacklevel() -> int:
 def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
     """Warn with the location of the user's code (see :func:`user_stacklevel`)."""
     warnings.warn(message, category, stacklevel=user_stacklevel())
-
-

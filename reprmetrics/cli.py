@@ -125,7 +125,13 @@ def _open_npy(path: str) -> ArrayFile:
         if fortran:  # rows are not contiguous on disk: slice the full map (rare; pages stay cached)
             return _native(np.load(path, mmap_mode="r")[start:stop])
         # A map of just this chunk, released when the copy is made: resident memory stays one chunk.
-        window = np.memmap(path, dtype=dtype, mode="r", offset=offset + start * row_items * dtype.itemsize, shape=(stop - start, *shape[1:]))
+        window = np.memmap(
+            path,
+            dtype=dtype,
+            mode="r",
+            offset=offset + start * row_items * dtype.itemsize,
+            shape=(stop - start, *shape[1:]),
+        )
         try:
             return _native(window)
         finally:
@@ -199,8 +205,15 @@ def _open_npz(path: str, key: str | None) -> ArrayFile:
 
 # safetensors dtype codes -> torch dtype names (torch attributes, looked up when a file is read).
 _SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
 }
 
 
@@ -217,7 +230,9 @@ def _open_safetensors(path: str, key: str | None) -> ArrayFile:
     try:
         from safetensors import safe_open  # noqa: PLC0415
     except ImportError as error:  # pragma: no cover - a core dependency
-        raise CliError(f"{path}: reading .safetensors needs the `safetensors` package: pip install safetensors") from error
+        raise CliError(
+            f"{path}: reading .safetensors needs the `safetensors` package: pip install safetensors"
+        ) from error
     try:
         with safe_open(path, framework="pt") as opened:
             keys = list(opened.keys())
@@ -287,7 +302,9 @@ def _open_torch(path: str, key: str | None) -> ArrayFile:
     if isinstance(obj, dict):
         tensors = [k for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
         if key is not None and key in obj and not isinstance(obj[key], torch.Tensor):
-            raise CliError(f"{path}: key {key!r} holds a {type(obj[key]).__name__}, not a tensor (tensor keys: {', '.join(tensors) or 'none'})")
+            raise CliError(
+                f"{path}: key {key!r} holds a {type(obj[key]).__name__}, not a tensor (tensor keys: {', '.join(tensors) or 'none'})"
+            )
         tensor = obj[_choose_key(path, tensors, key, what="tensor")]
     elif isinstance(obj, torch.Tensor):
         tensor = obj
@@ -375,7 +392,9 @@ def render(rows: list[dict[str, Any]], columns: list[str], fmt: str) -> str:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)  # plain names: a machine-readable header (the directions are in --help)
         for row in rows:
-            writer.writerow(["" if row.get(c) is None else (repr(row[c]) if isinstance(row[c], float) else row[c]) for c in columns])
+            writer.writerow(
+                ["" if row.get(c) is None else (repr(row[c]) if isinstance(row[c], float) else row[c]) for c in columns]
+            )
         return out.getvalue()
     header = [_header(c) for c in columns]
     cells = [[str(row[c]) if isinstance(row.get(c), str) else _number(row.get(c)) for c in columns] for row in rows]
@@ -469,7 +488,9 @@ def _progress_bar(array: ArrayFile, quiet: bool, stack: ExitStack) -> Any:
         return None
     from tqdm import tqdm  # noqa: PLC0415
 
-    return stack.enter_context(tqdm(total=array.rows, unit="rows", unit_scale=True, desc=Path(array.path).name, leave=False, file=sys.stderr))
+    return stack.enter_context(
+        tqdm(total=array.rows, unit="rows", unit_scale=True, desc=Path(array.path).name, leave=False, file=sys.stderr)
+    )
 
 
 def _explain(error: ValueError, path: str, inputs: dict[str, str]) -> CliError:
@@ -517,7 +538,9 @@ def _evaluate_file(
             if views_array.shape[1] < 2:
                 raise CliError(f"{views}: views need q >= 2 per sample, got shape {views_array.shape}")
             if views_array.shape[-1] != embeddings.shape[-1]:
-                raise CliError(f"{views}: views have D = {views_array.shape[-1]} but {path} has D = {embeddings.shape[-1]}")
+                raise CliError(
+                    f"{views}: views have D = {views_array.shape[-1]} but {path} has D = {embeddings.shape[-1]}"
+                )
         if reference is not None:
             reference_array = open_array(reference, reference_key, what="reference embeddings")
             stack.callback(reference_array.close)
@@ -553,7 +576,11 @@ def _evaluate_file(
             raise _explain(error, path, inputs) from error
     for name, count in result.dropped.items():
         unit = "samples" if name == "views" else "rows"
-        total = {"embeddings": embeddings.rows, "reference": embeddings.rows, "views": views_array.rows if views_array else 0}[name]
+        total = {
+            "embeddings": embeddings.rows,
+            "reference": embeddings.rows,
+            "views": views_array.rows if views_array else 0,
+        }[name]
         _note(f"{inputs[name]}: skipped {count:,} of {total:,} {unit} with NaN or infinite values", quiet)
     return result
 
@@ -579,12 +606,33 @@ def _row(values: dict[str, Any]) -> dict[str, Any]:
 
 
 _COMMON = [
-    click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True, help="Output format (JSON: a list of objects)."),
-    click.option("--output", "-o", type=str, default=None, metavar="PATH", help="Write the output to PATH instead of stdout."),
-    click.option("--device", type=str, default=None, help="Compute on this device, e.g. cuda or cuda:1 (default: cpu)."),
-    click.option("--batch-size", type=click.IntRange(min=2), default=DEFAULT_BATCH_SIZE, show_default=True, help="Rows read and processed per chunk."),
-    click.option("--drop-nonfinite", is_flag=True, help="Skip rows with NaN/inf values (reported on stderr) instead of failing."),
-    click.option("--quiet", "-q", is_flag=True, help="No progress bar and no notes on stderr (errors are still printed)."),
+    click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMATS),
+        default="table",
+        show_default=True,
+        help="Output format (JSON: a list of objects).",
+    ),
+    click.option(
+        "--output", "-o", type=str, default=None, metavar="PATH", help="Write the output to PATH instead of stdout."
+    ),
+    click.option(
+        "--device", type=str, default=None, help="Compute on this device, e.g. cuda or cuda:1 (default: cpu)."
+    ),
+    click.option(
+        "--batch-size",
+        type=click.IntRange(min=2),
+        default=DEFAULT_BATCH_SIZE,
+        show_default=True,
+        help="Rows read and processed per chunk.",
+    ),
+    click.option(
+        "--drop-nonfinite", is_flag=True, help="Skip rows with NaN/inf values (reported on stderr) instead of failing."
+    ),
+    click.option(
+        "--quiet", "-q", is_flag=True, help="No progress bar and no notes on stderr (errors are still printed)."
+    ),
 ]
 
 
@@ -610,19 +658,62 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, metavar="FILE [FILE ...]")
-@click.option("--key", default=None, help="Array name inside .pt/.npz/.safetensors FILEs (optional when a file holds one).")
 @click.option(
-    "--views", "views", multiple=True, metavar="VIEWS",
+    "--key", default=None, help="Array name inside .pt/.npz/.safetensors FILEs (optional when a file holds one)."
+)
+@click.option(
+    "--views",
+    "views",
+    multiple=True,
+    metavar="VIEWS",
     help="(N, q, D) views (q >= 2 augmentations per sample) for LiDAR and alignment. Matched by position: the i-th --views belongs to the i-th FILE; FILEs after the last --views have no views.",
 )
 @click.option("--views-key", default=None, help="Array name inside the --views files (default: --key).")
-@click.option("--reference", default=None, metavar="FILE", help="Add `cka`: linear CKA of each FILE to these embeddings of the same N rows.")
+@click.option(
+    "--reference",
+    default=None,
+    metavar="FILE",
+    help="Add `cka`: linear CKA of each FILE to these embeddings of the same N rows.",
+)
 @click.option("--reference-key", default=None, help="Array name inside the --reference file (default: --key).")
-@click.option("--metrics", "metric_names", default="default", show_default=True, help="Comma-separated metric names, or 'default' (the monitor's set); `reprmetrics metrics` lists every name.")
-@click.option("--max-samples", type=click.IntRange(min=2), default=DEFAULT_MAX_SAMPLES, show_default=True, help="Bounded uniform sample kept by uniformity, LID, TwoNN and MLE.")
-@click.option("--plot", default=None, metavar="PATH", help="Also write one PNG with every file's covariance spectrum (log-log) and α-ReQ fit; needs matplotlib.")
+@click.option(
+    "--metrics",
+    "metric_names",
+    default="default",
+    show_default=True,
+    help="Comma-separated metric names, or 'default' (the monitor's set); `reprmetrics metrics` lists every name.",
+)
+@click.option(
+    "--max-samples",
+    type=click.IntRange(min=2),
+    default=DEFAULT_MAX_SAMPLES,
+    show_default=True,
+    help="Bounded uniform sample kept by uniformity, LID, TwoNN and MLE.",
+)
+@click.option(
+    "--plot",
+    default=None,
+    metavar="PATH",
+    help="Also write one PNG with every file's covariance spectrum (log-log) and α-ReQ fit; needs matplotlib.",
+)
 @_common
-def report(files: tuple[str, ...], key: str | None, views: tuple[str, ...], views_key: str | None, reference: str | None, reference_key: str | None, metric_names: str, max_samples: int, plot: str | None, fmt: str, output: str | None, device: str | None, batch_size: int, drop_nonfinite: bool, quiet: bool) -> None:
+def report(
+    files: tuple[str, ...],
+    key: str | None,
+    views: tuple[str, ...],
+    views_key: str | None,
+    reference: str | None,
+    reference_key: str | None,
+    metric_names: str,
+    max_samples: int,
+    plot: str | None,
+    fmt: str,
+    output: str | None,
+    device: str | None,
+    batch_size: int,
+    drop_nonfinite: bool,
+    quiet: bool,
+) -> None:
     """Metrics of each FILE: one row per file, one column per metric.
 
     The header marks each metric's healthy direction: ↑ higher is healthier, ↓ lower, ≈1 closest to 1
@@ -641,7 +732,13 @@ def report(files: tuple[str, ...], key: str | None, views: tuple[str, ...], view
             import matplotlib  # noqa: F401, PLC0415
         except ImportError as error:
             raise CliError("--plot needs matplotlib, which is not installed: pip install matplotlib") from error
-    options = {"quiet": quiet, "batch_size": batch_size, "max_samples": max_samples, "device": _check_device(device), "drop_nonfinite": drop_nonfinite}
+    options = {
+        "quiet": quiet,
+        "batch_size": batch_size,
+        "max_samples": max_samples,
+        "device": _check_device(device),
+        "drop_nonfinite": drop_nonfinite,
+    }
     metrics = _parse_metrics(metric_names)
     _check_names(metrics, bool(views), reference is not None)  # before any file is read
     if views and len(views) < len(files):
@@ -649,14 +746,26 @@ def report(files: tuple[str, ...], key: str | None, views: tuple[str, ...], view
             _check_names(metrics, False, reference is not None)
         except ValueError as error:
             reason = _one_line(error).removeprefix("evaluate: ")
-            raise CliError(f"{files[len(views)]}: has no --views (the i-th --views belongs to the i-th FILE), and {reason}") from error
+            raise CliError(
+                f"{files[len(views)]}: has no --views (the i-th --views belongs to the i-th FILE), and {reason}"
+            ) from error
         without = ", ".join(files[len(views) :])
-        _note(f"--views matched by position: {len(views)} of {len(files)} files have views; {without}: no lidar or alignment", quiet)
+        _note(
+            f"--views matched by position: {len(views)} of {len(files)} files have views; {without}: no lidar or alignment",
+            quiet,
+        )
     rows, spectra = [], []
     for path, views_path in zip(files, views_of):
         result = _evaluate_file(
-            path, key, views_path, views_key if views_key is not None else key,
-            reference, reference_key if reference_key is not None else key, metrics, options, plot is not None,
+            path,
+            key,
+            views_path,
+            views_key if views_key is not None else key,
+            reference,
+            reference_key if reference_key is not None else key,
+            metrics,
+            options,
+            plot is not None,
         )
         rows.append({"file": path, "N": result.num_samples, "D": result.num_features, **_row(result.values)})
         if result.spectrum is not None:
@@ -673,9 +782,21 @@ def report(files: tuple[str, ...], key: str | None, views: tuple[str, ...], view
 @cli.command()
 @click.argument("a", metavar="A")
 @click.argument("b", metavar="B")
-@click.option("--key", "keys", multiple=True, help="Array name inside container files: once for both, or twice (A's, then B's).")
+@click.option(
+    "--key", "keys", multiple=True, help="Array name inside container files: once for both, or twice (A's, then B's)."
+)
 @_common
-def compare(a: str, b: str, keys: tuple[str, ...], fmt: str, output: str | None, device: str | None, batch_size: int, drop_nonfinite: bool, quiet: bool) -> None:
+def compare(
+    a: str,
+    b: str,
+    keys: tuple[str, ...],
+    fmt: str,
+    output: str | None,
+    device: str | None,
+    batch_size: int,
+    drop_nonfinite: bool,
+    quiet: bool,
+) -> None:
     """Linear CKA between embeddings A (N, D1) and B (N, D2) of the same N samples, streamed.
 
     Row i of A and row i of B must be the same sample. 1 means the same representation up to rotation
@@ -685,15 +806,35 @@ def compare(a: str, b: str, keys: tuple[str, ...], fmt: str, output: str | None,
         raise CliError(f"--key: give it once (both files) or twice (A, then B), got {len(keys)}")
     key_a = keys[0] if keys else None
     key_b = keys[-1] if keys else None
-    options = {"quiet": quiet, "batch_size": batch_size, "max_samples": DEFAULT_MAX_SAMPLES, "device": _check_device(device), "drop_nonfinite": drop_nonfinite}
+    options = {
+        "quiet": quiet,
+        "batch_size": batch_size,
+        "max_samples": DEFAULT_MAX_SAMPLES,
+        "device": _check_device(device),
+        "drop_nonfinite": drop_nonfinite,
+    }
     # Linear CKA is computed from streamed moments in an instant: no phase worth announcing.
     result = _evaluate_file(a, key_a, None, None, b, key_b, [], options, with_spectrum=False, announce_phase=False)
-    row = {"a": a, "b": b, "N": result.num_samples, "D_a": result.num_features, "D_b": result.reference_features, "cka": result.values["cka"]}
+    row = {
+        "a": a,
+        "b": b,
+        "N": result.num_samples,
+        "D_a": result.num_features,
+        "D_b": result.reference_features,
+        "cka": result.values["cka"],
+    }
     _emit(render([_row(row)], list(row), fmt), output, quiet)
 
 
 @cli.command(name="metrics")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True, help="Output format (JSON: a list of objects).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="table",
+    show_default=True,
+    help="Output format (JSON: a list of objects).",
+)
 def list_metrics(fmt: str) -> None:
     """Every metric name --metrics accepts: its healthy direction and when the default set has it."""
     from reprmetrics.evaluate import HEALTHY_DIRECTION, METRIC_NAMES  # noqa: PLC0415

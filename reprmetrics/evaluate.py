@@ -46,7 +46,9 @@ METRIC_NAMES: tuple[str, ...] = tuple(_known_names())
 
 #: The healthy direction of each metric from the monitor's registry (↑ higher, ↓ lower, ≈1).
 #: CKA is a similarity to the reference, not a health signal: no direction.
-HEALTHY_DIRECTION: dict[str, str] = {name: spec.direction for name, spec in available_metrics().items()} | {_REFERENCE_METRIC: ""}
+HEALTHY_DIRECTION: dict[str, str] = {name: spec.direction for name, spec in available_metrics().items()} | {
+    _REFERENCE_METRIC: ""
+}
 
 
 class NonFiniteRowsError(ValueError):
@@ -75,7 +77,9 @@ def _as_tensor(batch: Any, name: str, ndim: int) -> Tensor:
         except ImportError:  # pragma: no cover - numpy ships with every supported setup
             np = None
         if np is None or not isinstance(batch, np.ndarray):
-            raise ValueError(f"evaluate: `{name}` batches must be torch tensors or numpy arrays, got {type(batch).__name__}")
+            raise ValueError(
+                f"evaluate: `{name}` batches must be torch tensors or numpy arrays, got {type(batch).__name__}"
+            )
         if batch.dtype.kind not in "fiub":
             raise ValueError(f"evaluate: `{name}` must hold real numbers, got numpy dtype {batch.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(batch))
@@ -86,7 +90,9 @@ def _as_tensor(batch: Any, name: str, ndim: int) -> Tensor:
     if x.shape[-1] == 0:
         raise ValueError(f"evaluate: `{name}` has no features (shape {tuple(x.shape)}): there is nothing to measure")
     if ndim == 3 and x.shape[1] < 2:
-        raise ValueError(f"evaluate: `{name}` must hold at least 2 views per sample (shape (N, q, D) with q >= 2), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"evaluate: `{name}` must hold at least 2 views per sample (shape (N, q, D) with q >= 2), got shape {tuple(x.shape)}"
+        )
     if not x.is_floating_point():
         x = x.float()
     return x
@@ -101,7 +107,9 @@ def _check_tensor_kind(x: Tensor, name: str) -> None:
     if x.is_complex() or x.dtype == torch.bool:
         raise ValueError(f"evaluate: `{name}` must be real-valued, got dtype {x.dtype}")
     if x.is_floating_point() and x.dtype not in SUPPORTED_FLOAT_DTYPES:
-        raise ValueError(f"evaluate: `{name}` has dtype {x.dtype}, which is not supported; convert it with .float() first")
+        raise ValueError(
+            f"evaluate: `{name}` has dtype {x.dtype}, which is not supported; convert it with .float() first"
+        )
 
 
 def _is_array(value: Any) -> bool:
@@ -216,7 +224,9 @@ def _check_names(metrics: str | Sequence[str], has_views: bool, has_reference: b
     specs = available_metrics()
     needs_views = [n for n in metrics if n in specs and specs[n].needs_views]
     if needs_views and not has_views:
-        raise ValueError(f"evaluate: {', '.join(needs_views)} need(s) augmented views: pass `views` of shape (N, q, D), q >= 2")
+        raise ValueError(
+            f"evaluate: {', '.join(needs_views)} need(s) augmented views: pass `views` of shape (N, q, D), q >= 2"
+        )
     if _REFERENCE_METRIC in metrics and not has_reference:
         raise ValueError("evaluate: 'cka' needs a `reference` embedding set of the same rows")
     if not metrics and not has_reference:
@@ -254,7 +264,9 @@ class _Evaluation:
 
     _SPECTRUM = "__spectrum__"  # a hidden α-ReQ reader for the plot when alpha_req is not asked for
 
-    def __init__(self, names: list[str] | None, with_reference: bool, max_samples: int, drop_nonfinite: bool, with_spectrum: bool) -> None:
+    def __init__(
+        self, names: list[str] | None, with_reference: bool, max_samples: int, drop_nonfinite: bool, with_spectrum: bool
+    ) -> None:
         self.names = names
         self.max_samples = max_samples
         self.drop_nonfinite = drop_nonfinite
@@ -278,10 +290,15 @@ class _Evaluation:
             metrics[self._SPECTRUM] = available_metrics()["alpha_req"].factory()  # shares the rows' moments: free
         metric_set = MetricSet(metrics, "evaluate", strict=False, warn=lambda message: None)
         matrices = metric_set.dense_states() + (1 if self.cka is not None else 0)
-        dense = [n for n, m in metrics.items() if getattr(m, "dense_states", 0) and n != self._SPECTRUM] + (["cka"] if self.cka is not None else [])
+        dense = [n for n, m in metrics.items() if getattr(m, "dense_states", 0) and n != self._SPECTRUM] + (
+            ["cka"] if self.cka is not None else []
+        )
         # Each D×D float64 statistic, and about as much again while its eigenvalues are computed.
         check_memory(
-            2 * matrices * (num_features + 3) * num_features * 8, device, "evaluate", f"D = {num_features:,} for the D×D statistics of {', '.join(dense)}",
+            2 * matrices * (num_features + 3) * num_features * 8,
+            device,
+            "evaluate",
+            f"D = {num_features:,} for the D×D statistics of {', '.join(dense)}",
             "pick metrics that keep no D×D matrix (uniformity, lid, twonn, mle_dimension, alignment, sigreg, normalized_std) or reduce the width first (e.g. PCA)",
         )
         self.metric_set = metric_set.to(device)
@@ -321,7 +338,9 @@ class _Evaluation:
         assert self.metric_set is not None
         names = [n for n in self.metric_set.metrics if n != self._SPECTRUM]
         sampled = [
-            n for key, readers in self.metric_set.readers.items() if isinstance(self.metric_set.statistics[key], BoundedSample)
+            n
+            for key, readers in self.metric_set.readers.items()
+            if isinstance(self.metric_set.statistics[key], BoundedSample)
             for n in readers
         ]
         rows = min(int(self.used), self.max_samples)
@@ -332,7 +351,11 @@ class _Evaluation:
     def check(self, points_name: str) -> dict[str, int]:
         """After the pass over the rows: raise for non-finite rows (without ``drop_nonfinite``) or nothing to evaluate."""
         bad = {k: int(v) for k, v in self.bad.items()}
-        totals = {"embeddings": self.seen["embeddings"], "views": self.seen["views"] or self.seen["embeddings"], "reference": self.seen["embeddings"]}
+        totals = {
+            "embeddings": self.seen["embeddings"],
+            "views": self.seen["views"] or self.seen["embeddings"],
+            "reference": self.seen["embeddings"],
+        }
         for name in ("embeddings", "views", "reference"):
             if bad[name] and not self.drop_nonfinite:
                 raise NonFiniteRowsError(name, bad[name], totals[name])
@@ -353,7 +376,9 @@ class _Evaluation:
             if name in failures and name != self._SPECTRUM:
                 raise ValueError(f"evaluate: {name}: {failures[name]}")
         # One value per metric, as the metric's own compute() gives it (extras such as alpha_req_r2 are the tracker's).
-        self.result.values = {name: float(values[name]) for name in self.metric_set.metrics if name != self._SPECTRUM and name in values}
+        self.result.values = {
+            name: float(values[name]) for name in self.metric_set.metrics if name != self._SPECTRUM and name in values
+        }
         if self.with_spectrum:
             self.result.spectrum = self._spectrum()
         self.metric_set.reset()  # frees the point sample
@@ -417,7 +442,9 @@ def _run(
 
     with torch.no_grad():
         # Pass 1: the point embeddings (the first view when only views are given), with the reference.
-        points = _view_batches(views, batch_size) if first_view_only else _batches(embeddings, "embeddings", 2, batch_size)
+        points = (
+            _view_batches(views, batch_size) if first_view_only else _batches(embeddings, "embeddings", 2, batch_size)
+        )
         reference_rows = _RowReader(_batches(reference, "reference", 2, batch_size)) if reference is not None else None
         for batch in points:
             batch = place(batch)
@@ -546,4 +573,3 @@ def evaluate(
         drop_nonfinite=drop_nonfinite,
         progress=progress,
     ).values
-

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from reprmetrics._linalg import no_autocast
-from reprmetrics.statistics import BoundedSample, cached, sample_knn
 from reprmetrics._validation import check_positive_int
 from reprmetrics.functional.intrinsic_dimension import (
     _check_discard_fraction,
@@ -25,6 +24,7 @@ from reprmetrics.functional.intrinsic_dimension import (
     _mle_from_distances,
     _twonn_from_distances,
 )
+from reprmetrics.statistics import BoundedSample, cached, sample_knn
 
 __all__ = ["LocalIntrinsicDimension", "MLEDimension", "TwoNN"]
 
@@ -91,7 +91,9 @@ class LocalIntrinsicDimension(_SampledDimension):
         torch.Size([2000])
     """
 
-    def __init__(self, k: int = 20, estimator: str = "mle", max_samples: int = 25_600, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self, k: int = 20, estimator: str = "mle", max_samples: int = 25_600, seed: int = 0, **kwargs: Any
+    ) -> None:
         super().__init__(max_samples=max_samples, seed=seed, **kwargs)
         name = type(self).__name__
         self.k = check_positive_int(k, name, "k", minimum=2)
@@ -105,7 +107,9 @@ class LocalIntrinsicDimension(_SampledDimension):
     def _per_sample_from(self, stat: BoundedSample, cache: dict[Any, Any]) -> Tensor:
         distances = sample_knn(stat, cache, "LocalIntrinsicDimension", self.k)
         with no_autocast(distances.device):
-            return cached(cache, ("lid", self.k, self.estimator), lambda: _lid_from_distances(distances, self.estimator))
+            return cached(
+                cache, ("lid", self.k, self.estimator), lambda: _lid_from_distances(distances, self.estimator)
+            )
 
     def values_from(self, stat: BoundedSample, cache: dict[Any, Any]) -> dict[str, Tensor]:
         lid = self._per_sample_from(stat, cache)

@@ -105,7 +105,9 @@ class SIGReg(Statistic):
     ) -> None:
         super().__init__(**kwargs)
         name = type(self).__name__
-        self.num_slices, self.seed, self.t_max, self.num_points = _check_sigreg_arguments(num_slices, seed, t_max, num_points, name)
+        self.num_slices, self.seed, self.t_max, self.num_points = _check_sigreg_arguments(
+            num_slices, seed, t_max, num_points, name
+        )
         self._given_directions: Tensor | None = None
         if directions is not None:
             self._given_directions = _normalized_directions(directions, name).detach().clone()
@@ -123,9 +125,15 @@ class SIGReg(Statistic):
     def directions(self) -> Tensor:
         """The ``(D, K)`` unit directions (float64), once D is known (given, or after the first batch)."""
         if self._num_features is None:
-            raise ValueError(f"{type(self).__name__}: the directions are drawn when the width is known; call update() first or pass `directions`")
+            raise ValueError(
+                f"{type(self).__name__}: the directions are drawn when the width is known; call update() first or pass `directions`"
+            )
         device = self.cos_sum.device
-        if self._directions is None or self._directions.device != device or self._directions.shape[0] != self._num_features:
+        if (
+            self._directions is None
+            or self._directions.device != device
+            or self._directions.shape[0] != self._num_features
+        ):
             if self._given_directions is not None:
                 self._directions = self._given_directions.to(device)
             else:

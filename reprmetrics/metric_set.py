@@ -151,13 +151,17 @@ class MetricSet:
             for key, stat in self.statistics.items():
                 names = self.readers[key]
                 try:
-                    with stat.sync_context(dist_sync_fn=stat.dist_sync_fn, should_sync=stat._to_sync, should_unsync=True):
+                    with stat.sync_context(
+                        dist_sync_fn=stat.dist_sync_fn, should_sync=stat._to_sync, should_unsync=True
+                    ):
                         cache: dict[Any, Any] = {}
                         for name in names:
                             metric = self.metrics[name]
                             try:
                                 found = metric.values_from(stat, cache)
-                                values.update({_joined(name, suffix): v.detach().to(dtype) for suffix, v in found.items()})
+                                values.update(
+                                    {_joined(name, suffix): v.detach().to(dtype) for suffix, v in found.items()}
+                                )
                                 self.last_artifacts.update(metric.artifacts_from(stat, cache))
                             except (ValueError, RuntimeError) as error:
                                 failures[name] = str(error)

@@ -110,7 +110,9 @@ class LiDAR(ViewMoments):
                 f" in {n} groups, at most {q} per group); every group must have the same q"
             )
         with no_autocast(stat.within.device):
-            between, within, tol, _ = _lidar_scatter_from_moments(stat.within, stat.means_moments, q, float(stat.input_eps))
+            between, within, tol, _ = _lidar_scatter_from_moments(
+                stat.within, stat.means_moments, q, float(stat.input_eps)
+            )
             return {"": _smooth_effective_rank(_lidar_eigenvalues(between, within, self.delta, tol, "LiDAR"), self.eps)}
 
     def compute(self) -> Tensor:

@@ -10,7 +10,9 @@ import torch
 __all__ = ["spectrum_figure"]
 
 
-def spectrum_figure(spectrum: Mapping[str, Any], title: str = "covariance spectrum", ax: Any = None, missing_ok: bool = False) -> Any:
+def spectrum_figure(
+    spectrum: Mapping[str, Any], title: str = "covariance spectrum", ax: Any = None, missing_ok: bool = False
+) -> Any:
     """A log-log plot of covariance eigenvalues with the α-ReQ fit line.
 
     Args:
@@ -33,7 +35,9 @@ def spectrum_figure(spectrum: Mapping[str, Any], title: str = "covariance spectr
     except ImportError as error:
         if missing_ok:
             return None
-        raise ImportError('spectrum_figure needs matplotlib: pip install matplotlib (or "reprmetrics[lightning]")') from error
+        raise ImportError(
+            'spectrum_figure needs matplotlib: pip install matplotlib (or "reprmetrics[lightning]")'
+        ) from error
     lam = torch.as_tensor(spectrum["eigenvalues"]).detach().double().cpu()
     lam = lam[lam > 0]
     ranks = torch.arange(1, len(lam) + 1, dtype=torch.float64)

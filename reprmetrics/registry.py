@@ -16,7 +16,15 @@ from typing import Any
 
 from torchmetrics import Metric
 
-__all__ = ["MONITOR_MAX_SAMPLES", "MetricSpec", "MonitorConfigurationError", "available_metrics", "check_metric_names", "default_metrics", "healthy_direction"]
+__all__ = [
+    "MONITOR_MAX_SAMPLES",
+    "MetricSpec",
+    "MonitorConfigurationError",
+    "available_metrics",
+    "check_metric_names",
+    "default_metrics",
+    "healthy_direction",
+]
 
 # Modules whose Metric classes declare registry traits (imported once, in this order).
 _METRIC_MODULES = (
@@ -28,8 +36,20 @@ _METRIC_MODULES = (
 )
 # The order names are reported in (logs, tables); a new metric comes after these, in discovery order.
 _ORDER = (
-    "rankme", "alpha_req", "normalized_std", "uniformity", "lid", "nesum", "coding_rate", "wasserstein_uniformity",
-    "isoscore", "lidar", "alignment", "sigreg", "twonn", "mle_dimension",
+    "rankme",
+    "alpha_req",
+    "normalized_std",
+    "uniformity",
+    "lid",
+    "nesum",
+    "coding_rate",
+    "wasserstein_uniformity",
+    "isoscore",
+    "lidar",
+    "alignment",
+    "sigreg",
+    "twonn",
+    "mle_dimension",
 )
 # The tracker computes every validation epoch, so its point metrics keep fewer points than the Metric
 # classes' one-off default (25,600): uniformity and LID cost O(N²·D) per computation.
@@ -88,7 +108,13 @@ def _registered_classes() -> list[type]:
             walk(sub)
 
     walk(ReprMetric)
-    return sorted(found, key=lambda cls: (_ORDER.index(cls.registry_name) if cls.registry_name in _ORDER else len(_ORDER), found.index(cls)))
+    return sorted(
+        found,
+        key=lambda cls: (
+            _ORDER.index(cls.registry_name) if cls.registry_name in _ORDER else len(_ORDER),
+            found.index(cls),
+        ),
+    )
 
 
 _METRICS: dict[str, MetricSpec] | None = None
@@ -124,7 +150,9 @@ def check_metric_names(names: Iterable[str], owner: str = "RepresentationMonitor
         if name not in known:
             close = _closest(str(name), known)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise MonitorConfigurationError(f"{owner}: unknown metric {name!r}{hint} Known: {', '.join(repr(k) for k in sorted(known))}")
+            raise MonitorConfigurationError(
+                f"{owner}: unknown metric {name!r}{hint} Known: {', '.join(repr(k) for k in sorted(known))}"
+            )
     return names
 
 

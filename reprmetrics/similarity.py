@@ -12,14 +12,20 @@ import torch
 from torch import Tensor
 
 from reprmetrics._base import ReprMetric
-from reprmetrics._linalg import centred_moments_count, centred_moments_state, centred_moments_update_, merge_centred_moments, no_autocast
+from reprmetrics._linalg import (
+    centred_moments_count,
+    centred_moments_state,
+    centred_moments_update_,
+    merge_centred_moments,
+    no_autocast,
+)
 from reprmetrics._validation import check_positive_int
 from reprmetrics.functional.similarity import (
     _MIN_ROWS_BIASED,
     _MIN_ROWS_UNBIASED,
-    _cka_from_hsic,
     _check_kernel,
     _check_pair,
+    _cka_from_hsic,
     _hsic_terms,
     _linear_cka_from_moments,
 )
@@ -106,7 +112,9 @@ class LinearCKA(ReprMetric):
         """Add checked rows (no checks, no host sync); ``weights``: 0/1 per row, rows with 0 left out (they must be finite)."""
         with no_autocast(x.device):
             device = self.num_features_x.device
-            joint = torch.cat([x.to(device=device, dtype=torch.float64), y.to(device=device, dtype=torch.float64)], dim=1)
+            joint = torch.cat(
+                [x.to(device=device, dtype=torch.float64), y.to(device=device, dtype=torch.float64)], dim=1
+            )
             self.moments = centred_moments_update_(self.moments, joint, weights)
         self.num_features_x.fill_(x.shape[1])
 

@@ -36,7 +36,9 @@ class _RowSpectrum(RowMoments):
     """Shared reading methods of the metrics on the rows' centred moments."""
 
     def _synced(self) -> Any:
-        return self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync)
+        return self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
+        )
 
     def covariance_eigenvalues(self) -> Tensor:
         """Eigenvalues of the covariance of all rows seen (centred; synced across ranks), descending, ``min(N, D)``."""
@@ -133,8 +135,12 @@ class RankMe(_RowSpectrum):
             values = {"": _rankme_from_singular_values(sigma, self.eps)}
         if self.diagnostics_reported:
             found = _spectrum_diagnostics(sigma)
-            values["top_singular_value"] = torch.tensor(found["top_singular_value"], dtype=torch.float64, device=sigma.device)
-            values["condition_number"] = torch.tensor(found["condition_number"], dtype=torch.float64, device=sigma.device)
+            values["top_singular_value"] = torch.tensor(
+                found["top_singular_value"], dtype=torch.float64, device=sigma.device
+            )
+            values["condition_number"] = torch.tensor(
+                found["condition_number"], dtype=torch.float64, device=sigma.device
+            )
         return values
 
     def artifacts_from(self, stat: RowMoments, cache: dict[Any, Any]) -> dict[str, Any]:
@@ -229,7 +235,9 @@ class AlphaReQ(_RowSpectrum):
     def _fit(self, stat: RowMoments, cache: dict[Any, Any]) -> dict[str, Any]:
         lam, tol = _covariance_spectrum(stat, cache, "AlphaReQ")
         with no_autocast(lam.device):
-            slope, intercept, r2, first, last = cached(cache, ("power_law_fit", self.fit_range), lambda: _power_law_fit(lam, self.fit_range, tol, "AlphaReQ"))
+            slope, intercept, r2, first, last = cached(
+                cache, ("power_law_fit", self.fit_range), lambda: _power_law_fit(lam, self.fit_range, tol, "AlphaReQ")
+            )
         return {"eigenvalues": lam, "alpha": -slope, "intercept": intercept, "r2": r2, "first": first, "last": last}
 
     def values_from(self, stat: RowMoments, cache: dict[Any, Any]) -> dict[str, Tensor]:

@@ -187,7 +187,9 @@ class RowMoments(Statistic):
         if num_features is not None:
             check_positive_int(num_features, name, "num_features")
         if accumulate_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"{name}: `accumulate_dtype` must be torch.float32 or torch.float64, got {accumulate_dtype}")
+            raise ValueError(
+                f"{name}: `accumulate_dtype` must be torch.float32 or torch.float64, got {accumulate_dtype}"
+            )
         if not isinstance(normalize, bool):
             raise ValueError(f"{name}: `normalize` must be True or False, got {normalize!r}")
         self.normalize = normalize
@@ -195,7 +197,11 @@ class RowMoments(Statistic):
         self.diagonal = bool(diagonal)
         if self.diagonal:
             self.dense_states = 0
-        self.add_state("moments", centred_moments_state(num_features, dtype=accumulate_dtype, diagonal=self.diagonal), dist_reduce_fx=merge_centred_moments)
+        self.add_state(
+            "moments",
+            centred_moments_state(num_features, dtype=accumulate_dtype, diagonal=self.diagonal),
+            dist_reduce_fx=merge_centred_moments,
+        )
         self.add_state("input_eps", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
 
     def statistic_key(self) -> tuple[Any, ...]:

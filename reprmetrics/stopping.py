@@ -13,11 +13,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from reprmetrics.results import CaptureReport, TrackerResult
 from reprmetrics.registry import MonitorConfigurationError, available_metrics
+from reprmetrics.results import CaptureReport, TrackerResult
 
 __all__ = [
-    "SSL_GUARD_DEFAULTS", "CollapseCriteria", "Decision", "Guard", "KeyGuard", "SSLGuard", "check_criteria_fit", "collapse_kind", "parse_key", "ssl_guard",
+    "SSL_GUARD_DEFAULTS",
+    "CollapseCriteria",
+    "Decision",
+    "Guard",
+    "KeyGuard",
+    "SSLGuard",
+    "check_criteria_fit",
+    "collapse_kind",
+    "parse_key",
+    "ssl_guard",
 ]
 
 RANK_METRICS = ("rankme", "lidar")
@@ -31,7 +40,9 @@ DRIFT_METRICS = ("cka_to_reference",)
 KNOWN_METRICS = (*available_metrics(), *DRIFT_METRICS)
 
 
-def collapse_kind(metric: str, value: float, normalized_std: float | None = None, dim: int | None = None, rank: float | None = None) -> str:
+def collapse_kind(
+    metric: str, value: float, normalized_std: float | None = None, dim: int | None = None, rank: float | None = None
+) -> str:
     """Which collapse a low value of ``metric`` means: complete, dimensional, local, in progress, or drift.
 
     *Complete* only for collapse toward a point: the spread gone (the tap's normalised std below a
@@ -42,7 +53,9 @@ def collapse_kind(metric: str, value: float, normalized_std: float | None = None
     """
     if metric in DRIFT_METRICS:
         return "drift"
-    spread_gone = metric in SPREAD_METRICS or bool(normalized_std is not None and dim and normalized_std < 0.25 / math.sqrt(dim))
+    spread_gone = metric in SPREAD_METRICS or bool(
+        normalized_std is not None and dim and normalized_std < 0.25 / math.sqrt(dim)
+    )
     if metric in RANK_METRICS:
         return "complete" if spread_gone or value <= 1.5 else "dimensional"
     if spread_gone:
@@ -56,7 +69,11 @@ def collapse_kind(metric: str, value: float, normalized_std: float | None = None
 
 
 def check_criteria_fit(
-    monitor: str, min_value: float | None, min_fraction_of_dim: float | None, max_relative_drop: float | None, owner: str = "CollapseEarlyStopping"
+    monitor: str,
+    min_value: float | None,
+    min_fraction_of_dim: float | None,
+    max_relative_drop: float | None,
+    owner: str = "CollapseEarlyStopping",
 ) -> None:
     """Reject criteria that cannot mean what they say for the monitored metric (configuration time).
 
@@ -65,7 +82,9 @@ def check_criteria_fit(
     metric = monitor.rsplit("/", 1)[-1]
     where = f"{owner}({monitor!r})"
     if min_value is None and min_fraction_of_dim is None and max_relative_drop is None:
-        raise MonitorConfigurationError(f"{owner}: give at least one of min_value, min_fraction_of_dim, max_relative_drop")
+        raise MonitorConfigurationError(
+            f"{owner}: give at least one of min_value, min_fraction_of_dim, max_relative_drop"
+        )
     for name, value in (("min_fraction_of_dim", min_fraction_of_dim), ("max_relative_drop", max_relative_drop)):
         if value is not None and not 0 < value < 1:
             raise MonitorConfigurationError(f"{owner}: `{name}` must be in (0, 1), got {value}")
@@ -91,7 +110,9 @@ def check_criteria_fit(
             hint = "its healthy value is 1/√D, not a fraction of D: use min_value (e.g. 0.25/√D, the complete-collapse line) or max_relative_drop"
         else:
             hint = "its value does not scale with D: use min_value or max_relative_drop"
-        raise MonitorConfigurationError(f"{where}: min_fraction_of_dim fits rank-like metrics ({', '.join(FRACTION_OF_DIM_METRICS)}); for {metric} {hint}")
+        raise MonitorConfigurationError(
+            f"{where}: min_fraction_of_dim fits rank-like metrics ({', '.join(FRACTION_OF_DIM_METRICS)}); for {metric} {hint}"
+        )
 
 
 class CollapseCriteria:
@@ -140,7 +161,11 @@ class CollapseCriteria:
         self.last_kind = ""  # the kind named by the last check that stopped
 
     def check(
-        self, value: float, dim: int | None = None, normalized_std: float | None = None, report: CaptureReport | None = None,
+        self,
+        value: float,
+        dim: int | None = None,
+        normalized_std: float | None = None,
+        report: CaptureReport | None = None,
         rank: float | None = None,
     ) -> tuple[bool, str]:
         """Apply one check; returns ``(stop, reason)`` (a reason also for checks that do not stop).
@@ -177,7 +202,9 @@ class CollapseCriteria:
         if self.max_relative_drop is not None and self.baseline:
             threshold = (1 - self.max_relative_drop) * self.baseline
             if value < threshold:
-                reasons.append(f"{1 - value / self.baseline:.0%} below the baseline {self.baseline:.4g} (allowed drop {self.max_relative_drop:.0%})")
+                reasons.append(
+                    f"{1 - value / self.baseline:.0%} below the baseline {self.baseline:.4g} (allowed drop {self.max_relative_drop:.0%})"
+                )
 
         if not reasons:
             self.wait_count = 0
@@ -187,7 +214,11 @@ class CollapseCriteria:
             return False, f"{self.monitor} = {value:.4g}: {'; '.join(reasons)} ({self.wait_count}/{self.patience})"
         kind = self.last_kind = self.kind or collapse_kind(self.metric, value, normalized_std, dim, rank)
         recent = ", ".join(f"{v:.4g}" for v in self.values_seen[-(self.patience + 2) :])
-        std_note = f"; normalized std {normalized_std:.3g} vs healthy 1/√D = {1 / math.sqrt(dim):.3g}" if normalized_std is not None and dim else ""
+        std_note = (
+            f"; normalized std {normalized_std:.3g} vs healthy 1/√D = {1 / math.sqrt(dim):.3g}"
+            if normalized_std is not None and dim
+            else ""
+        )
         if rank is not None and self.metric != "rankme":
             std_note += f"; RankMe {rank:.4g}" + (f" of D = {dim}" if dim else "")
         if kind == "drift":
@@ -203,7 +234,12 @@ class CollapseCriteria:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"baseline": self.baseline, "values_seen": list(self.values_seen), "wait_count": self.wait_count, "best": self.best}
+        return {
+            "baseline": self.baseline,
+            "values_seen": list(self.values_seen),
+            "wait_count": self.wait_count,
+            "best": self.best,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.baseline = state.get("baseline", self.baseline)
@@ -262,7 +298,9 @@ class SSLGuard:
             if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
                 raise MonitorConfigurationError(f"{owner}: `{name}` must be in (0, 1) or None, got {value!r}")
         if spread_floor is not None and not (isinstance(spread_floor, (int, float)) and 0 < spread_floor < 1):
-            raise MonitorConfigurationError(f"{owner}: `spread_floor` (a fraction of the healthy 1/√D) must be in (0, 1) or None, got {spread_floor!r}")
+            raise MonitorConfigurationError(
+                f"{owner}: `spread_floor` (a fraction of the healthy 1/√D) must be in (0, 1) or None, got {spread_floor!r}"
+            )
         if trend_mode not in ("any", "all"):
             raise MonitorConfigurationError(f"{owner}: `trend_mode` must be 'any' or 'all', got {trend_mode!r}")
         for name, value, low in (("warmup", warmup, 0), ("patience", patience, 1)):
@@ -322,15 +360,23 @@ class SSLGuard:
             if value is not None and not math.isfinite(value) and self.check_finite:
                 key = f"{self.tap}/{name}"
                 return Decision(
-                    True, "divergence",
+                    True,
+                    "divergence",
                     f"Divergence: {key} = {value} is not finite: the tap's embeddings contain NaN or infinite values. Signaling Trainer to stop.",
-                    key, value, self.best.get(name),
+                    key,
+                    value,
+                    self.best.get(name),
                 )
         self.checks += 1
         current = {"rankme": rank, "normalized_std": spread}
         healthy_spread = 1 / math.sqrt(dim) if dim else None
         rank_low = rank is not None and dim is not None and self.rank_floor is not None and rank < self.rank_floor * dim
-        spread_low = spread is not None and healthy_spread is not None and self.spread_floor is not None and spread < self.spread_floor * healthy_spread
+        spread_low = (
+            spread is not None
+            and healthy_spread is not None
+            and self.spread_floor is not None
+            and spread < self.spread_floor * healthy_spread
+        )
         drops = {"rankme": self.rank_drop, "normalized_std": self.spread_drop}
         falling: dict[str, float] = {}  # metric -> fraction below its best
         counting = self.checks > self.warmup
@@ -341,7 +387,10 @@ class SSLGuard:
             fall = 1 - value / best
             if fall > drops[name]:
                 falling[name] = fall
-        trend = bool(falling) and (self.trend_mode == "any" or len(falling) == len([m for m in current if current[m] is not None and drops[m] is not None]))
+        trend = bool(falling) and (
+            self.trend_mode == "any"
+            or len(falling) == len([m for m in current if current[m] is not None and drops[m] is not None])
+        )
         if counting:
             for name, value in current.items():
                 if value is not None:
@@ -356,18 +405,26 @@ class SSLGuard:
             elif rank_low:
                 kind, what = "dimensional", "Dimensional collapse: the embeddings span few directions"
             else:
-                kind, what = "in progress", "Collapse in progress: the embeddings converge on one direction (spread below its floor; rank not yet gone)"
+                kind, what = (
+                    "in progress",
+                    "Collapse in progress: the embeddings converge on one direction (spread below its floor; rank not yet gone)",
+                )
             lines = []
             if rank_low:
                 lines.append(f"RankMe {rank:.4g} < {self.rank_floor:g}·D = {self.rank_floor * dim:.4g}")
             if spread_low:
-                lines.append(f"normalized std {spread:.3g} < {self.spread_floor:g}/√D = {self.spread_floor * healthy_spread:.3g}")
+                lines.append(
+                    f"normalized std {spread:.3g} < {self.spread_floor:g}/√D = {self.spread_floor * healthy_spread:.3g}"
+                )
             key = f"{self.tap}/{'rankme' if rank_low else 'normalized_std'}"
             value = rank if rank_low else spread
             return Decision(
-                True, kind,
+                True,
+                kind,
                 f"{what} ({self.stage}, tap {self.tap}): {'; '.join(lines)}{_for_checks(self.floor_count)}; {side_by_side}. Signaling Trainer to stop.",
-                key, value, self.best.get(key.rsplit('/', 1)[1]),
+                key,
+                value,
+                self.best.get(key.rsplit("/", 1)[1]),
             )
         if self.trend_count >= self.patience:
             parts = [
@@ -378,16 +435,21 @@ class SSLGuard:
             name = max(falling, key=falling.get)
             key = f"{self.tap}/{name}"
             return Decision(
-                True, "in progress",
+                True,
+                "in progress",
                 f"Collapse in progress ({self.stage}, tap {self.tap}): {'; '.join(parts)}{_for_checks(self.trend_count)}; {side_by_side}."
                 " Signaling Trainer to stop.",
-                key, current[name], self.best[name],
+                key,
+                current[name],
+                self.best[name],
             )
         return Decision(False, "", f"{self.tap}: healthy; {side_by_side}")
 
     def check(self, result: TrackerResult) -> Decision | None:
         """One check from a tracker result of this guard's stage (None for other stages, or when withheld)."""
-        if result.stage != self.stage or (f"{self.tap}/rankme" not in result.values and f"{self.tap}/normalized_std" not in result.values):
+        if result.stage != self.stage or (
+            f"{self.tap}/rankme" not in result.values and f"{self.tap}/normalized_std" not in result.values
+        ):
             return None
         decision = self.check_values(result.floats(), result.widths)
         if decision.kind == "divergence" and result.diverged(self.tap):
@@ -399,15 +461,28 @@ class SSLGuard:
         parts = []
         if rank is not None:
             best = self.best.get("rankme")
-            parts.append(f"RankMe {rank:.4g}" + (f" of D = {dim}" if dim else "") + (f" (best {best:.4g})" if best is not None else ""))
+            parts.append(
+                f"RankMe {rank:.4g}"
+                + (f" of D = {dim}" if dim else "")
+                + (f" (best {best:.4g})" if best is not None else "")
+            )
         if spread is not None:
             best = self.best.get("normalized_std")
             healthy = f", healthy ≈ 1/√D = {1 / math.sqrt(dim):.3g}" if dim else ""
-            parts.append(f"normalized std {spread:.3g}" + (f" (best {best:.3g}{healthy})" if best is not None else (f" ({healthy[2:]})" if healthy else "")))
+            parts.append(
+                f"normalized std {spread:.3g}"
+                + (f" (best {best:.3g}{healthy})" if best is not None else (f" ({healthy[2:]})" if healthy else ""))
+            )
         return ", ".join(parts)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"checks": self.checks, "best": dict(self.best), "floor_count": self.floor_count, "trend_count": self.trend_count, "last": dict(self.last)}
+        return {
+            "checks": self.checks,
+            "best": dict(self.best),
+            "floor_count": self.floor_count,
+            "trend_count": self.trend_count,
+            "last": dict(self.last),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.checks = int(state.get("checks", 0))
@@ -463,9 +538,10 @@ def ssl_guard(tap: str, stage: str = "val", **settings: Any) -> SSLGuard:
     if unknown:
         close = {u: difflib.get_close_matches(u, SSL_GUARD_DEFAULTS, n=1) for u in unknown}
         hints = "; ".join(f"{u!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for u, c in close.items())
-        raise MonitorConfigurationError(f"ssl_guard: unknown settings {hints}; the settings are {', '.join(SSL_GUARD_DEFAULTS)}")
+        raise MonitorConfigurationError(
+            f"ssl_guard: unknown settings {hints}; the settings are {', '.join(SSL_GUARD_DEFAULTS)}"
+        )
     return SSLGuard(tap, stage, **{**SSL_GUARD_DEFAULTS, **settings})
-
 
 
 class KeyGuard:
@@ -494,7 +570,11 @@ class KeyGuard:
             return None  # withheld this time (too few samples): no check
         dim = self.criteria.dim or result.widths.get(self.tap)
         stop, reason = self.criteria.check(
-            value, dim, result.value(self.tap, "normalized_std"), result.reports.get(self.tap), result.value(self.tap, "rankme")
+            value,
+            dim,
+            result.value(self.tap, "normalized_std"),
+            result.reports.get(self.tap),
+            result.value(self.tap, "rankme"),
         )
         best = self.criteria.best if math.isfinite(self.criteria.best) else None
         return Decision(stop, self.criteria.last_kind if stop else "", reason, self.criteria.monitor, value, best)

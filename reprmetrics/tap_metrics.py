@@ -59,7 +59,16 @@ class TapMetrics:
     not it saw samples.
     """
 
-    def __init__(self, stage: str, tap: str, choice: MetricChoice, owner: str, strict: bool, warned: set[str], warn: Callable[[str], None]):
+    def __init__(
+        self,
+        stage: str,
+        tap: str,
+        choice: MetricChoice,
+        owner: str,
+        strict: bool,
+        warned: set[str],
+        warn: Callable[[str], None],
+    ):
         self.stage, self.tap, self.choice = stage, tap, choice
         self.owner, self.strict, self._warned, self._warn = owner, strict, warned, warn
         self.counts = CaptureCounts()
@@ -70,11 +79,17 @@ class TapMetrics:
         """The metric set, created on first use from the tap's width and views."""
         if self.metric_set is None:
             metric_set = MetricSet(
-                self.choice.build(width, num_views), f"{self.stage}/{self.tap}", self.strict, self._warned, lambda m: self._warn(f"{self.owner}: {m}")
+                self.choice.build(width, num_views),
+                f"{self.stage}/{self.tap}",
+                self.strict,
+                self._warned,
+                lambda m: self._warn(f"{self.owner}: {m}"),
             )
             try:  # each D×D float64 statistic, and as much again while its eigenvalues are computed
                 check_memory(
-                    2 * metric_set.dense_states() * (width + 3) * width * 8, device, self.owner,
+                    2 * metric_set.dense_states() * (width + 3) * width * 8,
+                    device,
+                    self.owner,
                     f"tap {self.tap!r} of width D = {width:,} ({self.stage})",
                     "tap a narrower layer, pool or project it with the Tap's `reduce`, or choose metrics that keep no D×D matrix",
                 )
@@ -95,7 +110,9 @@ class TapMetrics:
 
     def feed(self, views: Tensor) -> None:
         used = self.metrics(views.shape[-1], views.shape[1], views.device).update(views)
-        self.counts.to(views.device).update(used=used, nonfinite=len(views) - used, width=views.shape[-1], views=views.shape[1])
+        self.counts.to(views.device).update(
+            used=used, nonfinite=len(views) - used, width=views.shape[-1], views=views.shape[1]
+        )
 
     def feed_drift(self, views: Tensor, reference: Tensor) -> None:
         live, ref = views[:, 0], reference[:, 0]
@@ -113,7 +130,9 @@ class TapMetrics:
             self.drift = LinearCKA(num_features=(width, reference_width)).to(device)
         return self.drift
 
-    def compute(self, device: torch.device, min_samples: int, grouping: str, nothing: str, few: str) -> tuple[CaptureReport, dict[str, Tensor]]:
+    def compute(
+        self, device: torch.device, min_samples: int, grouping: str, nothing: str, few: str
+    ) -> tuple[CaptureReport, dict[str, Tensor]]:
         """The tap's report and values (no values when no rank captured anything).
 
         The tracker words the warnings' context: ``grouping`` (the views expected), ``nothing`` (which
@@ -145,7 +164,9 @@ class TapMetrics:
                 f"{self.owner}: divergence: tap {tap!r} produced non-finite embeddings ({report.nonfinite_fraction:.0%} of"
                 f" {report.seen} samples, {label}); its metrics are reported as NaN"
             )
-            names = (self.metric_set.value_names() if self.metric_set is not None else []) + ([DRIFT_NAME] if has_drift else [])
+            names = (self.metric_set.value_names() if self.metric_set is not None else []) + (
+                [DRIFT_NAME] if has_drift else []
+            )
             values.update({f"{tap}/{name}": torch.tensor(float("nan"), device=device) for name in names})
             return report, values
         if dropped:

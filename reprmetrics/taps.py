@@ -46,7 +46,9 @@ def flatten_output(output: Any) -> Tensor:
     if isinstance(output, (tuple, list)) and output:
         output = output[0]
     if not isinstance(output, Tensor):
-        raise MonitorConfigurationError(f"flatten_output: a tap produced {type(output).__name__}; give the Tap a `reduce` function returning a (B, D) tensor")
+        raise MonitorConfigurationError(
+            f"flatten_output: a tap produced {type(output).__name__}; give the Tap a `reduce` function returning a (B, D) tensor"
+        )
     return output.unsqueeze(1) if output.ndim == 1 else output.flatten(1)
 
 
@@ -61,7 +63,9 @@ def _module_embeddings(output: Any, tap: str, owner: str = OWNER) -> Tensor:
             f" with a `reduce`, e.g. Tap({tap!r}, reduce=lambda out: out[{keys[0] if keys else 'key'!r}])"
         )
     if not isinstance(output, Tensor):
-        raise MonitorConfigurationError(f"{owner}: module tap {tap!r} returns {type(output).__name__}; give the Tap a `reduce` returning a (B, D) tensor")
+        raise MonitorConfigurationError(
+            f"{owner}: module tap {tap!r} returns {type(output).__name__}; give the Tap a `reduce` returning a (B, D) tensor"
+        )
     if output.ndim == 1:
         return output.unsqueeze(1)
     if output.ndim > 2:
@@ -95,9 +99,13 @@ class Tap:
         if not isinstance(self.name, str) or not self.name:
             raise MonitorConfigurationError(f"Tap: a tap name must be a non-empty string, got {self.name!r}")
         if self.source not in ("auto", "module", "output"):
-            raise MonitorConfigurationError(f"Tap: Tap source must be 'auto', 'module' or 'output', got {self.source!r}")
+            raise MonitorConfigurationError(
+                f"Tap: Tap source must be 'auto', 'module' or 'output', got {self.source!r}"
+            )
         if self.reduce is not None and not callable(self.reduce):
-            raise MonitorConfigurationError(f"Tap: Tap {self.name!r}: `reduce` must be callable, got {type(self.reduce).__name__}")
+            raise MonitorConfigurationError(
+                f"Tap: Tap {self.name!r}: `reduce` must be callable, got {type(self.reduce).__name__}"
+            )
 
 
 def _follow_device(copy_: nn.Module, live: nn.Module) -> None:
@@ -275,7 +283,9 @@ class Capture:
             try:
                 source.load_state_dict(state)
             except (RuntimeError, TypeError) as error:
-                raise MonitorConfigurationError(f"{self.owner}: the reference checkpoint {str(self.reference)!r} does not fit the model: {error}") from error
+                raise MonitorConfigurationError(
+                    f"{self.owner}: the reference checkpoint {str(self.reference)!r} does not fit the model: {error}"
+                ) from error
         names = [name for name, _ in source.named_modules() if name]
         frozen = {}
         for tap in self.taps:
@@ -303,9 +313,13 @@ class Capture:
         owner = weakref.ref(attached)
 
         def embed(output: Any) -> Tensor:
-            embeddings = tap.reduce(output) if tap.reduce is not None else _module_embeddings(output, tap.name, self.owner)
+            embeddings = (
+                tap.reduce(output) if tap.reduce is not None else _module_embeddings(output, tap.name, self.owner)
+            )
             if not isinstance(embeddings, Tensor):
-                raise MonitorConfigurationError(f"{self.owner}: the `reduce` of tap {tap.name!r} returned {type(embeddings).__name__}, not a tensor")
+                raise MonitorConfigurationError(
+                    f"{self.owner}: the `reduce` of tap {tap.name!r} returned {type(embeddings).__name__}, not a tensor"
+                )
             return embeddings.detach()
 
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -370,7 +384,9 @@ class Capture:
         out = []
         for v in values:
             if not isinstance(v, Tensor):
-                raise MonitorConfigurationError(f"{self.owner}: output key {key!r} holds {type(v).__name__}; it must hold (B, D), (B, q, D) or a list of q (B, D) tensors")
+                raise MonitorConfigurationError(
+                    f"{self.owner}: output key {key!r} holds {type(v).__name__}; it must hold (B, D), (B, q, D) or a list of q (B, D) tensors"
+                )
             if v.ndim > 3 or (v.ndim == 3 and self.num_views == 1):
                 raise MonitorConfigurationError(
                     f"{self.owner}: output key {key!r} holds a tensor of shape {tuple(v.shape)}; embeddings must be (B, D)"
@@ -411,7 +427,9 @@ class Capture:
                 f" output keys seen: {_quoted(keys)})"
             )
         self._taps_checked = True
-        raise MonitorConfigurationError(f"{self.owner}: " + "; ".join(lines) + ". Fix the tap name, or return that key from the step.")
+        raise MonitorConfigurationError(
+            f"{self.owner}: " + "; ".join(lines) + ". Fix the tap name, or return that key from the step."
+        )
 
     def group(self, on_ungroupable: Callable[[str, int, str], None]) -> dict[str, tuple[Tensor, Tensor | None]]:
         """Group this step's captures per tap (and their reference); batches the layout cannot split go to ``on_ungroupable(tap, samples, reason)``."""
@@ -425,7 +443,11 @@ class Capture:
                 self.repeated_calls.setdefault(tap.name, len(chunks))  # same-shaped calls in one step: views, perhaps
             try:
                 views = group_views(chunks, self.num_views, tap.name, self.view_layout, self.owner)
-                reference = group_views(reference_chunks, self.num_views, tap.name, self.view_layout, self.owner) if reference_chunks else None
+                reference = (
+                    group_views(reference_chunks, self.num_views, tap.name, self.view_layout, self.owner)
+                    if reference_chunks
+                    else None
+                )
             except UngroupableBatch as error:
                 on_ungroupable(tap.name, error.samples, str(error))
                 continue
@@ -436,4 +458,3 @@ class Capture:
             self.num_features[tap.name] = views.shape[-1]
             grouped[tap.name] = (views, reference)
         return grouped
-

@@ -14,7 +14,6 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -107,16 +106,22 @@ class RepresentationTracker:
         self.owner = owner
         taps = [taps] if isinstance(taps, (str, Tap)) else list(taps)
         self.taps = [t if isinstance(t, Tap) else Tap(t) for t in taps]
-        self._check_arguments(num_views, every_n_train_steps, train_buffer_size, max_samples, min_samples, view_layout, reference)
+        self._check_arguments(
+            num_views, every_n_train_steps, train_buffer_size, max_samples, min_samples, view_layout, reference
+        )
         if isinstance(metrics, str):
             metrics = [metrics]
-        self.named_metrics = [] if metrics is None or isinstance(metrics, Mapping) else check_metric_names(metrics, owner)
+        self.named_metrics = (
+            [] if metrics is None or isinstance(metrics, Mapping) else check_metric_names(metrics, owner)
+        )
         metrics = metrics if isinstance(metrics, Mapping) else None
         if not default_metrics and not metrics and not self.named_metrics:
             raise MonitorConfigurationError(f"{owner}: no metrics to compute (default_metrics=False and no `metrics`)")
         for name, metric in (metrics or {}).items():
             if not isinstance(metric, Metric):
-                raise MonitorConfigurationError(f"{owner}: metric {name!r} must be a torchmetrics.Metric, got {type(metric).__name__}")
+                raise MonitorConfigurationError(
+                    f"{owner}: metric {name!r} must be a torchmetrics.Metric, got {type(metric).__name__}"
+                )
         self.num_views, self.view_layout = num_views, view_layout
         self.every_n_train_steps, self.train_buffer_size = every_n_train_steps, train_buffer_size
         self.max_samples, self.min_samples = max_samples, min_samples
@@ -126,7 +131,9 @@ class RepresentationTracker:
         self.reference = reference
         self.rankme_diagnostics = bool(rankme_diagnostics)
         self.capture = Capture(self.taps, num_views, view_layout, reference, owner)
-        choice = MetricChoice(default_metrics, tuple(self.named_metrics), self.extra_metrics, max_samples, self.rankme_diagnostics)
+        choice = MetricChoice(
+            default_metrics, tuple(self.named_metrics), self.extra_metrics, max_samples, self.rankme_diagnostics
+        )
 
         self.train_steps = 0  # training steps seen (the schedule's clock)
         self.epoch = 0  # advanced by end_train_epoch(); warnings about empty captures are once per epoch
@@ -137,7 +144,9 @@ class RepresentationTracker:
         self._subscribers: list[Callable[[TrackerResult], None]] = []
         self._warned: set[str] = set()
         self._tap_metrics = {
-            (stage, t.name): TapMetrics(stage, t.name, choice, owner, strict, self._warned, warn) for stage in ("train", "val") for t in self.taps
+            (stage, t.name): TapMetrics(stage, t.name, choice, owner, strict, self._warned, warn)
+            for stage in ("train", "val")
+            for t in self.taps
         }
         self._buffers = {t.name: RecentBuffer(train_buffer_size) for t in self.taps}
         self._train_dropped = {t.name: 0 for t in self.taps}
@@ -146,7 +155,14 @@ class RepresentationTracker:
         self._batch_size: int | None = None
 
     def _check_arguments(
-        self, num_views: int, every: int, buffer: int, max_samples: int, min_samples: int, view_layout: str, reference: Any
+        self,
+        num_views: int,
+        every: int,
+        buffer: int,
+        max_samples: int,
+        min_samples: int,
+        view_layout: str,
+        reference: Any,
     ) -> None:
         owner = self.owner
         if not self.taps:
@@ -154,21 +170,30 @@ class RepresentationTracker:
         if len({t.name for t in self.taps}) != len(self.taps):
             raise MonitorConfigurationError(f"{owner}: tap names must be unique")
         for value, name, low in (
-            (num_views, "num_views", 1), (every, "every_n_train_steps", 0), (buffer, "train_buffer_size", 2),
-            (max_samples, "max_samples", 2), (min_samples, "min_samples", 1),
+            (num_views, "num_views", 1),
+            (every, "every_n_train_steps", 0),
+            (buffer, "train_buffer_size", 2),
+            (max_samples, "max_samples", 2),
+            (min_samples, "min_samples", 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise MonitorConfigurationError(f"{owner}: `{name}` must be an integer >= {low}, got {value!r}")
         if view_layout not in VIEW_LAYOUTS:
             close = _closest(str(view_layout), VIEW_LAYOUTS)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise MonitorConfigurationError(f"{owner}: `view_layout` must be one of {VIEW_LAYOUTS}, got {view_layout!r}{hint}")
+            raise MonitorConfigurationError(
+                f"{owner}: `view_layout` must be one of {VIEW_LAYOUTS}, got {view_layout!r}{hint}"
+            )
         if view_layout in ("concat", "stacked") and num_views == 1:
             raise MonitorConfigurationError(f"{owner}: view_layout={view_layout!r} needs num_views >= 2")
         if reference is not None and not isinstance(reference, (str, os.PathLike, nn.Module)):
-            raise MonitorConfigurationError(f"{owner}: `reference` must be 'initial', an nn.Module or a checkpoint path, got {type(reference).__name__}")
+            raise MonitorConfigurationError(
+                f"{owner}: `reference` must be 'initial', an nn.Module or a checkpoint path, got {type(reference).__name__}"
+            )
         if isinstance(reference, str) and reference != "initial" and not os.path.exists(reference):
-            raise MonitorConfigurationError(f"{owner}: `reference` is neither 'initial' nor an existing checkpoint file: {reference!r}")
+            raise MonitorConfigurationError(
+                f"{owner}: `reference` is neither 'initial' nor an existing checkpoint file: {reference!r}"
+            )
 
     # ---- attaching and subscribing -------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -242,7 +267,9 @@ class RepresentationTracker:
         self.check_taps("train")
         result = None
         if self.capture.mode == "train":
-            for tap, (views, _) in self.capture.group(lambda tap, samples, why: self._count_dropped("train", tap, samples, why)).items():
+            for tap, (views, _) in self.capture.group(
+                lambda tap, samples, why: self._count_dropped("train", tap, samples, why)
+            ).items():
                 self._batch_size = views.shape[0]
                 self._buffers[tap].add(views)
                 self._epoch_train_captures[tap] += len(views)
@@ -301,7 +328,9 @@ class RepresentationTracker:
         key = f"dropped/{stage}/{tap}"
         if key not in self._warned:
             self._warned.add(key)
-            warn(f"{self.owner}: tap {tap!r} ({stage}): {reason}; such batches are left out and counted (see num_samples)")
+            warn(
+                f"{self.owner}: tap {tap!r} ({stage}): {reason}; such batches are left out and counted (see num_samples)"
+            )
 
     # ---- evaluation ----------------------------------------------------------------------------------
     def start_eval(self) -> None:
@@ -322,7 +351,9 @@ class RepresentationTracker:
         self.observe(outputs, "eval")
         if self.capture.mode != "eval":
             return
-        for tap, (views, reference) in self.capture.group(lambda tap, samples, why: self._count_dropped("val", tap, samples, why)).items():
+        for tap, (views, reference) in self.capture.group(
+            lambda tap, samples, why: self._count_dropped("val", tap, samples, why)
+        ).items():
             self._tap_metrics[("val", tap)].feed(views)
             if reference is not None:
                 self._tap_metrics[("val", tap)].feed_drift(views, reference)
@@ -337,7 +368,9 @@ class RepresentationTracker:
         return self._publish("val", {k: v for tap in self.taps for k, v in self._compute_tap("val", tap.name).items()})
 
     # ---- metrics ---------------------------------------------------------------------------------------
-    def metric_set(self, stage: str, tap: str, views: Tensor | None = None, width: int | None = None, num_views: int | None = None) -> MetricSet:
+    def metric_set(
+        self, stage: str, tap: str, views: Tensor | None = None, width: int | None = None, num_views: int | None = None
+    ) -> MetricSet:
         """The metrics of ``tap`` at ``stage``, created from the first batch's width and views."""
         if views is not None:
             width, num_views, device = views.shape[-1], views.shape[1], views.device
@@ -347,7 +380,9 @@ class RepresentationTracker:
 
     def metric_sets(self, stage: str) -> dict[str, MetricSet]:
         """``{tap: MetricSet}`` of a stage (``"train"`` or ``"val"``)."""
-        return {tap: m.metric_set for (st, tap), m in self._tap_metrics.items() if st == stage and m.metric_set is not None}
+        return {
+            tap: m.metric_set for (st, tap), m in self._tap_metrics.items() if st == stage and m.metric_set is not None
+        }
 
     def metric_names(self, stage: str) -> dict[str, list[str]]:
         """``{tap: [names it reports]}`` for the taps of a stage seen so far, the counts included."""
@@ -419,7 +454,10 @@ class RepresentationTracker:
             "history": {k: list(v) for k, v in self.history.items()},
             "num_features": dict(self.num_features),
             "batch_size": self._batch_size,
-            "buffers": {tap: (None if (views := buffer.recent()) is None else views.cpu()) for tap, buffer in self._buffers.items()},
+            "buffers": {
+                tap: (None if (views := buffer.recent()) is None else views.cpu())
+                for tap, buffer in self._buffers.items()
+            },
             "train_dropped": dict(self._train_dropped),
             "epoch_capture_steps": self._epoch_capture_steps,
             "epoch_train_captures": dict(self._epoch_train_captures),
@@ -437,6 +475,10 @@ class RepresentationTracker:
         for tap, views in state.get("buffers", {}).items():
             if tap in self._buffers:
                 self._buffers[tap].chunks = [] if views is None else [views.to(device)]
-        self._train_dropped.update({k: int(v) for k, v in state.get("train_dropped", {}).items() if k in self._train_dropped})
+        self._train_dropped.update(
+            {k: int(v) for k, v in state.get("train_dropped", {}).items() if k in self._train_dropped}
+        )
         self._epoch_capture_steps = int(state.get("epoch_capture_steps", 0))
-        self._epoch_train_captures.update({k: int(v) for k, v in state.get("epoch_train_captures", {}).items() if k in self._epoch_train_captures})
+        self._epoch_train_captures.update(
+            {k: int(v) for k, v in state.get("epoch_train_captures", {}).items() if k in self._epoch_train_captures}
+        )

@@ -12,7 +12,9 @@ def gaussian(n: int, d: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor
 
 def rank_deficient(n: int, d: int, rank: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, d, generator=g, dtype=torch.float64)).to(dtype)
+    return (
+        torch.randn(n, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, d, generator=g, dtype=torch.float64)
+    ).to(dtype)
 
 
 def offset(n: int, d: int, shift: float = 1e3, seed: int = 0, dtype=torch.float64) -> torch.Tensor:

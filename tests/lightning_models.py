@@ -24,7 +24,9 @@ class ToyEncoder(pl.LightningModule):
     ``collapse_from_epoch`` on, the loss pulls every embedding to the batch mean (complete collapse).
     Returns the projector output as ``"z"`` and two noisy views as ``"views"`` from every step."""
 
-    def __init__(self, d_in: int = 24, width: int = 32, dim: int = 16, collapse_from_epoch: int | None = None, lr: float = 0.05):
+    def __init__(
+        self, d_in: int = 24, width: int = 32, dim: int = 16, collapse_from_epoch: int | None = None, lr: float = 0.05
+    ):
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width))
         self.projector = nn.Linear(width, dim)
@@ -82,7 +84,9 @@ class DivergingEncoder(ToyEncoder):
     def __init__(self, nan_from_epoch: int = 1, nan_share: float = 0.375, **kwargs):
         super().__init__(**kwargs)
         linear = self.projector
-        self.projector = nn.Sequential(linear, _NaNRows(nan_share, lambda: not self.training and self.current_epoch >= nan_from_epoch))
+        self.projector = nn.Sequential(
+            linear, _NaNRows(nan_share, lambda: not self.training and self.current_epoch >= nan_from_epoch)
+        )
 
 
 class ConcatViewsEncoder(ToyEncoder):

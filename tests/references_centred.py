@@ -50,7 +50,9 @@ def normalized_std_ref(z) -> float:
     return float(np.mean(np.std(zn, axis=0, ddof=1)))
 
 
-def views_at_offset(n: int, q: int, d: int, offset: float, within: float = 0.3, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+def views_at_offset(
+    n: int, q: int, d: int, offset: float, within: float = 0.3, seed: int = 0, dtype=torch.float64
+) -> torch.Tensor:
     """(n, q, d) views: sample means with a decaying spectrum (spread ≈ 1 per entry scale), within-sample
     noise of relative size ``within``, all shifted by entries of ± (0.5..1.5) × ``offset`` × the spread."""
     rng = np.random.default_rng(seed)

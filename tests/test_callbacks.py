@@ -10,9 +10,9 @@ from ddp import run_distributed
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning_models import ToyEncoder, loaders
+from reprmetrics.callbacks import CollapseEarlyStopping, RepresentationMonitor
 
 from reprmetrics import RankMe
-from reprmetrics.callbacks import CollapseEarlyStopping, RepresentationMonitor
 from reprmetrics.functional import rankme
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -58,7 +58,9 @@ def test_tensorboard_gets_scalars_spectrum_figure_and_histograms(tmp_path):
 
 def test_hook_taps_and_output_taps_see_the_same_embeddings(tmp_path):
     pl.seed_everything(0)
-    monitor = RepresentationMonitor(["projector", "z"], every_n_train_steps=0, default_metrics=False, metrics={"rankme": RankMe()})
+    monitor = RepresentationMonitor(
+        ["projector", "z"], every_n_train_steps=0, default_metrics=False, metrics={"rankme": RankMe()}
+    )
     model = ToyEncoder()
     t = trainer(tmp_path, [monitor], max_epochs=1)
     t.fit(model, *loaders())
@@ -74,7 +76,9 @@ def test_hook_taps_and_output_taps_see_the_same_embeddings(tmp_path):
 
 def test_progress_bar_and_other_loggers(tmp_path):
     pl.seed_everything(0)
-    monitor = RepresentationMonitor(["z"], every_n_train_steps=4, train_buffer_size=128, default_metrics=False, metrics={"rankme": RankMe()})
+    monitor = RepresentationMonitor(
+        ["z"], every_n_train_steps=4, train_buffer_size=128, default_metrics=False, metrics={"rankme": RankMe()}
+    )
     csv = CSVLogger(str(tmp_path))
     t = trainer(tmp_path, [monitor], max_epochs=1, logger=csv)
     t.fit(ToyEncoder(), *loaders())
@@ -95,14 +99,18 @@ def final_weights(tmp_path, callbacks):
 
 def test_monitoring_does_not_change_training(tmp_path):
     without = final_weights(tmp_path / "a", [])
-    with_monitor = final_weights(tmp_path / "b", [RepresentationMonitor(["projector", "backbone", "views"], num_views=2, every_n_train_steps=2)])
+    with_monitor = final_weights(
+        tmp_path / "b", [RepresentationMonitor(["projector", "backbone", "views"], num_views=2, every_n_train_steps=2)]
+    )
     assert without.keys() == with_monitor.keys()
     assert all(torch.equal(without[k], with_monitor[k]) for k in without)
 
 
 def collapse_run(tmp_path, collapse_from_epoch, patience=2):
     pl.seed_everything(0)
-    monitor = RepresentationMonitor(["projector"], every_n_train_steps=0, default_metrics=False, metrics={"rankme": RankMe()})
+    monitor = RepresentationMonitor(
+        ["projector"], every_n_train_steps=0, default_metrics=False, metrics={"rankme": RankMe()}
+    )
     stop = CollapseEarlyStopping("repr/val/projector/rankme", min_fraction_of_dim=0.25, patience=patience)
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="repr/val/projector/rankme", mode="max")
     t = trainer(tmp_path, [monitor, stop, checkpoint], max_epochs=10)
@@ -116,7 +124,9 @@ def test_collapse_is_stopped_within_patience_and_healthy_run_is_not(tmp_path):
     values = [v for _, v in monitor.tracker.history["val/projector/rankme"]]
     first_collapsed = next(i for i, v in enumerate(values) if v < 0.25 * 16)
     assert len(values) - 1 == first_collapsed + patience - 1  # the check that stopped it
-    assert t.current_epoch < 9 and stop.stopping_reason_message.startswith(("Dimensional collapse", "Complete collapse"))
+    assert t.current_epoch < 9 and stop.stopping_reason_message.startswith(
+        ("Dimensional collapse", "Complete collapse")
+    )
     assert "repr/val/projector/rankme" in stop.stopping_reason_message
     # The best checkpoint is from before the collapse.
     assert checkpoint.best_model_score.item() == pytest.approx(max(values), rel=1e-5)
@@ -129,7 +139,9 @@ def test_collapse_is_stopped_within_patience_and_healthy_run_is_not(tmp_path):
 
 def test_fine_tune_drop_from_a_given_baseline(tmp_path):
     pl.seed_everything(0)
-    monitor = RepresentationMonitor(["projector"], every_n_train_steps=0, default_metrics=False, metrics={"rankme": RankMe()})
+    monitor = RepresentationMonitor(
+        ["projector"], every_n_train_steps=0, default_metrics=False, metrics={"rankme": RankMe()}
+    )
     stop = CollapseEarlyStopping("repr/val/projector/rankme", max_relative_drop=0.3, baseline=12.0, patience=1)
     t = trainer(tmp_path, [monitor, stop], max_epochs=10)
     t.fit(ToyEncoder(collapse_from_epoch=0), *loaders())
@@ -139,7 +151,9 @@ def test_fine_tune_drop_from_a_given_baseline(tmp_path):
 
 def test_train_stage_key_is_checked_each_time_it_is_computed(tmp_path):
     pl.seed_everything(0)
-    monitor = RepresentationMonitor(["z"], every_n_train_steps=2, train_buffer_size=64, default_metrics=False, metrics={"rankme": RankMe()})
+    monitor = RepresentationMonitor(
+        ["z"], every_n_train_steps=2, train_buffer_size=64, default_metrics=False, metrics={"rankme": RankMe()}
+    )
     stop = CollapseEarlyStopping("repr/train/z/rankme", min_value=1e9, patience=3)  # every check "collapses"
     t = trainer(tmp_path, [stop, monitor], max_epochs=5)  # stop listed first: must still see values
     t.fit(ToyEncoder(), *loaders())
@@ -167,7 +181,9 @@ def test_resume_from_checkpoint_keeps_history(tmp_path):
     before = {k: list(v) for k, v in monitor.tracker.history.items()}
     steps_before = monitor.tracker.train_steps
 
-    resumed_monitor = RepresentationMonitor(["z"], every_n_train_steps=4, default_metrics=False, metrics={"rankme": RankMe()})
+    resumed_monitor = RepresentationMonitor(
+        ["z"], every_n_train_steps=4, default_metrics=False, metrics={"rankme": RankMe()}
+    )
     resumed_stop = CollapseEarlyStopping("repr/val/z/rankme", min_value=0.5)
     t = trainer(tmp_path, [resumed_monitor, resumed_stop], max_epochs=3)
     t.fit(ToyEncoder(), *loaders(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
@@ -186,8 +202,16 @@ def _ddp_fit_and_validate(rank, world_size, collapse_from_epoch):
     monitor = RepresentationMonitor(["projector", "views"], num_views=2, every_n_train_steps=0, max_samples=4096)
     stop = CollapseEarlyStopping("repr/val/projector/rankme", min_fraction_of_dim=0.25, patience=2)
     t = pl.Trainer(
-        max_epochs=8, callbacks=[monitor, stop], logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, accelerator="cpu", devices=world_size, strategy="ddp", num_nodes=1,
+        max_epochs=8,
+        callbacks=[monitor, stop],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp",
+        num_nodes=1,
     )
     model = ToyEncoder(collapse_from_epoch=collapse_from_epoch)
     t.fit(model, *loaders(n_val=256, batch_size=32))
@@ -204,14 +228,18 @@ def _ddp_fit_and_validate(rank, world_size, collapse_from_epoch):
 def test_ddp_ranks_log_identical_values_equal_to_one_process_and_stop_together(tmp_path):
     rank0, rank1 = run_distributed(_ddp_fit_and_validate, 3, init_process_group=False)
     assert rank0["history"] == rank1["history"]
-    assert rank0["epoch"] == rank1["epoch"] < 8 and rank0["reason"] == rank1["reason"] is not None  # stopped early, together
+    assert (
+        rank0["epoch"] == rank1["epoch"] < 8 and rank0["reason"] == rank1["reason"] is not None
+    )  # stopped early, together
 
     # One process validating the same weights on the same 256 samples gives the same values.
     pl.seed_everything(0)
     model = ToyEncoder()
     model.load_state_dict(rank0["weights"])
     monitor = RepresentationMonitor(["projector", "views"], num_views=2, every_n_train_steps=0, max_samples=4096)
-    single = trainer(tmp_path, [monitor], max_epochs=1).validate(model, loaders(n_val=256, batch_size=32)[1], verbose=False)[0]
+    single = trainer(tmp_path, [monitor], max_epochs=1).validate(
+        model, loaders(n_val=256, batch_size=32)[1], verbose=False
+    )[0]
     assert set(single) == set(rank0["validated"]) and len(single) >= 14
     for key, value in single.items():
         assert rank0["validated"][key] == pytest.approx(float(value), rel=1e-4, abs=1e-6), key

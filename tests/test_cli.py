@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from references_similarity import linear_cka_ref
 from safetensors.torch import save_file
 
-from references_similarity import linear_cka_ref
 from reprmetrics import evaluate
 from reprmetrics.cli import main
 
@@ -106,12 +106,28 @@ def test_views_reference_and_every_metric(tmp_path, capsys):
     np.save(tmp_path / "r.npy", reference)
     names = "rankme,alpha_req,normalized_std,uniformity,lid,lidar,alignment,twonn,mle_dimension,cka"
     status, out, err = run_cli(
-        "report", tmp_path / "z.npy", "--views", tmp_path / "v.npy", "--reference", tmp_path / "r.npy",
-        "--metrics", names, "--format", "json", "--batch-size", "64", capsys=capsys,
+        "report",
+        tmp_path / "z.npy",
+        "--views",
+        tmp_path / "v.npy",
+        "--reference",
+        tmp_path / "r.npy",
+        "--metrics",
+        names,
+        "--format",
+        "json",
+        "--batch-size",
+        "64",
+        capsys=capsys,
     )
     assert status == 0, err
     row = json.loads(out)[0]
-    expected = evaluate(torch.from_numpy(z), views=torch.from_numpy(views), metrics=names.split(","), reference=torch.from_numpy(reference))
+    expected = evaluate(
+        torch.from_numpy(z),
+        views=torch.from_numpy(views),
+        metrics=names.split(","),
+        reference=torch.from_numpy(reference),
+    )
     assert list(expected) == names.split(",")
     assert_values(row, expected)
     assert math.isclose(row["cka"], linear_cka_ref(z, reference), rel_tol=1e-6)
@@ -147,8 +163,16 @@ def test_output_file_and_plot(tmp_path, capsys):
     for name, seed in (("a.npy", 0), ("b.npy", 1)):
         np.save(tmp_path / name, embeddings(600, 32, seed=seed))
     status, out, err = run_cli(
-        "report", tmp_path / "a.npy", tmp_path / "b.npy", "--output", tmp_path / "out.json", "--format", "json",
-        "--plot", tmp_path / "spectra.png", capsys=capsys,
+        "report",
+        tmp_path / "a.npy",
+        tmp_path / "b.npy",
+        "--output",
+        tmp_path / "out.json",
+        "--format",
+        "json",
+        "--plot",
+        tmp_path / "spectra.png",
+        capsys=capsys,
     )
     assert status == 0, err
     assert out == ""
@@ -171,7 +195,16 @@ def test_compare(tmp_path, capsys):
     other = (np.tanh(z @ np.random.default_rng(2).standard_normal((16, 40)))).astype(np.float32)
     np.save(tmp_path / "a.npy", z)
     save_file({"emb": torch.from_numpy(other)}, str(tmp_path / "b.safetensors"))
-    status, out, err = run_cli("compare", tmp_path / "a.npy", tmp_path / "b.safetensors", "--format", "json", "--batch-size", "100", capsys=capsys)
+    status, out, err = run_cli(
+        "compare",
+        tmp_path / "a.npy",
+        tmp_path / "b.safetensors",
+        "--format",
+        "json",
+        "--batch-size",
+        "100",
+        capsys=capsys,
+    )
     assert status == 0, err
     (row,) = json.loads(out)
     assert (row["N"], row["D_a"], row["D_b"]) == (800, 16, 40)
@@ -244,19 +277,34 @@ BAD_INPUTS = [
     (["report", "two.safetensors", "--key", "b"], "two.safetensors: embeddings must be a 2-D (N, D) array"),
     (["report", "empty.npy"], "empty.npy: embeddings array is empty"),
     (["report", "strings.npy"], "strings.npy: holds <U1 values; expected real numbers"),
-    (["report", "nan.npy"], "nan.npy: 4 of 300 rows contain NaN or infinite values; pass --drop-nonfinite to skip them"),
+    (
+        ["report", "nan.npy"],
+        "nan.npy: 4 of 300 rows contain NaN or infinite values; pass --drop-nonfinite to skip them",
+    ),
     (["report", "good.npy", "--views", "good.npy"], r"good.npy: views must be a 3-D (N, q, D) array"),
     (["report", "good.npy", "--views", "three_d.npy"], "three_d.npy: views have D = 4 but good.npy has D = 8"),
-    (["report", "good.npy", "--views", "views.npy", "--views", "views.npy"], "--views: 2 views files for 1 FILE(s); the i-th --views belongs to the i-th FILE"),
-    (["report", "good.npy", "nan.npy", "--views", "views.npy", "--metrics", "lidar"], "nan.npy: has no --views (the i-th --views belongs to the i-th FILE), and lidar need(s) augmented views"),
+    (
+        ["report", "good.npy", "--views", "views.npy", "--views", "views.npy"],
+        "--views: 2 views files for 1 FILE(s); the i-th --views belongs to the i-th FILE",
+    ),
+    (
+        ["report", "good.npy", "nan.npy", "--views", "views.npy", "--metrics", "lidar"],
+        "nan.npy: has no --views (the i-th --views belongs to the i-th FILE), and lidar need(s) augmented views",
+    ),
     (["report", "good.npy", "--metrics", "rankme,lidr"], "unknown metric 'lidr'; did you mean 'lidar' or 'lid'?"),
     (["report", "good.npy", "--metrics", "lidar"], "lidar need(s) augmented views"),
     (["report", "good.npy", "--format", "xml"], "Invalid value for '--format'"),
     (["report", "good.npy", "--batch-size", "1"], "Invalid value for '--batch-size'"),
     (["report", "good.npy", "--device", "nodevice"], "--device 'nodevice': not a device"),
     (["report"], "Missing argument 'FILE [FILE ...]'"),
-    (["report", "good.npy", "--reference", "short.npy"], "short.npy: has 299 rows but good.npy has 300; CKA compares the same samples"),
-    (["compare", "good.npy", "short.npy"], "short.npy: has 299 rows but good.npy has 300; CKA compares the same samples"),
+    (
+        ["report", "good.npy", "--reference", "short.npy"],
+        "short.npy: has 299 rows but good.npy has 300; CKA compares the same samples",
+    ),
+    (
+        ["compare", "good.npy", "short.npy"],
+        "short.npy: has 299 rows but good.npy has 300; CKA compares the same samples",
+    ),
     (["compare", "good.npy", "nan.npy"], "nan.npy: 4 of 300 rows contain NaN or infinite values"),
     (["compare", "good.npy"], "Missing argument 'B'"),
     (["compare", "good.npy", "good.npy", "--key", "a", "--key", "b", "--key", "c"], "--key: give it once"),
@@ -293,7 +341,9 @@ def test_drop_nonfinite_skips_and_reports(tmp_path, capsys):
 
 
 def test_bad_input_in_a_fresh_process_has_no_traceback(tmp_path):
-    result = subprocess.run([SCRIPT, "report", str(tmp_path / "nope.npy")], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [SCRIPT, "report", str(tmp_path / "nope.npy")], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode == 2
     assert result.stderr == f"reprmetrics: error: {tmp_path / 'nope.npy'}: no such file\n"
 
@@ -304,7 +354,9 @@ def test_views_for_some_files_are_matched_by_position(tmp_path, capsys):
     zs = [embeddings(300, 16, seed=i) for i in range(3)]
     for path, z in zip(paths, zs):
         np.save(path, z)
-    views = np.stack([zs[0], zs[0] + 0.05 * np.random.default_rng(5).standard_normal(zs[0].shape)], axis=1).astype(np.float32)
+    views = np.stack([zs[0], zs[0] + 0.05 * np.random.default_rng(5).standard_normal(zs[0].shape)], axis=1).astype(
+        np.float32
+    )
     np.save(tmp_path / "v0.npy", views)
     status, out, err = run_cli("report", *paths, "--views", tmp_path / "v0.npy", "--format", "json", capsys=capsys)
     assert status == 0, err
@@ -315,7 +367,9 @@ def test_views_for_some_files_are_matched_by_position(tmp_path, capsys):
         assert "lidar" not in row and "alignment" not in row
         assert_values(row, evaluate(torch.from_numpy(z)))
     note = [line for line in err.splitlines() if "--views" in line]
-    assert note == [f"reprmetrics: --views matched by position: 1 of 3 files have views; {paths[1]}, {paths[2]}: no lidar or alignment"]
+    assert note == [
+        f"reprmetrics: --views matched by position: 1 of 3 files have views; {paths[1]}, {paths[2]}: no lidar or alignment"
+    ]
     status, out, _ = run_cli("report", *paths, "--views", tmp_path / "v0.npy", "--quiet", capsys=capsys)
     assert status == 0
     table = out.splitlines()
@@ -364,7 +418,9 @@ def test_json_and_csv_print_the_precision_computed(tmp_path, capsys, dtype):
 def test_small_and_large_integers_share_one_table_format(tmp_path, capsys):
     np.save(tmp_path / "small.npy", embeddings(600, 8))
     np.save(tmp_path / "large.npy", embeddings(10_500, 8))
-    status, out, _ = run_cli("report", tmp_path / "small.npy", tmp_path / "large.npy", "--metrics", "rankme", "--quiet", capsys=capsys)
+    status, out, _ = run_cli(
+        "report", tmp_path / "small.npy", tmp_path / "large.npy", "--metrics", "rankme", "--quiet", capsys=capsys
+    )
     assert status == 0
     assert [line.split("|")[1].strip() for line in out.splitlines()[2:]] == ["600", "10,500"]
 
@@ -382,13 +438,19 @@ def _unsafe_torch_files(tmp: Path) -> dict[str, Path]:
 
     marker = tmp / "code_ran"
     _WritesAFileWhenUnpickled.marker = marker
-    files = {"pickle": tmp / "pickle.pt", "module": tmp / "module.pt", "zip_object": tmp / "zip_object.pt", "numpy": tmp / "numpy.pt", "truncated": tmp / "truncated.pt"}
+    files = {
+        "pickle": tmp / "pickle.pt",
+        "module": tmp / "module.pt",
+        "zip_object": tmp / "zip_object.pt",
+        "numpy": tmp / "numpy.pt",
+        "truncated": tmp / "truncated.pt",
+    }
     with open(files["pickle"], "wb") as f:
         pickle.dump(_WritesAFileWhenUnpickled(), f)  # a plain (legacy-style) pickle that runs code
     torch.save(torch.nn.Linear(3, 4), files["module"])
     torch.save({"emb": torch.zeros(10, 3), "hook": _WritesAFileWhenUnpickled()}, files["zip_object"])
     torch.save(np.zeros((10, 3), np.float32), files["numpy"])
-    whole = (tmp / "whole.pt")
+    whole = tmp / "whole.pt"
     torch.save(torch.zeros(100, 8), whole)
     files["truncated"].write_bytes(whole.read_bytes()[:300])
     return files
@@ -448,14 +510,27 @@ HEAVY_MODULES = ("torch", "torchmetrics", "numpy", "reprmetrics.evaluate")
 def imported_modules(command: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
     """Run ``command`` (a Python entry point) under ``-X importtime``; the modules it imported."""
     result = subprocess.run([sys.executable, "-X", "importtime", *command], capture_output=True, text=True, cwd="/")
-    modules = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:") and "|" in line}
+    modules = {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
     return result, modules
 
 
 @pytest.mark.parametrize(
     "args, status",
-    [(["--help"], 0), (["--version"], 0), (["report", "--help"], 0), (["compare", "--help"], 0), (["metrics", "--help"], 0),
-     (["report"], 2), (["report", "x.npy", "--format", "xml"], 2), (["report", "x.npy", "--batch-size", "1"], 2), (["frobnicate"], 2)],
+    [
+        (["--help"], 0),
+        (["--version"], 0),
+        (["report", "--help"], 0),
+        (["compare", "--help"], 0),
+        (["metrics", "--help"], 0),
+        (["report"], 2),
+        (["report", "x.npy", "--format", "xml"], 2),
+        (["report", "x.npy", "--batch-size", "1"], 2),
+        (["frobnicate"], 2),
+    ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else None,
 )
 @pytest.mark.parametrize("entry", ["script", "python -m"])
@@ -524,7 +599,17 @@ def test_help(capsys, command):
     assert status == 0 and err == ""
     assert out.startswith("Usage: reprmetrics")
     if command == ["report"]:
-        for option in ("--key", "--views", "--format", "--output", "--plot", "--device", "--quiet", "--drop-nonfinite", "--batch-size"):
+        for option in (
+            "--key",
+            "--views",
+            "--format",
+            "--output",
+            "--plot",
+            "--device",
+            "--quiet",
+            "--drop-nonfinite",
+            "--batch-size",
+        ):
             assert option in out
 
 
@@ -537,7 +622,13 @@ def test_console_script_is_installed():
 
 @pytest.mark.parametrize(
     "command",
-    [[SCRIPT, "--help"], [SCRIPT, "report", "--help"], [SCRIPT, "compare", "--help"], [sys.executable, "-m", "reprmetrics", "--help"], [sys.executable, "-m", "reprmetrics", "report", "--help"]],
+    [
+        [SCRIPT, "--help"],
+        [SCRIPT, "report", "--help"],
+        [SCRIPT, "compare", "--help"],
+        [sys.executable, "-m", "reprmetrics", "--help"],
+        [sys.executable, "-m", "reprmetrics", "report", "--help"],
+    ],
     ids=["script", "script report", "script compare", "python -m", "python -m report"],
 )
 def test_help_in_a_fresh_process(command):
@@ -550,7 +641,9 @@ def test_help_in_a_fresh_process(command):
 def test_console_script_report_in_a_fresh_process(tmp_path):
     z = embeddings()
     np.save(tmp_path / "z.npy", z)
-    result = subprocess.run([SCRIPT, "report", "z.npy", "--format", "json"], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [SCRIPT, "report", "z.npy", "--format", "json"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert_values(json.loads(result.stdout)[0], evaluate(torch.from_numpy(z)))
 
@@ -595,7 +688,9 @@ def peak_rss_mb(child: subprocess.Popen) -> float:
 def _report_peak_mb(path, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(tmp_path / "out.json", "w") as out, open(tmp_path / "err.txt", "w") as err:
-        child = subprocess.Popen([SCRIPT, "report", str(path), "--format", "json", "--quiet"], stdout=out, stderr=err, env=env)
+        child = subprocess.Popen(
+            [SCRIPT, "report", str(path), "--format", "json", "--quiet"], stdout=out, stderr=err, env=env
+        )
         peak_mb = peak_rss_mb(child)
     assert child.returncode == 0, (tmp_path / "err.txt").read_text()
     return peak_mb, json.loads((tmp_path / "out.json").read_text())[0]
@@ -644,13 +739,22 @@ def test_save_embeddings_example_feeds_report(tmp_path, capsys):
     splits = digits_ssl.digit_splits()
     model = digits_ssl.SimCLR()
     trainer = pl.Trainer(
-        max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
     )
     trainer.fit(model, digits_ssl.train_loader(splits, 64))
     checkpoint = tmp_path / "epoch0.ckpt"
     trainer.save_checkpoint(checkpoint)
-    written = save_embeddings.main([str(checkpoint), "--out-dir", str(tmp_path / "emb"), "--views", "--format", "safetensors"])
+    written = save_embeddings.main(
+        [str(checkpoint), "--out-dir", str(tmp_path / "emb"), "--views", "--format", "safetensors"]
+    )
     capsys.readouterr()
     assert [p.name for p in written] == ["epoch0.safetensors", "epoch0_views.safetensors"]
     status, out, err = run_cli("report", written[0], "--views", written[1], "--format", "json", capsys=capsys)
@@ -669,7 +773,17 @@ def test_device_cuda_gives_the_cpu_numbers(tmp_path, capsys):
     np.save(tmp_path / "v.npy", np.stack([z, z + 0.1], axis=1))
     outputs = []
     for device in ("cpu", "cuda"):
-        status, out, err = run_cli("report", tmp_path / "z.npy", "--views", tmp_path / "v.npy", "--device", device, "--format", "json", capsys=capsys)
+        status, out, err = run_cli(
+            "report",
+            tmp_path / "z.npy",
+            "--views",
+            tmp_path / "v.npy",
+            "--device",
+            device,
+            "--format",
+            "json",
+            capsys=capsys,
+        )
         assert status == 0, err
         outputs.append(json.loads(out)[0])
     assert_values(outputs[1], {k: v for k, v in outputs[0].items() if isinstance(v, float)}, rtol=1e-5)

@@ -12,7 +12,9 @@ OTHERS = {"coding_rate": CodingRate, "uniformity": Uniformity, "lid": LocalIntri
 
 
 def _collection():
-    return MetricCollection({name: cls() for name, cls in {**ROW_MOMENT_READERS, **OTHERS}.items()}, compute_groups=True)
+    return MetricCollection(
+        {name: cls() for name, cls in {**ROW_MOMENT_READERS, **OTHERS}.items()}, compute_groups=True
+    )
 
 
 def _data():

@@ -48,7 +48,15 @@ def _fault_case(rank, world_size, name, case, on_step, batches, extra):
         if rank == 0:
             seen.append(_feed(metric, args, on_step))
         elif case == "nonfinite_rows":
-            seen.append(_attempt(lambda: metric(*spec.nonfinite(len(args[0]))) if on_step else metric.update(*spec.nonfinite(len(args[0])))))
+            seen.append(
+                _attempt(
+                    lambda args=args: (
+                        metric(*spec.nonfinite(len(args[0])))
+                        if on_step
+                        else metric.update(*spec.nonfinite(len(args[0])))
+                    )
+                )
+            )
         elif on_step:  # forward() is collective: the rank without rows still takes part
             seen.append(_feed(metric, spec.empty(), on_step))
     first = _attempt(lambda: _value(metric))
@@ -100,7 +108,11 @@ def test_every_metric_survives_ranks_without_rows_and_failed_computes(name, case
     # Usable afterwards: the value of everything accumulated.
     expected_after = _reference(name, kept + extra)
     assert rank0["after"][0] == rank1["after"][0] == "ok", (rank0["after"], rank1["after"])
-    assert _close(rank0["after"][1], expected_after[1]) and _close(rank1["after"][1], expected_after[1]), (rank0["after"], rank1["after"], expected_after)
+    assert _close(rank0["after"][1], expected_after[1]) and _close(rank1["after"][1], expected_after[1]), (
+        rank0["after"],
+        rank1["after"],
+        expected_after,
+    )
     if on_step:
         # Each forward() returned the value of that step's union (rank 0's batch; rank 1 had none).
         for args, (kind, value) in zip(batches, rank0["seen"]):

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from markdown_blocks import blocks, run_page
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +25,21 @@ def site(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("site")
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")  # mkdocs-material's banner about MkDocs 2.0
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"), "--site-dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "WARNING" not in result.stderr, result.stderr[-6000:]
@@ -59,14 +71,20 @@ def test_api_reference_documents_every_public_name(site):
     # `evaluate` is also a submodule, which shadows the function in Griffe's tree: the page documents
     # it under its module path.
     entry = {"evaluate": "reprmetrics.evaluate.evaluate"}
-    missing = [n for n in reprmetrics.__all__ if not n.startswith("__") and entry.get(n, f"reprmetrics.{n}") not in package_ids]
+    missing = [
+        n for n in reprmetrics.__all__ if not n.startswith("__") and entry.get(n, f"reprmetrics.{n}") not in package_ids
+    ]
     assert not missing, f"reprmetrics names without an API entry (add them to the TYPE_CHECKING imports too): {missing}"
     functional_ids = _ids(site / "api" / "functional" / "index.html")
     missing = [n for n in reprmetrics.functional.__all__ if f"reprmetrics.functional.{n}" not in functional_ids]
     assert not missing, missing
     expected = {
         "monitor": ["reprmetrics.monitor.RepresentationTracker", "reprmetrics.monitor.Tap"],
-        "stopping": ["reprmetrics.stopping.ssl_guard", "reprmetrics.stopping.CollapseCriteria", "reprmetrics.stopping.SSLGuard"],
+        "stopping": [
+            "reprmetrics.stopping.ssl_guard",
+            "reprmetrics.stopping.CollapseCriteria",
+            "reprmetrics.stopping.SSLGuard",
+        ],
         "evaluate": ["reprmetrics.evaluate.evaluate", "reprmetrics.evaluate.NonFiniteRowsError"],
         "callbacks": [
             "reprmetrics.callbacks.representation_monitor.RepresentationMonitor",
@@ -153,9 +171,18 @@ def test_pages_with_checks_exist_and_run_code():
 # there makes the entry stale (harmless). Anything not listed fails this test.
 KNOWN_DOCSTRING_ISSUES = {
     ("callbacks/huggingface.py", "Failed to get 'name: description' pair from 'taps, num_views, view_layout"),
-    ("callbacks/huggingface.py", "Parameter 'min_samples, metrics, default_metrics, strict, reference, rankme_diagnostics' does not appear"),
-    ("callbacks/huggingface.py", "Failed to get 'name: description' pair from 'patience, min_value, min_fraction_of_dim"),
-    ("callbacks/collapse_early_stopping.py", "Parameter 'min_value, min_fraction_of_dim, max_relative_drop' does not appear"),
+    (
+        "callbacks/huggingface.py",
+        "Parameter 'min_samples, metrics, default_metrics, strict, reference, rankme_diagnostics' does not appear",
+    ),
+    (
+        "callbacks/huggingface.py",
+        "Failed to get 'name: description' pair from 'patience, min_value, min_fraction_of_dim",
+    ),
+    (
+        "callbacks/collapse_early_stopping.py",
+        "Parameter 'min_value, min_fraction_of_dim, max_relative_drop' does not appear",
+    ),
     ("reprmetrics/spectral.py", "Parameter 'num_features, accumulate_dtype, kwargs' does not appear"),
     ("reprmetrics/intrinsic_dimension.py", "Parameter 'max_samples, seed, kwargs' does not appear"),
 }
@@ -170,7 +197,9 @@ def test_docstrings_parse_as_google_style():
         sys.path.remove(str(DOCS))
 
     loader = griffe.GriffeLoader(
-        extensions=griffe.load_extensions(PackageDir()), search_paths=[str(ROOT)], docstring_parser="google",
+        extensions=griffe.load_extensions(PackageDir()),
+        search_paths=[str(ROOT)],
+        docstring_parser="google",
         docstring_options={"warn_missing_types": False},
     )
     package = loader.load("reprmetrics")
@@ -202,10 +231,14 @@ def test_docstrings_parse_as_google_style():
         griffe_logger.removeHandler(handler)
     assert "callbacks" in package.members  # the package-dir extension attached reprmetrics.callbacks
     new = sorted(
-        (path, message) for path, message in found
+        (path, message)
+        for path, message in found
         if not any(path == known_path and message.startswith(prefix) for known_path, prefix in KNOWN_DOCSTRING_ISSUES)
     )
-    assert not new, "docstrings the API reference cannot render (list parameters one per line, 'name: text'):\n" + "\n".join(f"{p}: {m}" for p, m in new)
+    assert not new, (
+        "docstrings the API reference cannot render (list parameters one per line, 'name: text'):\n"
+        + "\n".join(f"{p}: {m}" for p, m in new)
+    )
 
 
 def test_rst_math_and_roles_become_markdown():

@@ -8,14 +8,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
+from references import rankme_ref
 from references_centred import alpha_req_centred_ref, lidar_ref, normalized_std_ref
 from references_intrinsic_dimension import lid_ref, mle_ref, twonn_ref
-from references import rankme_ref
-from references_multiview import alignment_ref, uniformity_ref
 from references_isotropy import coding_rate_ref, isoscore_steps_ref, nesum_ref, wasserstein_uniformity_ref
+from references_multiview import alignment_ref, uniformity_ref
 from references_similarity import linear_cka_ref
+from torch import nn
+
 from reprmetrics import LocalIntrinsicDimension, TwoNN, Uniformity, evaluate
 from reprmetrics.functional import (
     alignment,
@@ -189,9 +189,18 @@ def test_each_point_metric_alone(name):
     values = evaluate(z, metrics=[name])
     assert list(values) == [name]
     functional = {
-        "rankme": rankme, "alpha_req": alpha_req, "normalized_std": normalized_std, "uniformity": uniformity,
-        "lid": lambda x: local_intrinsic_dimension(x).log().mean().exp(), "twonn": twonn_dimension, "mle_dimension": mle_dimension,
-        "nesum": nesum, "coding_rate": coding_rate, "wasserstein_uniformity": wasserstein_uniformity, "isoscore": isoscore, "sigreg": sigreg,
+        "rankme": rankme,
+        "alpha_req": alpha_req,
+        "normalized_std": normalized_std,
+        "uniformity": uniformity,
+        "lid": lambda x: local_intrinsic_dimension(x).log().mean().exp(),
+        "twonn": twonn_dimension,
+        "mle_dimension": mle_dimension,
+        "nesum": nesum,
+        "coding_rate": coding_rate,
+        "wasserstein_uniformity": wasserstein_uniformity,
+        "isoscore": isoscore,
+        "sigreg": sigreg,
     }[name]
     assert math.isclose(values[name], float(functional(z)), rel_tol=1e-6)  # Metric values are float32
 
@@ -201,7 +210,11 @@ def test_more_points_than_max_samples_equals_the_metric_classes():
     z = power_law_embeddings(5000, 16)
     values = evaluate(z, metrics=["rankme", "uniformity", "lid", "twonn"], max_samples=700, batch_size=512)
     assert math.isclose(values["rankme"], rankme_ref(z.numpy()), rel_tol=1e-6)
-    for name, metric in (("uniformity", Uniformity(max_samples=700)), ("lid", LocalIntrinsicDimension(max_samples=700)), ("twonn", TwoNN(max_samples=700))):
+    for name, metric in (
+        ("uniformity", Uniformity(max_samples=700)),
+        ("lid", LocalIntrinsicDimension(max_samples=700)),
+        ("twonn", TwoNN(max_samples=700)),
+    ):
         for batch in z.split(1000):
             metric.update(batch)
         assert math.isclose(values[name], float(metric.compute()), rel_tol=1e-9), name

@@ -26,7 +26,9 @@ def test_odd_inputs_raise_value_error_naming_the_input(embeddings, views, match)
         evaluate(embeddings, views=views)
 
 
-@pytest.mark.parametrize("device, match", [("bogus", "not a device"), ("meta", "holds no values"), ("cuda:7", "CUDA|device")])
+@pytest.mark.parametrize(
+    "device, match", [("bogus", "not a device"), ("meta", "holds no values"), ("cuda:7", "CUDA|device")]
+)
 def test_a_bad_device_is_a_value_error(device, match):
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
@@ -37,7 +39,9 @@ def test_a_bad_device_is_a_value_error(device, match):
 def test_a_width_too_large_for_memory_is_refused_before_allocating():
     # 10 rows of width 100,000 that occupy 4 bytes (a zero-stride view): the D×D statistics would need ~1 TB.
     huge = np.lib.stride_tricks.as_strided(np.zeros(1, dtype=np.float32), shape=(10, 100_000), strides=(0, 0))
-    with pytest.raises(ValueError, match=r"D = 100,000 .*needs about [\d,.]+ GB, more than .* available.*uniformity, lid"):
+    with pytest.raises(
+        ValueError, match=r"D = 100,000 .*needs about [\d,.]+ GB, more than .* available.*uniformity, lid"
+    ):
         evaluate(huge)
     # The metrics that keep no D×D matrix are what the message offers, and they run.
     values = evaluate(huge, metrics=["normalized_std"])

@@ -88,7 +88,9 @@ def test_collapse_is_caught_and_the_healthy_run_continues(tmp_path, capsys):
     ranks = [v for _, v in collapsing["history"]["val/projector/rankme"]]
     assert all(v < threshold for v in ranks[-args.patience :])
     spread = collapsing["history"]["val/projector/normalized_std"][-1][1]
-    assert spread < 0.25 * collapse_caught.EMBEDDING_DIM**-0.5 < healthy["history"]["val/projector/normalized_std"][-1][1]
+    assert (
+        spread < 0.25 * collapse_caught.EMBEDDING_DIM**-0.5 < healthy["history"]["val/projector/normalized_std"][-1][1]
+    )
 
     assert not healthy["stopped"] and healthy["reason"] is None and healthy["epochs_run"] == args.epochs
     assert min(v for _, v in healthy["history"]["val/projector/rankme"]) > 1.25 * threshold
@@ -103,7 +105,9 @@ def test_harmful_fine_tune_is_stopped_and_its_best_checkpoint_kept(tmp_path, cap
     args = finetune_stopped.parse_args(["--fast"])
 
     assert result["stopped"] and result["epochs_run"] < args.epochs
-    assert result["reason"].startswith("Representation drift: CKA to the reference backbone") and result["reason"] in out
+    assert (
+        result["reason"].startswith("Representation drift: CKA to the reference backbone") and result["reason"] in out
+    )
     assert all(c < args.min_cka for c in result["cka"][-args.patience :])
     # The healthy fine-tune, with the same guard, runs to the end.
     healthy = result["healthy"]
@@ -115,7 +119,10 @@ def test_harmful_fine_tune_is_stopped_and_its_best_checkpoint_kept(tmp_path, cap
     # The file holds the best epoch's weights: recomputing the monitored metric from it gives the score.
     best = finetune_stopped.FineTuner.load_from_checkpoint(path, map_location="cpu")
     held_out = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(ssl_digits.digit_splits().held_out_images, ssl_digits.digit_splits().held_out_labels), batch_size=250
+        torch.utils.data.TensorDataset(
+            ssl_digits.digit_splits().held_out_images, ssl_digits.digit_splits().held_out_labels
+        ),
+        batch_size=250,
     )
     assert finetune_stopped.backbone_rankme(best, held_out) == pytest.approx(result["best_score"], rel=1e-4)
     assert event_files(result["log_dir"])
@@ -127,7 +134,9 @@ def test_hugging_face_trainer_fine_tune_is_stopped_and_the_healthy_one_is_not(tm
     args = hf_finetune_digits.parse_args(["--fast"])
 
     assert result["stopped"] and result["epochs_run"] < args.epochs
-    assert result["reason"].startswith("Representation drift: CKA to the reference backbone") and result["reason"] in out
+    assert (
+        result["reason"].startswith("Representation drift: CKA to the reference backbone") and result["reason"] in out
+    )
     assert all(c < args.min_cka for c in result["cka"][-args.patience :]) and len(result["cka"]) == result["epochs_run"]
     healthy = result["healthy"]
     assert not healthy["stopped"] and healthy["epochs_run"] == args.epochs and min(healthy["cka"]) > args.min_cka
@@ -136,7 +145,11 @@ def test_hugging_face_trainer_fine_tune_is_stopped_and_the_healthy_one_is_not(tm
     for run in (result, healthy):
         assert run["best_metric"] == pytest.approx(max(run["accuracy"])) and os.path.isdir(run["best_checkpoint"])
         (events,) = event_files(run["log_dir"])
-        assert {"eval/repr/backbone/cka_to_reference", "eval/repr/backbone/normalized_std", "eval/accuracy"} <= scalar_tags(events)
+        assert {
+            "eval/repr/backbone/cka_to_reference",
+            "eval/repr/backbone/normalized_std",
+            "eval/accuracy",
+        } <= scalar_tags(events)
 
 
 def test_make_figures_writes_the_readme_figure(tmp_path, capsys):

@@ -92,14 +92,18 @@ def pairs(n: int = N, seed: int = 1, dtype: torch.dtype = torch.float64) -> tupl
     """x, and y = a random linear map of x plus noise (one width: alignment compares rows of both)."""
     x = embeddings(n, D, seed, torch.float64)
     g = torch.Generator().manual_seed(seed + 100)
-    y = x @ torch.randn(D, D, generator=g, dtype=torch.float64) / D**0.5 + 0.3 * torch.randn(n, D, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(D, D, generator=g, dtype=torch.float64) / D**0.5 + 0.3 * torch.randn(
+        n, D, generator=g, dtype=torch.float64
+    )
     return x.to(dtype), y.to(dtype)
 
 
 def views(n: int = N, q: int = 2, seed: int = 2, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     centres = embeddings(n, D, seed, torch.float64)
     g = torch.Generator().manual_seed(seed + 100)
-    return (centres[:, None, :] + 0.3 * torch.randn(n, q, D, generator=g, dtype=torch.float64) * centres.std(0)).to(dtype)
+    return (centres[:, None, :] + 0.3 * torch.randn(n, q, D, generator=g, dtype=torch.float64) * centres.std(0)).to(
+        dtype
+    )
 
 
 def uneven_slices(n: int) -> list[slice]:
@@ -149,14 +153,24 @@ CLASS_CASES: dict[str, ClassCase] = {
     "LiDAR": ClassCase(reprmetrics.LiDAR, "views", lambda b, eps: lidar_ref(_all(b))),
     "Alignment": ClassCase(reprmetrics.Alignment, "pairs", lambda b, eps: alignment_ref(_all(b, 0), _all(b, 1))),
     "Uniformity": ClassCase(reprmetrics.Uniformity, "points", lambda b, eps: uniformity_ref(_all(b))),
-    "LocalIntrinsicDimension": ClassCase(reprmetrics.LocalIntrinsicDimension, "points", lambda b, eps: _lid_geometric_mean(_all(b), 20)),
+    "LocalIntrinsicDimension": ClassCase(
+        reprmetrics.LocalIntrinsicDimension, "points", lambda b, eps: _lid_geometric_mean(_all(b), 20)
+    ),
     "TwoNN": ClassCase(reprmetrics.TwoNN, "points", lambda b, eps: twonn_ref(_all(b))),
     "MLEDimension": ClassCase(reprmetrics.MLEDimension, "points", lambda b, eps: mle_ref(_all(b), 20)),
-    "WassersteinUniformity": ClassCase(reprmetrics.WassersteinUniformity, "points", lambda b, eps: wasserstein_uniformity_ref(_all(b))),
-    "SIGReg": ClassCase(lambda: reprmetrics.SIGReg(directions=SIGREG_DIRECTIONS), "points", lambda b, eps: sigreg_ref(_all(b), SIGREG_DIRECTIONS.numpy())),
+    "WassersteinUniformity": ClassCase(
+        reprmetrics.WassersteinUniformity, "points", lambda b, eps: wasserstein_uniformity_ref(_all(b))
+    ),
+    "SIGReg": ClassCase(
+        lambda: reprmetrics.SIGReg(directions=SIGREG_DIRECTIONS),
+        "points",
+        lambda b, eps: sigreg_ref(_all(b), SIGREG_DIRECTIONS.numpy()),
+    ),
     "IsoScore": ClassCase(reprmetrics.IsoScore, "points", lambda b, eps: isoscore_steps_ref(_all(b))),
     "LinearCKA": ClassCase(reprmetrics.LinearCKA, "pairs", lambda b, eps: linear_cka_ref(_all(b, 0), _all(b, 1))),
-    "MinibatchCKA": ClassCase(reprmetrics.MinibatchCKA, "pairs", lambda b, eps: minibatch_cka_ref([x for x, _ in b], [y for _, y in b])),
+    "MinibatchCKA": ClassCase(
+        reprmetrics.MinibatchCKA, "pairs", lambda b, eps: minibatch_cka_ref([x for x, _ in b], [y for _, y in b])
+    ),
 }
 
 
@@ -218,7 +232,11 @@ def _uncentred_eigenvalues_ref(z: np.ndarray) -> np.ndarray:
 
 def _rankme_diagnostics_ref(z: np.ndarray) -> dict:
     sigma = _singular_values_ref(z)
-    return {"rankme": rankme_ref(z), "top_singular_value": float(sigma[0]), "condition_number": float(sigma[0] / sigma[-1])}
+    return {
+        "rankme": rankme_ref(z),
+        "top_singular_value": float(sigma[0]),
+        "condition_number": float(sigma[0] / sigma[-1]),
+    }
 
 
 def _ldreg_ref(z: np.ndarray) -> float:
@@ -228,7 +246,11 @@ def _ldreg_ref(z: np.ndarray) -> float:
 FUNCTIONAL_CASES: dict[str, list[FunctionalCase]] = {
     "alignment": [FunctionalCase(RF.alignment, pairs, alignment_ref, differentiable=True)],
     "alpha_req": [FunctionalCase(RF.alpha_req, lambda: (embeddings(),), lambda z: alpha_req_ref(z, input_eps=F64_EPS))],
-    "alpha_req_fit": [FunctionalCase(RF.alpha_req_fit, lambda: (embeddings(),), lambda z: {"alpha": alpha_req_ref(z, input_eps=F64_EPS)})],
+    "alpha_req_fit": [
+        FunctionalCase(
+            RF.alpha_req_fit, lambda: (embeddings(),), lambda z: {"alpha": alpha_req_ref(z, input_eps=F64_EPS)}
+        )
+    ],
     "cka": [
         FunctionalCase(
             lambda x, y, k=kernel, b=debiased: RF.cka(x, y, kernel=k, debiased=b),
@@ -241,14 +263,24 @@ FUNCTIONAL_CASES: dict[str, list[FunctionalCase]] = {
     "coding_rate": [FunctionalCase(RF.coding_rate, lambda: (embeddings(),), coding_rate_ref)],
     "eigenspectrum": [
         FunctionalCase(RF.eigenspectrum, lambda: (embeddings(),), _covariance_eigenvalues_ref),
-        FunctionalCase(lambda z: RF.eigenspectrum(z, center=False), lambda: (embeddings(),), _uncentred_eigenvalues_ref),
+        FunctionalCase(
+            lambda z: RF.eigenspectrum(z, center=False), lambda: (embeddings(),), _uncentred_eigenvalues_ref
+        ),
     ],
     "isoscore": [FunctionalCase(RF.isoscore, lambda: (embeddings(),), isoscore_steps_ref)],
-    "ldreg_regularizer": [FunctionalCase(lambda z: RF.ldreg_regularizer(z, k=16), lambda: (embeddings(),), _ldreg_ref, differentiable=True)],
+    "ldreg_regularizer": [
+        FunctionalCase(
+            lambda z: RF.ldreg_regularizer(z, k=16), lambda: (embeddings(),), _ldreg_ref, differentiable=True
+        )
+    ],
     "lidar": [FunctionalCase(RF.lidar, lambda: (views(),), lidar_ref)],
     "linear_cka": [FunctionalCase(RF.linear_cka, pairs, linear_cka_ref)],
     "local_intrinsic_dimension": [
-        FunctionalCase(lambda z, e=estimator: RF.local_intrinsic_dimension(z, k=20, estimator=e), lambda: (embeddings(),), lambda z, e=estimator: lid_ref(z, 20, e))
+        FunctionalCase(
+            lambda z, e=estimator: RF.local_intrinsic_dimension(z, k=20, estimator=e),
+            lambda: (embeddings(),),
+            lambda z, e=estimator: lid_ref(z, 20, e),
+        )
         for estimator in ("mle", "mom")
     ],
     "mle_dimension": [FunctionalCase(RF.mle_dimension, lambda: (embeddings(),), mle_ref)],
@@ -256,11 +288,19 @@ FUNCTIONAL_CASES: dict[str, list[FunctionalCase]] = {
     "normalized_std": [FunctionalCase(RF.normalized_std, lambda: (embeddings(),), normalized_std_ref)],
     "rankme": [FunctionalCase(RF.rankme, lambda: (embeddings(),), rankme_ref)],
     "rankme_diagnostics": [FunctionalCase(RF.rankme_diagnostics, lambda: (embeddings(),), _rankme_diagnostics_ref)],
-    "sigreg": [FunctionalCase(lambda z: RF.sigreg(z, directions=SIGREG_DIRECTIONS), lambda: (embeddings(),), lambda z: sigreg_ref(z, SIGREG_DIRECTIONS.numpy()))],
+    "sigreg": [
+        FunctionalCase(
+            lambda z: RF.sigreg(z, directions=SIGREG_DIRECTIONS),
+            lambda: (embeddings(),),
+            lambda z: sigreg_ref(z, SIGREG_DIRECTIONS.numpy()),
+        )
+    ],
     "singular_values": [FunctionalCase(RF.singular_values, lambda: (embeddings(),), _singular_values_ref)],
     "twonn_dimension": [FunctionalCase(RF.twonn_dimension, lambda: (embeddings(),), twonn_ref)],
     "uniformity": [FunctionalCase(RF.uniformity, lambda: (embeddings(),), uniformity_ref, differentiable=True)],
-    "wasserstein_uniformity": [FunctionalCase(RF.wasserstein_uniformity, lambda: (embeddings(),), wasserstein_uniformity_ref)],
+    "wasserstein_uniformity": [
+        FunctionalCase(RF.wasserstein_uniformity, lambda: (embeddings(),), wasserstein_uniformity_ref)
+    ],
 }
 
 
@@ -339,7 +379,9 @@ def check_knn_tiles(
     queries = np.unique(np.concatenate([np.linspace(0, n - 1, spot_queries).astype(int), boundaries]))
     exact_distances, exact_index = brute_force_neighbours(np64(x), queries, k)
     got_index = index.cpu().numpy()[queries]
-    assert np.array_equal(got_index, exact_index), f"{int((got_index != exact_index).sum())} of {got_index.size} neighbours differ"
+    assert np.array_equal(got_index, exact_index), (
+        f"{int((got_index != exact_index).sum())} of {got_index.size} neighbours differ"
+    )
     assert max_rel_err(np64(distances)[queries], exact_distances) <= 1e-12
     cpu_distances, cpu_index = knn(x, k)
     assert torch.equal(index.cpu(), cpu_index)
@@ -350,7 +392,9 @@ def check_knn_against_reference_set(device: str, dtype: torch.dtype = torch.floa
     """Queries against a separate reference holding their own copies: the zero-distance copy is dropped."""
     x = embeddings(700, 16, seed=4, dtype=dtype)
     queries, reference = x[:200], torch.cat([x[:200], embeddings(900, 16, seed=5, dtype=dtype)])
-    distances, _ = knn(queries.to(on(device)), 10, reference=reference.to(on(device)), exclude_self=True, max_tile_bytes=64 * 1024)
+    distances, _ = knn(
+        queries.to(on(device)), 10, reference=reference.to(on(device)), exclude_self=True, max_tile_bytes=64 * 1024
+    )
     assert_on(device, distances)
     expected = knn_distances_ref(np64(queries), 10, reference=np64(reference), exclude_self=True)
     assert max_rel_err(np64(distances), expected) <= 1e-12
@@ -403,7 +447,6 @@ def _lightning_data(n: int, seed: int) -> torch.utils.data.DataLoader:
 
 def lightning_run(accelerator: str, root) -> tuple[dict[str, float], nn.Module, object]:
     import lightning.pytorch as pl
-
     from reprmetrics.callbacks import RepresentationMonitor
 
     pl.seed_everything(0, verbose=False)
@@ -463,15 +506,21 @@ def tiny_bert() -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, max_position_embeddings=16)
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=16,
+    )
     return BertForSequenceClassification(config)
 
 
 def check_huggingface_callback(device: str, root, trainer_class) -> None:
     """The Trainer callback on ``device``: metrics where the model is, values equal to a CPU recomputation."""
-    from transformers import TrainingArguments
-
     from reprmetrics.callbacks.huggingface import RepresentationCallback
+    from transformers import TrainingArguments
 
     model, eval_set = tiny_bert(), RandomTokens(192, seed=1)
     callback = RepresentationCallback(["bert.pooler"], every_n_train_steps=2, train_buffer_size=128)
@@ -480,7 +529,9 @@ def check_huggingface_callback(device: str, root, trainer_class) -> None:
         num_train_epochs=1, eval_strategy="epoch", logging_steps=2, save_strategy="no", report_to="none",
         use_cpu=device == "cpu", disable_tqdm=True, seed=0, dataloader_drop_last=True,
     )  # fmt: skip
-    trainer = trainer_class(model=model, args=args, train_dataset=RandomTokens(512, seed=0), eval_dataset=eval_set, callbacks=[callback])
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=RandomTokens(512, seed=0), eval_dataset=eval_set, callbacks=[callback]
+    )
     trainer.train()
     assert next(model.parameters()).device.type == device
     for metric in callback.tracker.metric_sets("val")["bert.pooler"].metrics.values():
@@ -588,7 +639,9 @@ def check_capture_path_syncs(device: str, batch: int = 64, every: int = 8, eval_
     assert len(computed) == 1 and float(computed[0]["encoder/num_samples"]) == 2 * batch
     values, syncs = eval_pass(checked=True)
     assert float(values["encoder/num_samples"]) == eval_batches * batch
-    assert len(syncs) <= eval_batches, f"{len(syncs)} host syncs in {eval_batches} captured evaluation batches: {syncs[:3]}"
+    assert len(syncs) <= eval_batches, (
+        f"{len(syncs)} host syncs in {eval_batches} captured evaluation batches: {syncs[:3]}"
+    )
 
 
 # ---- the tests: on CUDA ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:  # `benchmarks` is not installed; `python -m pytes
 
 from benchmarks import gpu_proof  # noqa: E402
 from benchmarks.gpu_proof import TimedCase, Variant, run_cases, run_timed_case  # noqa: E402
+
 CPU = torch.device("cpu")
 
 # Every case the issue asks for (rows per case: one per variant of ours).
@@ -46,7 +47,18 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 def test_smoke_run_on_cpu_gives_every_case_a_row(tmp_path):
     out, rows_file = tmp_path / "proof.md", tmp_path / "proof.json"
-    command = [sys.executable, "-m", "benchmarks.gpu_proof", "--smoke", "--device", "cpu", "--out", str(out), "--json", str(rows_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu_proof",
+        "--smoke",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--json",
+        str(rows_file),
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     table = out.read_text()
@@ -134,8 +146,24 @@ def test_a_failing_case_is_reported_and_the_next_one_runs():
     def broken(_data: object) -> None:
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    failing = TimedCase(name="broken", input_desc="", make_input=lambda: None, ours=[Variant("ours", broken, 0.0)], baseline=None, budget_s=1, repeats=1)
-    fine = TimedCase(name="fine", input_desc="", make_input=lambda: None, ours=[Variant("ours", lambda d: None, 0.0)], baseline=None, budget_s=1, repeats=1)
+    failing = TimedCase(
+        name="broken",
+        input_desc="",
+        make_input=lambda: None,
+        ours=[Variant("ours", broken, 0.0)],
+        baseline=None,
+        budget_s=1,
+        repeats=1,
+    )
+    fine = TimedCase(
+        name="fine",
+        input_desc="",
+        make_input=lambda: None,
+        ours=[Variant("ours", lambda d: None, 0.0)],
+        baseline=None,
+        budget_s=1,
+        repeats=1,
+    )
     rows = run_cases([failing, fine], CPU, deadline=time.perf_counter() + 60, log=lambda message: None)
     assert rows[0]["result"] == "error: RuntimeError: CUDA out of memory (simulated)"
     assert rows[1]["case"] == "fine" and rows[1]["reps"] == "1 of 1"

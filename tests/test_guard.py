@@ -14,10 +14,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_models import ConcatViewsEncoder, ConvEncoder, DivergingEncoder, ToyEncoder, loaders
+from reprmetrics.callbacks import CollapseEarlyStopping, RepresentationMonitor
 from torch.utils.data import DataLoader, TensorDataset
 
 from reprmetrics import RankMe
-from reprmetrics.callbacks import CollapseEarlyStopping, RepresentationMonitor
 from reprmetrics.functional import lidar, rankme
 from reprmetrics.monitor import MonitorConfigurationError, RepresentationTracker, Tap, flatten_output
 
@@ -27,8 +27,16 @@ warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
 
 def fit(tmp_path, model, callbacks, max_epochs=2, logger=False, train=None, val=None, **kwargs):
     t = pl.Trainer(
-        max_epochs=max_epochs, callbacks=callbacks, logger=logger, default_root_dir=str(tmp_path), enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", devices=1, **kwargs,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
+        **kwargs,
     )
     default_train, default_val = loaders()
     t.fit(model, train or default_train, val or default_val)
@@ -36,7 +44,13 @@ def fit(tmp_path, model, callbacks, max_epochs=2, logger=False, train=None, val=
 
 
 def rankme_only(taps, **kwargs):
-    return RepresentationMonitor(taps, every_n_train_steps=kwargs.pop("every_n_train_steps", 0), default_metrics=False, metrics={"rankme": RankMe()}, **kwargs)
+    return RepresentationMonitor(
+        taps,
+        every_n_train_steps=kwargs.pop("every_n_train_steps", 0),
+        default_metrics=False,
+        metrics={"rankme": RankMe()},
+        **kwargs,
+    )
 
 
 # ---- 1. a misspelt tap ---------------------------------------------------------------------------
@@ -100,7 +114,11 @@ def test_wrong_metric_name_in_stopper_key_raises_listing_keys(tmp_path):
 
 def test_train_key_without_train_stage_raises(tmp_path):
     with pytest.raises(MisconfigurationException, match="every_n_train_steps=0"):
-        fit(tmp_path, ToyEncoder(), [rankme_only(["projector"]), CollapseEarlyStopping("repr/train/projector/rankme", min_value=1.0)])
+        fit(
+            tmp_path,
+            ToyEncoder(),
+            [rankme_only(["projector"]), CollapseEarlyStopping("repr/train/projector/rankme", min_value=1.0)],
+        )
 
 
 # ---- 3. a capture that produced nothing -------------------------------------------------------------
@@ -113,7 +131,9 @@ def test_capture_that_produced_nothing_warns_each_epoch(tmp_path):
     with pytest.warns(RuntimeWarning) as record:
         fit(tmp_path, NoValKey(), [rankme_only(["z"], every_n_train_steps=4)], max_epochs=2)
     messages = [str(w.message) for w in record if "captured nothing" in str(w.message)]
-    assert len(messages) == 2 and all("'z'" in m and "validation" in m and "validation_step outputs" in m for m in messages)
+    assert len(messages) == 2 and all(
+        "'z'" in m and "validation" in m and "validation_step outputs" in m for m in messages
+    )
     # Every warning points at the user's code (this file), not at torch or Lightning internals.
     assert {w.filename for w in record if "RepresentationMonitor" in str(w.message)} == {__file__}
 
@@ -128,7 +148,9 @@ def test_module_never_called_in_training_warns_per_epoch(tmp_path):
     with pytest.warns(RuntimeWarning) as record:
         fit(tmp_path, Unused(), [rankme_only(["unused"], every_n_train_steps=4)], max_epochs=2)
     messages = [str(w.message) for w in record if "captured nothing" in str(w.message)]
-    assert any("training steps of epoch 0" in m for m in messages) and any("training steps of epoch 1" in m for m in messages)
+    assert any("training steps of epoch 0" in m for m in messages) and any(
+        "training steps of epoch 1" in m for m in messages
+    )
     assert sum("validation pass" in m for m in messages) == 2 and all("never called" in m for m in messages)
 
 
@@ -139,17 +161,29 @@ def test_nonfinite_embeddings_stop_at_once_and_checkpoint_survives(tmp_path):
     stop = CollapseEarlyStopping("repr/val/projector/rankme", min_fraction_of_dim=0.1, patience=3)
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="repr/val/projector/rankme", mode="max")
     with pytest.warns(RuntimeWarning, match="divergence"):
-        t = pl.Trainer(max_epochs=6, callbacks=[monitor, stop, checkpoint], logger=False, default_root_dir=str(tmp_path),
-                       enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+        t = pl.Trainer(
+            max_epochs=6,
+            callbacks=[monitor, stop, checkpoint],
+            logger=False,
+            default_root_dir=str(tmp_path),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+        )
         t.fit(DivergingEncoder(nan_from_epoch=1, nan_share=0.375), *loaders())
     history = monitor.tracker.history
     assert history["val/projector/nonfinite_fraction"][0][1] == 0.0
     assert history["val/projector/nonfinite_fraction"][1][1] == pytest.approx(0.375, abs=0.01)
-    assert all(math.isnan(history[f"val/projector/{m}"][1][1]) for m in ("rankme", "lid", "uniformity", "normalized_std"))
+    assert all(
+        math.isnan(history[f"val/projector/{m}"][1][1]) for m in ("rankme", "lid", "uniformity", "normalized_std")
+    )
     # Two projector calls per validation batch (num_views=1: 512 samples); 24 of every 64 rows are NaN.
     assert history["val/projector/num_samples"][1][1] == 512 - 8 * 24
     assert t.current_epoch == 2  # stopped right after the first diverged epoch, not after `patience`
-    assert stop.stopping_reason_message.startswith("Divergence: tap projector produced non-finite embeddings (38% of 512 samples")
+    assert stop.stopping_reason_message.startswith(
+        "Divergence: tap projector produced non-finite embeddings (38% of 512 samples"
+    )
     assert checkpoint.best_model_score is not None and math.isfinite(checkpoint.best_model_score.item())
 
 
@@ -161,7 +195,11 @@ def test_plain_loop_reports_divergence_as_values():
     with pytest.warns(RuntimeWarning, match="divergence"):
         tracker.end_eval_step({"z": z})
         values = tracker.end_eval()
-    assert math.isnan(values["z/rankme"]) and values["z/nonfinite_fraction"].item() == 0.25 and values["z/num_samples"].item() == 75
+    assert (
+        math.isnan(values["z/rankme"])
+        and values["z/nonfinite_fraction"].item() == 0.25
+        and values["z/num_samples"].item() == 75
+    )
 
 
 # ---- 5. view layout -----------------------------------------------------------------------------------
@@ -209,7 +247,10 @@ def test_ungroupable_batches_are_counted_and_few_samples_are_not_reported(tmp_pa
     with pytest.warns(RuntimeWarning) as record:
         t = fit(tmp_path, OneCallInValidation(), [monitor, stop], max_epochs=2, val=val)
     messages = [str(w.message) for w in record]
-    assert any("only 4 of 159 samples were usable; 155 were in batches that could not be grouped into 2 views" in m for m in messages)
+    assert any(
+        "only 4 of 159 samples were usable; 155 were in batches that could not be grouped into 2 views" in m
+        for m in messages
+    )
     assert any("4 usable samples, fewer than min_samples=64" in m for m in messages)
     history = monitor.tracker.history
     assert [v for _, v in history["val/projector/num_samples"]] == [4.0, 4.0]
@@ -220,7 +261,10 @@ def test_ungroupable_batches_are_counted_and_few_samples_are_not_reported(tmp_pa
 
 # ---- 7. feature maps ------------------------------------------------------------------------------------------
 def test_feature_map_tap_without_reduce_raises_with_the_fix(tmp_path):
-    with pytest.raises(MisconfigurationException, match=r"4-D tensor of shape \(64, 8, 4, 6\).*reduce=lambda y: y.mean\(\(2, 3\)\).*reduce=lambda y: y\[:, 0\]"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"4-D tensor of shape \(64, 8, 4, 6\).*reduce=lambda y: y.mean\(\(2, 3\)\).*reduce=lambda y: y\[:, 0\]",
+    ):
         fit(tmp_path, ConvEncoder(), [RepresentationMonitor(["features"], every_n_train_steps=1)], max_epochs=1)
     pl.seed_everything(0)
     pooled = Tap("features", reduce=lambda y: y.mean((2, 3)))
@@ -230,7 +274,9 @@ def test_feature_map_tap_without_reduce_raises_with_the_fix(tmp_path):
     x = torch.cat([b[0] for b in loaders()[1]])
     with torch.no_grad():
         maps = model.features(x.view(-1, 1, 4, 6))
-    assert t.callback_metrics["repr/val/features/rankme"].item() == pytest.approx(rankme(maps.mean((2, 3))).item(), rel=1e-4)
+    assert t.callback_metrics["repr/val/features/rankme"].item() == pytest.approx(
+        rankme(maps.mean((2, 3))).item(), rel=1e-4
+    )
     assert t.callback_metrics["repr/val/maps/rankme"].item() == pytest.approx(rankme(maps.flatten(1)).item(), rel=1e-4)
     # A 3-D output key without views or reduce raises too.
     with pytest.raises(MisconfigurationException, match="output key 'maps'"):
@@ -266,12 +312,20 @@ def test_scalars_figures_and_histograms_share_one_step(tmp_path):
 
     pl.seed_everything(0)
     logger = TensorBoardLogger(str(tmp_path), name="tb")
-    fit(tmp_path, ToyEncoder(), [RepresentationMonitor(["projector"], every_n_train_steps=0)], max_epochs=2, logger=logger)
+    fit(
+        tmp_path,
+        ToyEncoder(),
+        [RepresentationMonitor(["projector"], every_n_train_steps=0)],
+        max_epochs=2,
+        logger=logger,
+    )
     (path,) = glob.glob(f"{logger.log_dir}/events.out.tfevents.*")
     acc = EventAccumulator(path, size_guidance={"scalars": 0, "images": 0, "histograms": 0})
     acc.Reload()
     scalar_steps = [e.step for e in acc.Scalars("repr/val/projector/rankme")]
-    assert scalar_steps == [e.step for e in acc.Images("repr/val/projector/spectrum")] == [7, 15]  # Lightning's epoch-end step
+    assert (
+        scalar_steps == [e.step for e in acc.Images("repr/val/projector/spectrum")] == [7, 15]
+    )  # Lightning's epoch-end step
     assert scalar_steps == [e.step for e in acc.Histograms("repr/val/projector/singular_values")]
 
 
@@ -291,21 +345,44 @@ def _ddp_case(rank, world_size, case):
     pl.seed_everything(0)
     train, val = loaders(n_val=256, batch_size=32)
     if case == "wrong_key":
-        model, callbacks = ToyEncoder(), [rankme_only(["projector"]), CollapseEarlyStopping("repr/val/projector/RankMe", min_value=1.0)]
+        model, callbacks = (
+            ToyEncoder(),
+            [rankme_only(["projector"]), CollapseEarlyStopping("repr/val/projector/RankMe", min_value=1.0)],
+        )
     elif case == "divergence":
         model = DivergingEncoder(nan_from_epoch=1)
-        callbacks = [rankme_only(["projector"]), CollapseEarlyStopping("repr/val/projector/rankme", min_value=1.0, patience=3)]
+        callbacks = [
+            rankme_only(["projector"]),
+            CollapseEarlyStopping("repr/val/projector/rankme", min_value=1.0, patience=3),
+        ]
     else:  # few samples: 10 validation rows per rank, two projector calls each: 40 samples in all
         val = DataLoader(TensorDataset(torch.randn(20, 24)), batch_size=10)
         model = ToyEncoder()
-        callbacks = [rankme_only(["projector"]), CollapseEarlyStopping("repr/val/projector/rankme", min_value=1e9, patience=1)]
-    t = pl.Trainer(max_epochs=4, callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   enable_checkpointing=False, accelerator="cpu", devices=world_size, strategy="ddp", num_nodes=1)
+        callbacks = [
+            rankme_only(["projector"]),
+            CollapseEarlyStopping("repr/val/projector/rankme", min_value=1e9, patience=1),
+        ]
+    t = pl.Trainer(
+        max_epochs=4,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp",
+        num_nodes=1,
+    )
     try:
         t.fit(model, train, val)
     except Exception as error:  # noqa: BLE001 - the error itself is the result
         return {"error": f"{type(error).__name__}: {error}"}
-    return {"epoch": t.current_epoch, "reason": callbacks[1].stopping_reason_message, "history": callbacks[0].tracker.history}
+    return {
+        "epoch": t.current_epoch,
+        "reason": callbacks[1].stopping_reason_message,
+        "history": callbacks[0].tracker.history,
+    }
 
 
 def test_ddp_wrong_key_divergence_and_few_samples_decided_alike_on_both_ranks():
@@ -313,7 +390,13 @@ def test_ddp_wrong_key_divergence_and_few_samples_decided_alike_on_both_ranks():
     assert "`repr/val/projector/rankme`" in rank0["error"] and rank0["error"] == rank1["error"]
     rank0, rank1 = run_distributed(_ddp_case, "divergence", init_process_group=False)
     assert rank0["epoch"] == rank1["epoch"] == 2 and rank0["reason"] == rank1["reason"]
-    assert rank0["reason"].startswith("Divergence: tap projector") and repr(rank0["history"]) == repr(rank1["history"])  # NaN-aware
+    assert rank0["reason"].startswith("Divergence: tap projector") and repr(rank0["history"]) == repr(
+        rank1["history"]
+    )  # NaN-aware
     rank0, rank1 = run_distributed(_ddp_case, "few_samples", init_process_group=False)
-    assert rank0["epoch"] == rank1["epoch"] == 4 and rank0["reason"] is rank1["reason"] is None  # 40 < 64 samples: never checked
-    assert [v for _, v in rank0["history"]["val/projector/num_samples"]] == [40.0] * 4 and rank0["history"] == rank1["history"]
+    assert (
+        rank0["epoch"] == rank1["epoch"] == 4 and rank0["reason"] is rank1["reason"] is None
+    )  # 40 < 64 samples: never checked
+    assert [v for _, v in rank0["history"]["val/projector/num_samples"]] == [40.0] * 4 and rank0["history"] == rank1[
+        "history"
+    ]

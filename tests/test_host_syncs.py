@@ -63,12 +63,18 @@ def test_the_counter_counts():
 def test_no_host_sync_while_capturing_training_and_evaluation_batches(num_views):
     torch.manual_seed(0)
     net = Net()
-    tracker = RepresentationTracker(["backbone", "projector"], num_views=num_views, every_n_train_steps=50, train_buffer_size=256, reference="initial")
+    tracker = RepresentationTracker(
+        ["backbone", "projector"],
+        num_views=num_views,
+        every_n_train_steps=50,
+        train_buffer_size=256,
+        reference="initial",
+    )
     tracker.attach(net)
     x = torch.randn(64, 16)
     x[3] = float("nan")  # a non-finite row is weighted out, not indexed out
     per_batch = []
-    for step in range(48):  # no scheduled computation among these steps
+    for _step in range(48):  # no scheduled computation among these steps
         tracker.start_train_step()
         with count_host_syncs() as syncs:
             for _ in range(num_views):

@@ -23,9 +23,9 @@ from torch.utils.data import Dataset  # noqa: E402
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from reprmetrics.callbacks.huggingface import RepresentationCallback, first_token  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
 
-from reprmetrics.callbacks.huggingface import RepresentationCallback, first_token  # noqa: E402
 from reprmetrics.monitor import MonitorConfigurationError, Tap  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("hf_trainer")
@@ -65,7 +65,14 @@ class Points(Dataset):
 
 def tiny_bert():
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, max_position_embeddings=16)
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=16,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -82,7 +89,11 @@ class Encoder(nn.Module):
         self.views = views
 
     def forward(self, x, labels=None):
-        zs = [self.encoder(x + 0.1 * torch.randn_like(x)) for _ in range(self.views)] if self.views > 1 else [self.encoder(x)]
+        zs = (
+            [self.encoder(x + 0.1 * torch.randn_like(x)) for _ in range(self.views)]
+            if self.views > 1
+            else [self.encoder(x)]
+        )
         z = zs[0]
         logits = self.head(z)
         if self.objective == "collapse":
@@ -96,9 +107,18 @@ class Encoder(nn.Module):
 
 def training_args(tmp_path, **overrides):
     options = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=64, per_device_eval_batch_size=128, learning_rate=5e-3,
-        eval_strategy="epoch", logging_steps=5, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
-        seed=0, dataloader_drop_last=True,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=64,
+        per_device_eval_batch_size=128,
+        learning_rate=5e-3,
+        eval_strategy="epoch",
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_drop_last=True,
     )
     options.update(overrides)
     return TrainingArguments(**options)
@@ -121,7 +141,9 @@ def bert_outputs(model, dataset):
     """The pooler output and layer 1's first-token hidden state, computed outside the Trainer."""
     model.eval()
     out = model.bert(input_ids=dataset.ids, output_hidden_states=True)
-    return out.pooler_output.double().numpy(), out.hidden_states[2][:, 0].double().numpy()  # hidden_states[0]: the embeddings
+    return out.pooler_output.double().numpy(), out.hidden_states[2][
+        :, 0
+    ].double().numpy()  # hidden_states[0]: the embeddings
 
 
 # ---- logging --------------------------------------------------------------------------------------
@@ -131,11 +153,12 @@ def test_values_and_figures_reach_log_history_and_tensorboard(tmp_path):
     model = tiny_bert()
     eval_set = Tokens(256, seed=1)
     callback = RepresentationCallback(
-        ["bert.pooler", Tap("bert.encoder.layer.1", reduce=first_token)],
-        every_n_train_steps=4, train_buffer_size=128,
+        ["bert.pooler", Tap("bert.encoder.layer.1", reduce=first_token)], every_n_train_steps=4, train_buffer_size=128
     )
     args = training_args(tmp_path, num_train_epochs=2, report_to=["tensorboard"])
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens(512, seed=0), eval_dataset=eval_set, callbacks=[callback])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Tokens(512, seed=0), eval_dataset=eval_set, callbacks=[callback]
+    )
     trainer.train()
 
     # One evaluation log per epoch holds the eval loss and the representation metrics together.
@@ -169,16 +192,22 @@ def test_values_and_figures_reach_log_history_and_tensorboard(tmp_path):
     for tap in ("bert.pooler", "bert.encoder.layer.1"):
         assert [i.step for i in accumulator.Images(f"eval/repr/{tap}/spectrum")] == [e["step"] for e in evals]
         for histogram in ("singular_values", "lid_per_sample"):
-            assert [h.step for h in accumulator.Histograms(f"eval/repr/{tap}/{histogram}")] == [e["step"] for e in evals]
+            assert [h.step for h in accumulator.Histograms(f"eval/repr/{tap}/{histogram}")] == [
+                e["step"] for e in evals
+            ]
 
 
 @pytest.mark.gpu
 def test_on_cuda_the_metrics_run_where_the_model_is(tmp_path):
     model = tiny_bert()
     eval_set = Tokens(256, seed=1)
-    callback = RepresentationCallback(["bert.pooler"], log_figures=False, every_n_train_steps=2, train_buffer_size=128, reference="initial")
+    callback = RepresentationCallback(
+        ["bert.pooler"], log_figures=False, every_n_train_steps=2, train_buffer_size=128, reference="initial"
+    )
     args = training_args(tmp_path, num_train_epochs=1, use_cpu=False)
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens(256, seed=0), eval_dataset=eval_set, callbacks=[callback])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Tokens(256, seed=0), eval_dataset=eval_set, callbacks=[callback]
+    )
     trainer.train()
     assert next(model.parameters()).is_cuda
     assert all(m.device.type == "cuda" for m in callback.tracker.metric_sets("val")["bert.pooler"].metrics.values())
@@ -192,9 +221,17 @@ def test_evaluate_alone_returns_the_values_and_drift_starts_at_one(tmp_path):
     model = Encoder()
     eval_set = Points(256, seed=1)
     callback = RepresentationCallback(["encoder"], log_figures=False, every_n_train_steps=0, reference="initial")
-    trainer = Trainer(model=model, args=training_args(tmp_path, num_train_epochs=1), train_dataset=Points(512, seed=0), eval_dataset=eval_set, callbacks=[callback])
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, num_train_epochs=1),
+        train_dataset=Points(512, seed=0),
+        eval_dataset=eval_set,
+        callbacks=[callback],
+    )
     metrics = trainer.evaluate()
-    assert metrics["eval_repr/encoder/cka_to_reference"] == pytest.approx(1.0, abs=1e-6)  # before training: the reference itself
+    assert metrics["eval_repr/encoder/cka_to_reference"] == pytest.approx(
+        1.0, abs=1e-6
+    )  # before training: the reference itself
     assert metrics["eval_repr/encoder/num_samples"] == 256
     initial = model.encoder(eval_set.x).detach().double().numpy()
 
@@ -208,18 +245,31 @@ def test_evaluate_alone_returns_the_values_and_drift_starts_at_one(tmp_path):
 
 
 # ---- stopping -------------------------------------------------------------------------------------
-FLOOR = 0.25 / 16**0.5 / 4  # a quarter of the normalised std of this encoder's embeddings at initialisation (about 0.045)
+FLOOR = (
+    0.25 / 16**0.5 / 4
+)  # a quarter of the normalised std of this encoder's embeddings at initialisation (about 0.045)
 
 
 def collapse_run(tmp_path, objective, lr, caplog):
     model = Encoder(objective)
     callback = RepresentationCallback(
-        ["encoder", "embeddings"], log_figures=False, every_n_train_steps=0,
+        ["encoder", "embeddings"],
+        log_figures=False,
+        every_n_train_steps=0,
         stop_on={"repr/eval/encoder/rankme": {}, "eval_repr/embeddings/normalized_std": {"min_value": FLOOR}},
-        min_value=2.0, patience=2,
+        min_value=2.0,
+        patience=2,
     )
-    args = training_args(tmp_path, max_steps=100, eval_strategy="steps", eval_steps=5, learning_rate=lr, lr_scheduler_type="constant")
-    trainer = Trainer(model=model, args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=[callback])
+    args = training_args(
+        tmp_path, max_steps=100, eval_strategy="steps", eval_steps=5, learning_rate=lr, lr_scheduler_type="constant"
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Points(512, seed=0),
+        eval_dataset=Points(256, seed=1),
+        callbacks=[callback],
+    )
     with caplog.at_level(logging.WARNING, logger="reprmetrics.callbacks.huggingface"):
         trainer.train()
     return trainer, callback
@@ -229,10 +279,15 @@ def test_forced_collapse_stops_training_with_the_reason(tmp_path, caplog):
     trainer, callback = collapse_run(tmp_path, "collapse", lr=0.02, caplog=caplog)
     assert trainer.state.global_step < 100
     reason = callback.stopping_reason
-    assert reason.startswith("Complete collapse: eval_repr/embeddings/normalized_std") and "for 2 consecutive checks" in reason
+    assert (
+        reason.startswith("Complete collapse: eval_repr/embeddings/normalized_std")
+        and "for 2 consecutive checks" in reason
+    )
     assert "vs healthy 1/√D = 0.25" in reason and reason in caplog.text
     last = eval_logs(trainer)[-1]
-    assert last["eval_repr/stop_reason"] == reason and last["step"] == trainer.state.global_step == callback.stopped_step
+    assert (
+        last["eval_repr/stop_reason"] == reason and last["step"] == trainer.state.global_step == callback.stopped_step
+    )
     spreads = [e["eval_repr/embeddings/normalized_std"] for e in eval_logs(trainer)]
     assert all(v < FLOOR for v in spreads[-2:]) and spreads[0] > FLOOR
     # A module tap and the output key holding the same embeddings give the same values.
@@ -248,42 +303,87 @@ def test_healthy_run_is_not_stopped(tmp_path, caplog):
 
 def test_training_stage_key_stops_between_evaluations(tmp_path, caplog):
     model = Encoder("collapse")
-    callback = RepresentationCallback(["encoder"], log_figures=False, every_n_train_steps=5, train_buffer_size=128, stop_on="repr/train/encoder/normalized_std", min_value=FLOOR, patience=1)
+    callback = RepresentationCallback(
+        ["encoder"],
+        log_figures=False,
+        every_n_train_steps=5,
+        train_buffer_size=128,
+        stop_on="repr/train/encoder/normalized_std",
+        min_value=FLOOR,
+        patience=1,
+    )
     args = training_args(tmp_path, max_steps=100, eval_strategy="no", learning_rate=0.02, lr_scheduler_type="constant")
     trainer = Trainer(model=model, args=args, train_dataset=Points(512, seed=0), callbacks=[callback])
     with caplog.at_level(logging.WARNING, logger="reprmetrics.callbacks.huggingface"):
         trainer.train()
     assert trainer.state.global_step < 100 and trainer.state.global_step % 5 == 0
     entry = next(e for e in trainer.state.log_history if "repr/stop_reason" in e)
-    values = next(e for e in trainer.state.log_history if "repr/encoder/normalized_std" in e and e["step"] == entry["step"])
+    values = next(
+        e for e in trainer.state.log_history if "repr/encoder/normalized_std" in e and e["step"] == entry["step"]
+    )
     assert entry["step"] == trainer.state.global_step and values["repr/encoder/normalized_std"] < FLOOR
     # The spread is gone; "complete" needs the rank gone too (RankMe below 0.15·D), else it is in progress.
     label = "Complete collapse" if values["repr/encoder/rankme"] < 0.15 * 16 else "Collapse in progress"
-    assert entry["repr/stop_reason"] == callback.stopping_reason and callback.stopping_reason.startswith(f"{label}: repr/encoder/normalized_std")
+    assert entry["repr/stop_reason"] == callback.stopping_reason and callback.stopping_reason.startswith(
+        f"{label}: repr/encoder/normalized_std"
+    )
     assert callback.stopping_reason in caplog.text
 
 
 @pytest.mark.filterwarnings("ignore:.*divergence.*", "ignore:.*non-finite.*")
 def test_divergence_stops_at_once_and_says_so(tmp_path):
     model = Encoder("diverge")
-    callback = RepresentationCallback(["encoder"], log_figures=False, every_n_train_steps=0, stop_on="repr/eval/encoder/rankme", min_value=1.0, patience=5)
-    args = training_args(tmp_path, max_steps=100, eval_strategy="steps", eval_steps=2, learning_rate=1e4, optim="sgd", max_grad_norm=0.0)
-    trainer = Trainer(model=model, args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=[callback])
+    callback = RepresentationCallback(
+        ["encoder"],
+        log_figures=False,
+        every_n_train_steps=0,
+        stop_on="repr/eval/encoder/rankme",
+        min_value=1.0,
+        patience=5,
+    )
+    args = training_args(
+        tmp_path, max_steps=100, eval_strategy="steps", eval_steps=2, learning_rate=1e4, optim="sgd", max_grad_norm=0.0
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Points(512, seed=0),
+        eval_dataset=Points(256, seed=1),
+        callbacks=[callback],
+    )
     trainer.train()
     last = eval_logs(trainer)[-1]
-    assert trainer.state.global_step < 100 and last["eval_repr/encoder/nonfinite_fraction"] > 0 and math.isnan(last["eval_repr/encoder/rankme"])
-    assert callback.stopping_reason.startswith("Divergence: tap encoder produced non-finite embeddings")  # patience does not apply
+    assert (
+        trainer.state.global_step < 100
+        and last["eval_repr/encoder/nonfinite_fraction"] > 0
+        and math.isnan(last["eval_repr/encoder/rankme"])
+    )
+    assert callback.stopping_reason.startswith(
+        "Divergence: tap encoder produced non-finite embeddings"
+    )  # patience does not apply
 
 
 def test_training_with_and_without_the_callback_gives_identical_weights(tmp_path):
     def train(callbacks):
         model = tiny_bert()
         args = training_args(tmp_path / str(len(callbacks)), num_train_epochs=2, gradient_accumulation_steps=2)
-        Trainer(model=model, args=args, train_dataset=Tokens(512, seed=0), eval_dataset=Tokens(128, seed=1), callbacks=callbacks).train()
+        Trainer(
+            model=model,
+            args=args,
+            train_dataset=Tokens(512, seed=0),
+            eval_dataset=Tokens(128, seed=1),
+            callbacks=callbacks,
+        ).train()
         return model.state_dict()
 
     plain = train([])
-    watched = train([RepresentationCallback(["bert.pooler"], log_figures=False, every_n_train_steps=2, train_buffer_size=128, reference="initial")])
+    watched = train(
+        [
+            RepresentationCallback(
+                ["bert.pooler"], log_figures=False, every_n_train_steps=2, train_buffer_size=128, reference="initial"
+            )
+        ]
+    )
     assert plain.keys() == watched.keys()
     for name in plain:
         assert torch.equal(plain[name], watched[name]), name
@@ -294,10 +394,21 @@ def test_metric_for_best_model_keeps_the_best_checkpoint_by_a_repr_key(tmp_path)
     eval_set = Points(256, seed=1)
     callback = RepresentationCallback(["encoder"], log_figures=False, every_n_train_steps=0)
     args = training_args(
-        tmp_path, max_steps=40, eval_strategy="steps", eval_steps=10, save_strategy="steps", save_steps=10, learning_rate=0.3, optim="sgd",
-        load_best_model_at_end=True, metric_for_best_model="repr/encoder/rankme", greater_is_better=True,
+        tmp_path,
+        max_steps=40,
+        eval_strategy="steps",
+        eval_steps=10,
+        save_strategy="steps",
+        save_steps=10,
+        learning_rate=0.3,
+        optim="sgd",
+        load_best_model_at_end=True,
+        metric_for_best_model="repr/encoder/rankme",
+        greater_is_better=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=Points(512, seed=0), eval_dataset=eval_set, callbacks=[callback])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Points(512, seed=0), eval_dataset=eval_set, callbacks=[callback]
+    )
     trainer.train()
     ranks = {e["step"]: e["eval_repr/encoder/rankme"] for e in eval_logs(trainer)}
     best_step = max(ranks, key=ranks.get)
@@ -311,9 +422,17 @@ def test_metric_for_best_model_keeps_the_best_checkpoint_by_a_repr_key(tmp_path)
 
 def test_gradient_accumulation_with_views_one_tracker_step_per_micro_batch(tmp_path):
     model = Encoder("classify", views=2)
-    callback = RepresentationCallback(["encoder"], num_views=2, view_layout="calls", log_figures=False, every_n_train_steps=4, train_buffer_size=64)
+    callback = RepresentationCallback(
+        ["encoder"], num_views=2, view_layout="calls", log_figures=False, every_n_train_steps=4, train_buffer_size=64
+    )
     args = training_args(tmp_path, num_train_epochs=1, per_device_train_batch_size=32, gradient_accumulation_steps=2)
-    trainer = Trainer(model=model, args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=[callback])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Points(512, seed=0),
+        eval_dataset=Points(256, seed=1),
+        callbacks=[callback],
+    )
     trainer.train()
     # 16 micro-batches of 32: every 4 micro-batches (2 optimizer steps), over the 2 most recent micro-batches,
     # the first time too (the buffer fills before the first computation).
@@ -327,7 +446,10 @@ def test_gradient_accumulation_with_views_one_tracker_step_per_micro_batch(tmp_p
 # ---- misconfiguration -------------------------------------------------------------------------------
 def test_misspelt_tap_raises_with_the_closest_names_at_the_first_step(tmp_path):
     trainer = Trainer(
-        model=tiny_bert(), args=training_args(tmp_path, num_train_epochs=1), train_dataset=Tokens(256, seed=0), eval_dataset=Tokens(128, seed=1),
+        model=tiny_bert(),
+        args=training_args(tmp_path, num_train_epochs=1),
+        train_dataset=Tokens(256, seed=0),
+        eval_dataset=Tokens(128, seed=1),
         callbacks=[RepresentationCallback(["bert.poolr"], every_n_train_steps=0)],
     )
     with pytest.raises(MonitorConfigurationError, match=r"'bert.poolr'.*closest submodules: 'bert.pooler'") as raised:
@@ -347,13 +469,22 @@ def test_stop_on_keys_are_checked(tmp_path):
         RepresentationCallback(["bert.pooler"], min_value=2)
     with pytest.raises(MonitorConfigurationError, match="eval_strategy='no'"):
         Trainer(
-            model=tiny_bert(), args=training_args(tmp_path, eval_strategy="no"), train_dataset=Tokens(128, seed=0),
+            model=tiny_bert(),
+            args=training_args(tmp_path, eval_strategy="no"),
+            train_dataset=Tokens(128, seed=0),
             callbacks=[RepresentationCallback(["bert.pooler"], stop_on="repr/eval/bert.pooler/rankme", min_value=2)],
         )
     # A metric name the tracker does not compute: at the first evaluation, with the names it does compute.
     trainer = Trainer(
-        model=tiny_bert(), args=training_args(tmp_path, num_train_epochs=1), train_dataset=Tokens(128, seed=0), eval_dataset=Tokens(128, seed=1),
-        callbacks=[RepresentationCallback(["bert.pooler"], every_n_train_steps=0, stop_on="repr/eval/bert.pooler/rankmee", min_value=2)],
+        model=tiny_bert(),
+        args=training_args(tmp_path, num_train_epochs=1),
+        train_dataset=Tokens(128, seed=0),
+        eval_dataset=Tokens(128, seed=1),
+        callbacks=[
+            RepresentationCallback(
+                ["bert.pooler"], every_n_train_steps=0, stop_on="repr/eval/bert.pooler/rankmee", min_value=2
+            )
+        ],
     )
     with pytest.raises(MonitorConfigurationError, match=r"closest: 'repr/eval/bert.pooler/rankme'"):
         trainer.train()
@@ -372,13 +503,15 @@ def test_adapters_need_only_their_own_framework():
         assert not any(m.split(".")[0] == "transformers" or m.endswith("huggingface") for m in imported), name
     # reprmetrics.monitor imports torchmetrics (which imports transformers when installed) before the block;
     # `import reprmetrics` alone no longer does: it loads its Metric classes lazily.
-    missing = "import sys, reprmetrics.monitor\nsys.modules['transformers'] = None\nimport reprmetrics.callbacks.huggingface"
+    missing = (
+        "import sys, reprmetrics.monitor\nsys.modules['transformers'] = None\nimport reprmetrics.callbacks.huggingface"
+    )
     result = subprocess.run([sys.executable, "-c", missing], capture_output=True, text=True)
     assert result.returncode != 0 and 'pip install "reprmetrics[huggingface]"' in result.stderr
 
 
 # ---- sentence-transformers ----------------------------------------------------------------------------
-SENTENCE_TRANSFORMERS_RUN = r'''
+SENTENCE_TRANSFORMERS_RUN = r"""
 import json, os, random, string, sys
 sys.path.append(sys.argv[2])  # tests/ last: its datasets.py must not shadow Hugging Face's datasets
 import numpy as np
@@ -432,7 +565,7 @@ for entry in trainer.state.log_history:  # the last evaluation: the Trainer's en
         last.update(entry)
 anchors = model.encode(evaluation["anchor"], convert_to_numpy=True).astype(np.float64)
 print(json.dumps({"last": last, "reference_rankme": rankme_ref(anchors), "global_step": trainer.state.global_step, "reason": callback.stopping_reason}))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -450,7 +583,11 @@ def test_sentence_transformers_trainer_offline(tmp_path):
     tests_dir = str(Path(__file__).resolve().parent)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-c", SENTENCE_TRANSFORMERS_RUN, str(tmp_path), tests_dir], capture_output=True, text=True, cwd=str(tmp_path), env=env
+        [sys.executable, "-c", SENTENCE_TRANSFORMERS_RUN, str(tmp_path), tests_dir],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -461,7 +598,12 @@ def test_sentence_transformers_trainer_offline(tmp_path):
     # Evaluation-stage values are over the anchors (view 1) of the whole evaluation set: encode() agrees.
     assert last["eval_repr/1/rankme"] == pytest.approx(out["reference_rankme"], rel=1e-4)
     # control.should_training_stop stops sentence-transformers' trainer too: at the 2nd evaluation, step 16 of 40.
-    assert out["global_step"] == 16 and "ollapse" in out["reason"] and "eval_repr/1/rankme = " in out["reason"] and "below the floor 1000" in out["reason"]
+    assert (
+        out["global_step"] == 16
+        and "ollapse" in out["reason"]
+        and "eval_repr/1/rankme = " in out["reason"]
+        and "below the floor 1000" in out["reason"]
+    )
     assert last["eval_repr/stop_reason"] == out["reason"]
 
 
@@ -469,9 +611,24 @@ def test_ssl_guard_preset_stops_a_collapse_and_not_a_healthy_run(tmp_path, caplo
     from reprmetrics.stopping import ssl_guard
 
     def run(objective):
-        callback = RepresentationCallback(["encoder"], log_figures=False, every_n_train_steps=0, stop_on=ssl_guard("encoder", patience=2))
-        args = training_args(tmp_path / objective, max_steps=60, eval_strategy="steps", eval_steps=5, learning_rate=0.02, lr_scheduler_type="constant")
-        trainer = Trainer(model=Encoder(objective), args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=[callback])
+        callback = RepresentationCallback(
+            ["encoder"], log_figures=False, every_n_train_steps=0, stop_on=ssl_guard("encoder", patience=2)
+        )
+        args = training_args(
+            tmp_path / objective,
+            max_steps=60,
+            eval_strategy="steps",
+            eval_steps=5,
+            learning_rate=0.02,
+            lr_scheduler_type="constant",
+        )
+        trainer = Trainer(
+            model=Encoder(objective),
+            args=args,
+            train_dataset=Points(512, seed=0),
+            eval_dataset=Points(256, seed=1),
+            callbacks=[callback],
+        )
         with caplog.at_level(logging.WARNING, logger="reprmetrics.callbacks.huggingface"):
             trainer.train()
         return trainer, callback
@@ -497,14 +654,28 @@ def test_docstring_lists_every_metric_the_callback_logs(tmp_path):
     specs = available_metrics()
     assert {name for name, spec in specs.items() if spec.default} <= set(re.findall(r"``(\w+)``", default_part))
     assert {name for name, spec in specs.items() if not spec.default} <= set(re.findall(r"``(\w+)``", opt_in_part))
-    listed = set(re.findall(r"``(\w+)``", section)) - set(inspect.signature(RepresentationCallback).parameters)  # names, not options
+    listed = set(re.findall(r"``(\w+)``", section)) - set(
+        inspect.signature(RepresentationCallback).parameters
+    )  # names, not options
     # With views, a reference, RankMe's diagnostics and every opt-in metric, an evaluation logs exactly what is listed.
     callback = RepresentationCallback(
-        ["encoder"], num_views=2, view_layout="calls", every_n_train_steps=0, reference="initial", rankme_diagnostics=True,
-        metrics=[name for name, spec in specs.items() if not spec.default], log_figures=False,
+        ["encoder"],
+        num_views=2,
+        view_layout="calls",
+        every_n_train_steps=0,
+        reference="initial",
+        rankme_diagnostics=True,
+        metrics=[name for name, spec in specs.items() if not spec.default],
+        log_figures=False,
     )
     args = training_args(tmp_path, num_train_epochs=1)
-    trainer = Trainer(model=Encoder(views=2), args=args, train_dataset=Points(128, seed=0), eval_dataset=Points(256, seed=1), callbacks=[callback])
+    trainer = Trainer(
+        model=Encoder(views=2),
+        args=args,
+        train_dataset=Points(128, seed=0),
+        eval_dataset=Points(256, seed=1),
+        callbacks=[callback],
+    )
     logged = {key.rsplit("/", 1)[1] for key in trainer.evaluate() if key.startswith("eval_repr/encoder/")}
     assert logged == listed
 
@@ -514,7 +685,13 @@ def test_stopping_callback_acts_on_the_monitor_of_its_prefix_only_while_training
 
     def trainer_with(*callbacks, **overrides):
         args = training_args(tmp_path, max_steps=20, eval_strategy="steps", eval_steps=5, **overrides)
-        return Trainer(model=Encoder(), args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=list(callbacks))
+        return Trainer(
+            model=Encoder(),
+            args=args,
+            train_dataset=Points(512, seed=0),
+            eval_dataset=Points(256, seed=1),
+            callbacks=list(callbacks),
+        )
 
     # Listed before the monitor, found through the model and the prefix: an impossible floor stops at the first
     # evaluation of training; an evaluate() before training is not a check.
@@ -524,10 +701,21 @@ def test_stopping_callback_acts_on_the_monitor_of_its_prefix_only_while_training
     with caplog.at_level(logging.WARNING, logger="reprmetrics.callbacks.huggingface"):
         trainer.train()
     assert trainer.state.global_step == stop.stopped_step == 5 and stop.stopping_reason in caplog.text
-    assert eval_logs(trainer)[-1]["eval_repr/stop_reason"] == stop.stopping_reason and "below the floor 1000" in stop.stopping_reason
+    assert (
+        eval_logs(trainer)[-1]["eval_repr/stop_reason"] == stop.stopping_reason
+        and "below the floor 1000" in stop.stopping_reason
+    )
 
     # No monitor with its prefix, or a tap the monitor lacks: raised before the first step.
-    with pytest.raises(MonitorConfigurationError, match=r"no RepresentationCallback with prefix 'repr'.*RepresentationCallback\(\['encoder'\]\)"):
-        trainer_with(CollapseEarlyStoppingCallback("repr/eval/encoder/rankme", min_value=1.0), RepresentationCallback(["encoder"], prefix="other")).train()
+    with pytest.raises(
+        MonitorConfigurationError,
+        match=r"no RepresentationCallback with prefix 'repr'.*RepresentationCallback\(\['encoder'\]\)",
+    ):
+        trainer_with(
+            CollapseEarlyStoppingCallback("repr/eval/encoder/rankme", min_value=1.0),
+            RepresentationCallback(["encoder"], prefix="other"),
+        ).train()
     with pytest.raises(MonitorConfigurationError, match=r"names tap 'encodr'.*did you mean repr/eval/encoder/rankme"):
-        trainer_with(CollapseEarlyStoppingCallback("repr/eval/encodr/rankme", min_value=1.0), RepresentationCallback(["encoder"])).train()
+        trainer_with(
+            CollapseEarlyStoppingCallback("repr/eval/encodr/rankme", min_value=1.0), RepresentationCallback(["encoder"])
+        ).train()

@@ -10,10 +10,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from reprmetrics.callbacks.huggingface import CollapseEarlyStoppingCallback, RepresentationCallback  # noqa: E402
 from test_huggingface import Encoder, Points, training_args  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from reprmetrics.callbacks.huggingface import CollapseEarlyStoppingCallback, RepresentationCallback  # noqa: E402
 from reprmetrics.monitor import MonitorConfigurationError  # noqa: E402
 from reprmetrics.stopping import ssl_guard  # noqa: E402
 
@@ -44,24 +44,49 @@ class InterruptAt(TrainerCallback):
 
 def callbacks(variant):
     if variant == "embedded":
-        return [RepresentationCallback(
-            ["encoder"], every_n_train_steps=4, train_buffer_size=128, log_figures=False,
-            stop_on=[TRAIN_KEY, ssl_guard("encoder", warmup=1, patience=5)], max_relative_drop=0.5, patience=3,
-        )]
+        return [
+            RepresentationCallback(
+                ["encoder"],
+                every_n_train_steps=4,
+                train_buffer_size=128,
+                log_figures=False,
+                stop_on=[TRAIN_KEY, ssl_guard("encoder", warmup=1, patience=5)],
+                max_relative_drop=0.5,
+                patience=3,
+            )
+        ]
     monitor = RepresentationCallback(["encoder"], every_n_train_steps=4, train_buffer_size=128, log_figures=False)
-    rules = [TRAIN_KEY] if variant == "rebuilt" else [TRAIN_KEY, ssl_guard("encoder", warmup=1, patience=5)]  # "rebuilt": JSON-only arguments
-    return [CollapseEarlyStoppingCallback(rules, max_relative_drop=0.5, patience=3), monitor]  # the stopper first: order does not matter
+    rules = (
+        [TRAIN_KEY] if variant == "rebuilt" else [TRAIN_KEY, ssl_guard("encoder", warmup=1, patience=5)]
+    )  # "rebuilt": JSON-only arguments
+    return [
+        CollapseEarlyStoppingCallback(rules, max_relative_drop=0.5, patience=3),
+        monitor,
+    ]  # the stopper first: order does not matter
 
 
 def run(output, variant, interrupt=False, resume_from=None):
     torch.manual_seed(0)
     extra = [InterruptAt(SAVE_STEP)] if interrupt else []
     args = training_args(
-        output, max_steps=40, eval_strategy="steps", eval_steps=5, save_strategy="steps", save_steps=SAVE_STEP, learning_rate=0.01,
-        lr_scheduler_type="constant", restore_callback_states_from_checkpoint=variant == "rebuilt",
+        output,
+        max_steps=40,
+        eval_strategy="steps",
+        eval_steps=5,
+        save_strategy="steps",
+        save_steps=SAVE_STEP,
+        learning_rate=0.01,
+        lr_scheduler_type="constant",
+        restore_callback_states_from_checkpoint=variant == "rebuilt",
     )
     made = callbacks(variant)
-    trainer = Trainer(model=Encoder("collapse"), args=args, train_dataset=Points(512, seed=0), eval_dataset=Points(256, seed=1), callbacks=made + extra)
+    trainer = Trainer(
+        model=Encoder("collapse"),
+        args=args,
+        train_dataset=Points(512, seed=0),
+        eval_dataset=Points(256, seed=1),
+        callbacks=made + extra,
+    )
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except Interrupted:
@@ -73,7 +98,9 @@ def run(output, variant, interrupt=False, resume_from=None):
 def ours(trainer):
     """The monitor and the stopper the trainer holds now (with restore_callback_states_from_checkpoint, rebuilt ones)."""
     monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RepresentationCallback))
-    stopper = next((c for c in trainer.callback_handler.callbacks if isinstance(c, CollapseEarlyStoppingCallback)), monitor.stopper)
+    stopper = next(
+        (c for c in trainer.callback_handler.callbacks if isinstance(c, CollapseEarlyStoppingCallback)), monitor.stopper
+    )
     return monitor, stopper
 
 
@@ -94,7 +121,10 @@ def test_interrupted_and_resumed_run_stops_where_the_uninterrupted_one_does(tmp_
     whole = run(tmp_path / "whole", variant)
     monitor, stopper = ours(whole)
     assert whole.state.global_step == stopper.stopped_step == STOP_STEP, stopper.stopping_reason
-    assert stopper.stopping_reason.startswith(f"Collapse in progress: {TRAIN_KEY.replace('/train', '')}") and "for 3 consecutive checks" in stopper.stopping_reason
+    assert (
+        stopper.stopping_reason.startswith(f"Collapse in progress: {TRAIN_KEY.replace('/train', '')}")
+        and "for 3 consecutive checks" in stopper.stopping_reason
+    )
 
     interrupted = run(tmp_path / "parts", variant, interrupt=True)
     assert interrupted.state.global_step == SAVE_STEP and ours(interrupted)[1].stopping_reason is None
@@ -113,7 +143,9 @@ def test_interrupted_and_resumed_run_stops_where_the_uninterrupted_one_does(tmp_
     assert resumed_monitor.tracker.history.keys() == monitor.tracker.history.keys()
     for key, values in monitor.tracker.history.items():
         assert [s for s, _ in resumed_monitor.tracker.history[key]] == [s for s, _ in values]
-        assert [v for _, v in resumed_monitor.tracker.history[key]] == pytest.approx([v for _, v in values], rel=1e-6, nan_ok=True), key
+        assert [v for _, v in resumed_monitor.tracker.history[key]] == pytest.approx(
+            [v for _, v in values], rel=1e-6, nan_ok=True
+        ), key
     assert [r.state_dict() for _, r in resumed_stopper.rules] == [r.state_dict() for _, r in stopper.rules]
 
 
@@ -126,7 +158,10 @@ def test_without_the_saved_state_the_resumed_run_differs_and_says_so(tmp_path):
     state_file = checkpoint / "trainer_state.json"
     state = json.loads(state_file.read_text())
     assert {"RepresentationCallback", "CollapseEarlyStoppingCallback"} <= set(state["stateful_callbacks"])
-    for name in ("RepresentationCallback", "CollapseEarlyStoppingCallback"):  # (the Trainer needs the entries to save again)
+    for name in (
+        "RepresentationCallback",
+        "CollapseEarlyStoppingCallback",
+    ):  # (the Trainer needs the entries to save again)
         state["stateful_callbacks"][name]["attributes"]["resume_state"]["identity"] = "another run's"
     state_file.write_text(json.dumps(state))
     with pytest.warns(RuntimeWarning, match="holds no state for it"):
@@ -138,9 +173,25 @@ def test_without_the_saved_state_the_resumed_run_differs_and_says_so(tmp_path):
 
 def test_rebuilding_from_the_checkpoint_needs_arguments_json_can_hold(tmp_path):
     args = training_args(tmp_path, eval_strategy="no", restore_callback_states_from_checkpoint=True)
-    with pytest.raises(MonitorConfigurationError, match=r"CollapseEarlyStoppingCallback: restore_callback_states_from_checkpoint=True.*stop_on"):
-        Trainer(model=Encoder(), args=args, train_dataset=Points(128, seed=0), callbacks=[
-            RepresentationCallback(["encoder"]), CollapseEarlyStoppingCallback(ssl_guard("encoder", stage="train")),
-        ])
-    with pytest.raises(MonitorConfigurationError, match=r"RepresentationCallback: .*its reference cannot be held in JSON"):
-        Trainer(model=Encoder(), args=args, train_dataset=Points(128, seed=0), callbacks=[RepresentationCallback(["encoder"], reference=Encoder())])
+    with pytest.raises(
+        MonitorConfigurationError,
+        match=r"CollapseEarlyStoppingCallback: restore_callback_states_from_checkpoint=True.*stop_on",
+    ):
+        Trainer(
+            model=Encoder(),
+            args=args,
+            train_dataset=Points(128, seed=0),
+            callbacks=[
+                RepresentationCallback(["encoder"]),
+                CollapseEarlyStoppingCallback(ssl_guard("encoder", stage="train")),
+            ],
+        )
+    with pytest.raises(
+        MonitorConfigurationError, match=r"RepresentationCallback: .*its reference cannot be held in JSON"
+    ):
+        Trainer(
+            model=Encoder(),
+            args=args,
+            train_dataset=Points(128, seed=0),
+            callbacks=[RepresentationCallback(["encoder"], reference=Encoder())],
+        )

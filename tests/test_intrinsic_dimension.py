@@ -110,10 +110,7 @@ def test_twonn_and_mle_match_numpy_references(case):
     assert rel_err(mle_dimension(x, k=7), mle_ref(x.numpy(), 7)) <= 1e-9
 
 
-@pytest.mark.parametrize(
-    "case,true_dim",
-    [("subspace_5d_in_64d", 5), ("swiss_roll_in_64d", 2)],
-)
+@pytest.mark.parametrize("case,true_dim", [("subspace_5d_in_64d", 5), ("swiss_roll_in_64d", 2)])
 def test_twonn_and_mle_match_scikit_dimension(case, true_dim):
     skdim = pytest.importorskip("skdim")
     x = CASES[case](torch.float64)
@@ -209,7 +206,9 @@ def test_equidistant_neighbourhoods_give_the_cap():
         assert torch.all(local_intrinsic_dimension(x, k=5, estimator=estimator) == LID_CAP)
     assert twonn_dimension(x).item() == LID_CAP
     assert mle_dimension(x, k=5).item() == LID_CAP
-    assert torch.isfinite(twonn_dimension(x.float())) and torch.isfinite(local_intrinsic_dimension(x.float(), k=5)).all()
+    assert (
+        torch.isfinite(twonn_dimension(x.float())) and torch.isfinite(local_intrinsic_dimension(x.float(), k=5)).all()
+    )
     assert ldreg_regularizer(x, k=5).item() == pytest.approx(-LOG_CAP)
 
 
@@ -265,7 +264,7 @@ def test_ldreg_with_the_gathered_batch_as_reference_drops_the_own_copy():
 def test_ldreg_raises_local_dimension():
     """A few gradient steps on the regulariser alone lift LID of a nearly flat representation."""
     g = torch.Generator().manual_seed(0)
-    z = (torch.randn(256, 2, generator=g) @ torch.randn(2, 16, generator=g) + 0.01 * torch.randn(256, 16, generator=g))
+    z = torch.randn(256, 2, generator=g) @ torch.randn(2, 16, generator=g) + 0.01 * torch.randn(256, 16, generator=g)
     z.requires_grad_()
     before = local_intrinsic_dimension(z.detach(), k=16, estimator="mom").log().mean().exp()
     opt = torch.optim.Adam([z], lr=0.01)
@@ -370,7 +369,12 @@ def test_bad_input_to_functions():
             call()
         message = str(info.value)
         assert fragment in message, message
-        assert message.split(":")[0] in ("local_intrinsic_dimension", "twonn_dimension", "mle_dimension", "ldreg_regularizer")
+        assert message.split(":")[0] in (
+            "local_intrinsic_dimension",
+            "twonn_dimension",
+            "mle_dimension",
+            "ldreg_regularizer",
+        )
     # k equal to the neighbours available is fine
     assert local_intrinsic_dimension(x, k=29).shape == (30,)
 
@@ -521,11 +525,7 @@ def test_ddp_two_processes():
     (res0, n0), (res1, n1) = run_distributed(_ddp_dimensions, x)
     assert n0 != n1 and n0 + n1 == len(x)
     # Everything kept: each rank's value equals the functional on all 901 points.
-    expected = [
-        local_intrinsic_dimension(x, k=10).log().mean().exp(),
-        twonn_dimension(x),
-        mle_dimension(x, k=10),
-    ]
+    expected = [local_intrinsic_dimension(x, k=10).log().mean().exp(), twonn_dimension(x), mle_dimension(x, k=10)]
     for values, per_sample, sample in (res0[25_600], res1[25_600]):
         assert sample.shape == x.shape and per_sample.shape == (901,)
         for v, e in zip(values, expected):

@@ -89,7 +89,9 @@ def test_sigreg_seeded_directions_are_lejepas_and_leave_the_global_rng_alone(see
         metric.update(b)
     assert rel_err(metric.compute(), expected) <= 1e-5
     assert torch.equal(torch.get_rng_state(), before)
-    assert torch.allclose(metric.directions(), torch.nn.functional.normalize(lejepa_directions(32, 256, seed).double(), dim=0))
+    assert torch.allclose(
+        metric.directions(), torch.nn.functional.normalize(lejepa_directions(32, 256, seed).double(), dim=0)
+    )
 
 
 def test_sigreg_normalises_given_directions():
@@ -112,7 +114,9 @@ def test_sigreg_is_small_for_standard_gaussians_and_large_for_collapse():
     values = [float(sigreg(datasets.gaussian(500, 16, seed=s), num_slices=16, seed=s)) for s in range(40)]
     assert np.mean(values) == pytest.approx(expected, rel=0.15)
     g = torch.Generator().manual_seed(0)
-    collapsed = torch.randn(2000, 1, generator=g, dtype=torch.float64) * torch.randn(1, 32, generator=g, dtype=torch.float64)
+    collapsed = torch.randn(2000, 1, generator=g, dtype=torch.float64) * torch.randn(
+        1, 32, generator=g, dtype=torch.float64
+    )
     point = torch.ones(2000, 32, dtype=torch.float64) + 1e-3 * torch.randn(2000, 32, generator=g, dtype=torch.float64)
     assert float(sigreg(collapsed)) > 50 * expected
     assert float(sigreg(point)) > 200 * expected
@@ -123,7 +127,13 @@ def test_sigreg_is_small_for_standard_gaussians_and_large_for_collapse():
 def test_sigreg_low_precision_and_autocast():
     z = datasets.gaussian(300, 16, dtype=torch.float32)
     expected = sigreg_ref(z.double().numpy(), lejepa_directions(16, 256, 0).double().numpy())
-    assert rel_err(sigreg(z.to(torch.bfloat16)), sigreg_ref(z.to(torch.bfloat16).double().numpy(), lejepa_directions(16, 256, 0).double().numpy())) <= 1e-5
+    assert (
+        rel_err(
+            sigreg(z.to(torch.bfloat16)),
+            sigreg_ref(z.to(torch.bfloat16).double().numpy(), lejepa_directions(16, 256, 0).double().numpy()),
+        )
+        <= 1e-5
+    )
     assert sigreg(z.half()).dtype == torch.float32 and sigreg(z.double()).dtype == torch.float64
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert rel_err(sigreg(z), expected) <= 1e-5
@@ -348,7 +358,9 @@ def test_isoscore_known_values():
         assert float(isoscore(torch.cat([eye, -eye]) + 7.0)) == pytest.approx((k - 1) / (d - 1), abs=1e-12)
     g = torch.Generator().manual_seed(0)
     assert float(isoscore(torch.randn(50000, 8, generator=g, dtype=torch.float64))) > 0.999
-    assert float(isoscore(torch.randn(500, 1, generator=g) * torch.randn(1, 8, generator=g))) == pytest.approx(0.0, abs=1e-6)
+    assert float(isoscore(torch.randn(500, 1, generator=g) * torch.randn(1, 8, generator=g))) == pytest.approx(
+        0.0, abs=1e-6
+    )
     # Invariant to rotation, scale and translation.
     z = datasets.decaying(800, 12)
     q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
@@ -500,5 +512,10 @@ def test_metrics_table_example_reads_the_new_metrics(capsys):
     healthy, dimensional, complete = (rows[k] for k in rows)
     # Collapse towards one direction: coding rate falls, Wasserstein uniformity rises towards √2.
     assert healthy[column["coding rate ↑"]] > dimensional[column["coding rate ↑"]] > complete[column["coding rate ↑"]]
-    assert healthy[column["W-uniformity ↓"]] < dimensional[column["W-uniformity ↓"]] < complete[column["W-uniformity ↓"]] <= math.sqrt(2) + 1e-3
+    assert (
+        healthy[column["W-uniformity ↓"]]
+        < dimensional[column["W-uniformity ↓"]]
+        < complete[column["W-uniformity ↓"]]
+        <= math.sqrt(2) + 1e-3
+    )
     assert healthy[column["IsoScore ↑"]] > dimensional[column["IsoScore ↑"]]

@@ -114,7 +114,13 @@ def test_tile_plan_bounds_the_distance_tile():
     assert default_tile_bytes(torch.device("cpu")) == CPU_TILE_BYTES
     assert default_tile_bytes(torch.device("cuda")) == CUDA_TILE_BYTES <= 256 * 2**20
     for budget in (CPU_TILE_BYTES, CUDA_TILE_BYTES):
-        for nq, nr, itemsize in [(30_000, 30_000, 4), (30_000, 30_000, 8), (100, 10**7, 4), (10**6, 10**6, 4), (5, 3, 4)]:
+        for nq, nr, itemsize in [
+            (30_000, 30_000, 4),
+            (30_000, 30_000, 8),
+            (100, 10**7, 4),
+            (10**6, 10**6, 4),
+            (5, 3, 4),
+        ]:
             rows, cols = tile_plan(nq, nr, itemsize, budget)
             assert 1 <= rows <= nq and 1 <= cols <= nr
             assert rows * cols * itemsize <= budget
@@ -170,7 +176,9 @@ _PEAK_SCRIPT = textwrap.dedent(
 def test_lid_of_30000_points_uses_under_1gb_of_extra_memory():
     """Peak RSS of a fresh process above its size before the call (x itself is 15 MB)."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, env=env, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, env=env, timeout=300, check=True
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["finite"] and result["n"] == 30_000
     # The issue's bound. A 30k × 30k float32 distance matrix alone would be 3.4 GiB; measured here

@@ -84,7 +84,9 @@ def test_plain_loop_schedule_and_values():
             expected = rankme(torch.cat([net.encoder(x) for x in data[start:stop]]))
             assert results[step]["encoder/rankme"].item() == pytest.approx(expected.item(), rel=1e-5)
             assert results[step]["encoder/num_samples"].item() == 20
-    assert set(results[9]) == {f"{tap}/{name}" for tap in ("encoder", "encoder.0") for name in ("rankme", "num_samples", "nonfinite_fraction")}
+    assert set(results[9]) == {
+        f"{tap}/{name}" for tap in ("encoder", "encoder.0") for name in ("rankme", "num_samples", "nonfinite_fraction")
+    }
     assert results[9]["encoder/num_samples"].item() == 20 and results[9]["encoder/nonfinite_fraction"].item() == 0
     assert tracker.num_features == {"encoder": 16, "encoder.0": 8}
     assert [s for s, _ in tracker.history["train/encoder/rankme"]] == [4, 9]
@@ -94,7 +96,9 @@ def test_plain_loop_schedule_and_values():
 
 def test_capture_is_detached_and_hooks_do_not_touch_gradients():
     net = Net()
-    tracker = RepresentationTracker(["encoder"], every_n_train_steps=1, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=2)
+    tracker = RepresentationTracker(
+        ["encoder"], every_n_train_steps=1, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=2
+    )
     tracker.attach(net)
     x = torch.randn(12, 8)
     tracker.start_train_step()
@@ -108,7 +112,9 @@ def test_capture_is_detached_and_hooks_do_not_touch_gradients():
 
 
 def test_output_taps_and_evaluation_streaming():
-    tracker = RepresentationTracker(["z"], num_views=2, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=40)
+    tracker = RepresentationTracker(
+        ["z"], num_views=2, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=40
+    )
     z = torch.randn(40, 6)
     tracker.start_eval()
     for chunk in z.split(10):
@@ -118,7 +124,9 @@ def test_output_taps_and_evaluation_streaming():
 
 
 def test_failing_metric_warns_once_and_is_skipped_unless_strict():
-    tracker = RepresentationTracker(["z"], default_metrics=False, metrics={"rankme": RankMe(), "alpha": AlphaReQ()}, min_samples=8)
+    tracker = RepresentationTracker(
+        ["z"], default_metrics=False, metrics={"rankme": RankMe(), "alpha": AlphaReQ()}, min_samples=8
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -127,7 +135,9 @@ def test_failing_metric_warns_once_and_is_skipped_unless_strict():
             values = tracker.end_eval()
             assert set(values) == {"z/rankme", "z/num_samples", "z/nonfinite_fraction"}
     assert sum("skipping val/z/alpha" in str(w.message) for w in caught) == 1
-    strict = RepresentationTracker(["z"], default_metrics=False, metrics={"alpha": AlphaReQ()}, strict=True, min_samples=8)
+    strict = RepresentationTracker(
+        ["z"], default_metrics=False, metrics={"alpha": AlphaReQ()}, strict=True, min_samples=8
+    )
     strict.start_eval()
     strict.end_eval_step({"z": torch.randn(8, 6)})
     with pytest.raises(ValueError, match="AlphaReQ"):
@@ -149,12 +159,26 @@ def test_bad_configuration():
 
 
 def test_state_dict_round_trip():
-    tracker = RepresentationTracker(["z"], every_n_train_steps=2, train_buffer_size=32, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=16)
+    tracker = RepresentationTracker(
+        ["z"],
+        every_n_train_steps=2,
+        train_buffer_size=32,
+        default_metrics=False,
+        metrics={"rankme": RankMe()},
+        min_samples=16,
+    )
     for _ in range(4):
         tracker.start_train_step()
         tracker.end_train_step({"z": torch.randn(16, 5)})
     state = tracker.state_dict()
-    fresh = RepresentationTracker(["z"], every_n_train_steps=2, train_buffer_size=32, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=16)
+    fresh = RepresentationTracker(
+        ["z"],
+        every_n_train_steps=2,
+        train_buffer_size=32,
+        default_metrics=False,
+        metrics={"rankme": RankMe()},
+        min_samples=16,
+    )
     fresh.load_state_dict(state)
     assert fresh.train_steps == 4 and fresh.history == tracker.history and len(fresh.history["train/z/rankme"]) == 2
 
@@ -204,7 +228,9 @@ def test_alpha_req_fit_quality_and_rankme_diagnostics_are_reported():
 
     torch.manual_seed(0)
     z = torch.randn(300, 40, dtype=torch.float64) * torch.arange(1, 41, dtype=torch.float64).pow(-0.6)
-    tracker = RepresentationTracker(["z"], default_metrics=False, metrics={"rankme": RankMe(), "alpha_req": AlphaReQ()}, rankme_diagnostics=True)
+    tracker = RepresentationTracker(
+        ["z"], default_metrics=False, metrics={"rankme": RankMe(), "alpha_req": AlphaReQ()}, rankme_diagnostics=True
+    )
     tracker.start_eval()
     for chunk in z.split(100):
         tracker.end_eval_step({"z": chunk})
@@ -231,7 +257,11 @@ def test_metrics_by_name_opt_in_and_unknown_names():
     assert {"nesum", "coding_rate", "wasserstein_uniformity", "isoscore"} <= set(default_metrics(64, 1))
     assert not {"sigreg", "twonn", "lidar"} & set(default_metrics(64, 1))
     assert "alpha_req" not in default_metrics(8, 2) and "lidar" in default_metrics(8, 2)
-    assert {name for name, spec in available_metrics().items() if not spec.default} == {"sigreg", "twonn", "mle_dimension"}
+    assert {name for name, spec in available_metrics().items() if not spec.default} == {
+        "sigreg",
+        "twonn",
+        "mle_dimension",
+    }
     torch.manual_seed(0)
     z = torch.randn(400, 16, dtype=torch.float64)
     tracker = RepresentationTracker(["z"], default_metrics=False, metrics=["sigreg", "twonn"])
@@ -246,11 +276,15 @@ def test_metrics_by_name_opt_in_and_unknown_names():
 
 def test_two_calls_per_step_without_views_hint_at_num_views():
     net = Net()
-    tracker = RepresentationTracker(["encoder"], every_n_train_steps=0, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=8)
+    tracker = RepresentationTracker(
+        ["encoder"], every_n_train_steps=0, default_metrics=False, metrics={"rankme": RankMe()}, min_samples=8
+    )
     tracker.attach(net)
     tracker.start_eval()
     x = torch.randn(16, 8)
-    with pytest.warns(RuntimeWarning, match=r"'encoder' was called 2 times in one step with num_views=1.*pass num_views=2"):
+    with pytest.warns(
+        RuntimeWarning, match=r"'encoder' was called 2 times in one step with num_views=1.*pass num_views=2"
+    ):
         net(x)
         net(x + 0.1)  # two augmentations of the same samples
         tracker.end_eval_step()

@@ -12,11 +12,11 @@ import pytest
 import torch
 from _helpers.ddp import run_distributed
 from lightning_models import ToyEncoder, loaders
+from reprmetrics.callbacks import CollapseEarlyStopping, RepresentationMonitor
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from reprmetrics import RankMe
-from reprmetrics.callbacks import CollapseEarlyStopping, RepresentationMonitor
 from reprmetrics.functional import linear_cka, rankme
 from reprmetrics.monitor import MonitorConfigurationError, RepresentationTracker
 
@@ -34,7 +34,9 @@ class Net(nn.Module):
 
 
 def rankme_tracker(**kwargs):
-    return RepresentationTracker(["encoder"], default_metrics=False, metrics={"rankme": RankMe()}, min_samples=8, **kwargs)
+    return RepresentationTracker(
+        ["encoder"], default_metrics=False, metrics={"rankme": RankMe()}, min_samples=8, **kwargs
+    )
 
 
 # ---- hooks belong to the attached instance ----------------------------------------------------------
@@ -106,7 +108,9 @@ def test_a_reference_checkpoint_with_pickled_code_is_refused_without_running_it(
     with open(unsafe, "wb") as f:
         pickle.dump({"state_dict": net.state_dict(), "extra": _Payload()}, f)
     tracker = rankme_tracker(every_n_train_steps=0, reference=str(unsafe))
-    with pytest.raises(MonitorConfigurationError, match=r"weights_only=True.*never runs pickled code.*torch.save\(model.state_dict\(\)"):
+    with pytest.raises(
+        MonitorConfigurationError, match=r"weights_only=True.*never runs pickled code.*torch.save\(model.state_dict\(\)"
+    ):
         tracker.attach(net)
     assert not _Payload.ran
     garbage = tmp_path / "garbage.pt"
@@ -120,7 +124,11 @@ def _silent_tap(rank, world_size, data, val, with_reference):
     torch.manual_seed(0)
     net = Net()
     tracker = RepresentationTracker(
-        ["encoder"], every_n_train_steps=2, train_buffer_size=64, min_samples=8, reference="initial" if with_reference else None
+        ["encoder"],
+        every_n_train_steps=2,
+        train_buffer_size=64,
+        min_samples=8,
+        reference="initial" if with_reference else None,
     )
     tracker.attach(net)
     for batch in data:
@@ -195,15 +203,31 @@ class _RankZeroAux(ToyEncoder):
 def _ddp_empty_shard(rank, world_size, val_rows):
     warnings.filterwarnings("ignore")
     pl.seed_everything(0)
-    monitor = RepresentationMonitor(["projector", "aux"], num_views=2, every_n_train_steps=4, train_buffer_size=64, max_samples=4096)
+    monitor = RepresentationMonitor(
+        ["projector", "aux"], num_views=2, every_n_train_steps=4, train_buffer_size=64, max_samples=4096
+    )
     stop = CollapseEarlyStopping("repr/val/projector/rankme", min_fraction_of_dim=0.4, patience=2)
     t = pl.Trainer(
-        max_epochs=8, callbacks=[monitor, stop], logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, accelerator="cpu", devices=world_size, strategy="ddp", num_nodes=1, num_sanity_val_steps=0,
+        max_epochs=8,
+        callbacks=[monitor, stop],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp",
+        num_nodes=1,
+        num_sanity_val_steps=0,
     )
     model = _RankZeroAux(collapse_from_epoch=3)
     t.fit(model, loaders()[0], DataLoader(_Shard(val_rows), batch_size=None))
-    return {"history": monitor.tracker.history, "epoch": t.current_epoch, "reason": stop.stopping_reason_message, "steps": t.global_step}
+    return {
+        "history": monitor.tracker.history,
+        "epoch": t.current_epoch,
+        "reason": stop.stopping_reason_message,
+        "steps": t.global_step,
+    }
 
 
 def test_lightning_ddp_with_an_empty_validation_shard_and_a_tap_silent_on_one_rank():
@@ -223,15 +247,31 @@ def test_lightning_true_half_precision_keeps_float64_accumulators(tmp_path):
     monitor = RepresentationMonitor(["projector"], every_n_train_steps=0)
     model = ToyEncoder()
     model.metric = RankMe()  # a metric held by the module is cast with it
-    t = pl.Trainer(max_epochs=1, callbacks=[monitor], logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   enable_checkpointing=False, accelerator="cpu", devices=1, precision="16-true")
+    t = pl.Trainer(
+        max_epochs=1,
+        callbacks=[monitor],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
+        precision="16-true",
+    )
     t.fit(model, *loaders())
     assert model.metric.moments.dtype == torch.float64
     values = monitor.tracker.history
-    assert values["val/projector/rankme"] and all(torch.isfinite(torch.tensor(v)) for _, v in values["val/projector/rankme"])
+    assert values["val/projector/rankme"] and all(
+        torch.isfinite(torch.tensor(v)) for _, v in values["val/projector/rankme"]
+    )
     # The value equals one computed from the float16 embeddings upcast to float64.
     with torch.no_grad():
         xs = [b[0].half() for b in loaders()[1]]
-        z = torch.cat([torch.cat([model.projector(model.backbone(x)), model.projector(model.backbone(x.flip(1) * 0.1 + x))]) for x in xs])
+        z = torch.cat(
+            [
+                torch.cat([model.projector(model.backbone(x)), model.projector(model.backbone(x.flip(1) * 0.1 + x))])
+                for x in xs
+            ]
+        )
     assert values["val/projector/rankme"][-1][1] == pytest.approx(rankme(z.double()).item(), rel=1e-4)
     assert float(linear_cka(z.double(), z.double())) == pytest.approx(1.0)

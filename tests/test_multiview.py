@@ -226,7 +226,9 @@ UNIFORMITY_CASES = {
     # Value near 0 although the mean squared distance is not: the log-sum-exp pass is redone with expm1.
     "mostly_one_cluster": lambda: torch.cat([clusters(1, 950, 32, 1e-4, seed=9), clusters(1, 50, 32, 1e-4, seed=10)]),
     "five_clusters": lambda: clusters(5, 800, 32, 1e-2, seed=4),
-    "rank_3": lambda: torch.randn(900, 3, generator=gen(5), dtype=F64) @ torch.randn(3, 48, generator=gen(6), dtype=F64),
+    "rank_3": lambda: (
+        torch.randn(900, 3, generator=gen(5), dtype=F64) @ torch.randn(3, 48, generator=gen(6), dtype=F64)
+    ),
     "large_offset": lambda: torch.randn(700, 16, generator=gen(7), dtype=F64) + 1e3,
     "two_points": lambda: torch.randn(2, 8, generator=gen(8), dtype=F64),
 }

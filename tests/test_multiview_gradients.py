@@ -136,7 +136,11 @@ def test_uniformity_backward_at_16384_points_stays_under_300mb(dtype):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(
         [sys.executable, "-c", _BACKWARD_RSS_SCRIPT.format(dtype=dtype)],
-        capture_output=True, text=True, env=env, check=True, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
     )
     extra_kib, value, finite = out.stdout.split()
     assert int(extra_kib) * 1024 < 300 * 10**6  # measured about 200 MiB (float32), 172 MiB (float64)

@@ -20,7 +20,10 @@ def test_core_never_imports_lightning():
 def test_editable_install_maps_callbacks():
     out = subprocess.run(
         [sys.executable, "-c", "import reprmetrics.callbacks as c; print(c.__file__)"],
-        check=True, capture_output=True, text=True, cwd="/",
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd="/",
     ).stdout.strip()
     assert Path(out).resolve() == (ROOT / "callbacks" / "__init__.py").resolve()
 
@@ -28,7 +31,18 @@ def test_editable_install_maps_callbacks():
 @pytest.mark.slow
 def test_wheel_contains_and_imports_callbacks(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     (wheel,) = tmp_path.glob("reprmetrics-*.whl")
@@ -47,8 +61,16 @@ def test_wheel_contains_and_imports_callbacks(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     env = dict(os.environ, PYTHONPATH=str(site))
     out = subprocess.run(
-        [sys.executable, "-c", "import reprmetrics, reprmetrics.callbacks as c; print(reprmetrics.__file__); print(c.__file__)"],
-        check=True, capture_output=True, text=True, cwd="/", env=env,
+        [
+            sys.executable,
+            "-c",
+            "import reprmetrics, reprmetrics.callbacks as c; print(reprmetrics.__file__); print(c.__file__)",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env=env,
     ).stdout.split()
     assert all(Path(p).resolve().is_relative_to(site.resolve()) for p in out)
 
@@ -72,6 +94,8 @@ def test_lazy_names_match_the_type_checking_imports():
 
     tree = ast.parse((ROOT / "reprmetrics" / "__init__.py").read_text())
     guarded = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", None) == "TYPE_CHECKING")
-    imported = {alias.name: node.module for node in guarded.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+    imported = {
+        alias.name: node.module for node in guarded.body if isinstance(node, ast.ImportFrom) for alias in node.names
+    }
     assert imported == reprmetrics._LAZY
     assert set(reprmetrics._LAZY) == set(reprmetrics.__all__) - {"__version__"}

@@ -98,4 +98,9 @@ def test_diagnostics_top_singular_value_and_condition_number():
     low = rankme_diagnostics(exact_rank(300, 50, 3))
     assert low["numerical_rank"] == 3 and np.isfinite(low["condition_number"])
     zero = rankme_diagnostics(torch.zeros(10, 4))
-    assert zero == {"rankme": 1.0 + zero["rankme"] - 1.0, "top_singular_value": 0.0, "condition_number": 1.0, "numerical_rank": 0}
+    assert zero == {
+        "rankme": 1.0 + zero["rankme"] - 1.0,
+        "top_singular_value": 0.0,
+        "condition_number": 1.0,
+        "numerical_rank": 0,
+    }

@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from markdown_blocks import blocks, run_page
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +65,9 @@ def test_every_python_block_runs(in_tmp, hf_trainer, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     # Lightning: the guard stops the collapsing model well before max_epochs and says why.
     lightning_stop = namespace["stop"]
-    assert lightning_stop.stopping_reason_message is not None and "tap projector" in lightning_stop.stopping_reason_message
+    assert (
+        lightning_stop.stopping_reason_message is not None and "tap projector" in lightning_stop.stopping_reason_message
+    )
     (epochs,) = [int(m[1]) for m in map(re.compile(r"^(\d+) .*Signaling Trainer to stop").match, lines) if m]
     assert epochs < 15
     # Hugging Face: the same guard through the Trainer.

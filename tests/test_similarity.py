@@ -120,7 +120,9 @@ def test_unbiased_hsic_of_independent_representations_is_centred_on_zero():
         k, l_ = gram_linear_ref(x.numpy()), gram_linear_ref(y.numpy())
         biased.append(hsic_biased_ref(k, l_))
         unbiased.append(hsic_unbiased_ref(k, l_))
-        assert float(cka(x, y, debiased=True)) == pytest.approx(unbiased[-1] / np.sqrt(hsic_unbiased_ref(k, k) * hsic_unbiased_ref(l_, l_)), rel=1e-9)
+        assert float(cka(x, y, debiased=True)) == pytest.approx(
+            unbiased[-1] / np.sqrt(hsic_unbiased_ref(k, k) * hsic_unbiased_ref(l_, l_)), rel=1e-9
+        )
     assert min(biased) > 0
     assert abs(np.mean(unbiased)) < 3 * np.std(unbiased) / np.sqrt(len(unbiased))
 
@@ -206,8 +208,16 @@ def test_large_offset_keeps_full_accuracy(offset):
     expected = linear_cka_ref(np64(xo), np64(yo))
     assert rel_err(linear_cka(xo, yo), expected) <= 1e-6
     assert rel_err(cka(xo, yo), expected) <= 1e-6
-    assert rel_err(cka(xo, yo, debiased=True), cka_ref(np64(xo) - np64(xo).mean(0), np64(yo) - np64(yo).mean(0), debiased=True)) <= 1e-6
-    assert rel_err(cka(xo, yo, kernel="rbf"), cka_ref(np64(xo) - np64(xo).mean(0), np64(yo) - np64(yo).mean(0), "rbf")) <= 1e-6
+    assert (
+        rel_err(
+            cka(xo, yo, debiased=True), cka_ref(np64(xo) - np64(xo).mean(0), np64(yo) - np64(yo).mean(0), debiased=True)
+        )
+        <= 1e-6
+    )
+    assert (
+        rel_err(cka(xo, yo, kernel="rbf"), cka_ref(np64(xo) - np64(xo).mean(0), np64(yo) - np64(yo).mean(0), "rbf"))
+        <= 1e-6
+    )
     if offset >= 1e6:
         # the uncentred one-pass formula (XᵀX − N m mᵀ) loses it: the test can fail
         n = x.shape[0]
@@ -215,7 +225,9 @@ def test_large_offset_keeps_full_accuracy(offset):
         def naive_cov(a, b):
             return a.T @ b - torch.outer(a.sum(0), b.sum(0)) / n
 
-        naive = naive_cov(xo, yo).square().sum() / (torch.linalg.matrix_norm(naive_cov(xo, xo)) * torch.linalg.matrix_norm(naive_cov(yo, yo)))
+        naive = naive_cov(xo, yo).square().sum() / (
+            torch.linalg.matrix_norm(naive_cov(xo, xo)) * torch.linalg.matrix_norm(naive_cov(yo, yo))
+        )
         assert not rel_err(naive, expected) <= 1e-6
 
 
@@ -495,7 +507,10 @@ def test_minibatch_cka_torchmetrics_conventions():
     got = collection.compute()
     chunks = [slice(0, 100), slice(100, 200), slice(200, 300)]
     assert rel_err(got["linear"], minibatch_cka_ref([np64(x[s]) for s in chunks], [np64(y[s]) for s in chunks])) <= 1e-6
-    assert rel_err(got["rbf"], minibatch_cka_ref([np64(x[s]) for s in chunks], [np64(y[s]) for s in chunks], "rbf", 0.5)) <= 1e-6
+    assert (
+        rel_err(got["rbf"], minibatch_cka_ref([np64(x[s]) for s in chunks], [np64(y[s]) for s in chunks], "rbf", 0.5))
+        <= 1e-6
+    )
     assert rel_err(metric.compute(), got["linear"]) <= 1e-12
     clone = pickle.loads(pickle.dumps(metric))
     assert rel_err(clone.compute(), got["linear"]) <= 1e-12
@@ -580,7 +595,12 @@ def test_cuda_matches_cpu():
     assert metric.compute().device.type == "cuda"
     assert rel_err(metric.compute().cpu(), expected) <= 1e-5
     batches = uneven_batches(len(x))
-    assert rel_err(minibatch.compute().cpu(), minibatch_cka_ref([np64(x[s]) for s in batches], [np64(y[s]) for s in batches])) <= 1e-5
+    assert (
+        rel_err(
+            minibatch.compute().cpu(), minibatch_cka_ref([np64(x[s]) for s in batches], [np64(y[s]) for s in batches])
+        )
+        <= 1e-5
+    )
     for kernel in ("linear", "rbf"):
         for debiased in (False, True):
             got = cka(xc[:500], yc[:500], kernel=kernel, debiased=debiased).cpu()

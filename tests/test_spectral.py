@@ -79,7 +79,9 @@ def test_spectra_match_numpy():
     np.testing.assert_allclose(eigenspectrum(z).numpy(), covariance_eigenvalues_ref(z.numpy()), rtol=1e-9)
     wide = datasets.gaussian(20, 50)
     assert singular_values(wide).shape == (20,)
-    np.testing.assert_allclose(eigenspectrum(wide).numpy(), covariance_eigenvalues_ref(wide.numpy())[:20], rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(
+        eigenspectrum(wide).numpy(), covariance_eigenvalues_ref(wide.numpy())[:20], rtol=1e-8, atol=1e-12
+    )
 
 
 def test_alpha_recovers_a_known_power_law():
@@ -261,7 +263,10 @@ def test_cuda_matches_cpu():
         metric.update(b)
     assert metric.compute().device.type == "cuda"
     assert rel_err(metric.compute().cpu(), rankme_ref(z.double().numpy())) <= 1e-4
-    assert rel_err(alpha_req(z.cuda()).cpu(), alpha_req_ref(z.double().numpy(), input_eps=torch.finfo(torch.float32).eps)) <= 1e-3
+    assert (
+        rel_err(alpha_req(z.cuda()).cpu(), alpha_req_ref(z.double().numpy(), input_eps=torch.finfo(torch.float32).eps))
+        <= 1e-3
+    )
 
 
 @pytest.mark.parametrize("cls", [RankMe, AlphaReQ])
@@ -273,7 +278,9 @@ def test_forward_accumulates_without_num_features_and_keeps_state_on_error(cls):
         assert torch.isfinite(batch_value)
     before = state_of(metric)
     with pytest.raises(ValueError, match=cls.__name__):
-        metric(torch.randn(3, 32, dtype=torch.float64) if cls is AlphaReQ else torch.randn(3, 31))  # too few / wrong width
+        metric(
+            torch.randn(3, 32, dtype=torch.float64) if cls is AlphaReQ else torch.randn(3, 31)
+        )  # too few / wrong width
     after = state_of(metric)
     assert all(torch.equal(before[k], after[k]) for k in before)
     expected = rankme(z) if cls is RankMe else alpha_req(z)

@@ -98,7 +98,9 @@ def test_coding_rate_matches_numpy_references(case, dtype, eps, normalize):
 
 def test_coding_rate_known_values():
     d, eps = 8, 0.5
-    assert float(coding_rate(torch.ones(100, d, dtype=torch.float64) * 3)) == pytest.approx(0.5 * math.log(1 + d / eps**2), rel=1e-9)
+    assert float(coding_rate(torch.ones(100, d, dtype=torch.float64) * 3)) == pytest.approx(
+        0.5 * math.log(1 + d / eps**2), rel=1e-9
+    )
     # D orthonormal rows: ZᵀZ = I, so R = (D/2) log(1 + 1/ε²).
     q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
     assert float(coding_rate(q)) == pytest.approx(d / 2 * math.log(1 + 1 / eps**2), rel=1e-12)
@@ -110,7 +112,9 @@ def test_coding_rate_grows_with_rank():
     g = torch.Generator().manual_seed(0)
     values = []
     for rank in (1, 2, 4, 8, 16, 32):
-        z = torch.randn(2000, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, 32, generator=g, dtype=torch.float64)
+        z = torch.randn(2000, rank, generator=g, dtype=torch.float64) @ torch.randn(
+            rank, 32, generator=g, dtype=torch.float64
+        )
         values.append(float(coding_rate(z)))
     assert all(a < b for a, b in zip(values, values[1:])), values
 

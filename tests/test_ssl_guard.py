@@ -6,11 +6,11 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch import nn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_models import ToyEncoder, loaders
-
 from reprmetrics.callbacks import CollapseEarlyStopping, RepresentationMonitor
+from torch import nn
+
 from reprmetrics.monitor import MonitorConfigurationError
 from reprmetrics.stopping import SSL_GUARD_DEFAULTS, ssl_guard
 
@@ -23,7 +23,9 @@ D = 64
 def replay(guard, ranks, spreads, dim=D):
     """Feed one check per (rank, spread) pair; the 0-based check index that stopped, and its decision."""
     for i, (rank, spread) in enumerate(zip(ranks, spreads)):
-        decision = guard.check_values({f"{guard.tap}/rankme": rank, f"{guard.tap}/normalized_std": spread, "other/rankme": 1.0}, {guard.tap: dim})
+        decision = guard.check_values(
+            {f"{guard.tap}/rankme": rank, f"{guard.tap}/normalized_std": spread, "other/rankme": 1.0}, {guard.tap: dim}
+        )
         if decision.stop:
             return i, decision
     return None, None
@@ -46,7 +48,9 @@ def test_both_floors_are_complete_and_spread_alone_is_in_progress():
     stopped, decision = replay(ssl_guard("p", patience=2), [1.2, 1.1, 1.1], [tiny] * 3)
     assert stopped == 1 and decision.kind == "complete" and decision.reason.startswith("Complete collapse")
     # The user's VICReg case: spread under the complete-collapse line while RankMe still reads 26 of 64.
-    stopped, decision = replay(ssl_guard("p", patience=2, rank_drop=None, spread_drop=None, spread_floor=0.25), [26, 26, 26], [0.029] * 3)
+    stopped, decision = replay(
+        ssl_guard("p", patience=2, rank_drop=None, spread_drop=None, spread_floor=0.25), [26, 26, 26], [0.029] * 3
+    )
     assert stopped == 1 and decision.kind == "in progress" and "Complete" not in decision.reason
     assert "RankMe 26 of D = 64" in decision.reason and "normalized std 0.029 < 0.25/√D" in decision.reason
 
@@ -59,7 +63,11 @@ def test_trend_counts_from_the_best_after_warmup():
     assert stopped == 6 and decision.kind == "in progress"
     assert "RankMe fell 47% below its best 30" in decision.reason and decision.best == 30 and decision.value == 16
     # Without warmup the first value (60) is the best: the same run stops earlier, at the second low check.
-    stopped, _ = replay(ssl_guard("p", rank_floor=0.1, rank_drop=0.4, spread_drop=None, warmup=0, patience=2), ranks, [HEALTHY_SPREAD] * 7)
+    stopped, _ = replay(
+        ssl_guard("p", rank_floor=0.1, rank_drop=0.4, spread_drop=None, warmup=0, patience=2),
+        ranks,
+        [HEALTHY_SPREAD] * 7,
+    )
     assert stopped == 2
 
 
@@ -84,8 +92,10 @@ def test_slow_vicreg_like_collapse_is_caught_where_floors_never_fire():
     # Independently: the first check after warmup that is more than the drop below the best since warmup, + patience - 1.
     w = settings["warmup"]
     first_low = next(
-        e for e in range(w + 1, 22)
-        if ranks[e] < (1 - settings["rank_drop"]) * max(ranks[w:e]) or spreads[e] < (1 - settings["spread_drop"]) * max(spreads[w:e])
+        e
+        for e in range(w + 1, 22)
+        if ranks[e] < (1 - settings["rank_drop"]) * max(ranks[w:e])
+        or spreads[e] < (1 - settings["spread_drop"]) * max(spreads[w:e])
     )
     assert stopped == first_low + settings["patience"] - 1 < 16 and decision.kind == "in progress"
 
@@ -122,7 +132,15 @@ def test_settings_are_checked_with_close_names():
         ssl_guard("p", trend_mode="both")
     with pytest.raises(MonitorConfigurationError, match="tap name"):
         ssl_guard("repr/val/p/rankme")
-    assert set(SSL_GUARD_DEFAULTS) == {"rank_floor", "spread_floor", "rank_drop", "spread_drop", "trend_mode", "warmup", "patience"}
+    assert set(SSL_GUARD_DEFAULTS) == {
+        "rank_floor",
+        "spread_floor",
+        "rank_drop",
+        "spread_drop",
+        "trend_mode",
+        "warmup",
+        "patience",
+    }
 
 
 # ---- Lightning ---------------------------------------------------------------------------------------
@@ -155,8 +173,15 @@ class FadingEncoder(ToyEncoder):
 def fit(tmp_path, model, callbacks, max_epochs=16):
     pl.seed_everything(0)
     t = pl.Trainer(
-        max_epochs=max_epochs, callbacks=callbacks, logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", devices=1,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
     )
     t.fit(model, *loaders())
     return t
@@ -167,12 +192,16 @@ def test_for_ssl_stops_a_slow_collapse_and_not_a_healthy_run(tmp_path):
     monitor = RepresentationMonitor(["projector"], every_n_train_steps=0, num_views=2, metrics=None)
     t = fit(tmp_path / "fading", FadingEncoder(), [monitor, stop])
     ranks = [v for _, v in monitor.tracker.history["val/projector/rankme"]]
-    assert t.current_epoch < 14 and stop.stopping_reason_message.startswith(("Collapse in progress", "Dimensional collapse"))
+    assert t.current_epoch < 14 and stop.stopping_reason_message.startswith(
+        ("Collapse in progress", "Dimensional collapse")
+    )
     assert "RankMe" in stop.stopping_reason_message and "normalized std" in stop.stopping_reason_message
     spreads = [v for _, v in monitor.tracker.history["val/projector/normalized_std"]]
     w = SSL_GUARD_DEFAULTS["warmup"]
     fell = 1 - min(ranks[-1] / max(ranks[w:]), spreads[-1] / max(spreads[w:]))
-    assert fell > min(SSL_GUARD_DEFAULTS["rank_drop"], SSL_GUARD_DEFAULTS["spread_drop"])  # what stopped it, independently
+    assert fell > min(
+        SSL_GUARD_DEFAULTS["rank_drop"], SSL_GUARD_DEFAULTS["spread_drop"]
+    )  # what stopped it, independently
 
     stop = CollapseEarlyStopping.for_ssl("projector")
     monitor = RepresentationMonitor(["projector"], every_n_train_steps=0, num_views=2)
@@ -181,7 +210,10 @@ def test_for_ssl_stops_a_slow_collapse_and_not_a_healthy_run(tmp_path):
 
 
 def test_for_ssl_without_a_monitor_says_to_add_one(tmp_path):
-    with pytest.raises(MisconfigurationException, match=r"no RepresentationMonitor with prefix 'repr'.*RepresentationMonitor\(\['projector'\]\)"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"no RepresentationMonitor with prefix 'repr'.*RepresentationMonitor\(\['projector'\]\)",
+    ):
         fit(tmp_path, ToyEncoder(), [CollapseEarlyStopping.for_ssl("projector")], max_epochs=1)
     with pytest.raises(MisconfigurationException, match="did you mean 'patience'"):
         CollapseEarlyStopping.for_ssl("projector", patiense=2)
@@ -190,7 +222,9 @@ def test_for_ssl_without_a_monitor_says_to_add_one(tmp_path):
 def test_for_ssl_needs_the_spread_metric_it_reads(tmp_path):
     from reprmetrics import RankMe
 
-    monitor = RepresentationMonitor(["projector"], every_n_train_steps=0, default_metrics=False, metrics={"rankme": RankMe()})
+    monitor = RepresentationMonitor(
+        ["projector"], every_n_train_steps=0, default_metrics=False, metrics={"rankme": RankMe()}
+    )
     with pytest.raises(MisconfigurationException, match="normalized_std"):
         fit(tmp_path, ToyEncoder(), [monitor, CollapseEarlyStopping.for_ssl("projector")], max_epochs=1)
 
@@ -199,11 +233,18 @@ def test_key_criteria_name_complete_only_when_spread_and_rank_are_both_gone():
     from reprmetrics.stopping import CollapseCriteria, collapse_kind
 
     line = 0.25 / math.sqrt(D)
-    assert collapse_kind("normalized_std", 0.02, 0.02, D, rank=26.0) == "in progress"  # the user's VICReg: rank still 26 of 64
+    assert (
+        collapse_kind("normalized_std", 0.02, 0.02, D, rank=26.0) == "in progress"
+    )  # the user's VICReg: rank still 26 of 64
     assert collapse_kind("normalized_std", 0.02, 0.02, D, rank=1.1) == "complete"
     assert collapse_kind("rankme", 10.0, 0.1, D) == "dimensional"  # rank below its floor, spread kept
     assert collapse_kind("rankme", 9.1, 0.012, D) == "complete"  # both gone
     assert collapse_kind("rankme", 1.2, 0.1, D) == "complete"
     criteria = CollapseCriteria("repr/val/p/normalized_std", patience=1, min_value=line)
     stop, reason = criteria.check(0.02, D, 0.02, rank=26.0)
-    assert stop and reason.startswith("Collapse in progress") and "RankMe 26 of D = 64" in reason and "normalized std 0.02" in reason
+    assert (
+        stop
+        and reason.startswith("Collapse in progress")
+        and "RankMe 26 of D = 64" in reason
+        and "normalized std 0.02" in reason
+    )

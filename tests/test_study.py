@@ -174,7 +174,10 @@ def test_correlation_rows_by_hand():
 
 
 def test_the_healthy_group_leaves_out_the_settings_built_to_collapse():
-    rows = [{"name": "a", "method": "m", "collapse_setting": "none"}, {"name": "b", "method": "m", "collapse_setting": "full"}]
+    rows = [
+        {"name": "a", "method": "m", "collapse_setting": "none"},
+        {"name": "b", "method": "m", "collapse_setting": "full"},
+    ]
     groups = analysis.groups_of(rows)
     assert list(groups) == ["m", "all", "all-healthy"]
     assert [r["name"] for r in groups["all-healthy"]] == ["a"] and len(groups["all"]) == 2
@@ -217,11 +220,24 @@ def test_batched_correlations_match_scipy_row_by_row(seed):
 
 
 def seeded(name, cell, seed, rankme, probe, method="simclr", setting="none"):
-    return {"name": name, "cell": cell, "method": method, "seed": seed, "collapse_setting": setting, "projector/rankme": rankme, "probe_accuracy": probe}
+    return {
+        "name": name,
+        "cell": cell,
+        "method": method,
+        "seed": seed,
+        "collapse_setting": setting,
+        "projector/rankme": rankme,
+        "probe_accuracy": probe,
+    }
 
 
 def test_seeds_are_averaged_per_configuration_with_their_std():
-    rows = [seeded("a", "c", 0, 10.0, 0.8), seeded("a", "c", 1, 20.0, 0.9), seeded("b", "c", 0, 5.0, 0.5), seeded("a", "d", 0, 1.0, 0.1)]
+    rows = [
+        seeded("a", "c", 0, 10.0, 0.8),
+        seeded("a", "c", 1, 20.0, 0.9),
+        seeded("b", "c", 0, 5.0, 0.5),
+        seeded("a", "d", 0, 1.0, 0.1),
+    ]
     averaged = {(r["cell"], r["name"]): r for r in analysis.average_seeds(rows)}
     assert set(averaged) == {("c", "a"), ("c", "b"), ("d", "a")}  # a configuration is one per cell
     assert averaged["c", "a"]["projector/rankme"] == pytest.approx(15.0) and averaged["c", "a"]["n_seeds"] == 2
@@ -234,15 +250,33 @@ def test_seeds_are_averaged_per_configuration_with_their_std():
 
 def test_a_perfect_ranking_has_a_degenerate_interval_and_a_noisy_one_covers_its_estimate():
     rows = [seeded(f"c{i}", "x", 0, float(i), 0.1 * i) for i in range(8)]
-    (rank,) = [c for c in analysis.correlation_ci_rows(rows, resamples=200) if c["metric"] == "rankme" and c["tap"] == "projector" and c["group"] == "all" and c["accuracy"] == "probe_accuracy"]
+    (rank,) = [
+        c
+        for c in analysis.correlation_ci_rows(rows, resamples=200)
+        if c["metric"] == "rankme"
+        and c["tap"] == "projector"
+        and c["group"] == "all"
+        and c["accuracy"] == "probe_accuracy"
+    ]
     assert rank["spearman"] == pytest.approx(1.0) and rank["n"] == 8
     assert rank["spearman_lo"] == pytest.approx(1.0) and rank["spearman_hi"] == pytest.approx(1.0)
     assert rank["kendall_lo"] == pytest.approx(1.0)
     noisy = [seeded(f"c{i}", "x", 0, float(v), 0.1 * i) for i, v in enumerate([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])]
-    (c,) = [c for c in analysis.correlation_ci_rows(noisy, resamples=500) if c["metric"] == "rankme" and c["tap"] == "projector" and c["group"] == "all" and c["accuracy"] == "probe_accuracy"]
+    (c,) = [
+        c
+        for c in analysis.correlation_ci_rows(noisy, resamples=500)
+        if c["metric"] == "rankme"
+        and c["tap"] == "projector"
+        and c["group"] == "all"
+        and c["accuracy"] == "probe_accuracy"
+    ]
     assert c["spearman_lo"] < c["spearman"] < c["spearman_hi"] and -1 <= c["spearman_lo"] and c["spearman_hi"] <= 1
     # The pick's gap: the highest rank is c5 (0.5) and the best is c9 (0.9); its interval holds 0.4 and stays >= 0.
-    (p,) = [p for p in analysis.pick_ci_rows(noisy, resamples=300) if p["metric"] == "rankme" and p["tap"] == "projector" and p["group"] == "all"]
+    (p,) = [
+        p
+        for p in analysis.pick_ci_rows(noisy, resamples=300)
+        if p["metric"] == "rankme" and p["tap"] == "projector" and p["group"] == "all"
+    ]
     assert p["pick"] == "c5" and p["gap"] == pytest.approx(0.4)
     assert 0 <= p["gap_lo"] <= 0.4 <= p["gap_hi"] <= 0.9
 
@@ -260,7 +294,9 @@ def test_ssl_guard_replay_stops_after_three_low_rank_epochs():
     healthy_std = [0.1] * 6
     stop, reason = analysis.replay_ssl_guard([30, 20, 12, 11, 10, 9], healthy_std, dim=64)
     assert stop == 4 and "rankme" in reason
-    assert analysis.replay_ssl_guard([30, 12, 30, 12, 12, 30], healthy_std, dim=64)[0] is None  # a healthy check resets the count
+    assert (
+        analysis.replay_ssl_guard([30, 12, 30, 12, 12, 30], healthy_std, dim=64)[0] is None
+    )  # a healthy check resets the count
     # Normalised std below 0.25/8 = 0.03125 for 3 epochs stops even with a high rank.
     assert analysis.replay_ssl_guard([30] * 5, [0.1, 0.03, 0.02, 0.01, 0.01], dim=64)[0] == 3
     assert analysis.replay_ssl_guard([], [], dim=64) == (None, "")
@@ -274,8 +310,16 @@ def test_finetune_guard_replay_stops_on_two_epochs_of_drift_or_one_of_complete_c
 
 def ssl_run(name, seed, probe, ranks, curve, setting="none"):
     return {
-        "name": name, "cell": "c", "method": "simsiam", "seed": seed, "collapse_setting": setting, "projector_dim": 64, "probe_accuracy": probe,
-        "epoch_projector_rankme": ranks, "epoch_projector_normalized_std": [0.1] * len(ranks), "epoch_probe": curve,
+        "name": name,
+        "cell": "c",
+        "method": "simsiam",
+        "seed": seed,
+        "collapse_setting": setting,
+        "projector_dim": 64,
+        "probe_accuracy": probe,
+        "epoch_projector_rankme": ranks,
+        "epoch_projector_normalized_std": [0.1] * len(ranks),
+        "epoch_probe": curve,
     }
 
 
@@ -292,12 +336,22 @@ def test_detector_labels_onsets_and_rates_by_hand():
     ]
     rows = {r["name"]: r for r in analysis.ssl_detector_rows(runs)}
     collapsed = rows["simsiam-no-predictor"]
-    assert collapsed["collapsed"] and collapsed["harmful"] and collapsed["threshold"] == pytest.approx(0.1 + 0.75 * 0.75)
+    assert (
+        collapsed["collapsed"] and collapsed["harmful"] and collapsed["threshold"] == pytest.approx(0.1 + 0.75 * 0.75)
+    )
     assert (collapsed["onset_epoch"], collapsed["stop_epoch"], collapsed["onset_to_stop"]) == (1, 4, 3)
-    assert rows["simsiam-no-stopgrad-no-predictor"]["stop_epoch"] is None and not rows["simsiam-no-stopgrad-no-predictor"]["harmful"]
+    assert (
+        rows["simsiam-no-stopgrad-no-predictor"]["stop_epoch"] is None
+        and not rows["simsiam-no-stopgrad-no-predictor"]["harmful"]
+    )
     assert rows["simsiam-lr3e-4"]["stop_epoch"] == 2 and not rows["simsiam-lr3e-4"]["collapsed"]
     (overall,) = [s for s in analysis.detector_summary(list(rows.values())) if s["cell"] == "all"]
-    assert (overall["collapsed_runs"], overall["detected"], overall["healthy_runs"], overall["false_stops"]) == (2, 1, 3, 1)
+    assert (overall["collapsed_runs"], overall["detected"], overall["healthy_runs"], overall["false_stops"]) == (
+        2,
+        1,
+        3,
+        1,
+    )
     assert overall["detection_rate"] == pytest.approx(0.5) and overall["false_stop_rate"] == pytest.approx(1 / 3)
     assert overall["onset_to_stop_median"] == 3
     (by_outcome,) = [s for s in analysis.detector_summary(list(rows.values()), label="harmful") if s["cell"] == "all"]
@@ -306,31 +360,74 @@ def test_detector_labels_onsets_and_rates_by_hand():
 
 def test_threshold_sweep_counts_stops_per_rank_fraction():
     runs = [
-        ssl_run("simsiam-no-predictor", 0, 0.3, [30, 10, 10, 10, 10], [0.1] * 5, setting="full"),  # 10 < 0.2·64, > 0.1·64
+        ssl_run(
+            "simsiam-no-predictor", 0, 0.3, [30, 10, 10, 10, 10], [0.1] * 5, setting="full"
+        ),  # 10 < 0.2·64, > 0.1·64
         ssl_run("simclr-base", 0, 0.9, [30, 5, 5, 5, 5], [0.1] * 5),  # 5 < 0.1·64 = 6.4
     ]
     by_fraction = {t["min_fraction_of_dim"]: t for t in analysis.threshold_sweep_rows(runs, (0.05, 0.1, 0.2))}
-    assert (by_fraction[0.2]["detected"], by_fraction[0.2]["false_stops"], by_fraction[0.2]["latest_stop_epoch"]) == (1, 1, 3)
+    assert (by_fraction[0.2]["detected"], by_fraction[0.2]["false_stops"], by_fraction[0.2]["latest_stop_epoch"]) == (
+        1,
+        1,
+        3,
+    )
     assert (by_fraction[0.1]["detected"], by_fraction[0.1]["false_stops"]) == (0, 1)
-    assert (by_fraction[0.05]["detected"], by_fraction[0.05]["false_stops"], by_fraction[0.05]["latest_stop_epoch"]) == (0, 0, None)
+    assert (
+        by_fraction[0.05]["detected"],
+        by_fraction[0.05]["false_stops"],
+        by_fraction[0.05]["latest_stop_epoch"],
+    ) == (0, 0, None)
 
 
 def test_finetune_detector_labels_harm_against_the_pretrained_probe():
     runs = [
-        {"name": "finetune-lr1", "lr": 1.0, "seed": 0, "pretrained_probe_accuracy": 0.89, "probe_accuracy": 0.80, "pretrained_epoch_probe": 0.85,
-         "epoch_cka": [0.9, 0.7, 0.6], "epoch_normalized_std": [0.07] * 3, "epoch_probe": [0.84, 0.80, 0.78], "feature_dim": 128},
-        {"name": "finetune-lr0.05", "lr": 0.05, "seed": 0, "pretrained_probe_accuracy": 0.89, "probe_accuracy": 0.88, "pretrained_epoch_probe": 0.85,
-         "epoch_cka": [0.95, 0.93, 0.92], "epoch_normalized_std": [0.07] * 3, "epoch_probe": [0.85, 0.85, 0.86], "feature_dim": 128},
+        {
+            "name": "finetune-lr1",
+            "lr": 1.0,
+            "seed": 0,
+            "pretrained_probe_accuracy": 0.89,
+            "probe_accuracy": 0.80,
+            "pretrained_epoch_probe": 0.85,
+            "epoch_cka": [0.9, 0.7, 0.6],
+            "epoch_normalized_std": [0.07] * 3,
+            "epoch_probe": [0.84, 0.80, 0.78],
+            "feature_dim": 128,
+        },
+        {
+            "name": "finetune-lr0.05",
+            "lr": 0.05,
+            "seed": 0,
+            "pretrained_probe_accuracy": 0.89,
+            "probe_accuracy": 0.88,
+            "pretrained_epoch_probe": 0.85,
+            "epoch_cka": [0.95, 0.93, 0.92],
+            "epoch_normalized_std": [0.07] * 3,
+            "epoch_probe": [0.85, 0.85, 0.86],
+            "feature_dim": 128,
+        },
     ]
     harmful, healthy = analysis.finetune_detector_rows(runs)
-    assert harmful["collapsed"] and (harmful["onset_epoch"], harmful["stop_epoch"]) == (1, 2) and harmful["min_cka"] == 0.6
+    assert (
+        harmful["collapsed"] and (harmful["onset_epoch"], harmful["stop_epoch"]) == (1, 2) and harmful["min_cka"] == 0.6
+    )
     assert not healthy["collapsed"] and healthy["stop_epoch"] is None
 
 
 # ---- the whole pipeline, fast mode ------------------------------------------------------------------
 OUTPUTS = (
-    "results.csv", "results_seed_mean.csv", "correlations.csv", "correlations.md", "picks.csv", "picks.md", "noise_floor.csv",
-    "noise_floor.md", "detector_runs.csv", "detector.md", "summary.md", "protocol.md", "summary.png",
+    "results.csv",
+    "results_seed_mean.csv",
+    "correlations.csv",
+    "correlations.md",
+    "picks.csv",
+    "picks.md",
+    "noise_floor.csv",
+    "noise_floor.md",
+    "detector_runs.csv",
+    "detector.md",
+    "summary.md",
+    "protocol.md",
+    "summary.png",
 )
 
 
@@ -347,7 +444,10 @@ def test_fast_mode_writes_every_output_and_resumes(tmp_path, capsys):
     names = [f"{c.name}-s0" for c in study.FAST_SWEEP] + [f"{c.name}-s0" for c in study.FAST_FINETUNES]
     assert result["trained"] == names
     assert {c.method for c in study.FAST_SWEEP} == {"simclr", "simsiam"}
-    assert {c.dataset for c in study.FAST_SWEEP} == {"digits", "mnist1d"} and {c.encoder for c in study.FAST_SWEEP} == {"mlp", "cnn"}
+    assert {c.dataset for c in study.FAST_SWEEP} == {"digits", "mnist1d"} and {c.encoder for c in study.FAST_SWEEP} == {
+        "mlp",
+        "cnn",
+    }
 
     for name in OUTPUTS:
         assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
@@ -368,9 +468,16 @@ def test_fast_mode_writes_every_output_and_resumes(tmp_path, capsys):
             assert 0 <= float(r[accuracy]) <= 1, accuracy
     # Every run recorded one value per epoch of the guard's inputs and of the label curve.
     for record in result["rows"]:
-        assert len(record["epoch_projector_rankme"]) == len(record["epoch_projector_normalized_std"]) == len(record["epoch_probe"]) == 2
+        assert (
+            len(record["epoch_projector_rankme"])
+            == len(record["epoch_projector_normalized_std"])
+            == len(record["epoch_probe"])
+            == 2
+        )
     (finetune,) = result["finetunes"]
-    assert len(finetune["epoch_cka"]) == study.FAST_FINETUNES[0].epochs and all(-1e-6 <= v <= 1 + 1e-6 for v in finetune["epoch_cka"])
+    assert len(finetune["epoch_cka"]) == study.FAST_FINETUNES[0].epochs and all(
+        -1e-6 <= v <= 1 + 1e-6 for v in finetune["epoch_cka"]
+    )
 
     # The saved tables are the analysis of the saved rows.
     correlations = analysis.read_csv(os.path.join(out_dir, "correlations.csv"))

@@ -16,7 +16,15 @@ sys.path.insert(0, EXAMPLES)
 import zoo_analysis as analysis  # noqa: E402  (numpy only: no optional dependency)
 
 D = 64  # spread floor 0.25/√64 = 0.03125, rank floor 0.1·64 = 6.4
-BASE = {"rank_floor": 0.1, "spread_floor": 0.25, "rank_drop": None, "spread_drop": None, "trend_mode": "any", "warmup": 0, "patience": 1}
+BASE = {
+    "rank_floor": 0.1,
+    "spread_floor": 0.25,
+    "rank_drop": None,
+    "spread_drop": None,
+    "trend_mode": "any",
+    "warmup": 0,
+    "patience": 1,
+}
 
 
 def checks(ranks, spreads=None):
@@ -41,10 +49,15 @@ def test_patience_counts_consecutive_unhealthy_checks_and_a_healthy_one_resets()
     assert guard([5, 5, 30, 5, 5, 5], patience=3) == (5, "dimensional")
     assert guard([5, 5, 30, 5, 5, 30], patience=3) == (None, "")
     # One counter per condition: a floor check then a trend check is one of each, not two in a row...
-    ranks, spreads = [40, 40, 15], [0.1, 0.03, 0.1]  # check 1: spread floor only; check 2: rank 62 % below its best only
+    ranks, spreads = (
+        [40, 40, 15],
+        [0.1, 0.03, 0.1],
+    )  # check 1: spread floor only; check 2: rank 62 % below its best only
     assert guard(ranks, spreads, rank_drop=0.5, patience=2) == (None, "")
     # ... unless both are counted together (the other reading, kept for comparison).
-    assert analysis.replay_guard(checks(ranks, spreads), D, {**BASE, "rank_drop": 0.5, "patience": 2}, counters="shared") == (2, "in progress")
+    assert analysis.replay_guard(
+        checks(ranks, spreads), D, {**BASE, "rank_drop": 0.5, "patience": 2}, counters="shared"
+    ) == (2, "in progress")
     # A check with both conditions feeds both counters.
     assert guard([40, 40, 5, 15], rank_drop=0.5, patience=2) == (3, "in progress")
 
@@ -84,7 +97,12 @@ def test_the_vectorised_twin_matches_the_rule_on_random_runs(counters):
         spreads = 0.12 * np.cumprod(rng.uniform(0.8, 1.1, n))
         if i % 7 == 0:
             ranks[rng.integers(0, n)] = math.nan
-        records.append({"history": {"projector/rankme": ranks.tolist(), "projector/normalized_std": spreads.tolist()}, "widths": {"projector": D}})
+        records.append(
+            {
+                "history": {"projector/rankme": ranks.tolist(), "projector/normalized_std": spreads.tolist()},
+                "widths": {"projector": D},
+            }
+        )
     settings = analysis.grid_settings(analysis.FAST_GRID)
     for s, stops in analysis.batch_stops(records, settings, counters):
         for record, stop in zip(records, stops):
@@ -95,7 +113,11 @@ def test_the_vectorised_twin_matches_the_rule_on_random_runs(counters):
 def test_old_rules_together_are_the_study_replay():
     import study_analysis
 
-    for ranks, spreads in (([30, 20, 12, 11, 10, 9], [0.1] * 6), ([30] * 5, [0.1, 0.03, 0.02, 0.01, 0.01]), ([30, 12, 30, 12, 12, 30], [0.1] * 6)):
+    for ranks, spreads in (
+        ([30, 20, 12, 11, 10, 9], [0.1] * 6),
+        ([30] * 5, [0.1, 0.03, 0.02, 0.01, 0.01]),
+        ([30, 12, 30, 12, 12, 30], [0.1] * 6),
+    ):
         ours = analysis.replay_old(checks(ranks, spreads), D, ("rank", "spread"))
         assert ours == study_analysis.replay_ssl_guard(ranks, spreads, D)
     assert analysis.replay_old(checks([30, 20, 12, 11, 10, 9]), D, ("spread",)) == (None, "")
@@ -109,8 +131,19 @@ def test_onset_is_the_first_epoch_below_the_reference_by_the_margin():
 
 def record(name, family, design, seed, curve, cell="digits-mlp"):
     return {
-        "cell": cell, "dataset": cell.split("-")[0], "encoder": cell.split("-")[1], "family": family, "name": name, "mode": "x", "expected": "x",
-        "design": design, "seed": seed, "epoch_probe": curve, "probe_accuracy": curve[-1], "widths": {"projector": D}, "history": {},
+        "cell": cell,
+        "dataset": cell.split("-")[0],
+        "encoder": cell.split("-")[1],
+        "family": family,
+        "name": name,
+        "mode": "x",
+        "expected": "x",
+        "design": design,
+        "seed": seed,
+        "epoch_probe": curve,
+        "probe_accuracy": curve[-1],
+        "widths": {"projector": D},
+        "history": {},
     }
 
 
@@ -125,15 +158,26 @@ def test_the_healthy_reference_is_the_median_of_the_familys_healthy_runs_in_the_
         record("vicreg-no-covariance", "vicreg", "collapsing", 0, [0.71, 0.80, 0.83]),
     ]
     np.testing.assert_allclose(analysis.healthy_reference(runs, runs[5]), [0.70, 0.80, 0.84])
-    np.testing.assert_allclose(analysis.healthy_reference(runs, runs[2]), [0.70, 0.80, 0.84])  # the study's way: the run is part of it
-    np.testing.assert_allclose(analysis.healthy_reference(runs, runs[2], leave_one_out=True), [0.71, 0.81, 0.835])  # its siblings only
+    np.testing.assert_allclose(
+        analysis.healthy_reference(runs, runs[2]), [0.70, 0.80, 0.84]
+    )  # the study's way: the run is part of it
+    np.testing.assert_allclose(
+        analysis.healthy_reference(runs, runs[2], leave_one_out=True), [0.71, 0.81, 0.835]
+    )  # its siblings only
     assert analysis.healthy_reference(runs, runs[3], leave_one_out=True) is None  # simclr's only healthy run is itself
     labels = {(l["cell"], l["name"], l["seed"]): l for l in analysis.label_rows(runs)}
     collapsed, held = labels["digits-mlp", "vicreg-invariance-only", 0], labels["digits-mlp", "vicreg-no-covariance", 0]
-    assert (collapsed["onset_epoch"], collapsed["label"], collapsed["agrees"]) == (2, "collapsing", True)  # 0.70 < 0.84 - 0.03
+    assert (collapsed["onset_epoch"], collapsed["label"], collapsed["agrees"]) == (
+        2,
+        "collapsing",
+        True,
+    )  # 0.70 < 0.84 - 0.03
     assert (held["onset_epoch"], held["label"], held["agrees"]) == (None, "collapsing, probe held", False)
     # Seed 2 starts 0.10 below the median: a healthy design whose probe fell, reported as such.
-    assert labels["digits-mlp", "vicreg", 2]["onset_epoch"] == 0 and labels["digits-mlp", "vicreg", 2]["label"] == "healthy, probe fell"
+    assert (
+        labels["digits-mlp", "vicreg", 2]["onset_epoch"] == 0
+        and labels["digits-mlp", "vicreg", 2]["label"] == "healthy, probe fell"
+    )
     assert labels["digits-mlp", "vicreg", 0]["label"] == "healthy"
 
 
@@ -142,7 +186,13 @@ def test_score_counts_by_design_and_reports_disagreements():
         {"run": "a", "design": "collapsing", "onset_epoch": 3, "stop_epoch": 4, "onset_to_stop": 1},
         {"run": "b", "design": "collapsing", "onset_epoch": 3, "stop_epoch": 8, "onset_to_stop": 5},
         {"run": "c", "design": "collapsing", "onset_epoch": 2, "stop_epoch": None, "onset_to_stop": None},
-        {"run": "f", "design": "collapsing", "onset_epoch": None, "stop_epoch": 2, "onset_to_stop": None},  # caught; its probe never fell
+        {
+            "run": "f",
+            "design": "collapsing",
+            "onset_epoch": None,
+            "stop_epoch": 2,
+            "onset_to_stop": None,
+        },  # caught; its probe never fell
         {"run": "g", "design": "collapsing", "onset_epoch": None, "stop_epoch": None, "onset_to_stop": None},
         {"run": "d", "design": "healthy", "onset_epoch": None, "stop_epoch": 6, "onset_to_stop": None},
         {"run": "e", "design": "healthy", "onset_epoch": 4, "stop_epoch": None, "onset_to_stop": None},
@@ -150,19 +200,31 @@ def test_score_counts_by_design_and_reports_disagreements():
     s = analysis.score(rows)
     assert (s["collapsing"], s["caught"], s["missed"], s["missed_probe_fell"]) == (5, 3, ["c", "g"], ["c"])
     assert (s["lags"], s["lag_median"], s["lag_worst"], s["with_onset"]) == ([1, 5], 3.0, 5, 3)
-    assert (s["healthy"], s["false_stops"], s["unconfirmed"], s["unconfirmed_stopped"], s["healthy_fell"]) == (2, ["d"], 2, 1, 1)
+    assert (s["healthy"], s["false_stops"], s["unconfirmed"], s["unconfirmed_stopped"], s["healthy_fell"]) == (
+        2,
+        ["d"],
+        2,
+        1,
+        1,
+    )
     assert not analysis.goal_met(s)
     assert analysis.goal_met(analysis.score([rows[0], rows[6]]))
 
 
 def test_max_drop_after_warmup():
     assert analysis.max_drop_after_warmup([10, 20, 15, 5, 30], 0) == pytest.approx(0.75)  # 5 against 20
-    assert analysis.max_drop_after_warmup([10, 20, 15, 5, 30], 3) == pytest.approx(0.0)  # best since check 3 is 5, then 30
+    assert analysis.max_drop_after_warmup([10, 20, 15, 5, 30], 3) == pytest.approx(
+        0.0
+    )  # best since check 3 is 5, then 30
     assert math.isnan(analysis.max_drop_after_warmup([10, 20], 5))
 
 
 def test_the_chosen_setting_is_the_centre_of_the_optimal_set():
-    grid = {**{k: (BASE[k],) for k in analysis.GUARD_KEYWORDS}, "rank_drop": (0.3, 0.4, 0.5, 0.6, 0.7), "patience": (1, 2, 3)}
+    grid = {
+        **{k: (BASE[k],) for k in analysis.GUARD_KEYWORDS},
+        "rank_drop": (0.3, 0.4, 0.5, 0.6, 0.7),
+        "patience": (1, 2, 3),
+    }
     optimal = [{**BASE, "rank_drop": d, "patience": p} for d in (0.4, 0.5, 0.6, 0.7) for p in (2, 3)]
     chosen = analysis.choose_setting(optimal, grid)
     # Median positions: rank_drop between 0.5 and 0.6 (2.5), patience 2.5; distance ties go to the grid's first.
@@ -172,37 +234,62 @@ def test_the_chosen_setting_is_the_centre_of_the_optimal_set():
 
 
 def test_grid_search_ranks_by_false_stops_then_misses_then_lag():
-    collapsing = {"history": {"projector/rankme": [40, 40, 30, 20, 10], "projector/normalized_std": [0.1] * 5}, "widths": {"projector": D}}
-    healthy = {"history": {"projector/rankme": [40, 25, 25, 25, 25], "projector/normalized_std": [0.1] * 5}, "widths": {"projector": D}}
+    collapsing = {
+        "history": {"projector/rankme": [40, 40, 30, 20, 10], "projector/normalized_std": [0.1] * 5},
+        "widths": {"projector": D},
+    }
+    healthy = {
+        "history": {"projector/rankme": [40, 25, 25, 25, 25], "projector/normalized_std": [0.1] * 5},
+        "widths": {"projector": D},
+    }
     labels = [{"design": "collapsing", "onset_epoch": 2}, {"design": "healthy", "onset_epoch": None}]
     grid = {**{k: (BASE[k],) for k in analysis.GUARD_KEYWORDS}, "rank_drop": (0.3, 0.45, 0.6)}
     table = analysis.grid_search([collapsing, healthy], labels, analysis.grid_settings(grid), margin=0.0)
     by_drop = {t["rank_drop"]: t for t in table}
     assert by_drop[0.3]["false_stops"] == 1  # the healthy run fell 37.5 %
-    assert (by_drop[0.45]["false_stops"], by_drop[0.45]["missed"], by_drop[0.45]["lag_median"]) == (0, 0, 1.0)  # 20 is 50 % below 40: check 3
+    assert (by_drop[0.45]["false_stops"], by_drop[0.45]["missed"], by_drop[0.45]["lag_median"]) == (
+        0,
+        0,
+        1.0,
+    )  # 20 is 50 % below 40: check 3
     assert (by_drop[0.6]["missed"], by_drop[0.6]["lag_median"]) == (0, 2.0)  # 10 is 75 % below: check 4
     assert [t["rank_drop"] for t in table] == [0.45, 0.6, 0.3]
     assert analysis.optimal_set(table) == [table[0]]
     # With a 20 % margin, 0.45 becomes 0.36 < 37.5 %: too close to the healthy run, so 0.6 (0.48 tightened) wins.
     table = analysis.grid_search([collapsing, healthy], labels, analysis.grid_settings(grid))
-    assert [(t["rank_drop"], t["false_stops_tightened"], t["false_stops"]) for t in table] == [(0.6, 0, 0), (0.45, 1, 0), (0.3, 1, 1)]
+    assert [(t["rank_drop"], t["false_stops_tightened"], t["false_stops"]) for t in table] == [
+        (0.6, 0, 0),
+        (0.45, 1, 0),
+        (0.3, 1, 1),
+    ]
     assert analysis.optimal_set(table, analysis.plain_objective) == [t for t in table if t["rank_drop"] == 0.45]
 
 
 def test_tightened_settings_move_every_threshold_toward_stopping():
     strict = analysis.tightened({**BASE, "rank_drop": 0.5, "spread_drop": None}, 0.2)
     assert strict["rank_floor"] == pytest.approx(0.12) and strict["spread_floor"] == pytest.approx(0.3)
-    assert strict["rank_drop"] == pytest.approx(0.4) and strict["spread_drop"] is None and strict["patience"] == BASE["patience"]
+    assert (
+        strict["rank_drop"] == pytest.approx(0.4)
+        and strict["spread_drop"] is None
+        and strict["patience"] == BASE["patience"]
+    )
 
 
-@pytest.mark.skipif(not analysis.library_guard_available(), reason="reprmetrics.stopping.ssl_guard is not on this branch yet")
+@pytest.mark.skipif(
+    not analysis.library_guard_available(), reason="reprmetrics.stopping.ssl_guard is not on this branch yet"
+)
 def test_the_library_guard_agrees_with_the_replay():
     rng = np.random.default_rng(1)
     for _ in range(30):
         n = int(rng.integers(1, 20))
-        values = checks(np.maximum(1.0, 40 * np.cumprod(rng.uniform(0.8, 1.1, n))).tolist(), (0.12 * np.cumprod(rng.uniform(0.8, 1.1, n))).tolist())
+        values = checks(
+            np.maximum(1.0, 40 * np.cumprod(rng.uniform(0.8, 1.1, n))).tolist(),
+            (0.12 * np.cumprod(rng.uniform(0.8, 1.1, n))).tolist(),
+        )
         for settings in analysis.grid_settings(analysis.FAST_GRID)[::7]:
-            assert analysis.replay_with_library(values, D, settings) == analysis.replay_guard(values, D, settings), settings
+            assert analysis.replay_with_library(values, D, settings) == analysis.replay_guard(values, D, settings), (
+                settings
+            )
 
 
 # ---- the zoo ----------------------------------------------------------------------------------------------
@@ -228,7 +315,9 @@ def test_byol_teacher_follows_the_student_by_ema_and_is_not_a_tap():
     from digits_ssl import BYOL
 
     model = BYOL(momentum=0.5)
-    assert model.teacher["backbone"] is not model.backbone and not any(p.requires_grad for p in model.teacher.parameters())
+    assert model.teacher["backbone"] is not model.backbone and not any(
+        p.requires_grad for p in model.teacher.parameters()
+    )
     with torch.no_grad():
         for p in model.backbone.parameters():
             p.add_(1.0)
@@ -254,7 +343,10 @@ def test_fast_mode_records_every_value_dates_onsets_and_replays_the_guard(tmp_pa
     result = zoo.main(["--fast", "--out-dir", out_dir])
     out = capsys.readouterr().out
     assert sorted(result["trained"]) == sorted(f"{c.cell}-{c.name}-s0" for c in zoo.FAST_ZOO)
-    assert {c.family for c in zoo.FAST_ZOO} >= {"byol", "vicreg"} and {c.design for c in zoo.FAST_ZOO} == {"healthy", "collapsing"}
+    assert {c.family for c in zoo.FAST_ZOO} >= {"byol", "vicreg"} and {c.design for c in zoo.FAST_ZOO} == {
+        "healthy",
+        "collapsing",
+    }
 
     # Records: every logged value of both taps, one per epoch; BYOL's teacher is never captured
     # (the backbone saw the 500 held-out images once per epoch, not twice).
@@ -263,7 +355,16 @@ def test_fast_mode_records_every_value_dates_onsets_and_replays_the_guard(tmp_pa
             saved = json.load(handle)
         assert saved["widths"] == {"backbone": 128, "projector": 64}
         for tap in ("backbone", "projector"):
-            for metric in ("rankme", "normalized_std", "nesum", "lid", "alpha_req", "num_samples", "lidar", "uniformity"):
+            for metric in (
+                "rankme",
+                "normalized_std",
+                "nesum",
+                "lid",
+                "alpha_req",
+                "num_samples",
+                "lidar",
+                "uniformity",
+            ):
                 values = saved["history"][f"{tap}/{metric}"]
                 assert len(values) == 4 and all(math.isfinite(v) for v in values), (config.name, tap, metric)
             assert saved["history"][f"{tap}/num_samples"] == [500.0] * 4
@@ -271,16 +372,32 @@ def test_fast_mode_records_every_value_dates_onsets_and_replays_the_guard(tmp_pa
 
     # The slow collapse loses probe accuracy against healthy VICReg within 4 epochs: an onset is dated.
     labels = {l["name"]: l for l in result["labels"]}
-    assert labels["vicreg-invariance-only"]["onset_epoch"] is not None and labels["vicreg-invariance-only"]["design"] == "collapsing"
+    assert (
+        labels["vicreg-invariance-only"]["onset_epoch"] is not None
+        and labels["vicreg-invariance-only"]["design"] == "collapsing"
+    )
     assert labels["vicreg"]["label"] == "healthy"  # one seed: its own reference, so no onset
     # The replay: a stop or None for every run and rule, the tables and the figure written.
     assert set(result["chosen"]) == set(analysis.GUARD_KEYWORDS)
-    for name in ("detector.md", "labels.md", "healthy_drops.md", "tuning.md", "runs.csv", "grid.csv.gz", "_readme_section.md", "curves_digits-mlp.png"):
+    for name in (
+        "detector.md",
+        "labels.md",
+        "healthy_drops.md",
+        "tuning.md",
+        "runs.csv",
+        "grid.csv.gz",
+        "_readme_section.md",
+        "curves_digits-mlp.png",
+    ):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
     runs = analysis.read_csv(os.path.join(out_dir, "runs.csv"))
     assert len(runs) == 3 and {r["name"] for r in runs} == {c.name for c in zoo.FAST_ZOO}
     detector = open(os.path.join(out_dir, "detector.md")).read()
-    assert "| family | configuration (failure mode) |" in detector and "old rules together" in detector and "tuned ssl_guard" in out
+    assert (
+        "| family | configuration (failure mode) |" in detector
+        and "old rules together" in detector
+        and "tuned ssl_guard" in out
+    )
     # The tuned guard stops nothing healthy on the runs it was tuned on and catches the dated collapse.
     tuned = result["results"]["tuned ssl_guard"]["tuning (digits)"]
     assert tuned["false_stops"] == [] and tuned["caught"] == tuned["collapsing"] == 1

@@ -30,13 +30,7 @@ from reprmetrics._knn import knn, neighbour_distances
 from reprmetrics._linalg import no_autocast
 from reprmetrics._validation import check_positive_int, check_tensor, result_dtype
 
-__all__ = [
-    "LID_CAP",
-    "ldreg_regularizer",
-    "local_intrinsic_dimension",
-    "mle_dimension",
-    "twonn_dimension",
-]
+__all__ = ["LID_CAP", "ldreg_regularizer", "local_intrinsic_dimension", "mle_dimension", "twonn_dimension"]
 
 #: Value reported where an estimator diverges (all neighbour distances equal): the largest float32.
 LID_CAP = float(torch.finfo(torch.float32).max)
@@ -81,7 +75,9 @@ def _neighbour_source(
         x = check_tensor(x, metric, name="x", min_rows=3)
         exclude_self = True if exclude_self is None else exclude_self
         available = x.shape[0] - int(exclude_self)
-        what = f"x with {x.shape[0]} points" + (" (each point excluded from its own neighbours)" if exclude_self else "")
+        what = f"x with {x.shape[0]} points" + (
+            " (each point excluded from its own neighbours)" if exclude_self else ""
+        )
         _check_enough_neighbours(k, available, metric, what)
         return x, None, exclude_self
     x = check_tensor(x, metric, name="x", min_rows=1)
@@ -179,11 +175,7 @@ def _mle_from_distances(distances: Tensor) -> Tensor:
 
 
 def local_intrinsic_dimension(
-    x: Tensor,
-    k: int = 20,
-    reference: Tensor | None = None,
-    estimator: str = "mle",
-    exclude_self: bool | None = None,
+    x: Tensor, k: int = 20, reference: Tensor | None = None, estimator: str = "mle", exclude_self: bool | None = None
 ) -> Tensor:
     r"""Local intrinsic dimensionality (LID) of each row of ``x``, as LDReg computes it.
 
@@ -330,11 +322,7 @@ def mle_dimension(x: Tensor, k: int = 20) -> Tensor:
 
 
 def ldreg_regularizer(
-    x: Tensor,
-    reference: Tensor | None = None,
-    k: int = 64,
-    estimator: str = "mom",
-    exclude_self: bool | None = None,
+    x: Tensor, reference: Tensor | None = None, k: int = 64, estimator: str = "mom", exclude_self: bool | None = None
 ) -> Tensor:
     r"""The LDReg regulariser (Huang et al., ICLR 2024): :math:`-\frac{1}{N}\sum_i |\log \mathrm{LID}_i|`.
 

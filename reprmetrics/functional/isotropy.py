@@ -23,12 +23,12 @@ from reprmetrics._linalg import (
     centred_moments,
     centred_moments_of,
     eigvalsh_descending,
+    l2_normalize_rows,
     no_autocast,
     nonzero_eigenvalue_tolerance,
     symmetric_from_upper,
 )
 from reprmetrics._validation import check_positive_int, check_tensor, result_dtype
-from reprmetrics._linalg import l2_normalize_rows
 
 __all__ = ["isoscore", "sigreg", "wasserstein_uniformity"]
 
@@ -136,7 +136,9 @@ def _isoscore_from_state(state: Tensor, input_eps: float) -> Tensor:
 
 def _check_isoscore_width(num_features: int, metric: str) -> None:
     if num_features < 2:
-        raise ValueError(f"{metric}: IsoScore needs at least 2 features (it is normalised by D − 1), got D={num_features}")
+        raise ValueError(
+            f"{metric}: IsoScore needs at least 2 features (it is normalised by D − 1), got D={num_features}"
+        )
 
 
 def isoscore(embeddings: Tensor) -> Tensor:
@@ -193,7 +195,9 @@ _SIGREG_CHUNK_ELEMENTS = {"cpu": 1 << 18}
 _SIGREG_CHUNK_ELEMENTS_DEFAULT = 1 << 22
 
 
-def _check_sigreg_arguments(num_slices: int, seed: int, t_max: float, num_points: int, metric: str) -> tuple[int, int, float, int]:
+def _check_sigreg_arguments(
+    num_slices: int, seed: int, t_max: float, num_points: int, metric: str
+) -> tuple[int, int, float, int]:
     check_positive_int(num_slices, metric, "num_slices")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"{metric}: `seed` must be an integer, got {seed!r}")
@@ -215,7 +219,9 @@ def _normalized_directions(directions: object, metric: str, num_features: int | 
     a = a.to(torch.float64)
     norms = torch.linalg.vector_norm(a, dim=0)
     if bool((norms == 0).any()):
-        raise ValueError(f"{metric}: `directions` has an all-zero column (column {int((norms == 0).nonzero()[0])}), which has no direction")
+        raise ValueError(
+            f"{metric}: `directions` has an all-zero column (column {int((norms == 0).nonzero()[0])}), which has no direction"
+        )
     return a / norms
 
 
@@ -227,7 +233,9 @@ def _seeded_directions(num_features: int, num_slices: int, seed: int, device: to
     and the global RNG is neither read nor advanced.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    a = torch.randn((num_features, num_slices), generator=generator, dtype=torch.float32).to(device=device, dtype=torch.float64)
+    a = torch.randn((num_features, num_slices), generator=generator, dtype=torch.float32).to(
+        device=device, dtype=torch.float64
+    )
     return a / torch.linalg.vector_norm(a, dim=0)
 
 

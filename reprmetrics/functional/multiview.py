@@ -24,9 +24,9 @@ from reprmetrics._linalg import (
     add_gram_,
     centred_moments,
     centred_moments_update_,
+    l2_normalize_rows,
     no_autocast,
     symmetric_from_upper,
-    l2_normalize_rows,
 )
 from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
 from reprmetrics.functional.spectral import effective_rank
@@ -120,7 +120,9 @@ def _lidar_scatter_from_moments(
     return between, within_cov, tol, n
 
 
-def _lidar_eigenvalues(between: Tensor, within: Tensor, delta: float, zero_tolerance: float, metric: str = "lidar") -> Tensor:
+def _lidar_eigenvalues(
+    between: Tensor, within: Tensor, delta: float, zero_tolerance: float, metric: str = "lidar"
+) -> Tensor:
     r"""Eigenvalues of Σ_w^{-1/2} Σ_b Σ_w^{-1/2}, with Σ_w ← Σ_w + δI, clamped at 0.
 
     Solved as the generalised symmetric problem Σ_b v = λ Σ_w v through the Cholesky factor
@@ -139,9 +141,7 @@ def _lidar_eigenvalues(between: Tensor, within: Tensor, delta: float, zero_toler
     regularised = within + delta * torch.eye(d, dtype=within.dtype, device=within.device)
     factor, info = torch.linalg.cholesky_ex(regularised)
     if int(info) != 0:
-        raise ValueError(
-            f"{metric}: the within-sample covariance Σ_w + δI is singular (δ={delta}); use delta > 0"
-        )
+        raise ValueError(f"{metric}: the within-sample covariance Σ_w + δI is singular (δ={delta}); use delta > 0")
     half = torch.linalg.solve_triangular(factor, between, upper=False)  # L⁻¹ Σ_b
     whitened = torch.linalg.solve_triangular(factor, half.mT, upper=False)  # L⁻¹ Σ_b L⁻ᵀ
     whitened = 0.5 * (whitened + whitened.mT)  # symmetric up to round-off; make it exactly so
@@ -156,7 +156,9 @@ _smooth_effective_rank = effective_rank  # the same definition as RankMe's, on L
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_pair(x: object, y: object, metric: str, features: int | None = None, min_rows: int = 1) -> tuple[Tensor, Tensor]:
+def _check_pair(
+    x: object, y: object, metric: str, features: int | None = None, min_rows: int = 1
+) -> tuple[Tensor, Tensor]:
     x = check_tensor(x, metric, name="x", min_rows=min_rows, features=features)
     y = check_tensor(y, metric, name="y", min_rows=min_rows, features=features)
     if x.shape != y.shape:
@@ -202,12 +204,7 @@ def _uniformity_tiles(num_points: int, tile: int) -> list[tuple[int, int, int, i
     Only these hold pairs i < j; tiles fully below the diagonal are never formed.
     """
     starts = range(0, num_points, tile)
-    return [
-        (i, min(i + tile, num_points), j, min(j + tile, num_points))
-        for i in starts
-        for j in starts
-        if j >= i
-    ]
+    return [(i, min(i + tile, num_points), j, min(j + tile, num_points)) for i in starts for j in starts if j >= i]
 
 
 # Above this temperature float32 tiles could lose more than ~1e-5 of relative accuracy.
@@ -440,7 +437,9 @@ def lidar(views: Tensor, delta: float = 1e-4, eps: float = 1e-8) -> Tensor:
         spread = means - mean
         between = spread.T @ spread / (n - 1)
         within = centred.T @ centred / (n * (q - 1))
-        tol = _lidar_zero_tolerance(float(between.diagonal().sum()), float(within.diagonal().sum()), mean, torch.finfo(v.dtype).eps)
+        tol = _lidar_zero_tolerance(
+            float(between.diagonal().sum()), float(within.diagonal().sum()), mean, torch.finfo(v.dtype).eps
+        )
         value = _smooth_effective_rank(_lidar_eigenvalues(between, within, delta, tol, name), eps)
     return value.to(result_dtype(v))
 

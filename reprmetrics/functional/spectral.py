@@ -17,14 +17,23 @@ from reprmetrics._linalg import (
     eigvalsh_descending,
     gram_upper,
     gram_zero_tolerance,
+    l2_normalize_rows,
     no_autocast,
     nonzero_eigenvalue_tolerance,
     symmetric_from_upper,
 )
 from reprmetrics._validation import check_nonnegative_float, check_tensor, result_dtype
-from reprmetrics._linalg import l2_normalize_rows
 
-__all__ = ["alpha_req", "alpha_req_fit", "coding_rate", "eigenspectrum", "nesum", "rankme", "rankme_diagnostics", "singular_values"]
+__all__ = [
+    "alpha_req",
+    "alpha_req_fit",
+    "coding_rate",
+    "eigenspectrum",
+    "nesum",
+    "rankme",
+    "rankme_diagnostics",
+    "singular_values",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +98,9 @@ def _covariance_spectrum_from_state(state: Tensor, input_eps: float) -> tuple[Te
     return lam, tol, n
 
 
-def _covariance_spectrum_from_parts(n: int, mean: Tensor, scatter_eigenvalues: Tensor, input_eps: float) -> tuple[Tensor, float]:
+def _covariance_spectrum_from_parts(
+    n: int, mean: Tensor, scatter_eigenvalues: Tensor, input_eps: float
+) -> tuple[Tensor, float]:
     """Covariance eigenvalues (scatter's / (N − 1), the top ``min(N, D)``) and their zero tolerance."""
     d = scatter_eigenvalues.shape[0]
     lam = scatter_eigenvalues[: min(n, d)] / (n - 1)
@@ -134,7 +145,9 @@ def _power_law_fit(
     residual = (w * (log_lam - (slope * log_k + intercept)).square()).sum()
     spread = (w * (log_lam - y_mean).square()).sum()
     # A perfectly flat spectrum (every λ equal) is fitted exactly: R² = 1 rather than 0/0.
-    r2 = torch.where(spread > 0, 1 - residual / spread.clamp_min(torch.finfo(spread.dtype).tiny), torch.ones_like(spread))
+    r2 = torch.where(
+        spread > 0, 1 - residual / spread.clamp_min(torch.finfo(spread.dtype).tiny), torch.ones_like(spread)
+    )
     return slope, intercept, r2, first, last
 
 

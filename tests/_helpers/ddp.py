@@ -38,8 +38,17 @@ def _free_port() -> int:
 
 def _join(rank: int, world_size: int, port: int) -> None:
     # The variables Lightning reads to join a group whose processes were launched externally.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), NODE_RANK="0")
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=TASK_TIMEOUT_S))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        NODE_RANK="0",
+    )
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=TASK_TIMEOUT_S)
+    )
 
 
 def _serve(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> None:
@@ -68,7 +77,10 @@ class DDPPool:
         self.tasks = [context.Queue() for _ in range(world_size)]
         self.results = context.Queue()
         port = _free_port()
-        self.workers = [context.Process(target=_serve, args=(r, world_size, port, self.tasks[r], self.results), daemon=True) for r in range(world_size)]
+        self.workers = [
+            context.Process(target=_serve, args=(r, world_size, port, self.tasks[r], self.results), daemon=True)
+            for r in range(world_size)
+        ]
         for worker in self.workers:
             worker.start()
 
@@ -86,12 +98,20 @@ class DDPPool:
                 dead = [r for r, w in enumerate(self.workers) if not w.is_alive()]
                 if dead or time.monotonic() > deadline:
                     self.close(force=True)
-                    why = f"rank(s) {dead} died (exit codes {[self.workers[r].exitcode for r in dead]})" if dead else f"no answer within {timeout:.0f} s (a hang)"
-                    raise RankFailed(f"{fn.__name__}: {why}; results so far: {sorted(out)}; failures: {failures}") from None
+                    why = (
+                        f"rank(s) {dead} died (exit codes {[self.workers[r].exitcode for r in dead]})"
+                        if dead
+                        else f"no answer within {timeout:.0f} s (a hang)"
+                    )
+                    raise RankFailed(
+                        f"{fn.__name__}: {why}; results so far: {sorted(out)}; failures: {failures}"
+                    ) from None
                 continue
             (out if ok else failures)[rank] = value
         if failures:
-            raise RankFailed("\n".join(f"{fn.__name__} failed on rank {r}:\n{tb}" for r, tb in sorted(failures.items())))
+            raise RankFailed(
+                "\n".join(f"{fn.__name__} failed on rank {r}:\n{tb}" for r, tb in sorted(failures.items()))
+            )
         return [out[r] for r in range(self.world_size)]
 
     def alive(self) -> bool:

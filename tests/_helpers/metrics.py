@@ -32,11 +32,21 @@ class MetricSpec:
         """Update arguments for ``rows`` samples (a random low-rank-plus-noise cloud off the origin)."""
         d = self.width
         basis = torch.randn(6, d, generator=generator, dtype=dtype)
+
         def cloud(n: int) -> Tensor:
-            return 3.0 + torch.randn(n, 6, generator=generator, dtype=dtype) @ basis + 0.1 * torch.randn(n, d, generator=generator, dtype=dtype)
+            return (
+                3.0
+                + torch.randn(n, 6, generator=generator, dtype=dtype) @ basis
+                + 0.1 * torch.randn(n, d, generator=generator, dtype=dtype)
+            )
+
         if self.kind == "views":
             centres = cloud(rows)
-            return (torch.stack([centres + 0.05 * torch.randn(rows, d, generator=generator, dtype=dtype) for _ in range(2)], dim=1),)
+            return (
+                torch.stack(
+                    [centres + 0.05 * torch.randn(rows, d, generator=generator, dtype=dtype) for _ in range(2)], dim=1
+                ),
+            )
         if self.kind == "pairs":
             x = cloud(rows)
             return (x, x + 0.1 * torch.randn(rows, d, generator=generator, dtype=dtype))
@@ -58,7 +68,10 @@ class MetricSpec:
 
     def nonfinite(self, rows: int, dtype: torch.dtype = torch.float64) -> tuple[Tensor, ...]:
         """Update arguments whose every row holds NaN."""
-        return tuple(torch.full_like(t, float("nan")) if t.numel() else t for t in self.batch(rows, torch.Generator().manual_seed(99), dtype))
+        return tuple(
+            torch.full_like(t, float("nan")) if t.numel() else t
+            for t in self.batch(rows, torch.Generator().manual_seed(99), dtype)
+        )
 
 
 METRIC_SPECS: tuple[MetricSpec, ...] = (
@@ -81,4 +94,3 @@ METRIC_SPECS: tuple[MetricSpec, ...] = (
 )
 
 SPECS_BY_NAME = {spec.name: spec for spec in METRIC_SPECS}
-
