@@ -208,7 +208,8 @@ def log_figures(
         elif type(logger).__name__ not in _warned_loggers:
             _warned_loggers.add(type(logger).__name__)
             warn(
-                f"{owner}: {type(logger).__name__} takes no images and has no log_dir or save_dir; figures are not written for it"
+                f"{owner}: {type(logger).__name__} takes no images and has no log_dir or save_dir; figures are not"
+                " written for it"
             )
     write_figures(sinks, base, tap, artifacts, step)
 

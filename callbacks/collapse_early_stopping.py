@@ -211,20 +211,25 @@ class CollapseEarlyStopping(EarlyStopping):
             if self.guard is not None:
                 tap = getattr(self.guard, "tap", "projector")
                 raise MisconfigurationException(
-                    f"CollapseEarlyStopping.for_ssl({tap!r}): no RepresentationMonitor with prefix {self.prefix!r} is among the"
+                    f"CollapseEarlyStopping.for_ssl({tap!r}): no RepresentationMonitor with prefix {self.prefix!r}"
+                    " is among the"
                     f" Trainer's callbacks; add one that taps {tap!r}, e.g."
                     f" Trainer(callbacks=[RepresentationMonitor([{tap!r}]), CollapseEarlyStopping.for_ssl({tap!r})])"
                 )
             if self.min_fraction_of_dim is not None and self.dim is None:
                 raise MisconfigurationException(
-                    f"CollapseEarlyStopping({self.monitor!r}): min_fraction_of_dim needs the embedding width D, which a RepresentationMonitor"
-                    f" provides, but no RepresentationMonitor with prefix {self.prefix!r} is among the Trainer's callbacks. Add one that taps the"
-                    " key's tap (e.g. RepresentationMonitor(['projector'])), or, if another callback logs this key, pass dim=D"
+                    f"CollapseEarlyStopping({self.monitor!r}): min_fraction_of_dim needs the embedding width D,"
+                    " which a RepresentationMonitor"
+                    f" provides, but no RepresentationMonitor with prefix {self.prefix!r} is among the Trainer's"
+                    " callbacks. Add one that taps the"
+                    " key's tap (e.g. RepresentationMonitor(['projector'])), or, if another callback logs this key,"
+                    " pass dim=D"
                 )
             return  # another callback or the module logs this key: Lightning's own check applies
         if parsed is None:
             raise MisconfigurationException(
-                f"CollapseEarlyStopping: {self.monitor!r} is not a monitor key; they read {self.prefix}/{{train|val}}/{{tap}}/{{metric}},"
+                f"CollapseEarlyStopping: {self.monitor!r} is not a monitor key; they read"
+                f" {self.prefix}/{{train|val}}/{{tap}}/{{metric}},"
                 f" e.g. {self.prefix}/val/{tracker.taps[0].name}/rankme"
             )
         stage, tap, _ = parsed
@@ -232,7 +237,8 @@ class CollapseEarlyStopping(EarlyStopping):
         if tap not in taps:
             close = difflib.get_close_matches(tap, taps, n=3, cutoff=0.5)
             self._unknown(
-                f"CollapseEarlyStopping: the RepresentationMonitor has no tap {tap!r} (in {self.monitor!r}); its taps are"
+                f"CollapseEarlyStopping: the RepresentationMonitor has no tap {tap!r} (in {self.monitor!r}); its"
+                " taps are"
                 f" {', '.join(repr(t) for t in taps)}"
                 + (f"; did you mean {self.prefix}/{stage}/{close[0]}/{parsed[2]}?" if close else "")
             )
@@ -254,8 +260,10 @@ class CollapseEarlyStopping(EarlyStopping):
         existing = [f"{self.prefix}/{result.stage}/{t}/{m}" for t, ms in result.names.items() for m in ms]
         close = difflib.get_close_matches(self.monitor, existing, n=3, cutoff=0.5)
         self._unknown(
-            f"Early stopping conditioned on metric `{self.prefix}/{result.stage}/{tap}/{missing[0]}` which is not available: the"
-            f" RepresentationMonitor does not compute {missing[0]!r} for tap {tap!r}. Pass in or modify your `CollapseEarlyStopping`"
+            f"Early stopping conditioned on metric `{self.prefix}/{result.stage}/{tap}/{missing[0]}` which is not"
+            " available: the"
+            f" RepresentationMonitor does not compute {missing[0]!r} for tap {tap!r}. Pass in or modify your"
+            " `CollapseEarlyStopping`"
             f" callback to use any of the following: {', '.join(f'`{k}`' for k in existing)}"
             + (f" (closest: {', '.join(f'`{k}`' for k in close)})" if close else "")
         )

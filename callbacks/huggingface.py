@@ -1,4 +1,6 @@
-"""The Hugging Face ``Trainer`` adapters: :class:`RepresentationCallback` watches, :class:`CollapseEarlyStoppingCallback` stops.
+"""The Hugging Face ``Trainer`` adapters.
+
+:class:`RepresentationCallback` watches, :class:`CollapseEarlyStoppingCallback` stops.
 
 Needs ``transformers`` (``pip install "reprmetrics[huggingface]"``), never Lightning. Capture, schedule
 and metrics are :class:`reprmetrics.monitor.RepresentationTracker`'s, decisions are the guards' of
@@ -23,7 +25,8 @@ try:
     from transformers.trainer_callback import ExportableState
 except ModuleNotFoundError as error:  # exercised in a subprocess test
     raise ModuleNotFoundError(
-        f'reprmetrics.callbacks.huggingface needs transformers: pip install "reprmetrics[huggingface]" (importing transformers failed: {error})',
+        'reprmetrics.callbacks.huggingface needs transformers: pip install "reprmetrics[huggingface]" (importing'
+        f" transformers failed: {error})",
         name=error.name,
     ) from error
 import torch
@@ -125,8 +128,10 @@ class _Resumable(ExportableState):
         unsaved = sorted(k for k, v in self._arguments.items() if not _plain(v))
         if getattr(args, "restore_callback_states_from_checkpoint", False) and unsaved:
             raise MonitorConfigurationError(
-                f"{self.owner}: restore_callback_states_from_checkpoint=True rebuilds callbacks from the JSON the checkpoint holds,"
-                f" and its {', '.join(unsaved)} cannot be held in JSON. Leave the option False: {self.owner} restores its own state"
+                f"{self.owner}: restore_callback_states_from_checkpoint=True rebuilds callbacks from the JSON the"
+                " checkpoint holds,"
+                f" and its {', '.join(unsaved)} cannot be held in JSON. Leave the option False: {self.owner}"
+                " restores its own state"
                 " when training resumes from a checkpoint"
             )
 
@@ -142,7 +147,8 @@ class _Resumable(ExportableState):
             ]
             if not mine:
                 warn(
-                    f"{self.owner}: training resumes at step {state.global_step}, but the checkpoint holds no state for it ({self._identity()}); it starts afresh"
+                    f"{self.owner}: training resumes at step {state.global_step}, but the checkpoint holds no state"
+                    f" for it ({self._identity()}); it starts afresh"
                 )
                 return
             saved = mine[-1]  # transformers appends an entry per save when a class is there twice
@@ -226,7 +232,8 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
             v is not None for v in (min_value, min_fraction_of_dim, max_relative_drop, baseline)
         ):
             raise MonitorConfigurationError(
-                f"{owner}: stopping criteria given but no `stop_on` key to apply them to, e.g. stop_on='{prefix}/eval/projector/rankme'"
+                f"{owner}: stopping criteria given but no `stop_on` key to apply them to, e.g."
+                f" stop_on='{prefix}/eval/projector/rankme'"
             )
         self.rules: list[tuple[str, Guard]] = []  # (what the user wrote, the guard)
         for key, own in items:
@@ -267,8 +274,10 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
         )
         if parsed is None:
             raise MonitorConfigurationError(
-                f"{self.owner}: stop_on={key!r} is not a key of this callback; they read {self.prefix}/eval/{{tap}}/{{metric}} (evaluation,"
-                f" logged as eval_{self.prefix}/{{tap}}/{{metric}}) or {self.prefix}/train/{{tap}}/{{metric}} (training), e.g. {self.prefix}/eval/projector/rankme"
+                f"{self.owner}: stop_on={key!r} is not a key of this callback; they read"
+                f" {self.prefix}/eval/{{tap}}/{{metric}} (evaluation,"
+                f" logged as eval_{self.prefix}/{{tap}}/{{metric}}) or {self.prefix}/train/{{tap}}/{{metric}}"
+                f" (training), e.g. {self.prefix}/eval/projector/rankme"
             )
         return parsed
 
@@ -313,7 +322,8 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
                     )
                     shown = written if isinstance(rule, SSLGuard) else rule.criteria.monitor
                     raise MonitorConfigurationError(
-                        f"{self.owner}: stop_on={shown!r} is checked at evaluations, but eval_strategy='no': set eval_strategy"
+                        f"{self.owner}: stop_on={shown!r} is checked at evaluations, but eval_strategy='no': set"
+                        " eval_strategy"
                         f" ('epoch' or 'steps') and an eval_dataset, or {fix}"
                     )
 
@@ -374,7 +384,8 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
             if tracker is None:
                 tap = self.rules[0][1].tap if self.rules else "projector"
                 raise MonitorConfigurationError(
-                    f"{self.owner}: no RepresentationCallback with prefix {self.prefix!r} is among the Trainer's callbacks; add one that"
+                    f"{self.owner}: no RepresentationCallback with prefix {self.prefix!r} is among the Trainer's"
+                    " callbacks; add one that"
                     f" taps {tap!r}, e.g. callbacks=[RepresentationCallback([{tap!r}]), {self.owner}(...)]"
                 )
             self.check_taps([t.name for t in tracker.taps], tracker.every_n_train_steps)
@@ -428,7 +439,8 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
             wanted = f"{self.prefix}/{stage}/{rule.tap}/{missing[0]}"
             close = difflib.get_close_matches(wanted, existing, n=3, cutoff=0.5)
             raise MonitorConfigurationError(
-                f"{self.owner}: stop_on {wanted!r}: the tracker does not compute {missing[0]!r} for tap {rule.tap!r}; it computes"
+                f"{self.owner}: stop_on {wanted!r}: the tracker does not compute {missing[0]!r} for tap"
+                f" {rule.tap!r}; it computes"
                 f" {', '.join(map(repr, existing))}" + (f" (closest: {', '.join(map(repr, close))})" if close else "")
             )
 
@@ -448,7 +460,7 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
 
 # ---- monitoring --------------------------------------------------------------------------------------------
 class RepresentationCallback(TrainerCallback, _Resumable):
-    r"""Watch the representations a model learns in a Hugging Face ``Trainer``, and optionally stop on collapse or drift.
+    r"""Watch the representations a model learns in a Hugging Face ``Trainer``; optionally stop on collapse or drift.
 
     What :class:`~reprmetrics.callbacks.RepresentationMonitor` gives a Lightning user, for
     ``transformers.Trainer`` and the trainers built on it (sentence-transformers' included)::
@@ -618,7 +630,8 @@ class RepresentationCallback(TrainerCallback, _Resumable):
             v is not None for v in (min_value, min_fraction_of_dim, max_relative_drop, baseline)
         ):
             raise MonitorConfigurationError(
-                f"{self.owner}: stopping criteria given but no `stop_on` key to apply them to, e.g. stop_on='{prefix}/eval/{self.tracker.taps[0].name}/rankme'"
+                f"{self.owner}: stopping criteria given but no `stop_on` key to apply them to, e.g."
+                f" stop_on='{prefix}/eval/{self.tracker.taps[0].name}/rankme'"
             )
         taps_known = ([t.name for t in self.tracker.taps], every_n_train_steps)
         self.stopper = (
@@ -656,7 +669,8 @@ class RepresentationCallback(TrainerCallback, _Resumable):
             channel(self._model, self.prefix).publish_from(
                 self.tracker
             )  # a stopper finds the results by model and prefix
-        # The model's forward returns the same keys in training and evaluation: a missing output key is an error at once.
+        # The model's forward returns the same keys in training and evaluation: a missing output key is an
+        # error at once.
         self.tracker.expect_eval = False
         self.backends.start()
         if self.stopper is not None:
@@ -754,7 +768,8 @@ class RepresentationCallback(TrainerCallback, _Resumable):
         if self._eval_open:  # the evaluation log did not come through on_log (a Trainer whose log() skips callbacks)
             metrics.update(self._end_eval(args, state, _eval_prefix(metrics) or "eval"))
             warn(
-                f"{self.owner}: the evaluation metrics were not logged through on_log; its values are in the evaluate() metrics only"
+                f"{self.owner}: the evaluation metrics were not logged through on_log; its values are in the"
+                " evaluate() metrics only"
             )
         if self.stopper is not None:
             self.stopper._flush(args, state, metrics)

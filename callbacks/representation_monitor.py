@@ -149,7 +149,8 @@ class RepresentationMonitor(Callback):
             or figures_every_n_epochs < 1
         ):
             raise MisconfigurationException(
-                f"RepresentationMonitor: `figures_every_n_epochs` must be a positive integer, got {figures_every_n_epochs!r}"
+                "RepresentationMonitor: `figures_every_n_epochs` must be a positive integer, got"
+                f" {figures_every_n_epochs!r}"
             )
         self.log_figures = log_figures
         self.figures_every_n_epochs = figures_every_n_epochs

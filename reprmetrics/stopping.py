@@ -107,11 +107,15 @@ def check_criteria_fit(
         )
     if min_fraction_of_dim is not None and metric in KNOWN_METRICS and metric not in FRACTION_OF_DIM_METRICS:
         if metric == "normalized_std":
-            hint = "its healthy value is 1/√D, not a fraction of D: use min_value (e.g. 0.25/√D, the complete-collapse line) or max_relative_drop"
+            hint = (
+                "its healthy value is 1/√D, not a fraction of D: use min_value (e.g. 0.25/√D, the complete-collapse"
+                " line) or max_relative_drop"
+            )
         else:
             hint = "its value does not scale with D: use min_value or max_relative_drop"
         raise MonitorConfigurationError(
-            f"{where}: min_fraction_of_dim fits rank-like metrics ({', '.join(FRACTION_OF_DIM_METRICS)}); for {metric} {hint}"
+            f"{where}: min_fraction_of_dim fits rank-like metrics ({', '.join(FRACTION_OF_DIM_METRICS)}); for"
+            f" {metric} {hint}"
         )
 
 
@@ -182,7 +186,8 @@ class CollapseCriteria:
             if report is not None and report.nonfinite:
                 stage = {"train": "training", "val": "validation"}.get(report.stage, report.stage)
                 return True, (
-                    f"Divergence: tap {report.tap} produced non-finite embeddings ({report.nonfinite_fraction:.0%} of {report.seen}"
+                    f"Divergence: tap {report.tap} produced non-finite embeddings ({report.nonfinite_fraction:.0%}"
+                    f" of {report.seen}"
                     f" samples, {stage}), so {self.monitor} = {value}. Signaling Trainer to stop."
                 )
             return True, f"Monitored metric {self.monitor} = {value} is not finite. Signaling Trainer to stop."
@@ -203,7 +208,8 @@ class CollapseCriteria:
             threshold = (1 - self.max_relative_drop) * self.baseline
             if value < threshold:
                 reasons.append(
-                    f"{1 - value / self.baseline:.0%} below the baseline {self.baseline:.4g} (allowed drop {self.max_relative_drop:.0%})"
+                    f"{1 - value / self.baseline:.0%} below the baseline {self.baseline:.4g} (allowed drop"
+                    f" {self.max_relative_drop:.0%})"
                 )
 
         if not reasons:
@@ -224,7 +230,8 @@ class CollapseCriteria:
         if kind == "drift":
             tap = self.monitor.rsplit("/", 2)[-2] if self.monitor.count("/") >= 2 else "representation"
             return True, (
-                f"Representation drift: CKA to the reference {tap} fell to {value:.4g} ({self.monitor}), {'; '.join(reasons)},"
+                f"Representation drift: CKA to the reference {tap} fell to {value:.4g} ({self.monitor}),"
+                f" {'; '.join(reasons)},"
                 f" for {self.wait_count} consecutive checks (recent values: {recent}). Signaling Trainer to stop."
             )
         label = "Collapse in progress" if kind == "in progress" else f"{kind.capitalize()} collapse"
@@ -299,7 +306,8 @@ class SSLGuard:
                 raise MonitorConfigurationError(f"{owner}: `{name}` must be in (0, 1) or None, got {value!r}")
         if spread_floor is not None and not (isinstance(spread_floor, (int, float)) and 0 < spread_floor < 1):
             raise MonitorConfigurationError(
-                f"{owner}: `spread_floor` (a fraction of the healthy 1/√D) must be in (0, 1) or None, got {spread_floor!r}"
+                f"{owner}: `spread_floor` (a fraction of the healthy 1/√D) must be in (0, 1) or None, got"
+                f" {spread_floor!r}"
             )
         if trend_mode not in ("any", "all"):
             raise MonitorConfigurationError(f"{owner}: `trend_mode` must be 'any' or 'all', got {trend_mode!r}")
@@ -336,7 +344,8 @@ class SSLGuard:
 
     def _settings(self) -> str:
         return (
-            f"rank_floor={self.rank_floor}, spread_floor={self.spread_floor}, rank_drop={self.rank_drop}, spread_drop={self.spread_drop},"
+            f"rank_floor={self.rank_floor}, spread_floor={self.spread_floor}, rank_drop={self.rank_drop},"
+            f" spread_drop={self.spread_drop},"
             f" trend_mode={self.trend_mode!r}, warmup={self.warmup}, patience={self.patience}"
         )
 
@@ -362,7 +371,8 @@ class SSLGuard:
                 return Decision(
                     True,
                     "divergence",
-                    f"Divergence: {key} = {value} is not finite: the tap's embeddings contain NaN or infinite values. Signaling Trainer to stop.",
+                    f"Divergence: {key} = {value} is not finite: the tap's embeddings contain NaN or infinite"
+                    " values. Signaling Trainer to stop.",
                     key,
                     value,
                     self.best.get(name),
@@ -407,7 +417,8 @@ class SSLGuard:
             else:
                 kind, what = (
                     "in progress",
-                    "Collapse in progress: the embeddings converge on one direction (spread below its floor; rank not yet gone)",
+                    "Collapse in progress: the embeddings converge on one direction (spread below its floor; rank"
+                    " not yet gone)",
                 )
             lines = []
             if rank_low:
@@ -421,14 +432,16 @@ class SSLGuard:
             return Decision(
                 True,
                 kind,
-                f"{what} ({self.stage}, tap {self.tap}): {'; '.join(lines)}{_for_checks(self.floor_count)}; {side_by_side}. Signaling Trainer to stop.",
+                f"{what} ({self.stage}, tap {self.tap}): {'; '.join(lines)}{_for_checks(self.floor_count)};"
+                f" {side_by_side}. Signaling Trainer to stop.",
                 key,
                 value,
                 self.best.get(key.rsplit("/", 1)[1]),
             )
         if self.trend_count >= self.patience:
             parts = [
-                f"{'RankMe' if name == 'rankme' else 'normalized std'} fell {fall:.0%} below its best {self.best[name]:.4g}"
+                f"{'RankMe' if name == 'rankme' else 'normalized std'} fell {fall:.0%} below its best"
+                f" {self.best[name]:.4g}"
                 f" (allowed {drops[name]:.0%})"
                 for name, fall in falling.items()
             ]
@@ -437,7 +450,8 @@ class SSLGuard:
             return Decision(
                 True,
                 "in progress",
-                f"Collapse in progress ({self.stage}, tap {self.tap}): {'; '.join(parts)}{_for_checks(self.trend_count)}; {side_by_side}."
+                f"Collapse in progress ({self.stage}, tap {self.tap}):"
+                f" {'; '.join(parts)}{_for_checks(self.trend_count)}; {side_by_side}."
                 " Signaling Trainer to stop.",
                 key,
                 current[name],
@@ -453,7 +467,10 @@ class SSLGuard:
             return None
         decision = self.check_values(result.floats(), result.widths)
         if decision.kind == "divergence" and result.diverged(self.tap):
-            reason = f"Divergence: {result.describe_divergence(self.tap)}, so {decision.monitor} = {decision.value}. Signaling Trainer to stop."
+            reason = (
+                f"Divergence: {result.describe_divergence(self.tap)}, so {decision.monitor} = {decision.value}."
+                " Signaling Trainer to stop."
+            )
             return Decision(True, "divergence", reason, decision.monitor, decision.value, decision.best)
         return decision
 

@@ -536,7 +536,8 @@ def check_huggingface_callback(device: str, root, trainer_class) -> None:
     assert next(model.parameters()).device.type == device
     for metric in callback.tracker.metric_sets("val")["bert.pooler"].metrics.values():
         assert metric.device.type == device
-    (last,) = [e for e in trainer.state.log_history if "eval_loss" in e]
+    # The callback logs its values in an entry of its own, right after the evaluation's.
+    (last,) = [e for e in trainer.state.log_history if "eval_repr/bert.pooler/rankme" in e]
     assert last["eval_repr/bert.pooler/num_samples"] == len(eval_set)
     model.cpu().eval()
     with torch.no_grad():
