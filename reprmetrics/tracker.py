@@ -178,6 +178,11 @@ class RepresentationTracker:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise MonitorConfigurationError(f"{owner}: `{name}` must be an integer >= {low}, got {value!r}")
+        if every > 0 and buffer < min_samples:  # every training-stage value would be withheld
+            raise MonitorConfigurationError(
+                f"{owner}: train_buffer_size={buffer} is below min_samples={min_samples}, so no training-stage value"
+                " could ever be reported: raise train_buffer_size, lower min_samples, or set every_n_train_steps=0"
+            )
         if view_layout not in VIEW_LAYOUTS:
             close = _closest(str(view_layout), VIEW_LAYOUTS)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

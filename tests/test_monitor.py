@@ -294,3 +294,13 @@ def test_two_calls_per_step_without_views_hint_at_num_views():
         net(x + 0.1)
         tracker.end_eval_step()
     assert tracker.end_eval()["encoder/num_samples"].item() == 64
+
+
+def test_a_training_buffer_smaller_than_min_samples_is_refused_at_construction():
+    # Every training-stage value would be withheld; the misconfiguration is known before training starts.
+    with pytest.raises(
+        MonitorConfigurationError, match=r"train_buffer_size=32 is below min_samples=64.*every_n_train_steps=0"
+    ):
+        RepresentationTracker(["z"], every_n_train_steps=10, train_buffer_size=32, min_samples=64)
+    RepresentationTracker(["z"], every_n_train_steps=0, train_buffer_size=32, min_samples=64)  # no training stage: fine
+    RepresentationTracker(["z"], every_n_train_steps=10, train_buffer_size=64, min_samples=64)
