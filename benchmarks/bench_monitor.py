@@ -178,10 +178,14 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             baseline=lambda d: _capture(d, with_tracker=False),
             baseline_name="the same forward passes without a tracker",
             make_input=make_capture_input,
-            input_desc=f"SimCLR MLP, 2 views of 256 rows per batch, {_CAPTURE_BATCHES} batches, taps backbone+projector, default metric set",
+            input_desc=(
+                f"SimCLR MLP, 2 views of 256 rows per batch, {_CAPTURE_BATCHES} batches, taps backbone+projector,"
+                " default metric set"
+            ),
             check=lambda ours, base: (
-                f"capture adds {1e3 * (ours - base) / _CAPTURE_BATCHES:.2f} ms per batch ({100 * (ours / base - 1):+.0f}% of the"
-                f" forward passes); host syncs per captured batch: {capture_input.get('syncs_per_batch', float('nan')):.0f} (goal ≤ 1)"
+                f"capture adds {1e3 * (ours - base) / _CAPTURE_BATCHES:.2f} ms per batch"
+                f" ({100 * (ours / base - 1):+.0f}% of the forward passes); host syncs per captured batch:"
+                f" {capture_input.get('syncs_per_batch', float('nan')):.0f} (goal ≤ 1)"
             ),
             check_medians=True,
             repeats=5,

@@ -106,7 +106,9 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             baseline=_one_pass_alpha,
             baseline_name="one-pass ZᵀZ, Σz (cov = ZᵀZ/N − μμᵀ), float64",
             make_input=lambda: _offset_batches(n, d_alpha, batch, device),
-            input_desc=f"{n:,} × {d_alpha} float64 (λ_k ∝ 1/k) + offset 1e5 (1e6 × the smallest spread), batches of {batch}",
+            input_desc=(
+                f"{n:,} × {d_alpha} float64 (λ_k ∝ 1/k) + offset 1e5 (1e6 × the smallest spread), batches of {batch}"
+            ),
             check=lambda ours, base: f"α {ours:.6f} vs one-pass {base:.6f}",
             notes="the one-pass α is off (or NaN: fit range cut) where the offset cancels its digits",
         )

@@ -48,9 +48,9 @@ Full-size estimates (seconds per call of ours / of the baseline) and each case's
 
 | case | size | est. ours (s) | est. baseline (s) | budget (s) |
 |---|---|---:|---:|---:|
-| gram update vs GEMM peak, float64 | 20 updates of (B, 2,048) into 2,048², B = 256 and 4,096; 5 square GEMMs 8,192³ | 0.0103 | 0.0821 | 8 |
-| gram update vs GEMM peak, float32 | 20 updates of (B, 2,048) into 2,048², B = 256 and 4,096; 5 square GEMMs 8,192³ | 0.0103 | 0.0821 | 8 |
-| gram update vs GEMM peak, tf32 | 20 updates of (B, 2,048) into 2,048², B = 256 and 4,096; 5 square GEMMs 8,192³ | 0.0014 | 0.0111 | 8 |
+| gram update vs GEMM peak, float64 | 20 × (B, 2,048) → 2,048², B = 256 / 4,096; 5 GEMMs 8,192³ | 0.0103 | 0.0821 | 8 |
+| gram update vs GEMM peak, float32 | 20 × (B, 2,048) → 2,048², B = 256 / 4,096; 5 GEMMs 8,192³ | 0.0103 | 0.0821 | 8 |
+| gram update vs GEMM peak, tf32 | 20 × (B, 2,048) → 2,048², B = 256 / 4,096; 5 GEMMs 8,192³ | 0.0014 | 0.0111 | 8 |
 | rankme accuracy, near-collapsed | 32,768 × 512 float32, rank 1 + 1e-3 noise | 0.0006 | 0.0823 | 12 |
 | uniformity vs pdist | 49,152 × 128 float32, t = 2 | 0.0166 | 0.0185 | 12 |
 | uniformity, large N | 262,144 × 128 float32, t = 2 | 0.4633 | — | 20 |
@@ -260,7 +260,8 @@ class CustomCase:
 def new_row(case: TimedCase | CustomCase, ours: str, baseline: str, device: torch.device) -> dict:
     return {
         "case": case.name, "input": case.input_desc, "device": str(device), "ours": ours, "ours_s": None,
-        "est_ours_s": case.estimate_ours_s, "baseline": baseline, "baseline_s": None, "est_baseline_s": case.estimate_baseline_s,
+        "est_ours_s": case.estimate_ours_s, "baseline": baseline, "baseline_s": None,
+        "est_baseline_s": case.estimate_baseline_s,
         "speedup": None, "ours_peak_mib": None, "baseline_peak_mib": None, "reps": "", "result": "", "notes": "",
     }  # fmt: skip
 
@@ -522,7 +523,10 @@ def rankme_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
         return rankme_from_singular_values(torch.linalg.svdvals(torch.cat(batches).to(torch.float64)))
 
     def rel_err(m: Measured) -> str:
-        return f"RankMe {m.ours:.9f} vs float64 SVD {m.baseline:.9f}: rel. error {_rel(m.ours, m.baseline):.1e} (from its float64 singular values)"
+        return (
+            f"RankMe {m.ours:.9f} vs float64 SVD {m.baseline:.9f}: rel. error {_rel(m.ours, m.baseline):.1e} (from"
+            " its float64 singular values)"
+        )
 
     accuracy = TimedCase(
         name="rankme accuracy, near-collapsed",
@@ -536,7 +540,11 @@ def rankme_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
             )
             for label in ("float64", "float32", "tf32")
         ],
-        baseline=Variant("torch.linalg.svdvals, float64 (reference)", svd64, 2 * n * d * d / PEAK_FLOPS["float64"] + 4 * n * d * d * 8 / BANDWIDTH),
+        baseline=Variant(
+            "torch.linalg.svdvals, float64 (reference)",
+            svd64,
+            2 * n * d * d / PEAK_FLOPS["float64"] + 4 * n * d * d * 8 / BANDWIDTH,
+        ),
         budget_s=12,
         repeats=s.repeats,
         check=rel_err,
@@ -556,10 +564,18 @@ def rankme_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
         input_desc=f"{n:,} × {d:,} float32 (λ_k ∝ 1/k), batches of {s.batch:,}",
         make_input=lambda: _decaying_batches(n, d, s.batch, device),
         ours=[
-            Variant(f"RankMe(accumulate_dtype={label})", (lambda b, label=label: _streamed_rankme(b, label)), gram / PEAK_FLOPS[label] + eigensolver_seconds(d))
+            Variant(
+                f"RankMe(accumulate_dtype={label})",
+                (lambda b, label=label: _streamed_rankme(b, label)),
+                gram / PEAK_FLOPS[label] + eigensolver_seconds(d),
+            )
             for label in ("float64", "float32")
         ],
-        baseline=Variant("torch.linalg.svdvals(torch.cat(batches)), float32", svd32, 2 * n * d * d / PEAK_FLOPS["float32"] + 4 * n * d * d / BANDWIDTH),
+        baseline=Variant(
+            "torch.linalg.svdvals(torch.cat(batches)), float32",
+            svd32,
+            2 * n * d * d / PEAK_FLOPS["float32"] + 4 * n * d * d / BANDWIDTH,
+        ),
         budget_s=45,
         repeats=s.repeats,
         check=agreement,
@@ -617,13 +633,19 @@ def knn_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
 
     def versus_cdist(m: Measured) -> str:
         diff = ((m.ours.double() - m.baseline).abs() / m.baseline.abs()).cpu()
-        return f"max rel. diff {diff.max():.1e} (median {diff.median():.1e}); the baseline's float32 expansion errs, ours refines in float64"
+        return (
+            f"max rel. diff {diff.max():.1e} (median {diff.median():.1e}); the baseline's float32 expansion errs,"
+            " ours refines in float64"
+        )
 
     def spot_check(m: Measured) -> str:
         queries = torch.linspace(0, m.data.shape[0] - 1, 256, device=m.data.device).long()
         exact = brute_force_lid(m.data, queries)
         diff = ((m.ours[queries].double() - exact).abs() / exact.abs()).max()
-        return f"geometric-mean LID {float(m.ours.double().log().mean().exp()):.3f}; 256 queries vs brute-force float64: max rel. diff {float(diff):.1e}"
+        return (
+            f"geometric-mean LID {float(m.ours.double().log().mean().exp()):.3f}; 256 queries vs brute-force"
+            f" float64: max rel. diff {float(diff):.1e}"
+        )
 
     n_fit, n = s.knn_fit_rows, s.knn_rows
     cdist_estimate = (
@@ -648,7 +670,9 @@ def knn_cases(device: torch.device, s: Sizes) -> list[TimedCase]:
             make_input=lambda: manifold_points(n, d, device),
             ours=[Variant("local_intrinsic_dimension (blocked exact kNN)", ours_lid, knn_seconds(n, d, K))],
             baseline=None,
-            no_baseline=f"cdist's N×N float32 matrix would be {_bytes(4 * n * n)}; cdist+topk is shown at {n_fit:,} rows",
+            no_baseline=(
+                f"cdist's N×N float32 matrix would be {_bytes(4 * n * n)}; cdist+topk is shown at {n_fit:,} rows"
+            ),
             budget_s=50,
             repeats=s.repeats,
             check=spot_check,
@@ -748,7 +772,8 @@ def evaluate_case(device: torch.device, s: Sizes) -> TimedCase:
         return torch.randn(n, d, generator=g, device=device) * scale
 
     def gram_floor(x: torch.Tensor) -> float:
-        """RankMe alone: one float64 ZᵀZ GEMM per batch and one eigendecomposition (the floor of any spectral metric)."""
+        """RankMe alone: one float64 ZᵀZ GEMM per batch and one eigendecomposition (the floor of any spectral
+        metric)."""
         gram = torch.zeros(d, d, dtype=torch.float64, device=x.device)
         for b in x.split(DEFAULT_BATCH_SIZE):
             b = b.to(torch.float64)
@@ -757,7 +782,10 @@ def evaluate_case(device: torch.device, s: Sizes) -> TimedCase:
 
     def agreement(m: Measured) -> str:
         names = ", ".join(sorted(m.ours))
-        return f"{len(m.ours)} metrics ({names}); rankme {m.ours['rankme']:.4f} vs floor {m.baseline:.4f} (rel. diff {_rel(m.ours['rankme'], m.baseline):.1e})"
+        return (
+            f"{len(m.ours)} metrics ({names}); rankme {m.ours['rankme']:.4f} vs floor {m.baseline:.4f} (rel. diff"
+            f" {_rel(m.ours['rankme'], m.baseline):.1e})"
+        )
 
     ours_estimate = (
         12 * n * d * d / PEAK_FLOPS["float64"]
@@ -1038,10 +1066,14 @@ def measure_monitor_overhead(case: CustomCase, device: torch.device, s: Sizes, b
         reps=f"{reps} of {s.repeats}" + (" (budget)" if reps < s.repeats else ""),
         result=(
             f"overhead {100 * fraction:+.2f} % per step (goal ≤ 1 %: {'met' if fraction <= 0.01 else 'missed'}):"
-            f" capture window + computation {1e3 * window_extra_s:+.0f} ms per {cadence} steps,"
-            f" off-schedule steps {1e3 * (off_s - plain_s):+.2f} ms each; backbone RankMe {float(computed[-1]['backbone/rankme']):.1f}"
+            f" capture window + computation {1e3 * window_extra_s:+.0f} ms per {cadence} steps, off-schedule"
+            f" steps {1e3 * (off_s - plain_s):+.2f} ms each; backbone RankMe"
+            f" {float(computed[-1]['backbone/rankme']):.1f}"
         ),
-        notes=f"per rep {m} plain, {m} off-schedule steps and one {window}-step capture window; {_flop(step_flops)} per step",
+        notes=(
+            f"per rep {m} plain, {m} off-schedule steps and one {window}-step capture window; {_flop(step_flops)}"
+            " per step"
+        ),
     )
     return row
 
@@ -1098,7 +1130,10 @@ def environment(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(
-            device=f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, sm_{props.major}{props.minor})",
+            device=(
+                f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs,"
+                f" sm_{props.major}{props.minor})"
+            ),
             cuda=str(torch.version.cuda),
             cudnn=str(torch.backends.cudnn.version()),
         )
@@ -1131,19 +1166,21 @@ def markdown(rows: list[dict], tests: dict, env: dict[str, str], smoke: bool, to
         f"GPU tests (`pytest -m gpu tests`): {tests['summary']}"
         + (f"; failed: {', '.join(tests['failed'])}" if tests.get("failed") else ""),
         "",
-        f"est. = estimated from the case's work at the {ASSUMED_DEVICE}'s datasheet peaks (see `benchmarks/gpu_proof.py`);"
-        " times are medians; peak = extra memory during the call; speed-up = baseline / ours.",
+        f"est. = estimated from the case's work at the {ASSUMED_DEVICE}'s datasheet peaks (see"
+        " `benchmarks/gpu_proof.py`); times are medians; peak = extra memory during the call; speed-up ="
+        " baseline / ours.",
         "",
-        "| case | input | ours | ours (s) | est. (s) | baseline | baseline (s) | est. (s) | speed-up | ours peak (MiB) | baseline peak (MiB) | reps | result |",
+        "| case | input | ours | ours (s) | est. (s) | baseline | baseline (s) | est. (s) | speed-up"
+        " | ours peak (MiB) | baseline peak (MiB) | reps | result |",
         "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         speedup = "—" if r["speedup"] is None else f"{r['speedup']:.2f}×"
         result = r["result"] + (f" ({r['notes']})" if r.get("notes") else "")
         lines.append(
-            f"| {r['case']} | {r['input']} | {r['ours']} | {_seconds(r['ours_s'])} | {_seconds(r['est_ours_s'])} | {r['baseline']}"
-            f" | {_seconds(r['baseline_s'])} | {_seconds(r['est_baseline_s'])} | {speedup} | {_mib(r['ours_peak_mib'])}"
-            f" | {_mib(r['baseline_peak_mib'])} | {r['reps']} | {result} |"
+            f"| {r['case']} | {r['input']} | {r['ours']} | {_seconds(r['ours_s'])} | {_seconds(r['est_ours_s'])}"
+            f" | {r['baseline']} | {_seconds(r['baseline_s'])} | {_seconds(r['est_baseline_s'])} | {speedup}"
+            f" | {_mib(r['ours_peak_mib'])} | {_mib(r['baseline_peak_mib'])} | {r['reps']} | {result} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -1152,7 +1189,10 @@ def estimate_table(s: Sizes = FULL) -> str:
     """The docstring's table of full-size estimates, computed (a test keeps the two equal)."""
     cases = build_cases(torch.device("cpu"), s)
     sizes = {
-        "gram": f"20 updates of (B, {s.gram_features:,}) into {s.gram_features:,}², B = {' and '.join(f'{b:,}' for b in s.gram_batches)}; 5 square GEMMs {s.square_gemm:,}³",
+        "gram": (
+            f"20 × (B, {s.gram_features:,}) → {s.gram_features:,}², B ="
+            f" {' / '.join(f'{b:,}' for b in s.gram_batches)}; 5 GEMMs {s.square_gemm:,}³"
+        ),
         "rankme accuracy": f"{s.accuracy_rows:,} × {s.accuracy_features} float32, rank 1 + 1e-3 noise",
         "rankme streaming": f"{s.rankme_rows:,} × {s.rankme_features:,} float32, batches of {s.batch:,}",
         "lid vs": f"{s.knn_fit_rows:,} × {s.knn_features} float32, k = {K}",
@@ -1225,7 +1265,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     env = environment(device)
     log(
-        f"GPU proof on {env['device']}, torch {env['torch']}, CUDA {env['cuda']}{' (smoke sizes)' if args.smoke else ''}"
+        f"GPU proof on {env['device']}, torch {env['torch']}, CUDA"
+        f" {env['cuda']}{' (smoke sizes)' if args.smoke else ''}"
     )
     if args.skip_tests:
         tests = {"status": "skipped", "summary": "not run (--skip-tests)", "output": ""}

@@ -158,11 +158,15 @@ def run_case(case: Case, device: torch.device) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header = "| benchmark | input | baseline | ours (s) | baseline (s) | speed-up | ours peak (MiB) | baseline peak (MiB) | agreement |"
+    header = (
+        "| benchmark | input | baseline | ours (s) | baseline (s) | speed-up | ours peak (MiB)"
+        " | baseline peak (MiB) | agreement |"
+    )
     lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(
             f"| {r['benchmark']} | {r['input']} | {r['baseline']} | {r['ours_s']:.3f} | {r['baseline_s']:.3f}"
-            f" | {r['speedup']:.2f}× | {r['ours_peak_mib']:.1f} | {r['baseline_peak_mib']:.1f} | {r.get('agreement', '')} |"
+            f" | {r['speedup']:.2f}× | {r['ours_peak_mib']:.1f} | {r['baseline_peak_mib']:.1f}"
+            f" | {r.get('agreement', '')} |"
         )
     return "\n".join(lines)

@@ -133,10 +133,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
         )
     print(
-        f"\nCollapseEarlyStopping({STOP_METRIC!r}, min_fraction_of_dim={args.min_fraction_of_dim}, patience={args.patience}):"
+        f"\nCollapseEarlyStopping({STOP_METRIC!r}, min_fraction_of_dim={args.min_fraction_of_dim},"
+        f" patience={args.patience}):"
     )
     print(
-        f"stop when the held-out projector RankMe stays below {threshold:.1f} of {EMBEDDING_DIM} dimensions. {clock} in all.\n"
+        f"stop when the held-out projector RankMe stays below {threshold:.1f} of {EMBEDDING_DIM} dimensions."
+        f" {clock} in all.\n"
     )
     print(format_table(rows, list(rows[0])))
     for name, run in runs.items():
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"\n{name} run stopped after {run['epochs_run']} epochs. Reason:\n  {run['reason']}")
         else:
             print(
-                f"\n{name} run not stopped: it ran all {run['epochs_run']} epochs (its RankMe never stayed below {threshold:.1f})."
+                f"\n{name} run not stopped: it ran all {run['epochs_run']} epochs (its RankMe never stayed below"
+                f" {threshold:.1f})."
             )
     print(
         "\nNormalised std: 1/sqrt(64) = 0.125 when the embeddings spread evenly, 0 when they all coincide.\n"

@@ -1,7 +1,9 @@
 """A collapse zoo: five SSL families, healthy and in their known failure modes, watched epoch by epoch.
 
-    python examples/collapse_zoo.py --jobs 2                  # the zoo: 4 cells x 15 configurations x 3 seeds (~25 min, 2 shared cores)
-    python examples/collapse_zoo.py --fast                    # 1 cell x 3 configurations x 1 seed, 4 epochs: the CI smoke run
+    python examples/collapse_zoo.py --jobs 2                  # the zoo: 4 cells x 15 configurations x 3 seeds
+                                                              # (~25 min, 2 shared cores)
+    python examples/collapse_zoo.py --fast                    # 1 cell x 3 configurations x 1 seed, 4 epochs:
+                                                              # the CI smoke run
     python examples/collapse_zoo.py --out-dir docs/zoo        # default runs/collapse_zoo
 
 Each configuration is one SSL family (SimCLR, SimSiam, BYOL with an EMA teacher, VICReg, Barlow
@@ -16,9 +18,10 @@ show), 20 on MNIST-1D (whose epochs are 3x longer).
 During training a RepresentationMonitor on the taps ``backbone`` and ``projector`` (2 fixed held-out
 views, every validation epoch, the monitor's default metric set) records every value it logs, and a
 callback records the backbone's 5-shot nearest-class-mean accuracy (labels for evaluation only; mean
-over 10 fixed draws of the labelled examples) to date the onset of a collapse. Nothing stops a run here: the analysis (``zoo_analysis``) replays
-stopping rules on the recorded values offline, checks each configuration's design label against its
-outcome, and tunes the ``ssl_guard`` preset on the digits cells, holding MNIST-1D out.
+over 10 fixed draws of the labelled examples) to date the onset of a collapse. Nothing stops a run
+here: the analysis (``zoo_analysis``) replays stopping rules on the recorded values offline, checks
+each configuration's design label against its outcome, and tunes the ``ssl_guard`` preset on the
+digits cells, holding MNIST-1D out.
 
 Measured: 24.7 min wall for the whole zoo with --jobs 2 on a 2-core machine shared with other jobs
 (load 3.5-4; 31 min of CPU time), the analysis alone ~70 s; a rerun with the records present only analyses.
@@ -70,7 +73,8 @@ class ZooConfig:
     family: str  # "simclr", "simsiam", "byol", "vicreg", "barlow_twins"
     design: str  # "healthy" or "collapsing": what the configuration was built to do
     mode: str  # the failure mode built in ("healthy" for the published setting)
-    expected: str  # what the papers report: "none", "complete" (all embeddings together) or "dimensional" (few directions used)
+    # what the papers report: "none", "complete" (all embeddings together) or "dimensional" (few directions used)
+    expected: str
     lr: float = 2e-3
     options: tuple[tuple[str, Any], ...] = ()
     dataset: str = "digits"
@@ -236,7 +240,8 @@ def train_and_record(config: ZooConfig, epochs: int, seed: int, probe_draws: int
         "history": history,
         "epoch_probe": probe.values,
         "epoch_probe_first_draw": probe.first_draw,
-        # The final score is the last epoch's (a logistic-regression probe would cost ~8 s a run, a third of the zoo's time).
+        # The final score is the last epoch's (a logistic-regression probe would cost ~8 s a run, a third of the
+        # zoo's time).
         "probe_accuracy": probe.values[-1],
         "train_seconds": train_seconds,
     }
@@ -372,7 +377,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def report(index: int, record: dict[str, Any]) -> None:
         records[index] = record
         print(
-            f"[{len(records)}/{len(tasks)}] {record['cell']} {record['name']} seed {record['seed']}: 5-shot probe {record['probe_accuracy']:.3f} ({record['seconds']:.0f} s)",
+            f"[{len(records)}/{len(tasks)}] {record['cell']} {record['name']} seed {record['seed']}: 5-shot"
+            f" probe {record['probe_accuracy']:.3f} ({record['seconds']:.0f} s)",
             flush=True,
         )
 

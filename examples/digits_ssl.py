@@ -6,10 +6,11 @@ Everything runs offline on CPU: the 1,797 handwritten 8×8 digits ship inside sc
 - :func:`digit_splits`: a fixed split into an SSL training split (labels unused by SSL) and a
   held-out split, whose labels are used only to score the backbone afterwards.
 - :func:`augment`: batched random affine warp, contrast, cutout and noise, from any generator.
-- :class:`SimCLR`, :class:`SimSiam`, :class:`BYOL`, :class:`VICReg`, :class:`BarlowTwins`: LightningModules with submodules ``backbone`` and
-  ``projector`` (the taps a :class:`~reprmetrics.callbacks.RepresentationMonitor` reads). Their
-  ``validation_step`` embeds two fixed views of each held-out image: two forward calls, i.e. views
-  1 and 2 for LiDAR and alignment.
+- :class:`SimCLR`, :class:`SimSiam`, :class:`BYOL`, :class:`VICReg`, :class:`BarlowTwins`:
+  LightningModules with submodules ``backbone`` and ``projector`` (the taps a
+  :class:`~reprmetrics.callbacks.RepresentationMonitor` reads). Their ``validation_step`` embeds
+  two fixed views of each held-out image: two forward calls, i.e. views 1 and 2 for LiDAR and
+  alignment.
 - :func:`knn_accuracy`, :func:`few_shot_probe_accuracy`: label-based scores of the backbone. On the
   digits a full-label kNN is ~0.95 even for a random encoder, so the few-shot linear probe
   (5 labels per class, averaged over 10 draws) is the score that separates good from bad.

@@ -239,8 +239,9 @@ def run(args: argparse.Namespace, splits: Any, pretrained: SimCLR, lr: float) ->
 
     print(f"\nFine-tuning the pretrained encoder ({source}) on {len(labels)} labels, SGD lr={lr}.")
     print(
-        f"Stop when CKA to the pretrained backbone stays below {args.min_cka} for {args.patience} epochs, or normalised std"
-        f" falls below 0.25/√D = {0.25 / dim**0.5:.3g}. Pretrained backbone RankMe: {baseline:.2f}.\n"
+        f"Stop when CKA to the pretrained backbone stays below {args.min_cka} for {args.patience} epochs, or"
+        f" normalised std falls below 0.25/√D = {0.25 / dim**0.5:.3g}. Pretrained backbone RankMe:"
+        f" {baseline:.2f}.\n"
     )
     rows = [
         {

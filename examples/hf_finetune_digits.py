@@ -1,4 +1,5 @@
-"""Hugging Face Trainer fine-tune guarded by RepresentationCallback: a harmful learning rate is stopped, a sane one is not.
+"""Hugging Face Trainer fine-tune guarded by RepresentationCallback: a harmful learning rate is stopped, a sane
+one is not.
 
     python examples/hf_finetune_digits.py                 # pretrains here first (~20 s), then two fine-tunes
     python examples/hf_finetune_digits.py --pretrained runs/ssl_digits/version_0/checkpoints/last.ckpt
@@ -20,11 +21,11 @@ its ``TensorBoardCallback`` is listed after ``RepresentationCallback`` (``report
 ``on_log`` sees the values the callback adds to the evaluation logs. (With ``report_to="tensorboard"``
 the Trainer runs the integration before user callbacks, and the callback writes its values, spectrum
 figures and histograms to that run folder itself, in an event file of its own.) The figures go to
-``{log_dir}/lr_{lr}/figures`` as PNG files. ``load_best_model_at_end`` with ``metric_for_best_model="accuracy"`` (``compute_metrics`` on the
-held-out labels) loads the best epoch's weights at the end: after a stop, the least damaged ones. A
-representation key works there too (``metric_for_best_model="repr/backbone/rankme"``: the Trainer
-looks up ``eval_repr/backbone/rankme``), but in supervised fine-tuning RankMe falls in healthy runs
-too, so it would pick the first epoch.
+``{log_dir}/lr_{lr}/figures`` as PNG files. ``load_best_model_at_end`` with
+``metric_for_best_model="accuracy"`` (``compute_metrics`` on the held-out labels) loads the best
+epoch's weights at the end: after a stop, the least damaged ones. A representation key works there too
+(``metric_for_best_model="repr/backbone/rankme"``: the Trainer looks up ``eval_repr/backbone/rankme``),
+but in supervised fine-tuning RankMe falls in healthy runs too, so it would pick the first epoch.
 """
 
 from __future__ import annotations
@@ -172,8 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for r in (result, result["healthy"])
             ]
             print(
-                f"\nThe same guard on both fine-tunes (CKA to the pretrained backbone >= {args.min_cka} with patience {args.patience};"
-                " normalised std >= 0.25/√D):\n"
+                f"\nThe same guard on both fine-tunes (CKA to the pretrained backbone >= {args.min_cka} with"
+                f" patience {args.patience}; normalised std >= 0.25/√D):\n"
             )
             print(format_table(summary, list(summary[0])))
         print(f"{clock} in all.")
@@ -242,8 +243,8 @@ def run(args: argparse.Namespace, splits: Any, pretrained: SimCLR, lr: float) ->
 
     print(f"\nHugging Face Trainer: fine-tuning the pretrained encoder on {len(labels)} labels, SGD lr={lr}.")
     print(
-        f"Stop when CKA to the pretrained backbone stays below {args.min_cka} for {args.patience} evaluations, or normalised std"
-        f" falls below 0.25/√D = {0.25 / math.sqrt(dim):.3g}.\n"
+        f"Stop when CKA to the pretrained backbone stays below {args.min_cka} for {args.patience} evaluations,"
+        f" or normalised std falls below 0.25/√D = {0.25 / math.sqrt(dim):.3g}.\n"
     )
     rows = [
         {

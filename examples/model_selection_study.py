@@ -1,7 +1,9 @@
 """Label-free model selection: do the metrics rank SSL configurations the way accuracy does?
 
-    python examples/model_selection_study.py --jobs 2          # the study: 4 cells x 11 configurations x 3 seeds + 12 fine-tunes
-    python examples/model_selection_study.py --fast            # 2 cells x 2 configurations x 1 seed, 2 epochs: the CI smoke run
+    python examples/model_selection_study.py --jobs 2          # the study: 4 cells x 11 configurations x 3 seeds
+                                                               # + 12 fine-tunes
+    python examples/model_selection_study.py --fast            # 2 cells x 2 configurations x 1 seed, 2 epochs:
+                                                               # the CI smoke run
     python examples/model_selection_study.py --out-dir DIR     # default runs/model_selection_study
 
 RankMe and LiDAR were proposed as ways to choose SSL hyperparameters without labels. This study trains
@@ -430,7 +432,8 @@ def probe_accuracies(
     return out
 
 
-# Metrics outside the monitor's default set, on view 1 of the held-out inputs, as the monitor computes its point metrics.
+# Metrics outside the monitor's default set, on view 1 of the held-out inputs, as the monitor computes its point
+# metrics.
 EXTRA_METRICS = {
     "twonn": twonn_dimension,
     "nesum": nesum,
@@ -723,7 +726,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         records[index] = record
         label = f"{record.get('cell', 'digits-mlp')} {record['name']} seed {record['seed']}"
         print(
-            f"[{len(records)}/{len(tasks)}] {label}: 5-shot probe {record['probe_accuracy']:.3f} ({record['seconds']:.0f} s)",
+            f"[{len(records)}/{len(tasks)}] {label}: 5-shot probe {record['probe_accuracy']:.3f}"
+            f" ({record['seconds']:.0f} s)",
             flush=True,
         )
 
@@ -748,7 +752,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     outputs = analysis.write_outputs(args.out_dir, ssl_rows, finetune_rows, args.resamples)
     elapsed = time.perf_counter() - start
     print(
-        f"\n{len(ordered)} runs ({len(trained)} trained now, {args.epochs} epochs each) in {elapsed:.0f} s; outputs in {args.out_dir}"
+        f"\n{len(ordered)} runs ({len(trained)} trained now, {args.epochs} epochs each) in {elapsed:.0f} s;"
+        f" outputs in {args.out_dir}"
     )
     print(outputs["summary"])
     return {

@@ -148,18 +148,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     print(f"\nSimCLR on the digits: {args.epochs} epochs trained in {train_time}, {clock} in all (seed {args.seed}).")
     print(
-        f"Representation metrics on 2 fixed views of the {len(splits.held_out_labels)} held-out digits; accuracies of the backbone on their labels.\n"
+        f"Representation metrics on 2 fixed views of the {len(splits.held_out_labels)} held-out digits;"
+        " accuracies of the backbone on their labels.\n"
     )
     print(summary_table(scores))
     print(
         f"\nBest checkpoint: {checkpoint.best_model_path}\n"
         f"  ModelCheckpoint(monitor={CHECKPOINT_METRIC!r}, mode='max') kept the epoch whose\n"
-        f"  normalised backbone features are most spread out ({float(checkpoint.best_model_score):.4f}; 0 is complete collapse).\n"
+        f"  normalised backbone features are most spread out ({float(checkpoint.best_model_score):.4f}; 0 is"
+        " complete collapse).\n"
         f"  Not RankMe: on the digits a barely trained encoder has the highest rank{this_run},\n"
         "  and rank falls a little as features specialise.\n"
         "Alignment alone rewards collapse: the random encoder 'aligns' views best because it separates little\n"
         "(see its uniformity). k-NN with every label scores ~0.95 even for a random encoder here; the 5-shot\n"
-        f"probe (5 labels per class, mean ± std over {args.probe_draws} draws) is the accuracy that separates encoders.\n"
+        f"probe (5 labels per class, mean ± std over {args.probe_draws} draws) is the accuracy that separates"
+        " encoders.\n"
         f"TensorBoard: tensorboard --logdir {args.log_dir}"
     )
     return {

@@ -896,7 +896,10 @@ def detector_markdown(
         lag = (
             "–"
             if not math.isfinite(_as_float(s["onset_to_stop_median"]))
-            else f"{s['onset_to_stop_median'] + 0.0:+g} ({s['onset_to_stop_min'] + 0.0:+g} to {s['onset_to_stop_max'] + 0.0:+g})"
+            else (
+                f"{s['onset_to_stop_median'] + 0.0:+g} ({s['onset_to_stop_min'] + 0.0:+g} to"
+                f" {s['onset_to_stop_max'] + 0.0:+g})"
+            )
         )  # + 0.0: no "-0"
         detected = f"{s['detected']} ({s['detection_rate']:.0%})" if s["collapsed_runs"] else "–"
         false = f"{s['false_stops']} ({s['false_stop_rate']:.0%})" if s["healthy_runs"] else "–"
@@ -905,7 +908,8 @@ def detector_markdown(
 
 
 def plot_summary(correlations: Sequence[Mapping[str, Any]], path: str) -> None:
-    """Left: ρ (5-shot probe, all configurations) per summary metric and cell with its CI; right: LiDAR's ρ against q."""
+    """Left: ρ (5-shot probe, all configurations) per summary metric and cell with its CI; right: LiDAR's ρ
+    against q."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -989,8 +993,9 @@ def write_outputs(
 
     seeds = sorted({str(r["seed"]) for r in rows})
     scheme = (
-        f"Seeds {', '.join(seeds)} are averaged per configuration first; ρ and τ-b are over configurations; the 95 % intervals are"
-        f" percentile bootstraps ({resamples} resamples of the configurations with replacement)."
+        f"Seeds {', '.join(seeds)} are averaged per configuration first; ρ and τ-b are over configurations; the"
+        f" 95 % intervals are percentile bootstraps ({resamples} resamples of the configurations with"
+        " replacement)."
     )
     summary_parts = []
     for accuracy in ("probe_accuracy", "linear_probe_accuracy"):
@@ -1005,20 +1010,26 @@ def write_outputs(
     harm_summary = detector_summary(detections, "cell", label="harmful")
     finetune_summary = detector_summary(finetune_detections, "cell")
     detector = (
-        "SSL runs, the recommended guard replayed per epoch (projector RankMe < 0.2·D for 3 epochs, or normalised std < 0.25/√D for 3)."
-        " Collapsing = built to collapse fully (SimSiam without predictor / without predictor and stop-gradient):\n\n"
+        "SSL runs, the recommended guard replayed per epoch (projector RankMe < 0.2·D for 3 epochs, or"
+        " normalised std < 0.25/√D for 3). Collapsing = built to collapse fully (SimSiam without predictor /"
+        " without predictor and stop-gradient):\n\n"
         + detector_markdown(ssl_summary, "cell")
-        + '\n\nThe same runs by design setting ("partial": SimCLR τ = 2, built to lose projector rank; counted as healthy above):\n\n'
+        + '\n\nThe same runs by design setting ("partial": SimCLR τ = 2, built to lose projector rank; counted as'
+        " healthy above):\n\n"
         + detector_markdown(design_summary, "collapse_setting")
-        + f'\n\nThe same runs labelled by outcome instead ("harmful": final 5-shot probe < chance + {COLLAPSE_KEEP} × (base − chance)):\n\n'
+        + '\n\nThe same runs labelled by outcome instead ("harmful": final 5-shot probe < chance +'
+        f" {COLLAPSE_KEEP} × (base − chance)):\n\n"
         + detector_markdown(harm_summary, "cell", "harmful runs", "other runs")
         + "\n\nThe rank rule replayed with other `min_fraction_of_dim` (normalised std rule unchanged):\n\n"
-        + "| min_fraction_of_dim | collapsing runs detected | false stops (of healthy) | latest stop epoch of a collapsing run |\n|---:|---:|---:|---:|\n"
+        + "| min_fraction_of_dim | collapsing runs detected | false stops (of healthy)"
+        " | latest stop epoch of a collapsing run |\n|---:|---:|---:|---:|\n"
         + "\n".join(
-            f"| {t['min_fraction_of_dim']:g} | {t['detected']} of {t['collapsing_runs']} | {t['false_stops']} of {t['healthy_runs']} | {t['latest_stop_epoch']} |"
+            f"| {t['min_fraction_of_dim']:g} | {t['detected']} of {t['collapsing_runs']}"
+            f" | {t['false_stops']} of {t['healthy_runs']} | {t['latest_stop_epoch']} |"
             for t in threshold_sweep_rows(rows)
         )
-        + "\n\nFine-tunes, the drift guard replayed (CKA to pretrained < 0.8 for 2 epochs, or normalised std < 0.25/√D):\n\n"
+        + "\n\nFine-tunes, the drift guard replayed (CKA to pretrained < 0.8 for 2 epochs, or normalised std <"
+        " 0.25/√D):\n\n"
         + (
             detector_markdown(finetune_summary, "cell", "harmful fine-tunes", "healthy fine-tunes")
             if finetune_detections
@@ -1029,9 +1040,9 @@ def write_outputs(
         (m, t) for t in TAPS for m in ("lidar", "lidar_q2", "lidar_q4", "lidar_q8", "lidar_q16", "rankme", "rankme_all")
     ]
     protocol = (
-        "The papers' protocols next to the monitor's: LiDAR from the monitor's 2 fixed views (`lidar`) and from q = 2, 4, 8, 16"
-        " other fixed views per held-out sample (`lidar_qQ`); RankMe as the monitor computes it on the held-out views (`rankme`) and on every clean image,"
-        " training + held-out (`rankme_all`). "
+        "The papers' protocols next to the monitor's: LiDAR from the monitor's 2 fixed views (`lidar`) and from"
+        " q = 2, 4, 8, 16 other fixed views per held-out sample (`lidar_qQ`); RankMe as the monitor computes it"
+        " on the held-out views (`rankme`) and on every clean image, training + held-out (`rankme_all`). "
         + scheme
         + "\n\n"
         + "\n\n".join(

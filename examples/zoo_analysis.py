@@ -627,9 +627,9 @@ def replay_reference_rule(
 def goal_search_markdown(found: Mapping[str, Any], n_settings: int) -> str:
     lines = [
         "# Does any setting of the rule meet the goal on every split?\n",
-        f"All {n_settings} settings of the grid, scored on the tuning and held-out cells together (so this is an existence check with"
-        " the held-out data in view, not a tuning). Goal: no healthy run stopped, no collapsing run missed, median onset → stop ≤ 2"
-        " epochs in each split.\n",
+        f"All {n_settings} settings of the grid, scored on the tuning and held-out cells together (so this is an"
+        " existence check with the held-out data in view, not a tuning). Goal: no healthy run stopped, no"
+        " collapsing run missed, median onset → stop ≤ 2 epochs in each split.\n",
     ]
     for name, result in found.items():
         lines.append(f"## Collapsing runs counted {name}\n")
@@ -718,7 +718,8 @@ def family_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Per family and configuration (failure mode): runs, how many the probe confirms, how many the
     rule stopped, the onset-to-stop lag over stopped runs with an onset, and the kinds of the stops."""
     lines = [
-        "| family | configuration (failure mode) | design | runs | probe fell | projector left healthy range | stopped | onset → stop, median (worst) | first stop epoch, median | stop kinds |",
+        "| family | configuration (failure mode) | design | runs | probe fell | projector left healthy range"
+        " | stopped | onset → stop, median (worst) | first stop epoch, median | stop kinds |",
         "|---|---|---|---:|---:|---:|---:|---|---:|---|",
     ]
     by_config: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
@@ -732,8 +733,9 @@ def family_table(rows: Sequence[Mapping[str, Any]]) -> str:
         stop_median = f"{float(np.median([r['stop_epoch'] for r in stopped])):g}" if stopped else "–"
         mode = "healthy" if first["design"] == "healthy" else first["mode"]
         lines.append(
-            f"| {family} | `{name}` ({mode}) | {first['design']} | {len(members)} | {fell} | {sum(bool(r.get('projector_left_healthy_range')) for r in members)}"
-            f" | {len(stopped)} | {_fmt_lag(lags)} | {stop_median} | {_kinds(stopped)} |"
+            f"| {family} | `{name}` ({mode}) | {first['design']} | {len(members)} | {fell}"
+            f" | {sum(bool(r.get('projector_left_healthy_range')) for r in members)} | {len(stopped)}"
+            f" | {_fmt_lag(lags)} | {stop_median} | {_kinds(stopped)} |"
         )
     return "\n".join(lines)
 
@@ -742,13 +744,18 @@ def summary_line(s: Mapping[str, Any]) -> str:
     lag = (
         "–"
         if not math.isfinite(s["lag_median"])
-        else f"median {s['lag_median'] + 0.0:+g}, worst {s['lag_worst']:+d} epochs over the {len(s['lags'])} caught runs with an onset"
+        else (
+            f"median {s['lag_median'] + 0.0:+g}, worst {s['lag_worst']:+d} epochs over the {len(s['lags'])} caught"
+            " runs with an onset"
+        )
     )
     return (
-        f"collapsing runs caught: **{s['caught']} of {s['collapsing']}** (of the misses, {len(s['missed_probe_fell'])} had a falling probe and"
-        f" {len(s['missed_projector_left'])} a projector that left the healthy range;"
-        f" {s['unconfirmed']} collapsing runs never had one, {s['unconfirmed_stopped']} of them stopped), onset → stop {lag};"
-        f" healthy runs stopped: **{len(s['false_stops'])} of {s['healthy']}** ({s['healthy_fell']} healthy runs had a falling probe, {s['healthy_fell_stopped']} of them stopped)"
+        f"collapsing runs caught: **{s['caught']} of {s['collapsing']}** (of the misses,"
+        f" {len(s['missed_probe_fell'])} had a falling probe and {len(s['missed_projector_left'])} a projector"
+        f" that left the healthy range; {s['unconfirmed']} collapsing runs never had one,"
+        f" {s['unconfirmed_stopped']} of them stopped), onset → stop {lag}; healthy runs stopped:"
+        f" **{len(s['false_stops'])} of {s['healthy']}** ({s['healthy_fell']} healthy runs had a falling probe,"
+        f" {s['healthy_fell_stopped']} of them stopped)"
     )
 
 
@@ -943,7 +950,8 @@ def plot_curves(
     axes[0][0].set_ylabel("projector RankMe / D")
     axes[1][0].set_ylabel("projector normalised std · √D")
     fig.suptitle(
-        f"{cell}: solid healthy, dashed collapsing by design; o onset (probe 0.03 below the family's healthy runs), x tuned ssl_guard stop",
+        f"{cell}: solid healthy, dashed collapsing by design; o onset (probe 0.03 below the family's healthy"
+        " runs), x tuned ssl_guard stop",
         fontsize=9,
     )
     fig.tight_layout()
@@ -1075,10 +1083,12 @@ def write_outputs(
     rules = {"tuned ssl_guard": detections, **plain_rows, **provisional, **old}
     results = {rule: {sp: score(_subset(rows, mask)) for sp, mask in splits.items()} for rule, rows in rules.items()}
     legend = (
-        f"Rules: *tuned ssl_guard* `{settings_text(chosen)}`; *ssl_guard tuned without the margin* `{settings_text(plain)}`"
+        f"Rules: *tuned ssl_guard* `{settings_text(chosen)}`; *ssl_guard tuned without the margin*"
+        f" `{settings_text(plain)}`"
         + (f"; *ssl_guard, main's provisional defaults* `{settings_text(SSL_GUARD_DEFAULTS)}`" if provisional else "")
-        + "; *old rank rule*: RankMe < 0.2·D for 3 checks; *old spread rule*: normalised std < 0.25/√D for 3 checks; *old rules together*:"
-        " the two as two `CollapseEarlyStopping` callbacks (the README's former recommendation)."
+        + "; *old rank rule*: RankMe < 0.2·D for 3 checks; *old spread rule*: normalised std < 0.25/√D for 3"
+        " checks; *old rules together*: the two as two `CollapseEarlyStopping` callbacks (the README's former"
+        " recommendation)."
     )
     chosen_scores = results[next(iter(results))]
     # The same rule counting as collapsing only the designs whose projector left the healthy range.
@@ -1139,9 +1149,10 @@ def write_outputs(
     detector = [
         "# Collapse zoo: the guard as a detector\n",
         f"Tuned `ssl_guard` settings (chosen on {tuning_name} only): `{settings_text(chosen)}`.\n",
-        "Collapsing and healthy are by design; the onset (the first epoch the backbone's 5-shot nearest-class-mean accuracy is more than"
-        f" {ONSET_MARGIN} below the family's healthy runs in the cell) dates the collapse where the probe fell, and the runs whose outcome"
-        " disagrees with the design are counted in the summaries and listed in `labels.md`. Onset → stop is in epochs (negative: stopped"
+        "Collapsing and healthy are by design; the onset (the first epoch the backbone's 5-shot"
+        f" nearest-class-mean accuracy is more than {ONSET_MARGIN} below the family's healthy runs in the cell)"
+        " dates the collapse where the probe fell, and the runs whose outcome disagrees with the design are"
+        " counted in the summaries and listed in `labels.md`. Onset → stop is in epochs (negative: stopped"
         " before the probe fell); a miss is tagged with whether its probe fell.\n",
         "## All rules, per split\n",
         legend + "\n",
@@ -1154,14 +1165,16 @@ def write_outputs(
             s = results[rule][sp]
             detector += [f"### {sp}\n", summary_line(s) + ".", "", family_table(_subset(rows, mask)), ""]
             detector.append(
-                f"Goal (every collapsing run caught, median onset → stop ≤ 2, no healthy run stopped): **{'met' if goal_met(s) else 'not met'}**."
+                "Goal (every collapsing run caught, median onset → stop ≤ 2, no healthy run stopped):"
+                f" **{'met' if goal_met(s) else 'not met'}**."
             )
             if rule == "tuned ssl_guard":
                 c = confirmed_scores[sp]
                 detector.append(
-                    f"Counting as collapsing only the designs whose projector left the healthy range: caught {c['caught']} of {c['collapsing']},"
-                    f" onset → stop median {c['lag_median']:+g} (worst {c['lag_worst']:+g}), healthy stopped {len(c['false_stops'])} of {c['healthy']}:"
-                    f" goal **{'met' if goal_met(c) else 'not met'}**"
+                    "Counting as collapsing only the designs whose projector left the healthy range: caught"
+                    f" {c['caught']} of {c['collapsing']}, onset → stop median {c['lag_median']:+g} (worst"
+                    f" {c['lag_worst']:+g}), healthy stopped {len(c['false_stops'])} of {c['healthy']}: goal"
+                    f" **{'met' if goal_met(c) else 'not met'}**"
                     + (f" (missed {', '.join(c['missed'])})" if c["missed"] else "")
                     + "."
                 )
@@ -1171,7 +1184,8 @@ def write_outputs(
                 detector.append(
                     "Missed: "
                     + ", ".join(
-                        f"{run} (probe {'fell' if run in fell else 'held'}; projector {'left' if run in left else 'stayed in'} the healthy range)"
+                        f"{run} (probe {'fell' if run in fell else 'held'}; projector"
+                        f" {'left' if run in left else 'stayed in'} the healthy range)"
                         for run in s["missed"]
                     )
                     + "."
@@ -1179,25 +1193,38 @@ def write_outputs(
             if s["false_stops"]:
                 detector.append(f"False stops: {', '.join(s['false_stops'])}.")
             detector.append("")
+    # Healthy runs whose probe fell when each is compared with its sibling seeds only (for labels.md).
+    healthy_fell_strict = sum(
+        l["design"] == "healthy" and l["onset_epoch"] is not None for l in label_rows(records, leave_one_out=True)
+    )
     files = {
         "detector.md": "\n".join(detector) + "\n",
         "labels.md": (
             "# Design labels against the outcome\n\n"
-            f"Onset: the first epoch at which the backbone's 5-shot nearest-class-mean accuracy (mean of the fixed draws) is more than {ONSET_MARGIN} below"
-            " the per-epoch median of the same family's healthy runs (every seed) in the same cell. Projector left the healthy range: its last"
-            f" RankMe or normalised std below {PROJECTOR_RANGE:g}× the lowest last value of those healthy runs. A cell reads"
-            ' "runs whose probe fell of runs (their onset epochs)"; ⚠ marks a configuration whose outcome disagrees with its design in some run.\n\n'
+            "Onset: the first epoch at which the backbone's 5-shot nearest-class-mean accuracy (mean of the"
+            f" fixed draws) is more than {ONSET_MARGIN} below the per-epoch median of the same family's healthy"
+            " runs (every seed) in the same cell. Projector left the healthy range: its last RankMe or"
+            f" normalised std below {PROJECTOR_RANGE:g}× the lowest last value of those healthy runs. A cell"
+            ' reads "runs whose probe fell of runs (their onset epochs)"; ⚠ marks a configuration whose outcome'
+            " disagrees with its design in some run.\n\n"
             + label_table(labels)
-            + f"\n\nWith a stricter reference (each healthy run against its sibling seeds only) {sum(l['design'] == 'healthy' and l['onset_epoch'] is not None for l in label_rows(records, leave_one_out=True))}"
-            f" of {sum(l['design'] == 'healthy' for l in labels)} healthy runs would have a falling probe"
-            f" (here {sum(l['design'] == 'healthy' and l['onset_epoch'] is not None for l in labels)}): seeds of one configuration differ by"
-            f" {_seed_spread(records):.3f} in this accuracy (median over configurations and epochs of the std across seeds), so a margin of {ONSET_MARGIN}"
-            " is about 1.5 seed standard deviations.\n"
+            + f"\n\nWith a stricter reference (each healthy run against its sibling seeds only) {healthy_fell_strict}"
+            f" of {sum(l['design'] == 'healthy' for l in labels)} healthy runs would have a falling probe (here"
+            f" {sum(l['design'] == 'healthy' and l['onset_epoch'] is not None for l in labels)}): seeds of one"
+            f" configuration differ by {_seed_spread(records):.3f} in this accuracy (median over configurations"
+            f" and epochs of the std across seeds), so a margin of {ONSET_MARGIN} is about 1.5 seed standard"
+            " deviations.\n"
             + "\n\nRuns whose outcome disagrees with the design:\n\n"
             + (
                 "\n".join(
-                    f"- {l['run']} ({l['design']}): {'probe fell at epoch ' + str(l['onset_epoch']) if l['onset_epoch'] is not None else 'probe never fell'}"
-                    f" (largest gap to the healthy reference {l['largest_probe_gap']:.3f}; final 5-shot NCM {l['probe_accuracy']:.3f} vs healthy {l['healthy_probe_accuracy']:.3f})"
+                    f"- {l['run']} ({l['design']}): "
+                    + (
+                        "probe fell at epoch " + str(l["onset_epoch"])
+                        if l["onset_epoch"] is not None
+                        else "probe never fell"
+                    )
+                    + f" (largest gap to the healthy reference {l['largest_probe_gap']:.3f}; final 5-shot NCM"
+                    f" {l['probe_accuracy']:.3f} vs healthy {l['healthy_probe_accuracy']:.3f})"
                     for l in disagreements
                 )
                 or "(none)"
@@ -1206,29 +1233,34 @@ def write_outputs(
         ),
         "healthy_drops.md": (
             "# How much healthy runs lose early\n\n"
-            "Over the healthy runs (by design): the largest fall of projector RankMe and normalised std below their best"
-            " so far, counting from check `warmup` on (median / max over runs). A trend threshold below the max stops some healthy run.\n\n"
-            + healthy_drop_table(drops, warmups)
-            + "\n"
+            "Over the healthy runs (by design): the largest fall of projector RankMe and normalised std below"
+            " their best so far, counting from check `warmup` on (median / max over runs). A trend threshold"
+            " below the max stops some healthy run.\n\n" + healthy_drop_table(drops, warmups) + "\n"
         ),
         "tuning.md": (
             "# Tuning `ssl_guard` on the digits\n\n"
-            f"{len(settings_list)} settings ({' × '.join(f'{k} {list(grid[k])}' for k in GUARD_KEYWORDS)}; `trend_mode` only where both drops are on),"
-            f" each replayed on the {int(tuning.sum())} runs of {tuning_name}, ranked by (false stops of healthy runs with every threshold"
-            f" {SAFETY_MARGIN:.0%} stricter — floors × {1 + SAFETY_MARGIN:g}, drops × {1 - SAFETY_MARGIN:g} —, false stops, collapsing runs missed,"
-            f" median onset → stop, worst onset → stop, mean onset → stop). {len(optimal)} settings tie for the best:"
-            f" {optimal[0]['false_stops_tightened']} false stops with the margin, {optimal[0]['false_stops']} without, {optimal[0]['missed']} missed,"
-            f" onset → stop median {optimal[0]['lag_median']:+g}, worst {optimal[0]['lag_worst']:+g}.\n\n"
+            f"{len(settings_list)} settings ({' × '.join(f'{k} {list(grid[k])}' for k in GUARD_KEYWORDS)};"
+            f" `trend_mode` only where both drops are on), each replayed on the {int(tuning.sum())} runs of"
+            f" {tuning_name}, ranked by (false stops of healthy runs with every threshold {SAFETY_MARGIN:.0%}"
+            f" stricter — floors × {1 + SAFETY_MARGIN:g}, drops × {1 - SAFETY_MARGIN:g} —, false stops,"
+            " collapsing runs missed, median onset → stop, worst onset → stop, mean onset → stop)."
+            f" {len(optimal)} settings tie for the best: {optimal[0]['false_stops_tightened']} false stops with"
+            f" the margin, {optimal[0]['false_stops']} without, {optimal[0]['missed']} missed, onset → stop"
+            f" median {optimal[0]['lag_median']:+g}, worst {optimal[0]['lag_worst']:+g}.\n\n"
             "Values found in the optimal set, per keyword: "
             + "; ".join(f"`{k}` {ranges[k]}" for k in GUARD_KEYWORDS)
             + ".\n\n"
-            f"Chosen (the optimal setting nearest the per-keyword median grid position of the optimal set): `{settings_text(chosen)}`.\n\n"
-            f"Without the safety margin (ranked by false stops, misses, lags: the first selection rule) the same procedure chooses `{settings_text(plain)}`"
+            "Chosen (the optimal setting nearest the per-keyword median grid position of the optimal set):"
+            f" `{settings_text(chosen)}`.\n\n"
+            "Without the safety margin (ranked by false stops, misses, lags: the first selection rule) the same"
+            f" procedure chooses `{settings_text(plain)}`"
             + ("" if plain == chosen else "; its detector rows are in `detector.md`")
-            + ". The margin was added after seeing that first rule's held-out result on a first pass of the zoo (its rank floor stopped healthy"
-            " MNIST-1D SimSiam runs): the held-out numbers of the chosen setting are therefore not a blind estimate.\n\n"
-            "Patience is counted per condition (floors; trend), as `reprmetrics.stopping.ssl_guard` counts. Counted for both together,"
-            f" the chosen setting would stop {len(shared_differs)} of {len(records)} runs at another check"
+            + ". The margin was added after seeing that first rule's held-out result on a first pass of the zoo"
+            " (its rank floor stopped healthy MNIST-1D SimSiam runs): the held-out numbers of the chosen"
+            " setting are therefore not a blind estimate.\n\n"
+            "Patience is counted per condition (floors; trend), as `reprmetrics.stopping.ssl_guard` counts."
+            f" Counted for both together, the chosen setting would stop {len(shared_differs)} of {len(records)}"
+            " runs at another check"
             + (
                 ": " + "; ".join(f"{run} {a[0]} → {b[0]}" for run, a, b in shared_differs[:20])
                 if shared_differs
@@ -1247,7 +1279,8 @@ def write_outputs(
             + "\n".join(
                 "| "
                 + " | ".join(repr(t[k]) for k in GUARD_KEYWORDS)
-                + f" | {t['false_stops_tightened']} | {t['false_stops']} | {t['missed']} | {t['lag_median']:+g} | {t['lag_worst']:+g} |"
+                + f" | {t['false_stops_tightened']} | {t['false_stops']} | {t['missed']} | {t['lag_median']:+g}"
+                f" | {t['lag_worst']:+g} |"
                 for t in table[:15]
             )
             + "\n"
@@ -1262,9 +1295,10 @@ def write_outputs(
             {k: v for k, v in found.items() if k != "reference rule"}, len(settings_list)
         ) + (
             "## A rule outside the family: compare with healthy reference runs\n\n"
-            f"Stop when the projector's RankMe or normalised std is below {PROJECTOR_RANGE:g}× the lowest of the same family's other healthy runs"
-            " in the cell at the same epoch, for 2 checks in a row (`replay_reference_rule`; it needs healthy reference runs of the same method"
-            " and data, which `ssl_guard` on one run does not have):\n\n"
+            f"Stop when the projector's RankMe or normalised std is below {PROJECTOR_RANGE:g}× the lowest of the"
+            " same family's other healthy runs in the cell at the same epoch, for 2 checks in a row"
+            " (`replay_reference_rule`; it needs healthy reference runs of the same method and data, which"
+            " `ssl_guard` on one run does not have):\n\n"
             + "\n".join(
                 f"- {sp}: {summary_line(sc)}; goal **{'met' if goal_met(sc) else 'not met'}**."
                 for sp, sc in reference_scores.items()
@@ -1339,7 +1373,8 @@ def library_agreement(
                 )
     text = (
         "# replay_guard against reprmetrics.stopping.ssl_guard\n\n"
-        f"{checked} (run, setting) replays over {len(settings_list)} settings: {len(differences)} differ in the stop check or the kind.\n\n"
+        f"{checked} (run, setting) replays over {len(settings_list)} settings: {len(differences)} differ in the"
+        " stop check or the kind.\n\n"
         + "\n".join(
             f"- {d['run']}, {d['settings']}: ours {d['ours']}, library {d['library']}" for d in differences[:50]
         )
@@ -1393,50 +1428,58 @@ def readme_section(
     lines = [
         "## Collapse zoo: does the SSL guard stop a collapsing run?",
         "",
-        "`python examples/collapse_zoo.py --jobs 2` (resumable; `--fast` is the CI smoke run) trains five SSL families — SimCLR, SimSiam,"
-        " BYOL (EMA teacher), VICReg, Barlow Twins — as published and in the failure modes the papers report"
-        f" ({len(configs)} configurations per cell: "
+        "`python examples/collapse_zoo.py --jobs 2` (resumable; `--fast` is the CI smoke run) trains five SSL"
+        " families — SimCLR, SimSiam, BYOL (EMA teacher), VICReg, Barlow Twins — as published and in the"
+        f" failure modes the papers report ({len(configs)} configurations per cell: "
         + "; ".join(f"`{name}`" + ("" if design == "healthy" else f" ({mode})") for _, name, design, mode in configs)
         + f") in the study's {len(cells)} cells ({', '.join(cells)}), seeds {', '.join(map(str, seeds))}, "
         + ", ".join(f"{'/'.join(map(str, e))} epochs on {d}" for d, e in epochs.items())
-        + f": {len(records)} runs. A `RepresentationMonitor` on `backbone` and `projector` (2 fixed held-out views, default metric set)"
-        " records every value it logs each epoch; nothing stops a run while it trains: stopping rules are replayed on the records"
-        " (`examples/zoo_analysis.py`; everything is in [`docs/zoo/`](docs/zoo/)).",
+        + f": {len(records)} runs. A `RepresentationMonitor` on `backbone` and `projector` (2 fixed held-out"
+        " views, default metric set) records every value it logs each epoch; nothing stops a run while it"
+        " trains: stopping rules are replayed on the records (`examples/zoo_analysis.py`; everything is in"
+        " [`docs/zoo/`](docs/zoo/)).",
         "",
-        "*Collapsing* and *healthy* are by design, and checked against two outcomes (`docs/zoo/labels.md`): the *onset*, the first epoch"
-        f" at which the backbone's 5-shot nearest-class-mean accuracy (mean of 10 fixed draws) is more than {ONSET_MARGIN} below the median"
-        " of the same family's healthy runs in the same cell (the study's rule, with the family's healthy runs as the reference, since"
-        " the families learn at different speeds); and whether the projector *left the healthy range* (its last RankMe or normalised std"
-        f" below {PROJECTOR_RANGE:g}× the lowest of the family's healthy runs in the cell).",
+        "*Collapsing* and *healthy* are by design, and checked against two outcomes (`docs/zoo/labels.md`): the"
+        " *onset*, the first epoch at which the backbone's 5-shot nearest-class-mean accuracy (mean of 10 fixed"
+        f" draws) is more than {ONSET_MARGIN} below the median of the same family's healthy runs in the same"
+        " cell (the study's rule, with the family's healthy runs as the reference, since the families learn at"
+        " different speeds); and whether the projector *left the healthy range* (its last RankMe or normalised"
+        f" std below {PROJECTOR_RANGE:g}× the lowest of the family's healthy runs in the cell).",
         "",
         "### The preset: `reprmetrics.stopping.ssl_guard(tap)`",
         "",
-        f'`ssl_guard("projector", {settings_text(chosen)})`, chosen on {tuning_name} only. Per check, with RankMe r and normalised'
-        " std s of the tap (width D): non-finite r or s stops at once (divergence); r < `rank_floor`·D or s < `spread_floor`/√D is a"
-        " floor condition from the first check; from check `warmup` on (0-based), r more than `rank_drop` below its best since then,"
-        ' or (`trend_mode="any"`; `"all"`: and) s more than `spread_drop` below its best, is the trend condition (collapse in'
-        " progress); `patience` consecutive checks with the same condition stop (one counter for the floors, one for the trend), a check"
-        " without it resets that counter. A floor stop is *complete* when both floors hold, *dimensional* when only the rank floor does,"
-        " *in progress* when only the spread floor does; a trend stop is *in progress*.",
+        f'`ssl_guard("projector", {settings_text(chosen)})`, chosen on {tuning_name} only. Per check, with'
+        " RankMe r and normalised std s of the tap (width D): non-finite r or s stops at once (divergence); r <"
+        " `rank_floor`·D or s < `spread_floor`/√D is a floor condition from the first check; from check"
+        ' `warmup` on (0-based), r more than `rank_drop` below its best since then, or (`trend_mode="any"`;'
+        ' `"all"`: and) s more than `spread_drop` below its best, is the trend condition (collapse in'
+        " progress); `patience` consecutive checks with the same condition stop (one counter for the floors,"
+        " one for the trend), a check without it resets that counter. A floor stop is *complete* when both"
+        " floors hold, *dimensional* when only the rank floor does, *in progress* when only the spread floor"
+        " does; a trend stop is *in progress*.",
         "",
-        f"How it was chosen (`docs/zoo/tuning.md`): all {n_settings} settings of a grid replayed on the digits runs, ranked by false stops"
-        f" of healthy runs with every threshold {SAFETY_MARGIN:.0%} stricter (a safety margin), then false stops, misses of collapsing runs,"
-        " and the median, worst and mean epochs from onset to stop; the centre of the tied best settings is taken. Without the margin the"
-        f" same procedure picks `{settings_text(plain)}`; the margin was added after seeing that choice stop healthy MNIST-1D runs in a"
-        " first pass, so the held-out numbers below are not a blind estimate.",
+        f"How it was chosen (`docs/zoo/tuning.md`): all {n_settings} settings of a grid replayed on the digits"
+        f" runs, ranked by false stops of healthy runs with every threshold {SAFETY_MARGIN:.0%} stricter (a"
+        " safety margin), then false stops, misses of collapsing runs, and the median, worst and mean epochs"
+        " from onset to stop; the centre of the tied best settings is taken. Without the margin the same"
+        f" procedure picks `{settings_text(plain)}`; the margin was added after seeing that choice stop healthy"
+        " MNIST-1D runs in a first pass, so the held-out numbers below are not a blind estimate.",
         "",
-        "**Healthy runs lose rank early**, and far more than spread: the largest fall of projector RankMe / normalised std below the run's"
-        f" own best, over all checks (warmup 0) and after the chosen warmup ({w}), over the healthy runs (`docs/zoo/healthy_drops.md`):",
+        "**Healthy runs lose rank early**, and far more than spread: the largest fall of projector RankMe /"
+        " normalised std below the run's own best, over all checks (warmup 0) and after the chosen warmup"
+        f" ({w}), over the healthy runs (`docs/zoo/healthy_drops.md`):",
         "",
         "| dataset | family | runs | warmup | RankMe: median / max fall | norm. std: median / max fall |",
         "|---|---|---:|---:|---:|---:|",
         *[
-            f"| {d['dataset']} | {d['family']} | {d['runs']} | {d['warmup']} | {d['rank_drop_median']:.0%} / {d['rank_drop_max']:.0%} |"
-            f" {d['spread_drop_median']:.0%} / {d['spread_drop_max']:.0%} |"
+            f"| {d['dataset']} | {d['family']} | {d['runs']} | {d['warmup']}"
+            f" | {d['rank_drop_median']:.0%} / {d['rank_drop_max']:.0%}"
+            f" | {d['spread_drop_median']:.0%} / {d['spread_drop_max']:.0%} |"
             for d in healthy_after
         ],
         "",
-        "**Against the former recommendations** (collapsing / healthy by design; onset → stop in epochs over caught runs with an onset).",
+        "**Against the former recommendations** (collapsing / healthy by design; onset → stop in epochs over"
+        " caught runs with an onset).",
         legend,
         "",
         comparison_table(results),
@@ -1455,9 +1498,11 @@ def readme_section(
         ]
         c = confirmed_scores[sp]
         lines.append(
-            f"Goal (every collapsing run caught, median onset → stop ≤ 2 epochs, no healthy run stopped) on {sp}: **{'met' if goal_met(s) else 'not met'}**;"
-            f" counting as collapsing only the designs whose projector left the healthy range ({c['collapsing']} runs): **{'met' if goal_met(c) else 'not met'}**"
-            f" ({c['caught']} caught, onset → stop median {c['lag_median']:+g}, worst {c['lag_worst']:+g})."
+            "Goal (every collapsing run caught, median onset → stop ≤ 2 epochs, no healthy run stopped) on"
+            f" {sp}: **{'met' if goal_met(s) else 'not met'}**; counting as collapsing only the designs whose"
+            f" projector left the healthy range ({c['collapsing']} runs):"
+            f" **{'met' if goal_met(c) else 'not met'}** ({c['caught']} caught, onset → stop median"
+            f" {c['lag_median']:+g}, worst {c['lag_worst']:+g})."
         )
         missed: dict[str, list[str]] = {}
         for run in s["missed"]:
@@ -1485,7 +1530,8 @@ def readme_section(
     slow = [i for i, r in enumerate(records) if r["name"] == "vicreg-invariance-only"]
     if slow:
         lines += [
-            "**The slow collapse of the issue** (`vicreg-invariance-only`): stop epoch per run (– = never) and the onset:",
+            "**The slow collapse of the issue** (`vicreg-invariance-only`): stop epoch per run (– = never) and"
+            " the onset:",
             "",
         ]
         lines.append("| run | onset | " + " | ".join(rules) + " |")
@@ -1501,7 +1547,8 @@ def readme_section(
         lines.append("")
     if found:
         lines += [
-            "**Could any setting meet the goal?** (`docs/zoo/goal_search.md`: every setting of the grid scored on both splits at once)",
+            "**Could any setting meet the goal?** (`docs/zoo/goal_search.md`: every setting of the grid scored"
+            " on both splits at once)",
             "",
         ]
         for name, result in found.items():
@@ -1513,15 +1560,19 @@ def readme_section(
                 + (
                     ""
                     if result["meeting"]
-                    else f"; the closest, `{settings_text(best)}`, has {best['false_stops']} false stops and {best['missed']} misses"
+                    else (
+                        f"; the closest, `{settings_text(best)}`, has {best['false_stops']} false stops and"
+                        f" {best['missed']} misses"
+                    )
                 )
                 + "."
             )
         for sp, sc in found.get("reference rule", {}).items():
             lines.append(
-                f"- outside the family, comparing with the family's other healthy runs in the cell (RankMe or normalised std below {PROJECTOR_RANGE:g}× their"
-                f" lowest at the same epoch, 2 checks), {sp}: caught {sc['caught']} of {sc['collapsing']}, onset → stop median {sc['lag_median']:+g}"
-                f" (worst {sc['lag_worst']:+g}), healthy stopped {len(sc['false_stops'])} of {sc['healthy']}."
+                "- outside the family, comparing with the family's other healthy runs in the cell (RankMe or"
+                f" normalised std below {PROJECTOR_RANGE:g}× their lowest at the same epoch, 2 checks), {sp}:"
+                f" caught {sc['caught']} of {sc['collapsing']}, onset → stop median {sc['lag_median']:+g} (worst"
+                f" {sc['lag_worst']:+g}), healthy stopped {len(sc['false_stops'])} of {sc['healthy']}."
             )
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -186,8 +186,8 @@ class ReprMetric(Metric):
             if any(key(s) != key(reference) for s in shapes):
                 seen = sorted({str(tuple(s[1 : 1 + s[0]])) for s in shapes})
                 raise ValueError(
-                    f"{type(self).__name__}: the processes accumulated states of different shapes for {name!r} ({', '.join(seen)});"
-                    " every rank must feed embeddings of the same width"
+                    f"{type(self).__name__}: the processes accumulated states of different shapes for {name!r}"
+                    f" ({', '.join(seen)}); every rank must feed embeddings of the same width"
                 )
             dtype = _DTYPES[max(s[-1] for s in shapes)] if is_list else _DTYPES[reference[-1]]
             shape = tuple(reference[1 : 1 + reference[0]])
@@ -258,7 +258,8 @@ class ReprMetric(Metric):
 
     # ---- reading a statistic (see reprmetrics.statistics) ----
     def value_names(self) -> tuple[str, ...]:
-        """Suffixes of the values :meth:`values_from` gives: ``""`` is the metric itself (``"r2"``: α-ReQ's fit quality)."""
+        """Suffixes of the values :meth:`values_from` gives: ``""`` is the metric itself (``"r2"``: α-ReQ's
+        fit quality)."""
         return ("",)
 
     def values_from(self, stat: Any, cache: dict[Any, Any]) -> dict[str, Tensor]:

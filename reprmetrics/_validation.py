@@ -83,7 +83,8 @@ def check_nonnegative_float(value: Any, metric: str, name: str, strictly_positiv
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
-    """Memory free for new allocations on ``device`` (CUDA: free device memory; CPU: available RAM), or None if unknown."""
+    """Memory free for new allocations on ``device`` (CUDA: free device memory; CPU: available RAM), or None if
+    unknown."""
     try:
         if device.type == "cuda":
             return int(torch.cuda.mem_get_info(device)[0])
@@ -101,7 +102,8 @@ def check_memory(needed_bytes: int, device: torch.device, owner: str, what: str,
     available = available_memory_bytes(device)
     if available is not None and needed_bytes > 0.8 * available:
         raise ValueError(
-            f"{owner}: {what} needs about {needed_bytes / 1e9:,.1f} GB, more than the {available / 1e9:,.1f} GB available on {device}; {hint}"
+            f"{owner}: {what} needs about {needed_bytes / 1e9:,.1f} GB, more than the {available / 1e9:,.1f} GB"
+            f" available on {device}; {hint}"
         )
 
 
@@ -158,7 +160,7 @@ def load_weights(path: str | os.PathLike, owner: str) -> Mapping[str, Tensor]:
     state = state.get("state_dict", state) if isinstance(state, Mapping) else state
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise _configuration_error(
-            f"{owner}: the reference checkpoint {str(path)!r} holds {type(state).__name__}, not a state dict of tensors;"
-            " save it with torch.save(model.state_dict(), path)"
+            f"{owner}: the reference checkpoint {str(path)!r} holds {type(state).__name__}, not a state dict of"
+            " tensors; save it with torch.save(model.state_dict(), path)"
         )
     return state

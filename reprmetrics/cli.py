@@ -264,7 +264,10 @@ def _open_safetensors(path: str, key: str | None) -> ArrayFile:
 
 
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-_RESAVE = "save the embeddings as a tensor with torch.save(tensor) or torch.save({'name': tensor}), or as .npy or .safetensors"
+_RESAVE = (
+    "save the embeddings as a tensor with torch.save(tensor) or torch.save({'name': tensor}), or as .npy or"
+    " .safetensors"
+)
 
 
 def _first_sentence(error: BaseException) -> str:
@@ -303,7 +306,8 @@ def _open_torch(path: str, key: str | None) -> ArrayFile:
         tensors = [k for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
         if key is not None and key in obj and not isinstance(obj[key], torch.Tensor):
             raise CliError(
-                f"{path}: key {key!r} holds a {type(obj[key]).__name__}, not a tensor (tensor keys: {', '.join(tensors) or 'none'})"
+                f"{path}: key {key!r} holds a {type(obj[key]).__name__}, not a tensor (tensor keys:"
+                f" {', '.join(tensors) or 'none'})"
             )
         tensor = obj[_choose_key(path, tensors, key, what="tensor")]
     elif isinstance(obj, torch.Tensor):
@@ -666,7 +670,10 @@ def cli() -> None:
     "views",
     multiple=True,
     metavar="VIEWS",
-    help="(N, q, D) views (q >= 2 augmentations per sample) for LiDAR and alignment. Matched by position: the i-th --views belongs to the i-th FILE; FILEs after the last --views have no views.",
+    help=(
+        "(N, q, D) views (q >= 2 augmentations per sample) for LiDAR and alignment. Matched by position: the i-th"
+        " --views belongs to the i-th FILE; FILEs after the last --views have no views."
+    ),
 )
 @click.option("--views-key", default=None, help="Array name inside the --views files (default: --key).")
 @click.option(
@@ -751,7 +758,8 @@ def report(
             ) from error
         without = ", ".join(files[len(views) :])
         _note(
-            f"--views matched by position: {len(views)} of {len(files)} files have views; {without}: no lidar or alignment",
+            f"--views matched by position: {len(views)} of {len(files)} files have views; {without}: no lidar or"
+            " alignment",
             quiet,
         )
     rows, spectra = [], []

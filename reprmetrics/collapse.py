@@ -25,8 +25,8 @@ class NormalizedStd(RowMoments):
     float64 tensor, :class:`~reprmetrics.statistics.RowMoments` with ``normalize=True``) merged exactly
     across batches and ranks (Chan et al.; see :func:`reprmetrics._linalg.merge_centred_moments`), so
     collapse towards a point far from the origin does not cancel. Beside coding rate or Wasserstein
-    uniformity (in the tracker and ``evaluate``) it reads the diagonal of their shared full moments. Equals :func:`reprmetrics.functional.normalized_std` on the concatenation
-    of all batches.
+    uniformity (in the tracker and ``evaluate``) it reads the diagonal of their shared full moments. Equals
+    :func:`reprmetrics.functional.normalized_std` on the concatenation of all batches.
 
     As input to ``update``:
         - ``embeddings`` (:class:`~torch.Tensor`): ``(B, D)``.

@@ -91,7 +91,8 @@ def _as_tensor(batch: Any, name: str, ndim: int) -> Tensor:
         raise ValueError(f"evaluate: `{name}` has no features (shape {tuple(x.shape)}): there is nothing to measure")
     if ndim == 3 and x.shape[1] < 2:
         raise ValueError(
-            f"evaluate: `{name}` must hold at least 2 views per sample (shape (N, q, D) with q >= 2), got shape {tuple(x.shape)}"
+            f"evaluate: `{name}` must hold at least 2 views per sample (shape (N, q, D) with q >= 2), got shape"
+            f" {tuple(x.shape)}"
         )
     if not x.is_floating_point():
         x = x.float()
@@ -299,7 +300,8 @@ class _Evaluation:
             device,
             "evaluate",
             f"D = {num_features:,} for the D×D statistics of {', '.join(dense)}",
-            "pick metrics that keep no D×D matrix (uniformity, lid, twonn, mle_dimension, alignment, sigreg, normalized_std) or reduce the width first (e.g. PCA)",
+            "pick metrics that keep no D×D matrix (uniformity, lid, twonn, mle_dimension, alignment, sigreg,"
+            " normalized_std) or reduce the width first (e.g. PCA)",
         )
         self.metric_set = metric_set.to(device)
         if self.cka is not None:
@@ -349,7 +351,8 @@ class _Evaluation:
         return f"computing {', '.join(names)}"
 
     def check(self, points_name: str) -> dict[str, int]:
-        """After the pass over the rows: raise for non-finite rows (without ``drop_nonfinite``) or nothing to evaluate."""
+        """After the pass over the rows: raise for non-finite rows (without ``drop_nonfinite``) or nothing to
+        evaluate."""
         bad = {k: int(v) for k, v in self.bad.items()}
         totals = {
             "embeddings": self.seen["embeddings"],

@@ -126,7 +126,8 @@ class SIGReg(Statistic):
         """The ``(D, K)`` unit directions (float64), once D is known (given, or after the first batch)."""
         if self._num_features is None:
             raise ValueError(
-                f"{type(self).__name__}: the directions are drawn when the width is known; call update() first or pass `directions`"
+                f"{type(self).__name__}: the directions are drawn when the width is known; call update() first"
+                " or pass `directions`"
             )
         device = self.cos_sum.device
         if (
@@ -190,7 +191,8 @@ class WassersteinUniformity(RowMoments):
     covariance Σ (divided by N),
 
     .. math::
-        W_2 = \sqrt{\lVert \mu \rVert^2 + 1 + \operatorname{tr} \Sigma - \tfrac{2}{\sqrt D} \operatorname{tr} \Sigma^{1/2}},
+        W_2 = \sqrt{\lVert \mu \rVert^2 + 1 + \operatorname{tr} \Sigma -
+            \tfrac{2}{\sqrt D} \operatorname{tr} \Sigma^{1/2}},
 
     the 2-Wasserstein distance between :math:`\mathcal N(\mu, \Sigma)` and :math:`\mathcal N(0, I_D/D)`
     (see :func:`reprmetrics.functional.wasserstein_uniformity`, which this equals on the concatenation
@@ -242,7 +244,8 @@ class IsoScore(RowMoments):
 
     .. math::
         \operatorname{IsoScore} = \frac{k - 1}{D - 1}, \qquad
-        k = \frac{(\operatorname{tr}\Sigma)^2}{\lVert\Sigma\rVert_F^2} = \frac{(\sum_k \lambda_k)^2}{\sum_k \lambda_k^2},
+        k = \frac{(\operatorname{tr}\Sigma)^2}{\lVert\Sigma\rVert_F^2} =
+            \frac{(\sum_k \lambda_k)^2}{\sum_k \lambda_k^2},
 
     with Σ the covariance of all embeddings seen: the paper's steps (PCA rotation, normalised
     diagonal, isotropy defect, dimensions used k) in closed form (see

@@ -109,7 +109,8 @@ class LinearCKA(ReprMetric):
         self.accumulate(xs, ys)
 
     def accumulate(self, x: Tensor, y: Tensor, weights: Tensor | None = None) -> None:
-        """Add checked rows (no checks, no host sync); ``weights``: 0/1 per row, rows with 0 left out (they must be finite)."""
+        """Add checked rows (no checks, no host sync); ``weights``: 0/1 per row, rows with 0 left out (they must be
+        finite)."""
         with no_autocast(x.device):
             device = self.num_features_x.device
             joint = torch.cat(
@@ -206,7 +207,8 @@ class MinibatchCKA(ReprMetric):
         return xs, ys
 
     def update(self, x: Tensor, y: Tensor) -> None:
-        """Add one minibatch of paired rows (an empty one adds nothing). Raises ``ValueError`` (state untouched) on bad input."""
+        """Add one minibatch of paired rows (an empty one adds nothing). Raises ``ValueError`` (state untouched) on
+        bad input."""
         xs, ys = self._check_batch(x, y)
         if xs.shape[0] == 0:
             self._widths = (xs.shape[1], ys.shape[1])

@@ -224,7 +224,8 @@ class AlphaReQ(_RowSpectrum):
     ) -> None:
         if accumulate_dtype != torch.float64:
             raise ValueError(
-                f"AlphaReQ: `accumulate_dtype` must be torch.float64 (the centred moments are float64), got {accumulate_dtype}"
+                "AlphaReQ: `accumulate_dtype` must be torch.float64 (the centred moments are float64), got"
+                f" {accumulate_dtype}"
             )
         super().__init__(normalize=False, num_features=num_features, accumulate_dtype=accumulate_dtype, **kwargs)
         self.fit_range = _check_fit_range(fit_range, "AlphaReQ")
@@ -283,8 +284,8 @@ class CodingRate(_RowSpectrum):
     with Z all embeddings seen, rows L2-normalised when ``normalize=True`` (the default, as in MCR²)
     and not centred. State: the centred moments of the (normalised) rows
     (:class:`~reprmetrics.statistics.RowMoments`), from which ZᵀZ = scatter + N·μμᵀ; the
-    log-determinant is taken by a float64 Cholesky factorisation of the positive definite matrix. Equals :func:`reprmetrics.functional.coding_rate`
-    on the concatenation of every batch of every rank.
+    log-determinant is taken by a float64 Cholesky factorisation of the positive definite matrix. Equals
+    :func:`reprmetrics.functional.coding_rate` on the concatenation of every batch of every rank.
 
     As input to ``update``:
         - ``embeddings`` (:class:`~torch.Tensor`): ``(B, D)`` floating tensor.

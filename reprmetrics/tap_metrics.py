@@ -91,7 +91,8 @@ class TapMetrics:
                     device,
                     self.owner,
                     f"tap {self.tap!r} of width D = {width:,} ({self.stage})",
-                    "tap a narrower layer, pool or project it with the Tap's `reduce`, or choose metrics that keep no D×D matrix",
+                    "tap a narrower layer, pool or project it with the Tap's `reduce`, or choose metrics that"
+                    " keep no D×D matrix",
                 )
             except ValueError as error:
                 raise MonitorConfigurationError(str(error)) from None
@@ -161,8 +162,9 @@ class TapMetrics:
             self._drift_metric(width, reference_width, device)
         if nonfinite:
             self._warn(
-                f"{self.owner}: divergence: tap {tap!r} produced non-finite embeddings ({report.nonfinite_fraction:.0%} of"
-                f" {report.seen} samples, {label}); its metrics are reported as NaN"
+                f"{self.owner}: divergence: tap {tap!r} produced non-finite embeddings"
+                f" ({report.nonfinite_fraction:.0%} of {report.seen} samples, {label}); its metrics are reported"
+                " as NaN"
             )
             names = (self.metric_set.value_names() if self.metric_set is not None else []) + (
                 [DRIFT_NAME] if has_drift else []
@@ -171,13 +173,13 @@ class TapMetrics:
             return report, values
         if dropped:
             self._warn(
-                f"{self.owner}: tap {tap!r} ({label}): only {used} of {report.seen} samples were usable; {dropped} were in"
-                f" batches that could not be grouped into {grouping}"
+                f"{self.owner}: tap {tap!r} ({label}): only {used} of {report.seen} samples were usable;"
+                f" {dropped} were in batches that could not be grouped into {grouping}"
             )
         if used < min_samples:
             self._warn(
-                f"{self.owner}: tap {tap!r} ({label}): {used} usable samples, fewer than min_samples={min_samples}; its metrics"
-                f" are not reported (num_samples is). {few}"
+                f"{self.owner}: tap {tap!r} ({label}): {used} usable samples, fewer than"
+                f" min_samples={min_samples}; its metrics are not reported (num_samples is). {few}"
             )
             return report, values
         if self.metric_set is not None:

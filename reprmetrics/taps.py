@@ -47,7 +47,8 @@ def flatten_output(output: Any) -> Tensor:
         output = output[0]
     if not isinstance(output, Tensor):
         raise MonitorConfigurationError(
-            f"flatten_output: a tap produced {type(output).__name__}; give the Tap a `reduce` function returning a (B, D) tensor"
+            f"flatten_output: a tap produced {type(output).__name__}; give the Tap a `reduce` function returning"
+            " a (B, D) tensor"
         )
     return output.unsqueeze(1) if output.ndim == 1 else output.flatten(1)
 
@@ -64,7 +65,8 @@ def _module_embeddings(output: Any, tap: str, owner: str = OWNER) -> Tensor:
         )
     if not isinstance(output, Tensor):
         raise MonitorConfigurationError(
-            f"{owner}: module tap {tap!r} returns {type(output).__name__}; give the Tap a `reduce` returning a (B, D) tensor"
+            f"{owner}: module tap {tap!r} returns {type(output).__name__}; give the Tap a `reduce` returning a"
+            " (B, D) tensor"
         )
     if output.ndim == 1:
         return output.unsqueeze(1)
@@ -159,14 +161,14 @@ def group_views(chunks: Sequence[Tensor], num_views: int, tap: str, layout: str 
         elif len(chunks) == 1 and chunks[0].ndim == 2:
             raise MonitorConfigurationError(
                 f"{owner}: tap {tap!r} captured one {shapes[0]} tensor per step with num_views={q}: ambiguous."
-                f" Pass view_layout='concat' if it is torch.cat([view_1, ..., view_{q}]) (view-major), or num_views=1 if its"
-                " rows are distinct samples"
+                f" Pass view_layout='concat' if it is torch.cat([view_1, ..., view_{q}]) (view-major), or"
+                " num_views=1 if its rows are distinct samples"
             )
         else:
             raise MonitorConfigurationError(
                 f"{owner}: tap {tap!r} captured {len(chunks)} tensor(s) of shapes {shapes} in one step; with"
-                f" num_views={q} expected {q} forward calls (view_layout='calls'), one (B, {q}, D) tensor ('stacked') or one"
-                f" ({q}·B, D) tensor ('concat')"
+                f" num_views={q} expected {q} forward calls (view_layout='calls'), one (B, {q}, D) tensor"
+                f" ('stacked') or one ({q}·B, D) tensor ('concat')"
             )
     if layout == "calls":
         if len(chunks) != q or any(c.ndim != 2 for c in chunks):
@@ -180,7 +182,8 @@ def group_views(chunks: Sequence[Tensor], num_views: int, tap: str, layout: str 
     if layout == "stacked":
         if len(chunks) != 1 or chunks[0].ndim != 3 or chunks[0].shape[1] != q:
             raise MonitorConfigurationError(
-                f"{owner}: tap {tap!r}: view_layout='stacked' expects one (B, {q}, D) tensor per step, got shapes {shapes}"
+                f"{owner}: tap {tap!r}: view_layout='stacked' expects one (B, {q}, D) tensor per step, got"
+                f" shapes {shapes}"
             )
         return chunks[0]
     if layout == "concat":
@@ -297,7 +300,8 @@ class Capture:
                 reference = source.get_submodule(tap.name) if source is not model else module
             except AttributeError:
                 raise MonitorConfigurationError(
-                    f"{self.owner}: the reference model has no submodule {tap.name!r}; closest: {_quoted(_closest(tap.name, names))}"
+                    f"{self.owner}: the reference model has no submodule {tap.name!r}; closest:"
+                    f" {_quoted(_closest(tap.name, names))}"
                 ) from None
             frozen[tap.name] = copy.deepcopy(reference).eval().requires_grad_(False)
         return frozen
@@ -327,8 +331,9 @@ class Capture:
                 return  # off-schedule: costs one attribute read
             if threading.get_ident() != self.thread:
                 self._error = MonitorConfigurationError(
-                    f"{self.owner}: tap {tap.name!r} ran in another thread than the training loop (e.g. torch.nn.DataParallel);"
-                    " the order of captured views would depend on thread timing. Use DistributedDataParallel (one process per device)"
+                    f"{self.owner}: tap {tap.name!r} ran in another thread than the training loop (e.g."
+                    " torch.nn.DataParallel); the order of captured views would depend on thread timing. Use"
+                    " DistributedDataParallel (one process per device)"
                 )
                 return
             if module is not owner():
@@ -372,8 +377,9 @@ class Capture:
                 key = f"{tap.name}_reference"
                 if key not in outputs:
                     raise MonitorConfigurationError(
-                        f"{self.owner}: with `reference`, output tap {tap.name!r} needs the reference embeddings under the key"
-                        f" {key!r} of the validation step output (same rows and layout); keys seen: {_quoted(sorted(map(str, outputs)))}"
+                        f"{self.owner}: with `reference`, output tap {tap.name!r} needs the reference embeddings"
+                        f" under the key {key!r} of the validation step output (same rows and layout); keys"
+                        f" seen: {_quoted(sorted(map(str, outputs)))}"
                     )
                 self._reference_captured[tap.name].extend(self._output_tensors(tap, outputs[key], key))
 
@@ -385,12 +391,14 @@ class Capture:
         for v in values:
             if not isinstance(v, Tensor):
                 raise MonitorConfigurationError(
-                    f"{self.owner}: output key {key!r} holds {type(v).__name__}; it must hold (B, D), (B, q, D) or a list of q (B, D) tensors"
+                    f"{self.owner}: output key {key!r} holds {type(v).__name__}; it must hold (B, D), (B, q, D)"
+                    " or a list of q (B, D) tensors"
                 )
             if v.ndim > 3 or (v.ndim == 3 and self.num_views == 1):
                 raise MonitorConfigurationError(
-                    f"{self.owner}: output key {key!r} holds a tensor of shape {tuple(v.shape)}; embeddings must be (B, D)"
-                    f"{' or (B, q, D) views' if self.num_views > 1 else ''}: {_FEATURE_MAP_HINT.format(name=tap.name)}"
+                    f"{self.owner}: output key {key!r} holds a tensor of shape {tuple(v.shape)}; embeddings must"
+                    f" be (B, D){' or (B, q, D) views' if self.num_views > 1 else ''}:"
+                    f" {_FEATURE_MAP_HINT.format(name=tap.name)}"
                 )
             out.append(v.detach())
         return out
@@ -432,7 +440,8 @@ class Capture:
         )
 
     def group(self, on_ungroupable: Callable[[str, int, str], None]) -> dict[str, tuple[Tensor, Tensor | None]]:
-        """Group this step's captures per tap (and their reference); batches the layout cannot split go to ``on_ungroupable(tap, samples, reason)``."""
+        """Group this step's captures per tap (and their reference); batches the layout cannot split go to
+        ``on_ungroupable(tap, samples, reason)``."""
         grouped = {}
         for tap in self.taps:
             chunks, self._captured[tap.name] = self._captured[tap.name], []
@@ -453,7 +462,8 @@ class Capture:
                 continue
             if reference is not None and reference.shape[:2] != views.shape[:2]:
                 raise MonitorConfigurationError(
-                    f"{self.owner}: tap {tap.name!r}: the reference gave {tuple(reference.shape[:2])} samples × views, the live model {tuple(views.shape[:2])}"
+                    f"{self.owner}: tap {tap.name!r}: the reference gave {tuple(reference.shape[:2])} samples ×"
+                    f" views, the live model {tuple(views.shape[:2])}"
                 )
             self.num_features[tap.name] = views.shape[-1]
             grouped[tap.name] = (views, reference)

@@ -193,7 +193,8 @@ class RepresentationTracker:
             raise MonitorConfigurationError(f"{owner}: view_layout={view_layout!r} needs num_views >= 2")
         if reference is not None and not isinstance(reference, (str, os.PathLike, nn.Module)):
             raise MonitorConfigurationError(
-                f"{owner}: `reference` must be 'initial', an nn.Module or a checkpoint path, got {type(reference).__name__}"
+                f"{owner}: `reference` must be 'initial', an nn.Module or a checkpoint path, got"
+                f" {type(reference).__name__}"
             )
         if isinstance(reference, str) and reference != "initial" and not os.path.exists(reference):
             raise MonitorConfigurationError(
@@ -294,15 +295,17 @@ class RepresentationTracker:
                 self._warned.add(key)
                 warn(
                     f"{self.owner}: tap {tap!r}: no training-stage values yet: they start once its buffer holds"
-                    f" train_buffer_size={self.train_buffer_size} samples, and it holds {round(buffer.fill() * self.train_buffer_size)}"
-                    f" after epoch {self.epoch}. Lower train_buffer_size for small datasets"
+                    f" train_buffer_size={self.train_buffer_size} samples, and it holds"
+                    f" {round(buffer.fill() * self.train_buffer_size)} after epoch {self.epoch}. Lower"
+                    " train_buffer_size for small datasets"
                 )
         if self._epoch_capture_steps:
             for tap in self.taps:
                 if not self._epoch_train_captures[tap.name]:
                     warn(
-                        f"{self.owner}: tap {tap.name!r} captured nothing during the {self._epoch_capture_steps} capturing training"
-                        f" steps of epoch {self.epoch} ({self._nothing_hint(tap, 'train')}); no train-stage values for it"
+                        f"{self.owner}: tap {tap.name!r} captured nothing during the {self._epoch_capture_steps}"
+                        f" capturing training steps of epoch {self.epoch} ({self._nothing_hint(tap, 'train')});"
+                        " no train-stage values for it"
                     )
         self.epoch += 1
         self._epoch_capture_steps = 0
@@ -315,9 +318,10 @@ class RepresentationTracker:
             if key not in self._warned and tap in self.capture.module_taps:
                 self._warned.add(key)
                 warn(
-                    f"{self.owner}: tap {tap!r} was called {calls} times in one step with num_views=1, so its rows are taken as"
-                    f" distinct samples. If the calls are views of the same samples (augmentations), pass num_views={calls}:"
-                    " LiDAR and alignment need views, and uniformity and LID would otherwise see near-duplicates"
+                    f"{self.owner}: tap {tap!r} was called {calls} times in one step with num_views=1, so its"
+                    " rows are taken as distinct samples. If the calls are views of the same samples"
+                    f" (augmentations), pass num_views={calls}: LiDAR and alignment need views, and uniformity"
+                    " and LID would otherwise see near-duplicates"
                 )
 
     def _nothing_hint(self, tap: Tap, stage: str) -> str:
@@ -334,7 +338,8 @@ class RepresentationTracker:
         if key not in self._warned:
             self._warned.add(key)
             warn(
-                f"{self.owner}: tap {tap!r} ({stage}): {reason}; such batches are left out and counted (see num_samples)"
+                f"{self.owner}: tap {tap!r} ({stage}): {reason}; such batches are left out and counted (see"
+                " num_samples)"
             )
 
     # ---- evaluation ----------------------------------------------------------------------------------
@@ -426,7 +431,10 @@ class RepresentationTracker:
 
     def _few_samples_hint(self, stage: str) -> str:
         if stage == "train":
-            return f"The training buffer holds {self.train_buffer_size} samples: raise train_buffer_size, or lower min_samples"
+            return (
+                f"The training buffer holds {self.train_buffer_size} samples: raise train_buffer_size, or lower"
+                " min_samples"
+            )
         return "The evaluation set is too small for these metrics: use more evaluation samples, or lower min_samples"
 
     def _publish(self, stage: str, values: dict[str, Tensor]) -> dict[str, Tensor]:

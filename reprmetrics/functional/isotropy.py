@@ -61,7 +61,8 @@ def _wasserstein_uniformity_from_parts(n: int, mean: Tensor, scatter: Tensor, sc
 
 
 def wasserstein_uniformity(embeddings: Tensor) -> Tensor:
-    r"""Wasserstein uniformity (Fang et al., ICLR 2024, "Rethinking the uniformity metric in self-supervised learning").
+    r"""Wasserstein uniformity (Fang et al., ICLR 2024, "Rethinking the uniformity metric in self-supervised
+    learning").
 
     With :math:`\hat z_i = z_i / \lVert z_i \rVert_2`, their mean :math:`\mu` and covariance
     :math:`\Sigma = \frac1N \sum_i (\hat z_i - \mu)(\hat z_i - \mu)^\top` (divided by N, as in the
@@ -69,7 +70,8 @@ def wasserstein_uniformity(embeddings: Tensor) -> Tensor:
     :math:`\mathcal N(0, I_D / D)` (the large-D limit of the uniform distribution on the sphere):
 
     .. math::
-        W_2 = \sqrt{\lVert \mu \rVert^2 + 1 + \operatorname{tr} \Sigma - \tfrac{2}{\sqrt D} \operatorname{tr} \Sigma^{1/2}}
+        W_2 = \sqrt{\lVert \mu \rVert^2 + 1 + \operatorname{tr} \Sigma -
+            \tfrac{2}{\sqrt D} \operatorname{tr} \Sigma^{1/2}}
 
     :math:`\operatorname{tr}\Sigma^{1/2} = \sum_k \sqrt{\lambda_k}` from the eigenvalues of Σ
     (negative round-off clamped to 0; eigenvalues at float64 round-off level, (N + D)·eps₆₄·tr Σ,
@@ -142,7 +144,8 @@ def _check_isoscore_width(num_features: int, metric: str) -> None:
 
 
 def isoscore(embeddings: Tensor) -> Tensor:
-    r"""IsoScore (Rudman, Gillman, Rayne & Eickhoff, Findings of ACL 2022): how uniformly the embeddings use their space.
+    r"""IsoScore (Rudman, Gillman, Rayne & Eickhoff, Findings of ACL 2022): how uniformly the embeddings use their
+    space.
 
     The paper's algorithm: rotate the embeddings onto their principal components; take the diagonal
     :math:`\Sigma_D` of the covariance of the rotated points (the covariance eigenvalues λ); scale it
@@ -220,7 +223,8 @@ def _normalized_directions(directions: object, metric: str, num_features: int | 
     norms = torch.linalg.vector_norm(a, dim=0)
     if bool((norms == 0).any()):
         raise ValueError(
-            f"{metric}: `directions` has an all-zero column (column {int((norms == 0).nonzero()[0])}), which has no direction"
+            f"{metric}: `directions` has an all-zero column (column {int((norms == 0).nonzero()[0])}), which has"
+            " no direction"
         )
     return a / norms
 

@@ -65,7 +65,8 @@ def _check_views(
     q = v.shape[1]
     if q < 2:
         raise ValueError(
-            f"{metric}: `views` must hold at least 2 augmented views per sample (shape (n, q, d) with q >= 2), got q={q}"
+            f"{metric}: `views` must hold at least 2 augmented views per sample (shape (n, q, d) with q >= 2),"
+            f" got q={q}"
         )
     if num_views is not None and q != num_views:
         raise ValueError(

@@ -47,7 +47,8 @@ def _check_pair(
     y = check_tensor(y, metric, name="y", min_rows=0, features=None if widths is None else widths[1])
     if x.shape[0] != y.shape[0]:
         raise ValueError(
-            f"{metric}: `x` and `y` must have the same number of rows (the same N samples), got {x.shape[0]} and {y.shape[0]}"
+            f"{metric}: `x` and `y` must have the same number of rows (the same N samples), got {x.shape[0]} and"
+            f" {y.shape[0]}"
         )
     if x.shape[0] < min_rows:
         why = " (the unbiased HSIC estimator divides by N(N − 3))" if min_rows == _MIN_ROWS_UNBIASED else ""
