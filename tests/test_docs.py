@@ -149,11 +149,9 @@ PAGE_CHECKS = {
 
 
 @pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=[str(p.relative_to(DOCS)) for p in RUNNABLE_PAGES])
-def test_page_code_blocks_run(page, tmp_path, monkeypatch, request):
+def test_page_code_blocks_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples may write lightning_logs/ or hf_out/
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    if "transformers" in page.read_text(encoding="utf-8"):
-        request.getfixturevalue("hf_trainer")
     namespace = run_page(page)
     check = PAGE_CHECKS.get(str(page.relative_to(DOCS)))
     if check is not None:

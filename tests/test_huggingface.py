@@ -28,7 +28,6 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 from reprmetrics.monitor import MonitorConfigurationError, Tap  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("hf_trainer")
 CALLBACKS = Path(__file__).resolve().parent.parent / "callbacks"
 
 
@@ -513,7 +512,7 @@ def test_adapters_need_only_their_own_framework():
 # ---- sentence-transformers ----------------------------------------------------------------------------
 SENTENCE_TRANSFORMERS_RUN = r"""
 import json, os, random, string, sys
-sys.path.append(sys.argv[2])  # tests/ last: its datasets.py must not shadow Hugging Face's datasets
+sys.path.append(sys.argv[2])  # tests/: the references
 import numpy as np
 import torch
 from datasets import Dataset
@@ -573,7 +572,7 @@ def test_sentence_transformers_trainer_offline(tmp_path):
     import importlib.metadata
     import json
 
-    # Not imported here: in this process tests/datasets.py shadows Hugging Face's datasets, which both need.
+    # Run in a fresh interpreter: sentence-transformers and datasets stay out of the test process.
     for distribution in ("sentence-transformers", "datasets"):
         try:
             importlib.metadata.version(distribution)

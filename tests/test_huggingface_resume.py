@@ -17,8 +17,6 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 from reprmetrics.monitor import MonitorConfigurationError  # noqa: E402
 from reprmetrics.stopping import ssl_guard  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("hf_trainer")
-
 # Training-stage values every 4 steps over 2 batches (128 samples), an evaluation every 5 steps, a checkpoint at
 # step 11. The train-stage rule's baseline is its first value (step 4) and its 2nd collapsing check is at step 8:
 # the 3rd, at step 16, stops. The SSL guard (evaluations at 5, 10, 15) counts without reaching its patience of 5:

@@ -58,7 +58,7 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_every_python_block_runs(in_tmp, hf_trainer, capsys):
+def test_every_python_block_runs(in_tmp, capsys):
     runnable = [b for b in blocks(README) if b.runs]
     assert len(runnable) == 3  # Lightning, Hugging Face, plain loop: none is skipped
     namespace = run_page(README)
