@@ -340,6 +340,7 @@ def test_drop_nonfinite_skips_and_reports(tmp_path, capsys):
     assert_values(row, evaluate(torch.from_numpy(finite)))
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_bad_input_in_a_fresh_process_has_no_traceback(tmp_path):
     result = subprocess.run(
         [SCRIPT, "report", str(tmp_path / "nope.npy")], capture_output=True, text=True, cwd=tmp_path
@@ -465,6 +466,7 @@ UNSAFE_TORCH_FILES = [
 ]
 
 
+@pytest.mark.slow  # a fresh interpreter
 @pytest.mark.parametrize("kind, message", UNSAFE_TORCH_FILES, ids=[k for k, _ in UNSAFE_TORCH_FILES])
 def test_unloadable_torch_file_is_one_line_and_never_runs_its_code(tmp_path, kind, message):
     files = _unsafe_torch_files(tmp_path)
@@ -542,6 +544,7 @@ def test_help_version_and_usage_errors_do_not_import_torch(args, status, entry):
     assert not modules & set(HEAVY_MODULES), sorted(modules & set(HEAVY_MODULES))
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_import_reprmetrics_is_lazy_and_complete():
     code = (
         "import sys, reprmetrics; assert 'torch' not in sys.modules, 'import reprmetrics loaded torch';"
@@ -638,6 +641,7 @@ def test_help_in_a_fresh_process(command):
     assert ("python -m reprmetrics" if "-m" in command else "Usage: reprmetrics") in result.stdout
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_console_script_report_in_a_fresh_process(tmp_path):
     z = embeddings()
     np.save(tmp_path / "z.npy", z)

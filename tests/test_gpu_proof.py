@@ -45,6 +45,7 @@ def table_rows(markdown: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
 
 
+@pytest.mark.slow  # the benchmark script in a fresh interpreter
 def test_smoke_run_on_cpu_gives_every_case_a_row(tmp_path):
     out, rows_file = tmp_path / "proof.md", tmp_path / "proof.json"
     command = [

@@ -490,6 +490,7 @@ def test_stop_on_keys_are_checked(tmp_path):
 
 
 # ---- packaging --------------------------------------------------------------------------------------
+@pytest.mark.slow  # two fresh interpreters
 def test_adapters_need_only_their_own_framework():
     hf_only = "import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\nimport reprmetrics.callbacks.huggingface"
     assert subprocess.run([sys.executable, "-c", hf_only], capture_output=True, text=True).returncode == 0

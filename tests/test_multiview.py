@@ -313,6 +313,7 @@ _RSS_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # peak RSS of a fresh interpreter on 30,000 points
 def test_uniformity_of_30000_points_uses_far_less_than_1gb():
     """Peak RSS growth of a fresh process: an upper bound on the extra memory (N×N float32 would be 3.6 GB)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -17,6 +17,7 @@ def test_core_never_imports_lightning():
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
 
 
+@pytest.mark.slow  # an editable install into a fresh virtual environment
 def test_editable_install_maps_callbacks():
     out = subprocess.run(
         [sys.executable, "-c", "import reprmetrics.callbacks as c; print(c.__file__)"],
