@@ -246,12 +246,15 @@ def test_rst_math_and_roles_become_markdown():
     finally:
         sys.path.remove(str(DOCS))
     docstring = (
-        "Effective rank.\n\n.. math::\n    p_k = \\sigma_k / \\sum \\sigma\n\n    R = e^{H(p)}\n\nwith :math:`\\sigma_k` the singular values;"
+        "Effective rank.\n\n.. math::\n    p_k = \\sigma_k / \\sum \\sigma\n\n    R = e^{H(p)}\n\n"
+        "with :math:`\\sigma_k` the singular values;"
         " see :func:`reprmetrics.functional.rankme` and :class:`~torch.Tensor`.\n\nAs input to ``update``:\n"
         "    - ``x``: (B, D)\n    - ``y``: (B, D)\n\nArgs:\n    eps: added."
     )
     assert rst_to_markdown(docstring) == (
-        "Effective rank.\n\n$$\np_k = \\sigma_k / \\sum \\sigma\nR = e^{H(p)}\n$$\n\nwith $\\sigma_k$ the singular values;"
-        " see `reprmetrics.functional.rankme` and `Tensor`.\n\nAs input to ``update``:\n\n- ``x``: (B, D)\n- ``y``: (B, D)\n"
+        "Effective rank.\n\n$$\np_k = \\sigma_k / \\sum \\sigma\nR = e^{H(p)}\n$$\n\n"
+        "with $\\sigma_k$ the singular values;"
+        " see `reprmetrics.functional.rankme` and `Tensor`.\n\nAs input to ``update``:\n\n"
+        "- ``x``: (B, D)\n- ``y``: (B, D)\n"
         "\nArgs:\n    eps: added."
     )

@@ -524,9 +524,9 @@ def check_huggingface_callback(device: str, root) -> None:
     model, eval_set = tiny_bert(), RandomTokens(192, seed=1)
     callback = RepresentationCallback(["bert.pooler"], every_n_train_steps=2, train_buffer_size=128)
     args = TrainingArguments(
-        output_dir=str(root / device), per_device_train_batch_size=64, per_device_eval_batch_size=64, learning_rate=5e-3,
-        num_train_epochs=1, eval_strategy="epoch", logging_steps=2, save_strategy="no", report_to="none",
-        use_cpu=device == "cpu", disable_tqdm=True, seed=0, dataloader_drop_last=True,
+        output_dir=str(root / device), per_device_train_batch_size=64, per_device_eval_batch_size=64,
+        learning_rate=5e-3, num_train_epochs=1, eval_strategy="epoch", logging_steps=2, save_strategy="no",
+        report_to="none", use_cpu=device == "cpu", disable_tqdm=True, seed=0, dataloader_drop_last=True,
     )  # fmt: skip
     trainer = trainer_class(
         model=model, args=args, train_dataset=RandomTokens(512, seed=0), eval_dataset=eval_set, callbacks=[callback]

@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_core_never_imports_lightning():
-    code = "import sys, reprmetrics, reprmetrics.functional; assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)"
+    code = (
+        "import sys, reprmetrics, reprmetrics.functional;"
+        " assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
 
 

@@ -10,8 +10,10 @@ from markdown_blocks import blocks, run_page
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 QUICK_START = [
-    'python3 -m venv .venv && . .venv/bin/activate && pip install -q -c constraints.txt -e ".[examples]" && python examples/ssl_digits.py',
-    'python3 -m venv .venv && . .venv/bin/activate && pip install -q -c constraints.txt -e ".[test]" && python -m pytest -q',
+    "python3 -m venv .venv && . .venv/bin/activate"
+    ' && pip install -q -c constraints.txt -e ".[examples]" && python examples/ssl_digits.py',
+    "python3 -m venv .venv && . .venv/bin/activate"
+    ' && pip install -q -c constraints.txt -e ".[test]" && python -m pytest -q',
 ]
 
 
