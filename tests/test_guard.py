@@ -411,14 +411,14 @@ def _ddp_case(rank, world_size, case):
 
 
 def test_ddp_wrong_key_divergence_and_few_samples_decided_alike_on_both_ranks():
-    rank0, rank1 = run_distributed(_ddp_case, "wrong_key", init_process_group=False)
+    rank0, rank1 = run_distributed(_ddp_case, "wrong_key")
     assert "`repr/val/projector/rankme`" in rank0["error"] and rank0["error"] == rank1["error"]
-    rank0, rank1 = run_distributed(_ddp_case, "divergence", init_process_group=False)
+    rank0, rank1 = run_distributed(_ddp_case, "divergence")
     assert rank0["epoch"] == rank1["epoch"] == 2 and rank0["reason"] == rank1["reason"]
     assert rank0["reason"].startswith("Divergence: tap projector") and repr(rank0["history"]) == repr(
         rank1["history"]
     )  # NaN-aware
-    rank0, rank1 = run_distributed(_ddp_case, "few_samples", init_process_group=False)
+    rank0, rank1 = run_distributed(_ddp_case, "few_samples")
     assert (
         rank0["epoch"] == rank1["epoch"] == 4 and rank0["reason"] is rank1["reason"] is None
     )  # 40 < 64 samples: never checked

@@ -79,8 +79,8 @@ def test_each_batch_and_the_total_match_the_reference(name):
     MetricTester(CASES_BY_NAME[name]).check_batches_and_total()
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_streaming_in_uneven_batches_equals_the_functional(name):
+@pytest.mark.parametrize("name", [case.name for case in CASES if case.functional is not None])
+def test_streaming_in_uneven_batches_equals_the_functional(name):  # MinibatchCKA's value depends on the batches
     MetricTester(CASES_BY_NAME[name]).check_streaming_equals_functional()
 
 

@@ -17,6 +17,10 @@ numpy/scipy reference. :class:`MetricTester` then checks, for any row:
 - ``check_ddp``: two ranks with different row counts give the value of the whole on every rank
   (through the test run's one process pool, :func:`_helpers.ddp.run_distributed`).
 
+A new Metric class is two rows: its :class:`_helpers.metrics.MetricSpec` (input kind, width, how few rows
+make it fail) and its :class:`MetricCase` in ``tests/test_metric_table.py`` (factory, functional form,
+float64 reference, tolerances); every check above then runs on it.
+
 The small helpers (:func:`rel_err`, :func:`uneven_batches`, :func:`state_of`, :func:`same_state`,
 :func:`assert_rejects`) are the ones the per-metric test files used to write out each.
 """
