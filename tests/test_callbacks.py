@@ -225,8 +225,9 @@ def _ddp_fit_and_validate(rank, world_size, collapse_from_epoch):
     }
 
 
+@pytest.mark.slow  # a Lightning DDP fit on both ranks of the pool
 def test_ddp_ranks_log_identical_values_equal_to_one_process_and_stop_together(tmp_path):
-    rank0, rank1 = run_distributed(_ddp_fit_and_validate, 3, init_process_group=False)
+    rank0, rank1 = run_distributed(_ddp_fit_and_validate, 3)
     assert rank0["history"] == rank1["history"]
     assert (
         rank0["epoch"] == rank1["epoch"] < 8 and rank0["reason"] == rank1["reason"] is not None

@@ -214,7 +214,10 @@ def test_compare(tmp_path, capsys):
 def test_progress_bar_only_on_a_terminal_and_a_note_when_computing(tmp_path, capsys, monkeypatch):
     path = tmp_path / "a.npy"
     np.save(path, embeddings())
-    phase = f"reprmetrics: {path}: computing rankme, alpha_req, normalized_std, uniformity, lid, nesum, coding_rate, wasserstein_uniformity, isoscore (uniformity, lid on 700 sampled rows)"
+    phase = (
+        f"reprmetrics: {path}: computing rankme, alpha_req, normalized_std, uniformity, lid, nesum, coding_rate,"
+        " wasserstein_uniformity, isoscore (uniformity, lid on 700 sampled rows)"
+    )
     status, _, err = run_cli("report", path, capsys=capsys)
     assert status == 0 and err == phase + "\n"  # not a TTY: no bar, but the compute phase is announced
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
@@ -340,6 +343,7 @@ def test_drop_nonfinite_skips_and_reports(tmp_path, capsys):
     assert_values(row, evaluate(torch.from_numpy(finite)))
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_bad_input_in_a_fresh_process_has_no_traceback(tmp_path):
     result = subprocess.run(
         [SCRIPT, "report", str(tmp_path / "nope.npy")], capture_output=True, text=True, cwd=tmp_path
@@ -368,7 +372,8 @@ def test_views_for_some_files_are_matched_by_position(tmp_path, capsys):
         assert_values(row, evaluate(torch.from_numpy(z)))
     note = [line for line in err.splitlines() if "--views" in line]
     assert note == [
-        f"reprmetrics: --views matched by position: 1 of 3 files have views; {paths[1]}, {paths[2]}: no lidar or alignment"
+        "reprmetrics: --views matched by position: 1 of 3 files have views;"
+        f" {paths[1]}, {paths[2]}: no lidar or alignment"
     ]
     status, out, _ = run_cli("report", *paths, "--views", tmp_path / "v0.npy", "--quiet", capsys=capsys)
     assert status == 0
@@ -465,6 +470,7 @@ UNSAFE_TORCH_FILES = [
 ]
 
 
+@pytest.mark.slow  # a fresh interpreter
 @pytest.mark.parametrize("kind, message", UNSAFE_TORCH_FILES, ids=[k for k, _ in UNSAFE_TORCH_FILES])
 def test_unloadable_torch_file_is_one_line_and_never_runs_its_code(tmp_path, kind, message):
     files = _unsafe_torch_files(tmp_path)
@@ -542,13 +548,16 @@ def test_help_version_and_usage_errors_do_not_import_torch(args, status, entry):
     assert not modules & set(HEAVY_MODULES), sorted(modules & set(HEAVY_MODULES))
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_import_reprmetrics_is_lazy_and_complete():
     code = (
         "import sys, reprmetrics; assert 'torch' not in sys.modules, 'import reprmetrics loaded torch';"
         "assert set(reprmetrics.__all__) <= set(dir(reprmetrics));"
         "from reprmetrics import RankMe, evaluate; import reprmetrics.evaluate;"
-        "assert callable(reprmetrics.evaluate) and reprmetrics.evaluate is evaluate, 'the submodule shadowed evaluate()';"
-        "missing = [n for n in reprmetrics.__all__ if getattr(reprmetrics, n, None) is None]; assert not missing, missing;"
+        "assert callable(reprmetrics.evaluate) and reprmetrics.evaluate is evaluate,"
+        " 'the submodule shadowed evaluate()';"
+        "missing = [n for n in reprmetrics.__all__ if getattr(reprmetrics, n, None) is None];"
+        " assert not missing, missing;"
         "print(RankMe.__module__)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
@@ -638,6 +647,7 @@ def test_help_in_a_fresh_process(command):
     assert ("python -m reprmetrics" if "-m" in command else "Usage: reprmetrics") in result.stdout
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_console_script_report_in_a_fresh_process(tmp_path):
     z = embeddings()
     np.save(tmp_path / "z.npy", z)

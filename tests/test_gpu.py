@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the Hugging Face check builds it
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _helpers.harness import rel_err  # noqa: E402
 from references import alpha_req_ref, rankme_ref  # noqa: E402
 from references_centred import normalized_std_ref  # noqa: E402
 from references_intrinsic_dimension import knn_distances_ref, ldreg_ref_torch, lid_ref, mle_ref, twonn_ref  # noqa: E402
@@ -52,10 +53,6 @@ F32_EPS = float(torch.finfo(torch.float32).eps)
 # differs by device.
 FUNCTIONAL_TOLERANCE = 1e-9
 CLASS_TOLERANCE = {torch.float64: 2.4e-7, torch.float32: 1e-6}
-
-
-def rel_err(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-300)
 
 
 def max_rel_err(a, b) -> float:
@@ -517,17 +514,19 @@ def tiny_bert() -> nn.Module:
     return BertForSequenceClassification(config)
 
 
-def check_huggingface_callback(device: str, root, trainer_class) -> None:
+def check_huggingface_callback(device: str, root) -> None:
     """The Trainer callback on ``device``: metrics where the model is, values equal to a CPU recomputation."""
     from reprmetrics.callbacks.huggingface import RepresentationCallback
+
+    trainer_class = pytest.importorskip("transformers").Trainer
     from transformers import TrainingArguments
 
     model, eval_set = tiny_bert(), RandomTokens(192, seed=1)
     callback = RepresentationCallback(["bert.pooler"], every_n_train_steps=2, train_buffer_size=128)
     args = TrainingArguments(
-        output_dir=str(root / device), per_device_train_batch_size=64, per_device_eval_batch_size=64, learning_rate=5e-3,
-        num_train_epochs=1, eval_strategy="epoch", logging_steps=2, save_strategy="no", report_to="none",
-        use_cpu=device == "cpu", disable_tqdm=True, seed=0, dataloader_drop_last=True,
+        output_dir=str(root / device), per_device_train_batch_size=64, per_device_eval_batch_size=64,
+        learning_rate=5e-3, num_train_epochs=1, eval_strategy="epoch", logging_steps=2, save_strategy="no",
+        report_to="none", use_cpu=device == "cpu", disable_tqdm=True, seed=0, dataloader_drop_last=True,
     )  # fmt: skip
     trainer = trainer_class(
         model=model, args=args, train_dataset=RandomTokens(512, seed=0), eval_dataset=eval_set, callbacks=[callback]
@@ -682,8 +681,8 @@ def test_lightning_monitor_on_gpu(tmp_path):
 
 
 @CUDA
-def test_huggingface_callback_on_cuda(tmp_path, hf_trainer):
-    check_huggingface_callback("cuda", tmp_path, hf_trainer)
+def test_huggingface_callback_on_cuda(tmp_path):
+    check_huggingface_callback("cuda", tmp_path)
 
 
 @CUDA
@@ -724,5 +723,5 @@ def test_lightning_check_runs_on_cpu(tmp_path):
     check_lightning_monitor("cpu", tmp_path)
 
 
-def test_huggingface_check_runs_on_cpu(tmp_path, hf_trainer):
-    check_huggingface_callback("cpu", tmp_path, hf_trainer)
+def test_huggingface_check_runs_on_cpu(tmp_path):
+    check_huggingface_callback("cpu", tmp_path)

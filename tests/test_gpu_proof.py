@@ -45,6 +45,7 @@ def table_rows(markdown: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
 
 
+@pytest.mark.slow  # the benchmark script in a fresh interpreter
 def test_smoke_run_on_cpu_gives_every_case_a_row(tmp_path):
     out, rows_file = tmp_path / "proof.md", tmp_path / "proof.json"
     command = [
@@ -135,8 +136,8 @@ def test_budget_guard_stops_the_repetitions_and_says_so():
 def test_a_case_that_does_not_fit_the_time_left_is_skipped_and_listed():
     made = []
     case = TimedCase(
-        name="late", input_desc="nothing", make_input=lambda: made.append(1), ours=[Variant("ours", lambda d: None, 0.0)],
-        baseline=None, budget_s=60, repeats=1,
+        name="late", input_desc="nothing", make_input=lambda: made.append(1),
+        ours=[Variant("ours", lambda d: None, 0.0)], baseline=None, budget_s=60, repeats=1,
     )  # fmt: skip
     (row,) = run_cases([case], CPU, deadline=time.perf_counter() + 10, log=lambda message: None)
     assert row["case"] == "late" and row["result"].startswith("skipped: ") and not made
@@ -185,7 +186,8 @@ def test_gpu_tests_step_reads_pytests_summary_and_failures(monkeypatch):
     """On a GPU the step runs ``pytest -m gpu tests``; here its output is simulated."""
     output = (
         "....F.s\n"
-        "FAILED tests/test_gpu.py::test_knn_stays_exact_when_tf32_is_enabled - AssertionError: 3 of 6320 neighbours differ\n"
+        "FAILED tests/test_gpu.py::test_knn_stays_exact_when_tf32_is_enabled"
+        " - AssertionError: 3 of 6320 neighbours differ\n"
         "==== 1 failed, 60 passed, 1 skipped, 950 deselected in 71.20s (0:01:11) ====\n"
     )
     calls = []

@@ -1,4 +1,5 @@
-"""The Hugging Face adapter in a real ``transformers.Trainer`` on CPU: tiny models from configs, random weights, nothing downloaded."""
+"""The Hugging Face adapter in a real ``transformers.Trainer`` on CPU: tiny models from configs, random weights,
+nothing downloaded."""
 
 import ast
 import glob
@@ -28,7 +29,6 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 from reprmetrics.monitor import MonitorConfigurationError, Tap  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("hf_trainer")
 CALLBACKS = Path(__file__).resolve().parent.parent / "callbacks"
 
 
@@ -413,7 +413,8 @@ def test_metric_for_best_model_keeps_the_best_checkpoint_by_a_repr_key(tmp_path)
     ranks = {e["step"]: e["eval_repr/encoder/rankme"] for e in eval_logs(trainer)}
     best_step = max(ranks, key=ranks.get)
     assert trainer.state.best_metric == pytest.approx(ranks[best_step]) and trainer.state.best_global_step == best_step
-    # The weights loaded at the end are the best checkpoint's: their RankMe, recomputed independently, is the best value.
+    # The weights loaded at the end are the best checkpoint's: their RankMe, recomputed independently, is the best
+    # value.
     with torch.no_grad():
         model.eval()
         z = model.encoder(eval_set.x).double().numpy()
@@ -491,8 +492,12 @@ def test_stop_on_keys_are_checked(tmp_path):
 
 
 # ---- packaging --------------------------------------------------------------------------------------
+@pytest.mark.slow  # two fresh interpreters
 def test_adapters_need_only_their_own_framework():
-    hf_only = "import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\nimport reprmetrics.callbacks.huggingface"
+    hf_only = (
+        "import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\n"
+        "import reprmetrics.callbacks.huggingface"
+    )
     assert subprocess.run([sys.executable, "-c", hf_only], capture_output=True, text=True).returncode == 0
     # The Lightning adapter imports nothing of transformers (torchmetrics itself imports transformers when it is
     # installed, so blocking the package in a subprocess would test torchmetrics, not us).
@@ -513,7 +518,7 @@ def test_adapters_need_only_their_own_framework():
 # ---- sentence-transformers ----------------------------------------------------------------------------
 SENTENCE_TRANSFORMERS_RUN = r"""
 import json, os, random, string, sys
-sys.path.append(sys.argv[2])  # tests/ last: its datasets.py must not shadow Hugging Face's datasets
+sys.path.append(sys.argv[2])  # tests/: the references
 import numpy as np
 import torch
 from datasets import Dataset
@@ -532,11 +537,16 @@ words = [a + b for a in "abcdef" for b in string.ascii_lowercase][:60]
 vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
 tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})  # built here: nothing downloaded
 torch.manual_seed(0)
-config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=len(vocab), max_position_embeddings=32)
+config = BertConfig(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=len(vocab),
+    max_position_embeddings=32,
+)
 BertModel(config).save_pretrained(root)
 tokenizer.save_pretrained(root)
 transformer = modules.Transformer(root)
-model = SentenceTransformer(modules=[transformer, modules.Pooling(transformer.get_word_embedding_dimension(), "mean")], device="cpu")
+model = SentenceTransformer(
+    modules=[transformer, modules.Pooling(transformer.get_word_embedding_dimension(), "mean")], device="cpu"
+)
 
 rng = random.Random(0)
 def sentences(n):
@@ -546,15 +556,18 @@ evaluation = Dataset.from_dict({"anchor": sentences(128), "positive": sentences(
 # The Pooling module (submodule "1") returns the features dict: its sentence embeddings are the tap.
 # The loss embeds anchor and positive with two forward calls: views 1 and 2.
 callback = RepresentationCallback(
-    [Tap("1", reduce=lambda features: features["sentence_embedding"])], num_views=2, view_layout="calls", log_figures=False, every_n_train_steps=0,
+    [Tap("1", reduce=lambda features: features["sentence_embedding"])], num_views=2, view_layout="calls",
+    log_figures=False, every_n_train_steps=0,
     stop_on="repr/eval/1/rankme", min_value=1000.0, patience=2,  # an impossible floor: stops at the 2nd evaluation
 )
 args = SentenceTransformerTrainingArguments(
-    output_dir=os.path.join(root, "out"), max_steps=40, eval_strategy="steps", eval_steps=8, per_device_train_batch_size=32,
-    per_device_eval_batch_size=64, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    output_dir=os.path.join(root, "out"), max_steps=40, eval_strategy="steps", eval_steps=8,
+    per_device_train_batch_size=32, per_device_eval_batch_size=64, save_strategy="no", report_to="none", use_cpu=True,
+    disable_tqdm=True, seed=0,
 )
 trainer = SentenceTransformerTrainer(
-    model=model, args=args, train_dataset=train, eval_dataset=evaluation, loss=losses.MultipleNegativesRankingLoss(model), callbacks=[callback]
+    model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+    loss=losses.MultipleNegativesRankingLoss(model), callbacks=[callback],
 )
 trainer.train()
 last = {}
@@ -564,7 +577,10 @@ for entry in trainer.state.log_history:  # the last evaluation: the Trainer's en
     elif entry.get("step") == last.get("step") and any(key.startswith("eval_") for key in entry):
         last.update(entry)
 anchors = model.encode(evaluation["anchor"], convert_to_numpy=True).astype(np.float64)
-print(json.dumps({"last": last, "reference_rankme": rankme_ref(anchors), "global_step": trainer.state.global_step, "reason": callback.stopping_reason}))
+print(json.dumps({
+    "last": last, "reference_rankme": rankme_ref(anchors), "global_step": trainer.state.global_step,
+    "reason": callback.stopping_reason,
+}))
 """
 
 
@@ -573,7 +589,7 @@ def test_sentence_transformers_trainer_offline(tmp_path):
     import importlib.metadata
     import json
 
-    # Not imported here: in this process tests/datasets.py shadows Hugging Face's datasets, which both need.
+    # Run in a fresh interpreter: sentence-transformers and datasets stay out of the test process.
     for distribution in ("sentence-transformers", "datasets"):
         try:
             importlib.metadata.version(distribution)

@@ -17,12 +17,11 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 from reprmetrics.monitor import MonitorConfigurationError  # noqa: E402
 from reprmetrics.stopping import ssl_guard  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("hf_trainer")
-
 # Training-stage values every 4 steps over 2 batches (128 samples), an evaluation every 5 steps, a checkpoint at
 # step 11. The train-stage rule's baseline is its first value (step 4) and its 2nd collapsing check is at step 8:
 # the 3rd, at step 16, stops. The SSL guard (evaluations at 5, 10, 15) counts without reaching its patience of 5:
-# its counts and best values must travel through the checkpoint too. Step 12's value reads the samples of steps 11 (before the interruption) and 12.
+# its counts and best values must travel through the checkpoint too. Step 12's value reads the samples of steps 11
+# (before the interruption) and 12.
 SAVE_STEP, STOP_STEP = 11, 16
 TRAIN_KEY = "repr/train/encoder/normalized_std"
 
@@ -96,7 +95,8 @@ def run(output, variant, interrupt=False, resume_from=None):
 
 
 def ours(trainer):
-    """The monitor and the stopper the trainer holds now (with restore_callback_states_from_checkpoint, rebuilt ones)."""
+    """The monitor and the stopper the trainer holds now (with restore_callback_states_from_checkpoint, rebuilt
+    ones)."""
     monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RepresentationCallback))
     stopper = next(
         (c for c in trainer.callback_handler.callbacks if isinstance(c, CollapseEarlyStoppingCallback)), monitor.stopper

@@ -2,10 +2,11 @@ import math
 import pickle
 import warnings
 
-import datasets
 import numpy as np
 import pytest
 import torch
+from _helpers import embeddings
+from _helpers.harness import rel_err, uneven_batches
 from ddp import run_distributed
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,31 +36,17 @@ def swiss_roll(n, ambient=64, seed=0, dtype=torch.float64):
 
 
 CASES = {
-    "subspace_5d_in_64d": lambda dt: datasets.rank_deficient(1200, 64, rank=5, dtype=dt),
+    "subspace_5d_in_64d": lambda dt: embeddings.rank_deficient(1200, 64, rank=5, dtype=dt),
     "swiss_roll_in_64d": lambda dt: swiss_roll(1200, dtype=dt),
-    "gaussian_16d": lambda dt: datasets.gaussian(600, 16, dtype=dt),
-    "large_offset": lambda dt: datasets.offset(600, 32, shift=1e3, dtype=dt),
-    "near_collapsed": lambda dt: datasets.near_collapsed(600, 32, noise=1e-3, dtype=dt),
+    "gaussian_16d": lambda dt: embeddings.gaussian(600, 16, dtype=dt),
+    "large_offset": lambda dt: embeddings.offset(600, 32, shift=1e3, dtype=dt),
+    "near_collapsed": lambda dt: embeddings.near_collapsed(600, 32, noise=1e-3, dtype=dt),
 }
-
-
-def rel_err(a, b):
-    a, b = (v.detach() if isinstance(v, torch.Tensor) else v for v in (a, b))
-    return abs(float(a) - float(b)) / abs(float(b))
 
 
 def max_rel_err(a, b):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.max(np.abs(a - b) / np.abs(b)))
-
-
-def batches(z, sizes=(7, 100, 1, 250)):
-    out, start, i = [], 0, 0
-    while start < len(z):
-        out.append(z[start : start + sizes[i % len(sizes)]])
-        start += sizes[i % len(sizes)]
-        i += 1
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,8 +70,8 @@ def test_lid_matches_float64_reference(case, dtype, tol, estimator):
 @pytest.mark.parametrize("estimator", ["mle", "mom"])
 @pytest.mark.parametrize("k", [2, 5, 50])
 def test_lid_with_a_reference_set(estimator, k):
-    x = datasets.gaussian(150, 12, seed=1)
-    other = datasets.gaussian(300, 12, seed=2)
+    x = embeddings.gaussian(150, 12, seed=1)
+    other = embeddings.gaussian(300, 12, seed=2)
     reference = torch.cat([other[:100], x, other[100:]])
     for exclude_self in (False, True):
         lid = local_intrinsic_dimension(x, k=k, reference=reference, estimator=estimator, exclude_self=exclude_self)
@@ -129,7 +116,7 @@ def test_twonn_drops_duplicates_like_scikit_dimension():
     """skdim drops points with r1 = 0. Its own distances (the ‖a‖² + ‖b‖² − 2a·b expansion) put some
     duplicates at ~2e-7 instead of 0, so it is given exact (r1, r2) here (``dist=True``)."""
     skdim = pytest.importorskip("skdim")
-    x = datasets.rank_deficient(800, 40, rank=4)
+    x = embeddings.rank_deficient(800, 40, rank=4)
     x = torch.cat([x, x[:50]])  # 100 points now have r1 = 0
     r1_r2 = knn_distances_ref(x.numpy(), 2)
     assert np.sum(r1_r2[:, 0] == 0) == 100
@@ -141,7 +128,7 @@ def test_twonn_drops_duplicates_like_scikit_dimension():
 
 
 def test_lid_recovers_the_dimension_of_a_subspace():
-    x = datasets.rank_deficient(4000, 32, rank=6)
+    x = embeddings.rank_deficient(4000, 32, rank=6)
     lid = local_intrinsic_dimension(x, k=50, estimator="mle")
     # MLE LID with numerator k (not k − 1) is biased up by about k/(k − 2)
     assert 5.0 < lid.log().mean().exp().item() < 7.5
@@ -170,7 +157,7 @@ def test_fully_collapsed_input():
 
 
 def test_duplicates():
-    base = datasets.gaussian(300, 10)
+    base = embeddings.gaussian(300, 10)
     x = torch.cat([base, base[:30]])  # points 0..29 and 300..329 are pairs
     pairs = torch.zeros(len(x), dtype=torch.bool)
     pairs[:30] = pairs[300:] = True
@@ -214,8 +201,8 @@ def test_equidistant_neighbourhoods_give_the_cap():
 
 def test_partial_collapse_to_a_few_points():
     # 3 clusters of exact duplicates and one outlier: finite everywhere.
-    centres = datasets.gaussian(3, 16)
-    x = torch.cat([centres.repeat_interleave(50, dim=0), datasets.gaussian(1, 16, seed=5)])
+    centres = embeddings.gaussian(3, 16)
+    x = torch.cat([centres.repeat_interleave(50, dim=0), embeddings.gaussian(1, 16, seed=5)])
     for estimator in ("mle", "mom"):
         lid = local_intrinsic_dimension(x, k=10, estimator=estimator)
         assert torch.isfinite(lid).all() and torch.all(lid[:150] == 0)
@@ -239,8 +226,8 @@ def test_ldreg_gradcheck(estimator):
 @pytest.mark.parametrize("estimator", ["mom", "mle"])
 @pytest.mark.parametrize("with_reference", [False, True])
 def test_ldreg_value_and_gradient_match_ldreg_recipe(estimator, with_reference):
-    x = datasets.rank_deficient(200, 24, rank=8).requires_grad_()
-    reference = datasets.gaussian(400, 24, seed=3) if with_reference else None
+    x = embeddings.rank_deficient(200, 24, rank=8).requires_grad_()
+    reference = embeddings.gaussian(400, 24, seed=3) if with_reference else None
     ours = ldreg_regularizer(x, reference, k=16, estimator=estimator)
     expected = ldreg_ref_torch(x, reference, 16, estimator)
     assert rel_err(ours, expected) <= 1e-9
@@ -250,13 +237,13 @@ def test_ldreg_value_and_gradient_match_ldreg_recipe(estimator, with_reference):
 
 
 def test_ldreg_with_the_gathered_batch_as_reference_drops_the_own_copy():
-    x = datasets.gaussian(100, 16).requires_grad_()
-    gathered = torch.cat([datasets.gaussian(100, 16, seed=7), x.detach()])
+    x = embeddings.gaussian(100, 16).requires_grad_()
+    gathered = torch.cat([embeddings.gaussian(100, 16, seed=7), x.detach()])
     ours = ldreg_regularizer(x, gathered, k=10, exclude_self=True)
     lid = lid_ref(x.detach().numpy(), 10, "mom", gathered.numpy(), exclude_self=True)
     assert rel_err(ours, -np.abs(np.log(lid)).mean()) <= 1e-9
     # and equals the batch-local value on the concatenation (own copy excluded by index)
-    together = torch.cat([x, datasets.gaussian(100, 16, seed=7)])
+    together = torch.cat([x, embeddings.gaussian(100, 16, seed=7)])
     lid_together = local_intrinsic_dimension(together, k=10, estimator="mom")[:100]
     assert rel_err(ours, -lid_together.log().abs().mean()) <= 1e-9
 
@@ -302,7 +289,7 @@ def test_invariant_to_rotation_translation_and_scale(seed, scale, shift, n, d):
 
 
 def test_low_precision_and_autocast():
-    x = datasets.rank_deficient(500, 32, rank=6, dtype=torch.float32)
+    x = embeddings.rank_deficient(500, 32, rank=6, dtype=torch.float32)
     for low in (torch.float16, torch.bfloat16):
         xl = x.to(low)
         lid = local_intrinsic_dimension(xl, k=10)
@@ -344,7 +331,7 @@ def test_cuda_matches_cpu():
 
 
 def test_bad_input_to_functions():
-    x = datasets.gaussian(30, 4)
+    x = embeddings.gaussian(30, 4)
     cases = [
         (lambda: local_intrinsic_dimension(x, k=30), "k=30"),  # 29 neighbours available
         (lambda: local_intrinsic_dimension(x, k=1), "k"),
@@ -389,30 +376,6 @@ def test_bad_arguments_to_classes():
         MLEDimension(k=0)
 
 
-def state_of(metric):
-    return [s.clone() for s in metric.samples], [k.clone() for k in metric.keys]
-
-
-@pytest.mark.parametrize("cls", [LocalIntrinsicDimension, TwoNN, MLEDimension])
-def test_bad_batches_leave_state_unchanged(cls):
-    metric = cls()
-    metric.update(torch.randn(30, 16))
-    before = state_of(metric)
-    bad = {
-        "NaN": torch.full((4, 16), float("nan")),
-        "infinite": torch.full((4, 16), float("inf")),
-        "shape": torch.randn(4, 2, 8),
-        "earlier batches had 16": torch.randn(4, 17),
-        "must be a torch.Tensor": np.zeros((4, 16)),
-    }
-    for fragment, x in bad.items():
-        with pytest.raises(ValueError, match=cls.__name__) as info:
-            metric.update(x)
-        assert fragment in str(info.value)
-        after = state_of(metric)
-        assert all(torch.equal(a, b) for a, b in zip(before[0] + before[1], after[0] + after[1]))
-
-
 def test_compute_needs_enough_samples():
     with pytest.raises(ValueError, match="before any update"):
         TwoNN().compute()
@@ -438,7 +401,7 @@ def test_compute_needs_enough_samples():
 def test_classes_equal_functionals_on_the_concatenation(case, dtype):
     x = CASES[case](dtype)
     lid_metric, twonn_metric, mle_metric = LocalIntrinsicDimension(k=20, estimator="mom"), TwoNN(), MLEDimension(k=10)
-    for b in batches(x):
+    for b in uneven_batches(x):
         lid_metric.update(b)
         twonn_metric.update(b)
         mle_metric.update(b)
@@ -465,7 +428,7 @@ def test_bounded_sample_is_what_is_measured():
 
 
 def test_torchmetrics_conventions():
-    x = datasets.rank_deficient(600, 24, rank=4, dtype=torch.float32)
+    x = embeddings.rank_deficient(600, 24, rank=4, dtype=torch.float32)
     coll = MetricCollection({"lid": LocalIntrinsicDimension(k=10), "twonn": TwoNN(), "mle": MLEDimension(k=10)})
     for b in x.split(100):
         coll.update(b)

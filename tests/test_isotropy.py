@@ -3,10 +3,11 @@
 import math
 import pickle
 
-import datasets
 import numpy as np
 import pytest
 import torch
+from _helpers import embeddings
+from _helpers.harness import rel_err, uneven_batches
 from ddp import run_distributed
 from references_isotropy import isoscore_steps_ref, lejepa_sigreg_transcription, sigreg_ref, wasserstein_uniformity_ref
 from torchmetrics import MetricCollection
@@ -15,30 +16,12 @@ from reprmetrics import IsoScore, SIGReg, WassersteinUniformity
 from reprmetrics.functional import isoscore, sigreg, wasserstein_uniformity
 
 CASES = {
-    "gaussian": lambda dt: datasets.gaussian(600, 48, dtype=dt),
-    "gaussian_n_lt_d": lambda dt: datasets.gaussian(40, 96, dtype=dt),
-    "rank_deficient": lambda dt: datasets.rank_deficient(500, 48, rank=12, dtype=dt),
-    "large_offset": lambda dt: datasets.offset(500, 48, shift=1e3, dtype=dt),
-    "near_collapsed": lambda dt: datasets.near_collapsed(500, 48, noise=1e-3, dtype=dt),
+    "gaussian": lambda dt: embeddings.gaussian(600, 48, dtype=dt),
+    "gaussian_n_lt_d": lambda dt: embeddings.gaussian(40, 96, dtype=dt),
+    "rank_deficient": lambda dt: embeddings.rank_deficient(500, 48, rank=12, dtype=dt),
+    "large_offset": lambda dt: embeddings.offset(500, 48, shift=1e3, dtype=dt),
+    "near_collapsed": lambda dt: embeddings.near_collapsed(500, 48, noise=1e-3, dtype=dt),
 }
-
-
-def rel_err(a, b):
-    return abs(float(a) - float(b)) / abs(float(b))
-
-
-def batches(z, sizes=(7, 100, 1, 250)):
-    """Uneven batches covering all of z."""
-    out, start, i = [], 0, 0
-    while start < len(z):
-        out.append(z[start : start + sizes[i % len(sizes)]])
-        start += sizes[i % len(sizes)]
-        i += 1
-    return out
-
-
-def state_of(metric):
-    return {k: getattr(metric, k).clone() for k in metric._defaults}
 
 
 def lejepa_directions(d, k, seed):
@@ -58,14 +41,14 @@ def test_sigreg_matches_the_definition_and_lejepas_formula(case, dtype):
     assert rel_err(sigreg(z, directions=a), by_definition) <= 1e-5
     assert rel_err(sigreg(z, directions=a), by_lejepa) <= 1e-5
     metric = SIGReg(directions=a)
-    for b in batches(z):
+    for b in uneven_batches(z):
         metric.update(b)
     assert rel_err(metric.compute(), by_definition) <= 1e-5
 
 
 @pytest.mark.parametrize("t_max, num_points", [(3.0, 17), (5.0, 21), (1.0, 2), (2.5, 8)])
 def test_sigreg_other_grids_match_the_definition(t_max, num_points):
-    z = datasets.decaying(300, 16, alpha=1.0)
+    z = embeddings.decaying(300, 16, alpha=1.0)
     a = torch.randn(16, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     expected = sigreg_ref(z.numpy(), a.numpy(), t_max, num_points)
     assert rel_err(sigreg(z, directions=a, t_max=t_max, num_points=num_points), expected) <= 1e-10
@@ -74,7 +57,7 @@ def test_sigreg_other_grids_match_the_definition(t_max, num_points):
 
 @pytest.mark.parametrize("seed", [0, 7])
 def test_sigreg_seeded_directions_are_lejepas_and_leave_the_global_rng_alone(seed):
-    z = datasets.gaussian(400, 32, seed=5)
+    z = embeddings.gaussian(400, 32, seed=5)
     expected = sigreg_ref(z.numpy(), lejepa_directions(32, 256, seed).double().numpy())
     torch.manual_seed(123)
     before = torch.get_rng_state()
@@ -85,7 +68,7 @@ def test_sigreg_seeded_directions_are_lejepas_and_leave_the_global_rng_alone(see
     assert sigreg(z, seed=seed).item() == value.item()
     before = torch.get_rng_state()
     metric = SIGReg(seed=seed)
-    for b in batches(z):
+    for b in uneven_batches(z):
         metric.update(b)
     assert rel_err(metric.compute(), expected) <= 1e-5
     assert torch.equal(torch.get_rng_state(), before)
@@ -95,7 +78,7 @@ def test_sigreg_seeded_directions_are_lejepas_and_leave_the_global_rng_alone(see
 
 
 def test_sigreg_normalises_given_directions():
-    z = datasets.gaussian(200, 12)
+    z = embeddings.gaussian(200, 12)
     a = torch.randn(12, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     scaled = a * torch.tensor([0.01, 1.0, 3.0, 100.0, 0.5, 7.0], dtype=torch.float64)
     assert rel_err(sigreg(z, directions=scaled), sigreg(z, directions=a)) <= 1e-12
@@ -111,7 +94,7 @@ def test_sigreg_is_small_for_standard_gaussians_and_large_for_collapse():
     expected = float(np.sum(w * phi * (1 - phi**2)))
     assert expected == pytest.approx(1.0525, abs=1e-3)
     # One sample's directions share its covariance error, so average over independent samples (sd ≈ 0.03).
-    values = [float(sigreg(datasets.gaussian(500, 16, seed=s), num_slices=16, seed=s)) for s in range(40)]
+    values = [float(sigreg(embeddings.gaussian(500, 16, seed=s), num_slices=16, seed=s)) for s in range(40)]
     assert np.mean(values) == pytest.approx(expected, rel=0.15)
     g = torch.Generator().manual_seed(0)
     collapsed = torch.randn(2000, 1, generator=g, dtype=torch.float64) * torch.randn(
@@ -125,7 +108,7 @@ def test_sigreg_is_small_for_standard_gaussians_and_large_for_collapse():
 
 
 def test_sigreg_low_precision_and_autocast():
-    z = datasets.gaussian(300, 16, dtype=torch.float32)
+    z = embeddings.gaussian(300, 16, dtype=torch.float32)
     expected = sigreg_ref(z.double().numpy(), lejepa_directions(16, 256, 0).double().numpy())
     assert (
         rel_err(
@@ -142,24 +125,7 @@ def test_sigreg_low_precision_and_autocast():
         assert rel_err(metric.compute(), expected) <= 1e-5
 
 
-def test_sigreg_bad_input_raises_and_leaves_state_unchanged():
-    metric = SIGReg(num_slices=16)
-    metric.update(torch.randn(30, 16))
-    before = state_of(metric)
-    bad = {
-        "NaN": torch.full((4, 16), float("nan")),
-        "infinite": torch.full((4, 16), float("inf")),
-        "shape": torch.randn(4, 2, 8),
-        "earlier batches had 16": torch.randn(4, 17),
-        "must be a torch.Tensor": np.zeros((4, 16)),
-    }
-    for fragment, x in bad.items():
-        with pytest.raises(ValueError, match="SIGReg") as info:
-            metric.update(x)
-        assert fragment in str(info.value)
-        assert all(torch.equal(before[k], v) for k, v in state_of(metric).items())
-    with pytest.raises(ValueError, match="before any update"):
-        SIGReg().compute()
+def test_sigreg_functional_rejects_nan():  # the class's bad batches: the shared harness (test_metric_table.py)
     with pytest.raises(ValueError, match="^sigreg: `embeddings` contains NaN"):
         sigreg(torch.full((3, 4), float("nan")))
 
@@ -193,7 +159,7 @@ def test_sigreg_bad_arguments():
 
 
 def test_sigreg_torchmetrics_conventions():
-    z = datasets.decaying(600, 24, dtype=torch.float32)
+    z = embeddings.decaying(600, 24, dtype=torch.float32)
     coll = MetricCollection({"sigreg": SIGReg(num_slices=64)})
     for b in z.split(100):
         coll.update(b)
@@ -241,7 +207,7 @@ def _ddp_sigreg(rank, world_size, z):
 
 
 def test_sigreg_ddp_two_processes_equal_one_process_on_all_data():
-    z = datasets.decaying(901, 24, dtype=torch.float64)
+    z = embeddings.decaying(901, 24, dtype=torch.float64)
     results = run_distributed(_ddp_sigreg, z)
     single = sigreg(z, num_slices=32, seed=4)
     assert results[0][1] != results[1][1] and results[0][1] + results[1][1] == len(z)
@@ -252,7 +218,7 @@ def test_sigreg_ddp_two_processes_equal_one_process_on_all_data():
 
 @pytest.mark.gpu
 def test_sigreg_cuda_matches_cpu():
-    z = datasets.gaussian(2048, 64, dtype=torch.float32)
+    z = embeddings.gaussian(2048, 64, dtype=torch.float32)
     metric = SIGReg().cuda()
     for b in z.cuda().split(256):
         metric.update(b)
@@ -270,7 +236,7 @@ def test_wasserstein_uniformity_matches_numpy_reference(case, dtype):
     expected = wasserstein_uniformity_ref(z.double().numpy())
     assert rel_err(wasserstein_uniformity(z), expected) <= 1e-6
     metric = WassersteinUniformity()
-    for b in batches(z):
+    for b in uneven_batches(z):
         metric.update(b)
     assert rel_err(metric.compute(), expected) <= 1e-6
 
@@ -327,7 +293,7 @@ def _isoscore_package(z):
         return float(package.IsoScore(np.asarray(z, dtype=np.float64)))
 
 
-ISOSCORE_CASES = {**CASES, "decaying": lambda dt: datasets.decaying(2000, 64, alpha=1.0, dtype=dt)}
+ISOSCORE_CASES = {**CASES, "decaying": lambda dt: embeddings.decaying(2000, 64, alpha=1.0, dtype=dt)}
 
 
 @pytest.mark.parametrize("case", list(ISOSCORE_CASES))
@@ -339,7 +305,7 @@ def test_isoscore_matches_the_paper_steps_and_the_isoscore_package(case, dtype):
     ours = isoscore(z)
     assert rel_err(ours, steps) <= 1e-6
     metric = IsoScore()
-    for b in batches(z):
+    for b in uneven_batches(z):
         metric.update(b)
     assert rel_err(metric.compute(), steps) <= 1e-6
     if case == "near_collapsed":
@@ -362,7 +328,7 @@ def test_isoscore_known_values():
         0.0, abs=1e-6
     )
     # Invariant to rotation, scale and translation.
-    z = datasets.decaying(800, 12)
+    z = embeddings.decaying(800, 12)
     q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
     assert float(isoscore(3.0 * z @ q + 5.0)) == pytest.approx(float(isoscore(z)), rel=1e-10)
 
@@ -407,32 +373,16 @@ def test_isoscore_bad_input():
 
 
 # ---- shared: bad input, conventions, DDP for the moment-based classes --------------------------------
+# Bad batches, and compute() before any update: the shared harness (test_metric_table.py).
 @pytest.mark.parametrize("cls", [WassersteinUniformity, IsoScore])
-def test_moment_classes_bad_input_raises_and_leaves_state_unchanged(cls):
-    metric = cls()
-    metric.update(torch.randn(30, 16))
-    before = state_of(metric)
-    bad = {
-        "NaN": torch.full((4, 16), float("nan")),
-        "infinite": torch.full((4, 16), float("inf")),
-        "shape": torch.randn(4, 2, 8),
-        "earlier batches had 16": torch.randn(4, 17),
-        "must be a torch.Tensor": np.zeros((4, 16)),
-    }
-    for fragment, x in bad.items():
-        with pytest.raises(ValueError, match=cls.__name__) as info:
-            metric.update(x)
-        assert fragment in str(info.value)
-        assert all(torch.equal(before[k], v) for k, v in state_of(metric).items())
-    with pytest.raises(ValueError, match="before any update"):
-        cls().compute()
+def test_moment_classes_num_features_must_be_positive(cls):
     with pytest.raises(ValueError, match="num_features"):
         cls(num_features=0)
 
 
 @pytest.mark.parametrize("cls, fn", [(WassersteinUniformity, wasserstein_uniformity), (IsoScore, isoscore)])
 def test_moment_classes_torchmetrics_conventions(cls, fn):
-    z = datasets.decaying(600, 24, dtype=torch.float32) + 3.0
+    z = embeddings.decaying(600, 24, dtype=torch.float32) + 3.0
     coll = MetricCollection({"m": cls()})
     for b in z.split(100):
         coll.update(b)
@@ -473,7 +423,7 @@ def _ddp_moments(rank, world_size, z):
 
 
 def test_moment_classes_ddp_two_processes_equal_one_process_on_all_data():
-    z = datasets.decaying(901, 24, dtype=torch.float64) + 1e3  # far from the origin: the merge must be exact
+    z = embeddings.decaying(901, 24, dtype=torch.float64) + 1e3  # far from the origin: the merge must be exact
     results = run_distributed(_ddp_moments, z)
     singles = [wasserstein_uniformity(z), isoscore(z)]
     assert results[0][1] != results[1][1] and results[0][1] + results[1][1] == len(z)
@@ -485,7 +435,7 @@ def test_moment_classes_ddp_two_processes_equal_one_process_on_all_data():
 
 @pytest.mark.gpu
 def test_moment_classes_cuda_match_cpu():
-    z = datasets.decaying(2048, 128, dtype=torch.float32)
+    z = embeddings.decaying(2048, 128, dtype=torch.float32)
     for cls, ref in ((WassersteinUniformity, wasserstein_uniformity_ref), (IsoScore, isoscore_steps_ref)):
         metric = cls().cuda()
         for b in z.cuda().split(256):

@@ -173,6 +173,7 @@ _PEAK_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # peak RSS of a fresh interpreter on 30,000 points
 def test_lid_of_30000_points_uses_under_1gb_of_extra_memory():
     """Peak RSS of a fresh process above its size before the call (x itself is 15 MB)."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))

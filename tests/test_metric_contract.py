@@ -13,31 +13,11 @@ import math
 
 import pytest
 import torch
+from _helpers.harness import same_state, state_of
 from _helpers.metrics import METRIC_SPECS, SPECS_BY_NAME
 from torchmetrics import MetricCollection
 
 NAMES = [spec.name for spec in METRIC_SPECS]
-
-
-def _state(metric):
-    return {
-        name: (value.clone() if isinstance(value, torch.Tensor) else [v.clone() for v in value])
-        for name in metric._defaults
-        for value in [getattr(metric, name)]
-    }
-
-
-def _same_state(a, b):
-    if a.keys() != b.keys():
-        return False
-    for name in a:
-        x, y = a[name], b[name]
-        if isinstance(x, list):
-            if len(x) != len(y) or not all(torch.equal(u, v) for u, v in zip(x, y)):
-                return False
-        elif x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
-            return False
-    return True
 
 
 def _fed(spec, batches, **kwargs):
@@ -78,12 +58,12 @@ def test_accumulators_keep_their_dtype_and_values_do_not_move(name, cast):
 def test_forward_whose_batch_value_fails_keeps_the_accumulated_state(name):
     spec = SPECS_BY_NAME[name]
     metric = _fed(spec, _batches(spec))
-    before = _state(metric)
+    before = state_of(metric)
     tiny = spec.batch(max(spec.too_few, spec.min_batch), torch.Generator().manual_seed(5), dtype=torch.float32)
     if spec.too_few >= 1:
         with pytest.raises(ValueError, match=name):
             metric(*tiny)  # this batch alone is too small for a value
-        assert _same_state(before, _state(metric)), "forward() lost or changed the accumulated state"
+        assert same_state(before, state_of(metric)), "forward() lost or changed the accumulated state"
     expected = _fed(spec, [*_batches(spec), tiny] if spec.too_few == 0 else _batches(spec))
     if spec.too_few == 0:
         metric(*tiny)
@@ -133,7 +113,7 @@ def test_point_metrics_accept_the_same_batches_zero_rows_and_one_dimension():
 def test_unsupported_tensors_raise_value_error_and_leave_state(name, bad, match):
     spec = SPECS_BY_NAME[name]
     metric = _fed(spec, _batches(spec))
-    before = _state(metric)
+    before = state_of(metric)
     with pytest.raises(ValueError, match=f"{name}.*{match}"):
         metric.update(bad(torch.randn(10, spec.width)))
-    assert _same_state(before, _state(metric))
+    assert same_state(before, state_of(metric))

@@ -13,10 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_core_never_imports_lightning():
-    code = "import sys, reprmetrics, reprmetrics.functional; assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)"
+    code = (
+        "import sys, reprmetrics, reprmetrics.functional;"
+        " assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
 
 
+@pytest.mark.slow  # an editable install into a fresh virtual environment
 def test_editable_install_maps_callbacks():
     out = subprocess.run(
         [sys.executable, "-c", "import reprmetrics.callbacks as c; print(c.__file__)"],

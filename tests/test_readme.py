@@ -10,8 +10,10 @@ from markdown_blocks import blocks, run_page
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 QUICK_START = [
-    'python3 -m venv .venv && . .venv/bin/activate && pip install -q -c constraints.txt -e ".[examples]" && python examples/ssl_digits.py',
-    'python3 -m venv .venv && . .venv/bin/activate && pip install -q -c constraints.txt -e ".[test]" && python -m pytest -q',
+    "python3 -m venv .venv && . .venv/bin/activate"
+    ' && pip install -q -c constraints.txt -e ".[examples]" && python examples/ssl_digits.py',
+    "python3 -m venv .venv && . .venv/bin/activate"
+    ' && pip install -q -c constraints.txt -e ".[test]" && python -m pytest -q',
 ]
 
 
@@ -58,7 +60,7 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_every_python_block_runs(in_tmp, hf_trainer, capsys):
+def test_every_python_block_runs(in_tmp, capsys):
     runnable = [b for b in blocks(README) if b.runs]
     assert len(runnable) == 3  # Lightning, Hugging Face, plain loop: none is skipped
     namespace = run_page(README)

@@ -3,10 +3,10 @@
 import math
 import pickle
 
-import datasets
-import numpy as np
 import pytest
 import torch
+from _helpers import embeddings
+from _helpers.harness import rel_err, uneven_batches
 from ddp import run_distributed
 from references_isotropy import coding_rate_ref, coding_rate_slogdet_ref, nesum_ref
 from torchmetrics import MetricCollection
@@ -15,30 +15,13 @@ from reprmetrics import CodingRate, NESum
 from reprmetrics.functional import coding_rate, nesum
 
 CASES = {
-    "gaussian_n_gt_d": lambda dt: datasets.gaussian(600, 64, dtype=dt),
-    "gaussian_n_lt_d": lambda dt: datasets.gaussian(50, 120, dtype=dt),
-    "rank_deficient": lambda dt: datasets.rank_deficient(500, 64, rank=30, dtype=dt),
-    "large_offset": lambda dt: datasets.offset(500, 64, shift=1e3, dtype=dt),
-    "near_collapsed": lambda dt: datasets.near_collapsed(500, 64, noise=1e-3, dtype=dt),
-    "decaying": lambda dt: datasets.decaying(2000, 128, alpha=1.3, dtype=dt),
+    "gaussian_n_gt_d": lambda dt: embeddings.gaussian(600, 64, dtype=dt),
+    "gaussian_n_lt_d": lambda dt: embeddings.gaussian(50, 120, dtype=dt),
+    "rank_deficient": lambda dt: embeddings.rank_deficient(500, 64, rank=30, dtype=dt),
+    "large_offset": lambda dt: embeddings.offset(500, 64, shift=1e3, dtype=dt),
+    "near_collapsed": lambda dt: embeddings.near_collapsed(500, 64, noise=1e-3, dtype=dt),
+    "decaying": lambda dt: embeddings.decaying(2000, 128, alpha=1.3, dtype=dt),
 }
-
-
-def rel_err(a, b):
-    return abs(float(a) - float(b)) / abs(float(b))
-
-
-def batches(z, sizes=(7, 100, 1, 250)):
-    out, start, i = [], 0, 0
-    while start < len(z):
-        out.append(z[start : start + sizes[i % len(sizes)]])
-        start += sizes[i % len(sizes)]
-        i += 1
-    return out
-
-
-def state_of(metric):
-    return {k: getattr(metric, k).clone() for k in metric._defaults}
 
 
 # ---- NESum ----------------------------------------------------------------------------------------------
@@ -49,7 +32,7 @@ def test_nesum_matches_numpy_reference(case, dtype):
     expected = nesum_ref(z.double().numpy())
     assert rel_err(nesum(z), expected) <= 1e-6
     metric = NESum()
-    for b in batches(z):
+    for b in uneven_batches(z):
         metric.update(b)
     assert rel_err(metric.compute(), expected) <= 1e-6
 
@@ -76,7 +59,7 @@ def test_nesum_known_values_and_degenerate_inputs():
     metric = NESum()
     metric.update(torch.ones(4, 3))
     assert float(metric.compute()) == 0.0
-    z = datasets.decaying(500, 16)
+    z = embeddings.decaying(500, 16)
     q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
     assert float(nesum(2.5 * z @ q - 7.0)) == pytest.approx(float(nesum(z)), rel=1e-10)
 
@@ -91,7 +74,7 @@ def test_coding_rate_matches_numpy_references(case, dtype, eps, normalize):
     assert rel_err(coding_rate_slogdet_ref(z.double().numpy(), eps, normalize), expected) <= 1e-9
     assert rel_err(coding_rate(z, eps=eps, normalize=normalize), expected) <= 1e-6
     metric = CodingRate(eps=eps, normalize=normalize)
-    for b in batches(z):
+    for b in uneven_batches(z):
         metric.update(b)
     assert rel_err(metric.compute(), expected) <= 1e-6
 
@@ -130,25 +113,9 @@ def test_coding_rate_bad_arguments_and_input():
 
 
 # ---- shared ----------------------------------------------------------------------------------------------
+# Bad batches, and compute() before any update: the shared harness (test_metric_table.py).
 @pytest.mark.parametrize("cls", [NESum, CodingRate])
-def test_bad_input_raises_and_leaves_state_unchanged(cls):
-    metric = cls()
-    metric.update(torch.randn(30, 16))
-    before = state_of(metric)
-    bad = {
-        "NaN": torch.full((4, 16), float("nan")),
-        "infinite": torch.full((4, 16), float("inf")),
-        "shape": torch.randn(4, 2, 8),
-        "earlier batches had 16": torch.randn(4, 17),
-        "must be a torch.Tensor": np.zeros((4, 16)),
-    }
-    for fragment, x in bad.items():
-        with pytest.raises(ValueError, match=cls.__name__) as info:
-            metric.update(x)
-        assert fragment in str(info.value)
-        assert all(torch.equal(before[k], v) for k, v in state_of(metric).items())
-    with pytest.raises(ValueError, match="before any update"):
-        cls().compute()
+def test_num_features_must_be_positive(cls):
     with pytest.raises(ValueError, match="num_features"):
         cls(num_features=0)
 
@@ -167,7 +134,7 @@ def test_nesum_needs_two_samples():
 
 @pytest.mark.parametrize("cls, fn", [(NESum, nesum), (CodingRate, coding_rate)])
 def test_torchmetrics_conventions(cls, fn):
-    z = datasets.decaying(600, 32, dtype=torch.float32) + 2.0
+    z = embeddings.decaying(600, 32, dtype=torch.float32) + 2.0
     coll = MetricCollection({"m": cls()})
     for b in z.split(100):
         coll.update(b)
@@ -191,7 +158,7 @@ def test_torchmetrics_conventions(cls, fn):
 
 
 def test_low_precision_and_autocast():
-    z = datasets.decaying(500, 24, dtype=torch.float32)
+    z = embeddings.decaying(500, 24, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert rel_err(nesum(z), nesum_ref(z.double().numpy())) <= 1e-6
         assert rel_err(coding_rate(z), coding_rate_ref(z.double().numpy())) <= 1e-6
@@ -225,7 +192,7 @@ def _ddp_extra(rank, world_size, z):
 
 
 def test_ddp_two_processes_equal_one_process_on_all_data():
-    z = datasets.decaying(901, 48, dtype=torch.float64) + 1e3
+    z = embeddings.decaying(901, 48, dtype=torch.float64) + 1e3
     results = run_distributed(_ddp_extra, z)
     singles = [nesum(z), coding_rate(z)]
     assert results[0][1] != results[1][1] and results[0][1] + results[1][1] == len(z)
@@ -237,7 +204,7 @@ def test_ddp_two_processes_equal_one_process_on_all_data():
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu():
-    z = datasets.decaying(2048, 256, dtype=torch.float32)
+    z = embeddings.decaying(2048, 256, dtype=torch.float32)
     for cls, ref in ((NESum, nesum_ref), (CodingRate, coding_rate_ref)):
         metric = cls().cuda()
         for b in z.cuda().split(256):

@@ -89,7 +89,8 @@ def test_slow_vicreg_like_collapse_is_caught_where_floors_never_fire():
     assert replay(floors_only, ranks, spreads)[0] is None or replay(floors_only, ranks, spreads)[0] >= 20
     settings = dict(rank_drop=0.25, spread_drop=0.35, warmup=3, patience=3)
     stopped, decision = replay(ssl_guard("p", **settings), ranks, spreads)
-    # Independently: the first check after warmup that is more than the drop below the best since warmup, + patience - 1.
+    # Independently: the first check after warmup that is more than the drop below the best since warmup,
+    # + patience - 1.
     w = settings["warmup"]
     first_low = next(
         e

@@ -140,7 +140,7 @@ def pool() -> DDPPool:
     return _POOL
 
 
-def run_distributed(fn: Callable[..., Any], *args: Any, timeout: float = TASK_TIMEOUT_S, **_: Any) -> list[Any]:
+def run_distributed(fn: Callable[..., Any], *args: Any, timeout: float = TASK_TIMEOUT_S) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on both ranks of the shared gloo group; return the results.
 
     The group is always initialised, with the environment a Lightning ``Trainer(strategy="ddp")``

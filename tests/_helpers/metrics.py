@@ -20,7 +20,8 @@ import reprmetrics as rm
 class MetricSpec:
     name: str
     factory: Callable[..., Any]
-    kind: str = "points"  # "points": update(z); "views": update((B, q, D)); "pairs": update(x, y) same width; "cka": update(x, y)
+    # "points": update(z); "views": update((B, q, D)); "pairs": update(x, y) same width; "cka": update(x, y)
+    kind: str = "points"
     width: int = 16
     too_few: int = 1  # a union of this many rows (or fewer) makes compute() raise
     min_batch: int = 1  # the fewest rows one non-empty batch may have (MinibatchCKA's per-batch HSIC needs 4)
