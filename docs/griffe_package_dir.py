@@ -10,11 +10,11 @@ gives. Static only: nothing is imported, so the docs build needs neither Lightni
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import griffe
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
