@@ -85,7 +85,7 @@ class Channel:
     """Delivers one tracker's results to the guards that act on them, found by name, not by class.
 
     The monitoring side calls :meth:`publish_from` with its tracker; the stopping side
-    :meth:`subscribe`\ s a function. Either may come first. Adapters get a channel with
+    subscribes a function (:meth:`subscribe`). Either may come first. Adapters get a channel with
     :func:`channel`, keyed by the object their framework gives both (the Lightning ``Trainer``, the
     Hugging Face model) and the monitor's prefix: two callbacks never call each other or read each
     other's state.

@@ -351,6 +351,34 @@ class BoundedSample(Statistic):
         super().reset()
         self._num_features = None
 
+    # With persistent states the key generator travels too: a resumed stream draws new keys, not the first ones again.
+    _GENERATOR_KEY = "key_generator_state"
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._persistent.get("keys") and self._generator is not None:
+            destination[prefix + self._GENERATOR_KEY] = self._generator.get_state()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        saved = state_dict.get(prefix + self._GENERATOR_KEY)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + self._GENERATOR_KEY in unexpected_keys:
+            unexpected_keys.remove(prefix + self._GENERATOR_KEY)
+        if saved is not None:
+            self._generator = torch.Generator()
+            self._generator.set_state(saved.to(torch.uint8).cpu())
+
 
 def sample_points(stat: BoundedSample, cache: dict[Any, Any], metric: str, min_samples: int) -> Tensor:
     """The kept rows (at most ``max_samples``, identical on every rank after a sync), or the metric's error."""

@@ -53,3 +53,22 @@ def test_ddp_ranks_select_the_same_points():
     a, b = run_distributed(_ddp_points, x)
     assert torch.equal(a, b) and len(a) == 30
     assert set(a.squeeze(1).tolist()) <= set(x.squeeze(1).tolist())
+
+
+def test_a_resumed_stream_draws_new_keys_and_keeps_the_uninterrupted_sample():
+    """With persistent states the key generator is in ``state_dict``: a stream interrupted and resumed from
+    its state keeps the same subset as the uninterrupted one (without it, keys would repeat from the seed)."""
+    x = torch.arange(600, dtype=torch.float32).unsqueeze(1)
+    whole = Points(max_samples=50)
+    for b in x.split(20):
+        whole.update(b)
+    first = Points(max_samples=50)
+    first.persistent(True)
+    for b in x[:300].split(20):
+        first.update(b)
+    resumed = Points(max_samples=50)
+    resumed.persistent(True)
+    resumed.load_state_dict(first.state_dict())
+    for b in x[300:].split(20):
+        resumed.update(b)
+    assert torch.equal(resumed.compute().sort(dim=0).values, whole.compute().sort(dim=0).values)
