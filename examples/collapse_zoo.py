@@ -33,11 +33,9 @@ resumes), and the analysis' CSV, Markdown tables and figure.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import gzip
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -49,7 +47,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared exa
 import lightning.pytorch as pl  # noqa: E402
 import model_selection_study as study  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 import zoo_analysis as analysis  # noqa: E402
 from digits_ssl import BYOL, BarlowTwins, VICReg, example_session, make_trainer  # noqa: E402  (first: quiets Lightning)
 from reprmetrics.callbacks import RepresentationMonitor  # noqa: E402
@@ -317,10 +314,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)  # one intra-op thread per process: the cores go to the parallel runs
-
-
 def run_one(task: tuple[Any, ...]) -> dict[str, Any]:
     """Train one run, save its record, return it (top-level: picklable for the process pool)."""
     config, seed, epochs, probe_draws, path, key = task
@@ -383,19 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     trained = [f"{tasks[i][0].cell}-{tasks[i][0].name}-s{tasks[i][1]}" for i in pending]
-    if args.jobs == 1 or len(pending) <= 1:
-        threads = torch.get_num_threads()
-        try:
-            for index in pending:
-                report(index, run_one(tasks[index]))
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked thread pools
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_init) as pool:
-            futures = {pool.submit(run_one, tasks[i]): i for i in pending}
-            for future in concurrent.futures.as_completed(futures):
-                report(futures[future], future.result())
+    study.run_pending(run_one, tasks, pending, args.jobs, report)
 
     ordered = [records[i] for i in sorted(records)]
     outputs = analysis.write_outputs(args.out_dir, ordered, analysis.FAST_GRID if args.fast else analysis.GRID)

@@ -656,6 +656,30 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # one intra-op thread per process: the cores go to the parallel runs
 
 
+def run_pending(
+    run: Callable[[Any], dict[str, Any]],
+    tasks: list[Any],
+    pending: list[int],
+    jobs: int,
+    report: Callable[[int, dict[str, Any]], None],
+) -> None:
+    """Run ``run(tasks[i])`` for each pending index, in this process or in ``jobs`` spawned workers (one
+    intra-op thread each), and hand each record to ``report`` as it arrives. ``run`` must be top-level."""
+    if jobs == 1 or len(pending) <= 1:
+        threads = torch.get_num_threads()
+        try:
+            for index in pending:
+                report(index, run(tasks[index]))
+        finally:
+            torch.set_num_threads(threads)
+        return
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked thread pools
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
+        futures = {pool.submit(run, tasks[i]): i for i in pending}
+        for future in concurrent.futures.as_completed(futures):
+            report(futures[future], future.result())
+
+
 def run_one(task: tuple[Any, ...]) -> dict[str, Any]:
     """Train and score one run, save its record, return it (a top-level function: picklable for the pool)."""
     kind, config, seed, epochs, probe_draws, path, key = task
@@ -732,19 +756,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     trained = [f"{tasks[i][1].name}-s{tasks[i][2]}" for i in pending]
-    if args.jobs == 1 or len(pending) <= 1:
-        threads = torch.get_num_threads()
-        try:
-            for index in pending:
-                report(index, run_one(tasks[index]))
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked thread pools
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_init) as pool:
-            futures = {pool.submit(run_one, tasks[i]): i for i in pending}
-            for future in concurrent.futures.as_completed(futures):
-                report(futures[future], future.result())
+    run_pending(run_one, tasks, pending, args.jobs, report)
 
     ordered = [records[i] for i in sorted(records)]
     ssl_rows = [r for r in ordered if r.get("kind", "ssl") == "ssl"]
