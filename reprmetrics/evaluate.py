@@ -461,6 +461,11 @@ def _run(
                         " CKA compares the same samples, row by row"
                     )
                 ref = place(ref)
+            if run.metrics is not None and batch.shape[-1] != run.result.num_features:
+                raise ValueError(
+                    f"evaluate: a batch of `{points_name}` has {batch.shape[-1]} features but the batches before it"
+                    f" have {run.result.num_features}; every batch must have the same width D"
+                )
             run.seen["embeddings"] += batch.shape[0]
             if bar is not None:
                 bar.update(batch.shape[0])

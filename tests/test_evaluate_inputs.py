@@ -51,3 +51,10 @@ def test_a_width_too_large_for_memory_is_refused_before_allocating():
 def test_a_requested_metric_that_cannot_be_computed_raises_naming_it():
     with pytest.raises(ValueError, match="alpha_req"):
         evaluate(torch.randn(500, 8), metrics=["rankme", "alpha_req"])  # D = 8 < the fit range's 13
+
+
+def test_batches_of_different_widths_get_an_error_naming_evaluate():
+    with pytest.raises(
+        ValueError, match=r"^evaluate: a batch of `embeddings` has 9 features but the batches before it have 8"
+    ):
+        evaluate([torch.randn(10, 8), torch.randn(10, 9)])
