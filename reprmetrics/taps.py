@@ -429,10 +429,16 @@ class Capture:
         for tap in missing:
             close_modules = _closest(tap.name, self.submodule_names)
             close_keys = _closest(tap.name, keys)
+            # Nothing close: name the submodules that exist, so the message always shows a way out.
+            more = ", ..." if len(self.submodule_names) > 8 else ""
+            modules = (
+                f"closest submodules: {_quoted(close_modules)}"
+                if close_modules
+                else f"submodules: {_quoted(self.submodule_names[:8])}{more}"
+            )
             lines.append(
                 f"tap {tap.name!r} is neither a submodule of the model nor a key of any step output"
-                f" (closest submodules: {_quoted(close_modules)}; closest output keys: {_quoted(close_keys)};"
-                f" output keys seen: {_quoted(keys)})"
+                f" ({modules}; closest output keys: {_quoted(close_keys)}; output keys seen: {_quoted(keys)})"
             )
         self._taps_checked = True
         raise MonitorConfigurationError(
