@@ -304,3 +304,16 @@ def test_a_training_buffer_smaller_than_min_samples_is_refused_at_construction()
         RepresentationTracker(["z"], every_n_train_steps=10, train_buffer_size=32, min_samples=64)
     RepresentationTracker(["z"], every_n_train_steps=0, train_buffer_size=32, min_samples=64)  # no training stage: fine
     RepresentationTracker(["z"], every_n_train_steps=10, train_buffer_size=64, min_samples=64)
+
+
+def test_a_tap_with_no_close_name_is_told_the_submodules_that_exist():
+    net = nn.Sequential(nn.Linear(8, 8))
+    tracker = RepresentationTracker(["1"], every_n_train_steps=0)
+    tracker.attach(net)
+    tracker.start_eval()
+    net(torch.randn(4, 8))
+    tracker.end_eval_step()
+    with pytest.raises(
+        MonitorConfigurationError, match=r"tap '1' is neither .* \(submodules: '0'; closest output keys"
+    ):
+        tracker.end_eval()
