@@ -1,8 +1,9 @@
-"""RepresentationMonitor: compute representation metrics during training and log them."""
+"""RepresentationMonitor: compute representation metrics during a Lightning run and log them."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -24,6 +25,26 @@ from reprmetrics.monitor import (
     Tap,
 )
 from reprmetrics.results import channel
+from reprmetrics.stopping import KeyStyle
+
+#: How Lightning's keys read: ``{prefix}/{train|val}/{tap}/{metric}``.
+STYLE = KeyStyle(
+    "RepresentationMonitor",
+    {"train": "train", "val": "val"},
+    {stage: f"{{prefix}}/{stage}/{{tap}}/{{metric}}" for stage in ("train", "val")},
+)
+
+#: The constructor arguments that are the tracker's.
+TRACKER_SETTINGS = set(inspect.signature(RepresentationTracker).parameters) - {"owner"}
+
+
+@contextlib.contextmanager
+def as_misconfiguration() -> Iterator[None]:
+    """Re-raise the core's configuration errors as Lightning's MisconfigurationException."""
+    try:
+        yield
+    except MonitorConfigurationError as error:
+        raise MisconfigurationException(str(error)) from error
 
 
 def _logger_step(trainer: pl.Trainer) -> int:
@@ -31,75 +52,37 @@ def _logger_step(trainer: pl.Trainer) -> int:
     return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
-@contextlib.contextmanager
-def _as_misconfiguration() -> Iterator[None]:
-    """Re-raise the tracker's configuration errors as Lightning's MisconfigurationException."""
-    try:
-        yield
-    except MonitorConfigurationError as error:
-        raise MisconfigurationException(str(error)) from error
-
-
 class RepresentationMonitor(Callback):
     r"""Watch the representations a LightningModule learns, without labels.
 
-    Logs ``{prefix}/{stage}/{tap}/{metric}`` through ``pl_module.log`` (stage ``train`` or ``val``), e.g.
-    ``repr/val/projector/rankme``. Values are computed on every rank from metrics synced across ranks,
-    so they are identical everywhere and ``EarlyStopping``/``ModelCheckpoint`` can monitor them under DDP.
-
-    - ``train``: every ``every_n_train_steps`` training steps, over the most recent
-      ``train_buffer_size`` samples per tap (captured during the steps just before; other steps
-      capture nothing).
-    - ``val``: over the whole validation set, at each validation epoch end (streamed; point-based
-      metrics keep a uniform sample of at most ``max_samples``).
-
-    Each tap and stage also logs ``num_samples`` (samples the metrics used) and
-    ``nonfinite_fraction``. Embeddings with NaN/inf values (a diverged run) make every metric of that
-    tap and stage NaN, so ``check_finite`` stoppers act on them and ``ModelCheckpoint`` still finds
-    its key; values computed on fewer than ``min_samples`` samples are not logged at all (a warning
-    says why). Scalars, figures and histograms of one validation epoch share one logger step (the
-    one Lightning gives epoch-end values).
-
-    Each validation epoch also adds, per tap, the covariance eigenvalue spectrum as a log-log figure
-    with the α-ReQ fit (``{prefix}/val/{tap}/spectrum``), and histograms of the singular values and
-    of the per-sample local intrinsic dimension, to every logger: TensorBoard (figure, histograms),
-    Weights & Biases (``wandb.Image``, ``wandb.Histogram``), MLflow (PNG artifacts
-    ``{key}/step_{step}.png``; histograms drawn as bar charts), and any other logger (CSVLogger, ...)
-    as PNG files ``{log_dir}/figures/{key}/step_{step}.png``. Without a logger nothing is drawn, and
-    the values are logged without Lightning's "no logger configured" warnings.
+    Logs ``{prefix}/{stage}/{tap}/{metric}`` (e.g. ``repr/val/projector/rankme``) through
+    ``pl_module.log``: ``train`` values every ``every_n_train_steps`` steps over the last
+    ``train_buffer_size`` samples per tap, ``val`` values over the whole validation set at each
+    validation epoch end. Values are computed from metrics synced across ranks, so they are the same on
+    every rank and ``EarlyStopping``/``ModelCheckpoint`` can monitor them under DDP. Each tap and stage
+    also logs ``num_samples`` and ``nonfinite_fraction``; non-finite embeddings make the tap's metrics
+    NaN; values from fewer than ``min_samples`` samples are withheld. Each validation epoch adds the
+    spectrum figure and histograms to every logger. The guide: ``docs/guide/monitor.md``.
 
     Args:
-        taps: submodule names (a forward hook reads their output; see
-            :class:`reprmetrics.monitor.Tap` for pooling feature maps) and/or keys of the dict that
-            ``training_step``/``validation_step`` return, holding ``(B, D)``, ``(B, q, D)`` or a list
-            of q ``(B, D)`` tensors.
+        taps: submodule names (a forward hook reads their output; :class:`~reprmetrics.monitor.Tap`
+            pools feature maps) and/or keys of the dict ``training_step``/``validation_step`` return.
         num_views: views per sample (LiDAR and alignment need q ≥ 2).
-        view_layout: how the q views of one step arrive: ``"calls"`` (q forward calls of the tapped
-            module, or a list of q tensors), ``"concat"`` (one call on ``torch.cat([view_1, ...])``),
-            ``"stacked"`` (one ``(B, q, D)`` tensor), or ``"auto"`` (calls or stacked; one 2-D tensor
-            is ambiguous and raises). Captures that do not match raise ``MisconfigurationException``.
-        every_n_train_steps: training-stage cadence (0 disables training-stage metrics).
-        train_buffer_size: samples per tap that training-stage metrics read.
-        max_samples: cap on points kept by uniformity and local intrinsic dimension (8,192: lower than
-            the Metric classes' 25,600 because this runs every validation epoch; both cost O(N²·D)).
-        min_samples: values computed on fewer usable samples are not logged (``num_samples`` is).
-        rankme_diagnostics: also log RankMe's top singular value and condition number.
-        reference: log ``{prefix}/val/{tap}/cka_to_reference``, the linear CKA between each tap's
-            embeddings and a reference's on the same validation inputs: ``"initial"`` (a frozen copy of
-            each tapped submodule at the start of fit: the pretrained encoder when fine-tuning), an
-            ``nn.Module`` with the same submodule names, or a checkpoint path. See
-            :class:`~reprmetrics.monitor.RepresentationTracker` for the memory cost and output-key taps.
-        metrics: extra metrics: opt-in names (``["sigreg", "twonn", "mle_dimension"]``, see
-            :func:`reprmetrics.monitor.available_metrics`) or ``{name: Metric}``, cloned per tap and
-            stage (they receive ``(B, D)``).
-        default_metrics: RankMe, α-ReQ (D ≥ 13), normalised std, uniformity, local intrinsic
-            dimension, NESum, coding rate, Wasserstein uniformity, IsoScore, and with views LiDAR
-            and alignment.
-        progress_bar: the validation metric shown in the progress bar for each tap (``None``: none).
+        every_n_train_steps: training-stage cadence (0: none).
+        train_buffer_size: samples per tap the training-stage metrics read.
+        max_samples: points kept by uniformity and LID per computation.
+        metrics: opt-in metric names (:func:`~reprmetrics.monitor.available_metrics`) or ``{name: Metric}``.
+        default_metrics: include the default set.
+        progress_bar: the validation metric shown in the progress bar (``None``: none).
         log_figures: add the spectrum figure and histograms to the loggers.
-        figures_every_n_epochs: draw them every this many validation epochs (drawing costs time on CPU).
+        figures_every_n_epochs: draw them every this many validation epochs.
         strict: raise instead of warning once and skipping a metric that cannot be computed.
         prefix: first component of every logged name.
+        view_layout: ``"calls"``, ``"concat"``, ``"stacked"`` or ``"auto"``
+            (:class:`~reprmetrics.monitor.RepresentationTracker`).
+        min_samples: values from fewer usable samples are not logged (``num_samples`` is).
+        reference: ``"initial"``, an ``nn.Module`` or a checkpoint path: logs ``cka_to_reference``.
+        rankme_diagnostics: also log RankMe's top singular value and condition number.
 
     Example::
 
@@ -126,23 +109,9 @@ class RepresentationMonitor(Callback):
         rankme_diagnostics: bool = False,
     ) -> None:
         super().__init__()
-        with _as_misconfiguration():
-            self.tracker = RepresentationTracker(
-                taps,
-                num_views=num_views,
-                every_n_train_steps=every_n_train_steps,
-                train_buffer_size=train_buffer_size,
-                max_samples=max_samples,
-                metrics=metrics,
-                default_metrics=default_metrics,
-                strict=strict,
-                view_layout=view_layout,
-                min_samples=min_samples,
-                reference=reference,
-                rankme_diagnostics=rankme_diagnostics,
-                owner="RepresentationMonitor",
-            )
-        self.progress_bar = progress_bar
+        settings = {k: v for k, v in locals().items() if k in TRACKER_SETTINGS}
+        with as_misconfiguration():
+            self.tracker = RepresentationTracker(**settings, owner="RepresentationMonitor")
         if (
             isinstance(figures_every_n_epochs, bool)
             or not isinstance(figures_every_n_epochs, int)
@@ -152,10 +121,8 @@ class RepresentationMonitor(Callback):
                 "RepresentationMonitor: `figures_every_n_epochs` must be a positive integer, got"
                 f" {figures_every_n_epochs!r}"
             )
-        self.log_figures = log_figures
-        self.figures_every_n_epochs = figures_every_n_epochs
-        self._val_epochs = 0
-        self.prefix = prefix
+        self.progress_bar, self.prefix = progress_bar, prefix
+        self.log_figures, self.figures_every_n_epochs, self._val_epochs = log_figures, figures_every_n_epochs, 0
 
     @property
     @override
@@ -164,29 +131,25 @@ class RepresentationMonitor(Callback):
 
     def key(self, stage: str, tap: str, metric: str) -> str:
         """The logged name of a value."""
-        return f"{self.prefix}/{stage}/{tap}/{metric}"
+        return STYLE.key(self.prefix, stage, tap, metric)
 
-    # ---- lifecycle -----------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        with _as_misconfiguration():
+        with as_misconfiguration():
             self.tracker.attach(pl_module)
-        # Stoppers find this monitor's results by the trainer and the prefix, not by class.
-        channel(trainer, self.prefix).publish_from(self.tracker)
+        channel(trainer, self.prefix).publish_from(self.tracker)  # stoppers find results by trainer and prefix
         # An output-key tap missing from training_step's dict may come from validation_step.
         self.tracker.expect_eval = is_overridden("validation_step", pl_module) and trainer.limit_val_batches != 0
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.tracker.reference == "initial":
-            # The weights as training starts, once the strategy has broadcast them to every rank.
-            self.tracker.retake_reference(pl_module)
+            self.tracker.retake_reference(pl_module)  # once the strategy has broadcast the weights to every rank
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.tracker.detach()
 
-    # ---- training --------------------------------------------------------------------------------
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -197,16 +160,15 @@ class RepresentationMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        with _as_misconfiguration():
+        with as_misconfiguration():
             values = self.tracker.end_train_step(outputs)
         if values:
-            self._log(trainer, pl_module, "train", values, on_step=True)
+            self._log(trainer, pl_module, "train", values)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.tracker.end_train_epoch()
 
-    # ---- validation ------------------------------------------------------------------------------
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -222,7 +184,7 @@ class RepresentationMonitor(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        with _as_misconfiguration():
+        with as_misconfiguration():
             if trainer.sanity_checking:
                 self.tracker.observe(outputs, "eval")  # output keys only: tap names are checked early
             else:
@@ -232,37 +194,36 @@ class RepresentationMonitor(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        with _as_misconfiguration():
+        with as_misconfiguration():
             values = self.tracker.end_eval()
         if values:
-            self._log(trainer, pl_module, "val", values, on_step=False)
-        if self.log_figures and self._val_epochs % self.figures_every_n_epochs == 0:
-            self._log_figures(trainer)
+            self._log(trainer, pl_module, "val", values)
+        if (
+            self.log_figures
+            and self._val_epochs % self.figures_every_n_epochs == 0
+            and trainer.is_global_zero
+            and trainer.loggers
+        ):
+            for tap, artifacts in drawable(self.tracker.last_result, self.tracker.min_samples):
+                log_figures(trainer.loggers, f"{self.prefix}/val/{tap}", tap, artifacts, _logger_step(trainer))
         self._val_epochs += 1
 
-    # ---- logging ---------------------------------------------------------------------------------
     def _log(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        stage: str,
-        values: Mapping[str, Tensor],
-        on_step: bool,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, values: Mapping[str, Tensor]
     ) -> None:
+        on_step = stage == "train"
         named = {}
         for name, value in values.items():
             tap, metric = name.rsplit("/", 1)
-            key = self.key(stage, tap, metric)
-            named[key] = value.to(torch.float32)
+            named[self.key(stage, tap, metric)] = value.to(torch.float32)
             pl_module.log(
-                key,
-                named[key],
+                self.key(stage, tap, metric),
+                named[self.key(stage, tap, metric)],
                 on_step=on_step,
                 on_epoch=not on_step,
-                prog_bar=metric == self.progress_bar and stage == "val",
-                # Train values go to the loggers below: Lightning would keep only those on its
-                # `log_every_n_steps` grid, which need not meet `every_n_train_steps`. None, not True:
-                # the same (validate() returns them) without a warning per key when there is no logger.
+                prog_bar=metric == self.progress_bar and not on_step,
+                # Train values go to the loggers below: Lightning keeps only those on its `log_every_n_steps` grid.
+                # None, not True: the same, without a warning per key when there is no logger.
                 logger=False if on_step else None,
                 sync_dist=False,  # already identical on every rank
                 batch_size=1,
@@ -271,13 +232,6 @@ class RepresentationMonitor(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics({k: float(v) for k, v in named.items()}, step=_logger_step(trainer))
 
-    def _log_figures(self, trainer: pl.Trainer) -> None:
-        if not trainer.is_global_zero or not trainer.loggers:
-            return
-        for tap, artifacts in drawable(self.tracker.last_result, self.tracker.min_samples):
-            log_figures(trainer.loggers, f"{self.prefix}/val/{tap}", tap, artifacts, _logger_step(trainer))
-
-    # ---- persistence -----------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
         return self.tracker.state_dict()

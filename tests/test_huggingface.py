@@ -487,7 +487,7 @@ def test_stop_on_keys_are_checked(tmp_path):
             )
         ],
     )
-    with pytest.raises(MonitorConfigurationError, match=r"closest: 'repr/eval/bert.pooler/rankme'"):
+    with pytest.raises(MonitorConfigurationError, match=r"closest: `repr/eval/bert.pooler/rankme`"):
         trainer.train()
 
 
@@ -659,18 +659,19 @@ def test_ssl_guard_preset_stops_a_collapse_and_not_a_healthy_run(tmp_path, caplo
         RepresentationCallback(["encoder"], stop_on=ssl_guard("encodr"))
 
 
-def test_docstring_lists_every_metric_the_callback_logs(tmp_path):
+def test_guide_lists_every_metric_the_callback_logs(tmp_path):
     import inspect
     import re
 
     from reprmetrics.registry import available_metrics
 
-    section = RepresentationCallback.__doc__.split("**Metrics**", 1)[1].split("**Where values go.**", 1)[0]
+    guide = (Path(__file__).parents[1] / "docs" / "guide" / "huggingface.md").read_text()
+    section = guide.split("## Metrics", 1)[1].split("\n## ", 1)[0]
     default_part, opt_in_part = section.split("opt-in", 1)
     specs = available_metrics()
-    assert {name for name, spec in specs.items() if spec.default} <= set(re.findall(r"``(\w+)``", default_part))
-    assert {name for name, spec in specs.items() if not spec.default} <= set(re.findall(r"``(\w+)``", opt_in_part))
-    listed = set(re.findall(r"``(\w+)``", section)) - set(
+    assert {name for name, spec in specs.items() if spec.default} <= set(re.findall(r"`(\w+)`", default_part))
+    assert {name for name, spec in specs.items() if not spec.default} <= set(re.findall(r"`(\w+)`", opt_in_part))
+    listed = set(re.findall(r"`(\w+)`", section)) - set(
         inspect.signature(RepresentationCallback).parameters
     )  # names, not options
     # With views, a reference, RankMe's diagnostics and every opt-in metric, an evaluation logs exactly what is listed.
