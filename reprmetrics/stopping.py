@@ -156,6 +156,11 @@ class StopRules:
             if isinstance(stop_on, Mapping)
             else [(k, {}) for k in stop_on or []]
         )
+        for key, _ in items:
+            if not isinstance(key, (str, SSLGuard, KeyGuard)):
+                raise MonitorConfigurationError(
+                    f"{owner}: `stop_on` keys must be strings or ssl_guard(...), got {type(key).__name__}"
+                )
         if not any(isinstance(k, str) for k, _ in items):
             reject_unused_criteria(owner, style.key(prefix, "val", "projector", "rankme"), **criteria)
         rules: list[tuple[str, Guard]] = []
@@ -163,10 +168,6 @@ class StopRules:
             if isinstance(key, (SSLGuard, KeyGuard)):
                 rules.append((repr(key), key))
                 continue
-            if not isinstance(key, str):
-                raise MonitorConfigurationError(
-                    f"{owner}: `stop_on` keys must be strings or ssl_guard(...), got {type(key).__name__}"
-                )
             parsed = style.parse(key, prefix)
             if parsed is None:
                 raise MonitorConfigurationError(cls.not_a_key(key, style, prefix, owner))
