@@ -212,21 +212,20 @@ class RepresentationMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, values: Mapping[str, Tensor]
     ) -> None:
         on_step = stage == "train"
-        named = {}
-        for name, value in values.items():
-            tap, metric = name.rsplit("/", 1)
-            named[self.key(stage, tap, metric)] = value.to(torch.float32)
+        named = {self.key(stage, *name.rsplit("/", 1)): value.to(torch.float32) for name, value in values.items()}
+        for key, value in named.items():
+            # Train values go to the loggers below: Lightning keeps only those on its `log_every_n_steps` grid.
+            # logger=None, not True: the same, without a warning per key when there is no logger.
+            progress = not on_step and key.rsplit("/", 1)[1] == self.progress_bar
             pl_module.log(
-                self.key(stage, tap, metric),
-                named[self.key(stage, tap, metric)],
+                key,
+                value,
                 on_step=on_step,
                 on_epoch=not on_step,
-                prog_bar=metric == self.progress_bar and not on_step,
-                # Train values go to the loggers below: Lightning keeps only those on its `log_every_n_steps` grid.
-                # None, not True: the same, without a warning per key when there is no logger.
-                logger=False if on_step else None,
-                sync_dist=False,  # already identical on every rank
+                prog_bar=progress,
                 batch_size=1,
+                logger=False if on_step else None,
+                sync_dist=False,
             )
         if on_step:
             for logger in trainer.loggers:
