@@ -244,7 +244,9 @@ class CollapseEarlyStopping(EarlyStopping):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        if "rules" in state_dict and self.rules is not None:
-            self.rules.load_state_dict(state_dict["rules"])
-        elif "rules" in state_dict:
-            self.criteria.load_state_dict(state_dict["rules"]["guards"][0])
+        old = state_dict.get("guard") or state_dict.get("criteria")  # saved by earlier versions
+        saved = state_dict.get("rules") or {"guards": [old] if old else []}
+        if self.rules is not None and saved["guards"]:
+            self.rules.load_state_dict(saved)
+        elif saved["guards"]:
+            self.criteria.load_state_dict(saved["guards"][0])

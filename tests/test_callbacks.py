@@ -194,6 +194,18 @@ def test_resume_from_checkpoint_keeps_history(tmp_path):
     assert resumed_stop.values_seen[:2] == stop.values_seen and len(resumed_stop.values_seen) == 3
 
 
+def test_stopper_state_saved_by_earlier_versions_still_loads():
+    # Earlier versions saved the rule's state under "guard" (a monitor key) and "criteria" (any other key).
+    for monitor, saved in (("repr/val/z/rankme", "guard"), ("val_rank", "criteria")):
+        stop = CollapseEarlyStopping(monitor, min_value=0.5, patience=3)
+        old = {"wait_count": 2, "stopped_epoch": 0, "best_score": torch.tensor(7.0), "patience": 3}
+        stop.load_state_dict({**old, saved: {"baseline": 7.0, "values_seen": [7.0, 0.2], "wait_count": 2, "best": 7.0}})
+        assert stop.values_seen == [7.0, 0.2] and stop.baseline == 7.0 and stop.criteria.wait_count == 2
+        fresh = CollapseEarlyStopping(monitor, min_value=0.5, patience=3)
+        fresh.load_state_dict(stop.state_dict())  # and today's format round-trips
+        assert fresh.values_seen == [7.0, 0.2] and fresh.criteria.wait_count == 2
+
+
 def _ddp_fit_and_validate(rank, world_size, collapse_from_epoch):
     import warnings
 
