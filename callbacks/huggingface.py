@@ -279,9 +279,8 @@ class CollapseEarlyStoppingCallback(TrainerCallback, _Resumable):
         }
 
     def _load(self, saved: Mapping[str, Any]) -> None:
-        self.rules.load_state_dict(
-            saved.get("rules") or {"guards": saved["guards"]}
-        )  # "guards": saved by earlier versions
+        # "guards": the layout of earlier versions.
+        self.rules.load_state_dict(saved.get("rules") or {"guards": saved["guards"]})
         self.stopping_reason, self.stopped_step = saved["stopping_reason"], saved["stopped_step"]
 
 
