@@ -31,7 +31,7 @@ except ModuleNotFoundError as error:  # exercised in a subprocess test
     ) from error
 import torch
 from reprmetrics.callbacks._figures import TrainerBackends, drawable
-from torch import Tensor, nn
+from torch import nn
 from torchmetrics import Metric
 
 from reprmetrics.monitor import (
@@ -40,6 +40,7 @@ from reprmetrics.monitor import (
     MonitorConfigurationError,
     RepresentationTracker,
     Tap,
+    first_token,
     warn,
 )
 from reprmetrics.results import TrackerResult, channel
@@ -56,22 +57,6 @@ STYLE = KeyStyle(
     {"eval_{prefix}/": "{prefix}/eval/"},
 )
 TRACKER_SETTINGS = set(inspect.signature(RepresentationTracker).parameters) - {"owner"}
-
-
-def first_token(output: Any) -> Tensor:
-    """A ``reduce`` for hidden-state taps: the first token's vector of a ``(B, T, D)`` output, BERT's ``[CLS]``.
-
-    A transformer layer returns the hidden states (transformers 5) or a tuple whose first element they
-    are (transformers 4): both work. ``Tap("bert.encoder.layer.1", reduce=first_token)``.
-    """
-    if isinstance(output, (tuple, list)) and output:
-        output = output[0]
-    if not isinstance(output, Tensor) or output.ndim != 3:
-        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-        raise MonitorConfigurationError(
-            f"first_token: expected (B, T, D) hidden states (or a tuple starting with them), got {shape}"
-        )
-    return output[:, 0]
 
 
 def _eval_prefix(logs: Mapping[str, Any]) -> str | None:

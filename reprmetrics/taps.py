@@ -1,81 +1,50 @@
 """Where embeddings come from: taps (submodules or step-output keys), their hooks, and views.
 
 :class:`Capture` registers the forward hooks, reads output keys, checks tap names and groups one
-step's captures into ``(B, q, D)`` views (:func:`group_views`). The tracker decides *when* to
-capture (``mode``) and what to do with the views; this module never computes a metric.
+step's captures into ``(B, q, D)`` views (:func:`reprmetrics.views.group_views`). The tracker decides
+*when* to capture (``mode``) and what to do with the views; this module never computes a metric.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from reprmetrics._validation import closest as _closest
 from reprmetrics._validation import load_weights as _load_weights
 from reprmetrics._validation import quoted as _quoted
+from reprmetrics._warnings import warn
 from reprmetrics.registry import MonitorConfigurationError
-
-__all__ = ["VIEW_LAYOUTS", "Capture", "Tap", "UngroupableBatch", "flatten_output", "group_views"]
-
-VIEW_LAYOUTS = ("auto", "calls", "concat", "stacked")
-OWNER = "RepresentationTracker"  # the class the user called names itself in messages (adapters pass theirs)
-
-
-_FEATURE_MAP_HINT = (
-    "pass a `reduce` that gives (B, D) embeddings, e.g. Tap({name!r}, reduce=lambda y: y.mean((2, 3))) to"
-    " average-pool a (B, C, H, W) feature map, or Tap({name!r}, reduce=lambda y: y[:, 0]) to take the first"
-    " token of a (B, T, D) sequence; to flatten on purpose, Tap({name!r}, reduce=flatten_output)"
-    " (from reprmetrics.monitor)"
+from reprmetrics.views import (
+    _FEATURE_MAP_HINT,
+    OWNER,
+    VIEW_LAYOUTS,
+    UngroupableBatch,
+    _module_embeddings,
+    check_view_layout,
+    first_token,
+    flatten_output,
+    group_views,
 )
 
-
-def flatten_output(output: Any) -> Tensor:
-    """Explicit flattening: the first tensor of a tuple/list output, flattened to ``(B, D)``.
-
-    Not the default: a (B, 64, 56, 56) feature map would become a 200,704-wide embedding. Pass it as a
-    tap's ``reduce`` when that is what you want: ``Tap("layer4", reduce=flatten_output)``.
-    """
-    if isinstance(output, (tuple, list)) and output:
-        output = output[0]
-    if not isinstance(output, Tensor):
-        raise MonitorConfigurationError(
-            f"flatten_output: a tap produced {type(output).__name__}; give the Tap a `reduce` function returning"
-            " a (B, D) tensor"
-        )
-    return output.unsqueeze(1) if output.ndim == 1 else output.flatten(1)
-
-
-def _module_embeddings(output: Any, tap: str, owner: str = OWNER) -> Tensor:
-    """Default ``reduce`` of a module tap: its output (or the first tensor of a tuple) as ``(B, D)``."""
-    if isinstance(output, (tuple, list)) and output:
-        output = output[0]
-    if isinstance(output, Mapping):
-        keys = list(output.keys())
-        raise MonitorConfigurationError(
-            f"{owner}: module tap {tap!r} returns a mapping with keys {_quoted(keys)}; pick the embeddings"
-            f" with a `reduce`, e.g. Tap({tap!r}, reduce=lambda out: out[{keys[0] if keys else 'key'!r}])"
-        )
-    if not isinstance(output, Tensor):
-        raise MonitorConfigurationError(
-            f"{owner}: module tap {tap!r} returns {type(output).__name__}; give the Tap a `reduce` returning a"
-            " (B, D) tensor"
-        )
-    if output.ndim == 1:
-        return output.unsqueeze(1)
-    if output.ndim > 2:
-        raise MonitorConfigurationError(
-            f"{owner}: module tap {tap!r} returns a {output.ndim}-D tensor of shape {tuple(output.shape)};"
-            f" embeddings must be (B, D): {_FEATURE_MAP_HINT.format(name=tap)}"
-        )
-    return output
+__all__ = [
+    "OWNER",
+    "VIEW_LAYOUTS",
+    "Capture",
+    "Tap",
+    "UngroupableBatch",
+    "first_token",
+    "flatten_output",
+    "group_views",
+]
 
 
 @dataclass
@@ -118,87 +87,6 @@ def _follow_device(copy_: nn.Module, live: nn.Module) -> None:
         copy_.to(live_tensor.device)
 
 
-class UngroupableBatch(ValueError):
-    """A batch that the declared layout cannot split into views (e.g. 63 rows into 2 views)."""
-
-    def __init__(self, message: str, samples: int) -> None:
-        super().__init__(message)
-        self.samples = samples
-
-
-def group_views(chunks: Sequence[Tensor], num_views: int, tap: str, layout: str = "auto", owner: str = OWNER) -> Tensor:
-    """``(B, q, D)`` views from the tensors one step produced for one tap.
-
-    With ``num_views = 1`` every row of every tensor is one sample. With ``num_views = q > 1`` the
-    ``layout`` says how views arrive in one step:
-
-    - ``"calls"``: q tensors ``(B, D)``, one per forward call (or a list of q from an output key),
-      views 1..q in call order;
-    - ``"concat"``: one ``(q·B, D)`` tensor, view-major (``torch.cat([view_1, view_2])``);
-    - ``"stacked"``: one ``(B, q, D)`` tensor;
-    - ``"auto"``: ``calls`` for q tensors, ``stacked`` for one 3-D tensor. One 2-D tensor is ambiguous
-      (a concatenated batch, or a batch without views) and raises: declare the layout.
-
-    Raises :class:`MonitorConfigurationError` when the captured tensors do not match the layout.
-    """
-    chunks = [c for c in chunks if c is not None]
-    if not chunks:
-        raise MonitorConfigurationError(f"{owner}: tap {tap!r} captured nothing this step")
-    shapes = [tuple(c.shape) for c in chunks]
-    if num_views == 1:
-        if any(c.ndim != 2 for c in chunks):
-            raise MonitorConfigurationError(
-                f"{owner}: tap {tap!r} captured tensors of shapes {shapes} with num_views=1; each must be (B, D):"
-                f" {_FEATURE_MAP_HINT.format(name=tap)}, or set num_views if a (B, q, D) tensor holds views"
-            )
-        return torch.cat(chunks).unsqueeze(1)
-    q = num_views
-    if layout == "auto":
-        if len(chunks) == q and all(c.ndim == 2 for c in chunks):
-            layout = "calls"
-        elif len(chunks) == 1 and chunks[0].ndim == 3:
-            layout = "stacked"
-        elif len(chunks) == 1 and chunks[0].ndim == 2:
-            raise MonitorConfigurationError(
-                f"{owner}: tap {tap!r} captured one {shapes[0]} tensor per step with num_views={q}: ambiguous."
-                f" Pass view_layout='concat' if it is torch.cat([view_1, ..., view_{q}]) (view-major), or"
-                " num_views=1 if its rows are distinct samples"
-            )
-        else:
-            raise MonitorConfigurationError(
-                f"{owner}: tap {tap!r} captured {len(chunks)} tensor(s) of shapes {shapes} in one step; with"
-                f" num_views={q} expected {q} forward calls (view_layout='calls'), one (B, {q}, D) tensor"
-                f" ('stacked') or one ({q}·B, D) tensor ('concat')"
-            )
-    if layout == "calls":
-        if len(chunks) != q or any(c.ndim != 2 for c in chunks):
-            raise MonitorConfigurationError(
-                f"{owner}: tap {tap!r}: view_layout='calls' expects {q} (B, D) tensors per step (one per forward"
-                f" call, or a list of {q}), got {len(chunks)} of shapes {shapes}"
-            )
-        if len(set(shapes)) != 1:
-            raise MonitorConfigurationError(f"{owner}: the {q} views of tap {tap!r} differ in shape: {shapes}")
-        return torch.stack(chunks, dim=1)
-    if layout == "stacked":
-        if len(chunks) != 1 or chunks[0].ndim != 3 or chunks[0].shape[1] != q:
-            raise MonitorConfigurationError(
-                f"{owner}: tap {tap!r}: view_layout='stacked' expects one (B, {q}, D) tensor per step, got"
-                f" shapes {shapes}"
-            )
-        return chunks[0]
-    if layout == "concat":
-        if len(chunks) != 1 or chunks[0].ndim != 2:
-            raise MonitorConfigurationError(
-                f"{owner}: tap {tap!r}: view_layout='concat' expects one ({q}·B, D) tensor per step, got"
-                f" {len(chunks)} of shapes {shapes}"
-            )
-        rows = chunks[0].shape[0]
-        if rows % q:
-            raise UngroupableBatch(f"a batch of {rows} rows cannot be split into {q} views", samples=rows // q)
-        return rearrange(chunks[0], "(q b) d -> b q d", q=q)
-    raise MonitorConfigurationError(f"{owner}: `view_layout` must be one of {VIEW_LAYOUTS}, got {layout!r}")
-
-
 class Capture:
     """Forward hooks on module taps, output-key taps, tap-name checks and per-step grouping into views.
 
@@ -209,6 +97,16 @@ class Capture:
     """
 
     def __init__(self, taps: list[Tap], num_views: int, view_layout: str, reference: Any, owner: str = OWNER) -> None:
+        check_view_layout(view_layout, num_views, owner)
+        if reference is not None and not isinstance(reference, (str, os.PathLike, nn.Module)):
+            raise MonitorConfigurationError(
+                f"{owner}: `reference` must be 'initial', an nn.Module or a checkpoint path, got"
+                f" {type(reference).__name__}"
+            )
+        if isinstance(reference, str) and reference != "initial" and not os.path.exists(reference):
+            raise MonitorConfigurationError(
+                f"{owner}: `reference` is neither 'initial' nor an existing checkpoint file: {reference!r}"
+            )
         self.taps = taps
         self.num_views = num_views
         self.view_layout = view_layout
@@ -402,6 +300,24 @@ class Capture:
                 )
             out.append(v.detach())
         return out
+
+    def hint_at_views(self, warned: set[str]) -> None:
+        """Once per tap: a module called several times per step with the same shape may be computing views."""
+        for tap, calls in self.repeated_calls.items():
+            if f"views-hint/{tap}" not in warned and tap in self.module_taps:
+                warned.add(f"views-hint/{tap}")
+                warn(
+                    f"{self.owner}: tap {tap!r} was called {calls} times in one step with num_views=1, so its"
+                    " rows are taken as distinct samples. If the calls are views of the same samples"
+                    f" (augmentations), pass num_views={calls}: LiDAR and alignment need views, and uniformity"
+                    " and LID would otherwise see near-duplicates"
+                )
+
+    def nothing_hint(self, tap: str, stage: str) -> str:
+        """Why a tap may have captured nothing, for messages."""
+        if tap in self.module_taps:
+            return "its module was never called"
+        return f"the key is missing from the {'training_step' if stage == 'train' else 'validation_step'} outputs"
 
     def raise_error(self) -> None:
         if self._error is not None:

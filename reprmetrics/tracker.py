@@ -9,7 +9,6 @@ from it and the guard in :mod:`reprmetrics.stopping` decides from it.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -17,13 +16,13 @@ from typing import Any
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from reprmetrics._counts import RecentBuffer
 from reprmetrics._warnings import warn
 from reprmetrics.metric_set import MetricSet
 from reprmetrics.registry import MONITOR_MAX_SAMPLES, MonitorConfigurationError, check_metric_names
 from reprmetrics.results import CaptureReport, TrackerResult
 from reprmetrics.tap_metrics import MetricChoice, TapMetrics
-from reprmetrics.taps import OWNER, VIEW_LAYOUTS, Capture, Tap, _closest
+from reprmetrics.taps import OWNER, Capture, Tap
+from reprmetrics.train_window import TrainWindow
 
 __all__ = ["DEFAULT_MIN_SAMPLES", "RepresentationTracker"]
 
@@ -106,9 +105,7 @@ class RepresentationTracker:
         self.owner = owner
         taps = [taps] if isinstance(taps, (str, Tap)) else list(taps)
         self.taps = [t if isinstance(t, Tap) else Tap(t) for t in taps]
-        self._check_arguments(
-            num_views, every_n_train_steps, train_buffer_size, max_samples, min_samples, view_layout, reference
-        )
+        self._check_arguments(num_views, every_n_train_steps, train_buffer_size, max_samples, min_samples)
         if isinstance(metrics, str):
             metrics = [metrics]
         self.named_metrics = (
@@ -148,22 +145,9 @@ class RepresentationTracker:
             for stage in ("train", "val")
             for t in self.taps
         }
-        self._buffers = {t.name: RecentBuffer(train_buffer_size) for t in self.taps}
-        self._train_dropped = {t.name: 0 for t in self.taps}
-        self._epoch_train_captures = {t.name: 0 for t in self.taps}
-        self._epoch_capture_steps = 0
-        self._batch_size: int | None = None
+        self.window = TrainWindow([t.name for t in self.taps], every_n_train_steps, train_buffer_size)
 
-    def _check_arguments(
-        self,
-        num_views: int,
-        every: int,
-        buffer: int,
-        max_samples: int,
-        min_samples: int,
-        view_layout: str,
-        reference: Any,
-    ) -> None:
+    def _check_arguments(self, num_views: int, every: int, buffer: int, max_samples: int, min_samples: int) -> None:
         owner = self.owner
         if not self.taps:
             raise MonitorConfigurationError(f"{owner}: give at least one tap")
@@ -182,23 +166,6 @@ class RepresentationTracker:
             raise MonitorConfigurationError(
                 f"{owner}: train_buffer_size={buffer} is below min_samples={min_samples}, so no training-stage value"
                 " could ever be reported: raise train_buffer_size, lower min_samples, or set every_n_train_steps=0"
-            )
-        if view_layout not in VIEW_LAYOUTS:
-            close = _closest(str(view_layout), VIEW_LAYOUTS)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise MonitorConfigurationError(
-                f"{owner}: `view_layout` must be one of {VIEW_LAYOUTS}, got {view_layout!r}{hint}"
-            )
-        if view_layout in ("concat", "stacked") and num_views == 1:
-            raise MonitorConfigurationError(f"{owner}: view_layout={view_layout!r} needs num_views >= 2")
-        if reference is not None and not isinstance(reference, (str, os.PathLike, nn.Module)):
-            raise MonitorConfigurationError(
-                f"{owner}: `reference` must be 'initial', an nn.Module or a checkpoint path, got"
-                f" {type(reference).__name__}"
-            )
-        if isinstance(reference, str) and reference != "initial" and not os.path.exists(reference):
-            raise MonitorConfigurationError(
-                f"{owner}: `reference` is neither 'initial' nor an existing checkpoint file: {reference!r}"
             )
 
     # ---- attaching and subscribing -------------------------------------------------------------------
@@ -246,21 +213,11 @@ class RepresentationTracker:
         self.capture.check_taps(stage)
 
     # ---- training ------------------------------------------------------------------------------------
-    def _capture_window(self) -> int:
-        """How many steps before a scheduled step to capture, so the buffer fills with recent samples."""
-        return 1 if self._batch_size is None else max(1, math.ceil(self.train_buffer_size / self._batch_size))
-
     def start_train_step(self) -> bool:
-        """Call before each training step; returns whether this step captures embeddings.
-
-        Until the buffers are full every step captures (one detached copy of the tapped outputs per
-        step), so the first value — the baseline of relative criteria — reads a full buffer too.
-        """
-        n = self.every_n_train_steps
-        filling = self._batch_size is None or any(buffer.fill() < 1.0 for buffer in self._buffers.values())
-        capture = n > 0 and (filling or (self.train_steps % n) >= n - self._capture_window())
+        """Call before each training step; returns whether this step captures embeddings
+        (:meth:`TrainWindow.captures <reprmetrics.train_window.TrainWindow.captures>`)."""
+        capture = self.window.captures(self.train_steps)
         self.capture.start("train" if capture else None)
-        self._epoch_capture_steps += capture
         return capture
 
     def end_train_step(self, outputs: Any = None) -> dict[str, Tensor] | None:
@@ -276,11 +233,9 @@ class RepresentationTracker:
             for tap, (views, _) in self.capture.group(
                 lambda tap, samples, why: self._count_dropped("train", tap, samples, why)
             ).items():
-                self._batch_size = views.shape[0]
-                self._buffers[tap].add(views)
-                self._epoch_train_captures[tap] += len(views)
+                self.window.add(tap, views)
             self.capture.start(None)
-            self._hint_at_views()
+            self.capture.hint_at_views(self._warned)
             if (self.train_steps + 1) % self.every_n_train_steps == 0:
                 result = self._compute_train()
         self.train_steps += 1
@@ -289,49 +244,25 @@ class RepresentationTracker:
     def end_train_epoch(self) -> None:
         """Call at the end of each training epoch: warns about taps that captured nothing in it, and
         about training-stage values still waiting for a full buffer."""
-        for tap, buffer in self._buffers.items():
-            key = f"filling/train/{tap}"
-            if self.every_n_train_steps and buffer.fill() < 1.0 and key not in self._warned:
-                self._warned.add(key)
+        for tap, held in self.window.unfilled().items():
+            if f"filling/train/{tap}" not in self._warned:
+                self._warned.add(f"filling/train/{tap}")
                 warn(
                     f"{self.owner}: tap {tap!r}: no training-stage values yet: they start once its buffer holds"
-                    f" train_buffer_size={self.train_buffer_size} samples, and it holds"
-                    f" {round(buffer.fill() * self.train_buffer_size)} after epoch {self.epoch}. Lower"
-                    " train_buffer_size for small datasets"
+                    f" train_buffer_size={self.train_buffer_size} samples, and it holds {held} after epoch"
+                    f" {self.epoch}. Lower train_buffer_size for small datasets"
                 )
-        if self._epoch_capture_steps:
-            for tap in self.taps:
-                if not self._epoch_train_captures[tap.name]:
-                    warn(
-                        f"{self.owner}: tap {tap.name!r} captured nothing during the {self._epoch_capture_steps}"
-                        f" capturing training steps of epoch {self.epoch} ({self._nothing_hint(tap, 'train')});"
-                        " no train-stage values for it"
-                    )
+        steps, silent = self.window.end_epoch()
+        for tap in (t for t in self.taps if t.name in silent):
+            warn(
+                f"{self.owner}: tap {tap.name!r} captured nothing during the {steps} capturing training steps of"
+                f" epoch {self.epoch} ({self.capture.nothing_hint(tap.name, 'train')}); no train-stage values for it"
+            )
         self.epoch += 1
-        self._epoch_capture_steps = 0
-        self._epoch_train_captures = {t.name: 0 for t in self.taps}
-
-    def _hint_at_views(self) -> None:
-        """Once per tap: a module called several times per step with the same shape may be computing views."""
-        for tap, calls in self.capture.repeated_calls.items():
-            key = f"views-hint/{tap}"
-            if key not in self._warned and tap in self.capture.module_taps:
-                self._warned.add(key)
-                warn(
-                    f"{self.owner}: tap {tap!r} was called {calls} times in one step with num_views=1, so its"
-                    " rows are taken as distinct samples. If the calls are views of the same samples"
-                    f" (augmentations), pass num_views={calls}: LiDAR and alignment need views, and uniformity"
-                    " and LID would otherwise see near-duplicates"
-                )
-
-    def _nothing_hint(self, tap: Tap, stage: str) -> str:
-        if tap.name in self.capture.module_taps:
-            return "its module was never called"
-        return f"the key is missing from the {'training_step' if stage == 'train' else 'validation_step'} outputs"
 
     def _count_dropped(self, stage: str, tap: str, samples: int, reason: str) -> None:
         if stage == "train":
-            self._train_dropped[tap] += samples
+            self.window.dropped[tap] += samples
         else:
             self._tap_metrics[("val", tap)].counts.update(dropped=samples)
         key = f"dropped/{stage}/{tap}"
@@ -367,7 +298,7 @@ class RepresentationTracker:
             self._tap_metrics[("val", tap)].feed(views)
             if reference is not None:
                 self._tap_metrics[("val", tap)].feed_drift(views, reference)
-        self._hint_at_views()
+        self.capture.hint_at_views(self._warned)
 
     def end_eval(self) -> dict[str, Tensor]:
         """Values over the whole evaluation pass: ``{"tap/metric": value}``. Every rank must call it."""
@@ -404,11 +335,10 @@ class RepresentationTracker:
         for tap in self.taps:
             tap_metrics = self._tap_metrics[("train", tap.name)]
             tap_metrics.counts.reset()
-            tap_metrics.counts.to(self.capture.device()).update(fill=self._buffers[tap.name].fill())
+            tap_metrics.counts.to(self.capture.device()).update(fill=self.window.buffers[tap.name].fill())
             if tap_metrics.counts.compute()["fill"] < 1.0:  # synced: every rank waits for a full buffer on every rank
                 continue
-            views = self._buffers[tap.name].recent()
-            dropped, self._train_dropped[tap.name] = self._train_dropped[tap.name], 0
+            views, dropped = self.window.take(tap.name)
             tap_metrics.reset()
             if views is not None:
                 tap_metrics.feed(views)
@@ -418,12 +348,11 @@ class RepresentationTracker:
 
     def _compute_tap(self, stage: str, tap: str) -> dict[str, Tensor]:
         """One tap's values. The counts are synced first, so every rank takes the same branch."""
-        tap_object = next(t for t in self.taps if t.name == tap)
         report, values = self._tap_metrics[(stage, tap)].compute(
             self.capture.device(),
             self.min_samples,
             grouping=f"{self.num_views} views (view_layout={self.view_layout!r})",
-            nothing=f"validation pass {self.eval_passes} ({self._nothing_hint(tap_object, stage)})",
+            nothing=f"validation pass {self.eval_passes} ({self.capture.nothing_hint(tap, stage)})",
             few=self._few_samples_hint(stage),
         )
         self.reports[(stage, tap)] = report
@@ -466,14 +395,7 @@ class RepresentationTracker:
             "eval_passes": self.eval_passes,
             "history": {k: list(v) for k, v in self.history.items()},
             "num_features": dict(self.num_features),
-            "batch_size": self._batch_size,
-            "buffers": {
-                tap: (None if (views := buffer.recent()) is None else views.cpu())
-                for tap, buffer in self._buffers.items()
-            },
-            "train_dropped": dict(self._train_dropped),
-            "epoch_capture_steps": self._epoch_capture_steps,
-            "epoch_train_captures": dict(self._epoch_train_captures),
+            **self.window.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -483,15 +405,4 @@ class RepresentationTracker:
         self.eval_passes = int(state.get("eval_passes", self.eval_passes))
         self.history = {k: [tuple(x) for x in v] for k, v in state["history"].items()}
         self.capture.num_features.update(state.get("num_features", {}))
-        self._batch_size = state.get("batch_size")
-        device = self.capture.device()
-        for tap, views in state.get("buffers", {}).items():
-            if tap in self._buffers:
-                self._buffers[tap].chunks = [] if views is None else [views.to(device)]
-        self._train_dropped.update(
-            {k: int(v) for k, v in state.get("train_dropped", {}).items() if k in self._train_dropped}
-        )
-        self._epoch_capture_steps = int(state.get("epoch_capture_steps", 0))
-        self._epoch_train_captures.update(
-            {k: int(v) for k, v in state.get("epoch_train_captures", {}).items() if k in self._epoch_train_captures}
-        )
+        self.window.load_state_dict(state, self.capture.device())
