@@ -184,9 +184,9 @@ class CollapseEarlyStopping(EarlyStopping):
         """A monitor computation (every rank, the same result, at the same moment)."""
         if self._trainer is None or self.rules is None or self._should_skip_check(self._trainer):
             return
+        self._from_monitor = True  # a monitor key: checked here, never through Lightning's metrics
         decision = self.rules.check(result)
         if decision is not None:
-            self._from_monitor = True
             self._apply(self._trainer, decision)
 
     @override
