@@ -24,15 +24,15 @@ from reprmetrics._validation import quoted as _quoted
 from reprmetrics._warnings import warn
 from reprmetrics.registry import MonitorConfigurationError
 from reprmetrics.views import (
-    _FEATURE_MAP_HINT,
+    FEATURE_MAP_HINT,
     OWNER,
     VIEW_LAYOUTS,
     UngroupableBatch,
-    _module_embeddings,
     check_view_layout,
     first_token,
     flatten_output,
     group_views,
+    module_embeddings,
 )
 
 __all__ = [
@@ -216,7 +216,7 @@ class Capture:
 
         def embed(output: Any) -> Tensor:
             embeddings = (
-                tap.reduce(output) if tap.reduce is not None else _module_embeddings(output, tap.name, self.owner)
+                tap.reduce(output) if tap.reduce is not None else module_embeddings(output, tap.name, self.owner)
             )
             if not isinstance(embeddings, Tensor):
                 raise MonitorConfigurationError(
@@ -296,7 +296,7 @@ class Capture:
                 raise MonitorConfigurationError(
                     f"{self.owner}: output key {key!r} holds a tensor of shape {tuple(v.shape)}; embeddings must"
                     f" be (B, D){' or (B, q, D) views' if self.num_views > 1 else ''}:"
-                    f" {_FEATURE_MAP_HINT.format(name=tap.name)}"
+                    f" {FEATURE_MAP_HINT.format(name=tap.name)}"
                 )
             out.append(v.detach())
         return out

@@ -53,8 +53,9 @@ class TrainWindow:
 
     def unfilled(self) -> dict[str, int]:
         """``{tap: samples held}`` of the taps whose buffer is not yet full (their values wait)."""
-        held = {tap: round(buffer.fill() * self.size) for tap, buffer in self.buffers.items()}
-        return {tap: n for tap, n in held.items() if self.every and self.buffers[tap].fill() < 1.0}
+        if not self.every:
+            return {}
+        return {tap: round(b.fill() * self.size) for tap, b in self.buffers.items() if b.fill() < 1.0}
 
     def end_epoch(self) -> tuple[int, list[str]]:
         """Start a new epoch's counts; returns the capturing steps of the one that ended and the taps that

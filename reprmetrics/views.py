@@ -24,7 +24,7 @@ VIEW_LAYOUTS = ("auto", "calls", "concat", "stacked")
 OWNER = "RepresentationTracker"  # the class the user called names itself in messages (adapters pass theirs)
 
 
-_FEATURE_MAP_HINT = (
+FEATURE_MAP_HINT = (
     "pass a `reduce` that gives (B, D) embeddings, e.g. Tap({name!r}, reduce=lambda y: y.mean((2, 3))) to"
     " average-pool a (B, C, H, W) feature map, or Tap({name!r}, reduce=lambda y: y[:, 0]) to take the first"
     " token of a (B, T, D) sequence; to flatten on purpose, Tap({name!r}, reduce=flatten_output)"
@@ -48,7 +48,7 @@ def flatten_output(output: Any) -> Tensor:
     return output.unsqueeze(1) if output.ndim == 1 else output.flatten(1)
 
 
-def _module_embeddings(output: Any, tap: str, owner: str = OWNER) -> Tensor:
+def module_embeddings(output: Any, tap: str, owner: str = OWNER) -> Tensor:
     """Default ``reduce`` of a module tap: its output (or the first tensor of a tuple) as ``(B, D)``."""
     if isinstance(output, (tuple, list)) and output:
         output = output[0]
@@ -68,7 +68,7 @@ def _module_embeddings(output: Any, tap: str, owner: str = OWNER) -> Tensor:
     if output.ndim > 2:
         raise MonitorConfigurationError(
             f"{owner}: module tap {tap!r} returns a {output.ndim}-D tensor of shape {tuple(output.shape)};"
-            f" embeddings must be (B, D): {_FEATURE_MAP_HINT.format(name=tap)}"
+            f" embeddings must be (B, D): {FEATURE_MAP_HINT.format(name=tap)}"
         )
     return output
 
@@ -132,7 +132,7 @@ def group_views(chunks: Sequence[Tensor], num_views: int, tap: str, layout: str 
         if any(c.ndim != 2 for c in chunks):
             raise MonitorConfigurationError(
                 f"{owner}: tap {tap!r} captured tensors of shapes {shapes} with num_views=1; each must be (B, D):"
-                f" {_FEATURE_MAP_HINT.format(name=tap)}, or set num_views if a (B, q, D) tensor holds views"
+                f" {FEATURE_MAP_HINT.format(name=tap)}, or set num_views if a (B, q, D) tensor holds views"
             )
         return torch.cat(chunks).unsqueeze(1)
     q = num_views
