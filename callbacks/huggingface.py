@@ -343,15 +343,12 @@ class RepresentationCallback(TrainerCallback, _Resumable):
             )
         self.prefix, self.log_figures, self.figures_every_n_evals = prefix, log_figures, n
         criteria = {k: v for k, v in self._arguments.items() if k in CRITERIA}
-        taps_known = ([t.name for t in self.tracker.taps], every_n_train_steps)
+        self.stopper: CollapseEarlyStoppingCallback | None = None
         if stop_on is None:
             reject_unused_criteria(self.owner, f"{prefix}/eval/{self.tracker.taps[0].name}/rankme", **criteria)
-        stopper = (
-            None
-            if stop_on is None
-            else CollapseEarlyStoppingCallback(stop_on, prefix, **criteria, owner=self.owner, taps=taps_known)
-        )
-        self.stopper = stopper
+        else:
+            taps = ([t.name for t in self.tracker.taps], every_n_train_steps)
+            self.stopper = CollapseEarlyStoppingCallback(stop_on, prefix, **criteria, owner=self.owner, taps=taps)
         self.backends = TrainerBackends()
         self._model: nn.Module | None = None
         self._root_handles: list[Any] = []
