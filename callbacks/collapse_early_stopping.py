@@ -13,7 +13,6 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from reprmetrics.callbacks.representation_monitor import STYLE, as_misconfiguration
-from torch import Tensor
 from typing_extensions import override
 
 from reprmetrics.monitor import MonitorConfigurationError, warn
@@ -209,10 +208,6 @@ class CollapseEarlyStopping(EarlyStopping):
             trainer,
             Decision(stop, self.criteria.last_kind if stop else "", reason, self.monitor, value, self.criteria.best),
         )
-
-    @override
-    def _evaluate_stopping_criteria(self, current: Tensor) -> tuple[bool, str | None]:
-        return self.criteria.check(float(current), self.dim)
 
     def _apply(self, trainer: Any, decision: Decision) -> None:
         if decision.best is not None and math.isfinite(decision.best):
