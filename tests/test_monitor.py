@@ -317,3 +317,13 @@ def test_a_tap_with_no_close_name_is_told_the_submodules_that_exist():
         MonitorConfigurationError, match=r"tap '1' is neither .* \(submodules: '0'; closest output keys"
     ):
         tracker.end_eval()
+
+
+def test_first_token_takes_each_sequences_first_vector_from_a_tensor_or_a_tuple():
+    from reprmetrics.monitor import first_token
+
+    hidden = torch.randn(4, 7, 5)
+    assert torch.equal(first_token(hidden), hidden[:, 0])
+    assert torch.equal(first_token((hidden, "attentions")), hidden[:, 0])  # transformers 4 layers return tuples
+    with pytest.raises(MonitorConfigurationError, match=r"first_token: expected \(B, T, D\).*\(4, 5\)"):
+        first_token(hidden[:, 0])
