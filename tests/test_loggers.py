@@ -5,6 +5,7 @@ import csv
 import glob
 import json
 import os
+import time
 import warnings
 
 import pytest
@@ -40,6 +41,12 @@ def wandb_history(run_dir):
     from wandb.proto import wandb_internal_pb2
 
     (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    # W&B's service process may still be writing after finish() returns on a loaded machine: read once the
+    # file has stopped growing.
+    size, deadline = -1, time.monotonic() + 10
+    while size != os.path.getsize(path) and time.monotonic() < deadline:
+        size = os.path.getsize(path)
+        time.sleep(0.3)
     data = open(path, "rb").read()
     rows, pending, position, block = [], b"", 7, 32768  # a 7-byte file header, then 32 KiB blocks of records
     while position + 7 <= len(data):
@@ -47,6 +54,8 @@ def wandb_history(run_dir):
             position += block - position % block
             continue
         length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        if position + 7 + length > len(data):
+            break  # a record still being written: the rows before it are complete
         pending += data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # a whole record, or the last piece of one
