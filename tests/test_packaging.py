@@ -12,10 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_core_never_imports_lightning():
+def test_core_never_imports_lightning_or_transformers():
+    # The tracker, the guards and the logger sinks serve both adapters: they must pull in neither framework.
     code = (
-        "import sys, reprmetrics, reprmetrics.functional;"
-        " assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)"
+        "import sys, reprmetrics, reprmetrics.functional, reprmetrics.monitor, reprmetrics.stopping, reprmetrics.sinks;"
+        " assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'transformers') for m in sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
 
