@@ -106,6 +106,7 @@ class RepresentationTracker:
         taps = [taps] if isinstance(taps, (str, Tap)) else list(taps)
         self.taps = [t if isinstance(t, Tap) else Tap(t) for t in taps]
         self._check_arguments(num_views, every_n_train_steps, train_buffer_size, max_samples, min_samples)
+        self.capture = Capture(self.taps, num_views, view_layout, reference, owner)  # checked before the metrics
         self.named_metrics, self.extra_metrics = check_metric_choice(metrics, default_metrics, owner)
         self.num_views, self.view_layout = num_views, view_layout
         self.every_n_train_steps, self.train_buffer_size = every_n_train_steps, train_buffer_size
@@ -114,7 +115,6 @@ class RepresentationTracker:
         self.strict = strict
         self.reference = reference
         self.rankme_diagnostics = bool(rankme_diagnostics)
-        self.capture = Capture(self.taps, num_views, view_layout, reference, owner)
         choice = MetricChoice(
             default_metrics, tuple(self.named_metrics), self.extra_metrics, max_samples, self.rankme_diagnostics
         )

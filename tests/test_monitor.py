@@ -289,6 +289,8 @@ def test_the_metric_choice_is_checked_at_construction():
         MonitorConfigurationError, match="^Adapter: metric 'rank' must be a torchmetrics.Metric, got function$"
     ):
         RepresentationTracker("z", metrics={"rank": lambda z: z}, owner="Adapter")
+    with pytest.raises(MonitorConfigurationError, match="`view_layout` must be one of"):  # checked first
+        RepresentationTracker("z", view_layout="bogus", metrics=["nope"])
 
 
 def test_two_calls_per_step_without_views_hint_at_num_views():
