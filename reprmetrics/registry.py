@@ -21,6 +21,7 @@ __all__ = [
     "MetricSpec",
     "MonitorConfigurationError",
     "available_metrics",
+    "check_metric_choice",
     "check_metric_names",
     "default_metrics",
     "healthy_direction",
@@ -154,6 +155,25 @@ def check_metric_names(names: Iterable[str], owner: str = "RepresentationMonitor
                 f"{owner}: unknown metric {name!r}{hint} Known: {', '.join(repr(k) for k in sorted(known))}"
             )
     return names
+
+
+def check_metric_choice(
+    metrics: Mapping[str, Metric] | Iterable[str] | None, use_default: bool, owner: str
+) -> tuple[list[str], dict[str, Metric]]:
+    """A tracker's ``metrics`` as registry names and ``{name: Metric}``, checked: the names known, the
+    values Metrics, and something to compute with or without the default set (``use_default``)."""
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    names = [] if metrics is None or isinstance(metrics, Mapping) else check_metric_names(metrics, owner)
+    given = dict(metrics) if isinstance(metrics, Mapping) else {}
+    if not use_default and not given and not names:
+        raise MonitorConfigurationError(f"{owner}: no metrics to compute (default_metrics=False and no `metrics`)")
+    for name, metric in given.items():
+        if not isinstance(metric, Metric):
+            raise MonitorConfigurationError(
+                f"{owner}: metric {name!r} must be a torchmetrics.Metric, got {type(metric).__name__}"
+            )
+    return names, given
 
 
 def default_metrics(

@@ -18,7 +18,7 @@ from torchmetrics import Metric
 
 from reprmetrics._warnings import warn
 from reprmetrics.metric_set import MetricSet
-from reprmetrics.registry import MONITOR_MAX_SAMPLES, MonitorConfigurationError, check_metric_names
+from reprmetrics.registry import MONITOR_MAX_SAMPLES, MonitorConfigurationError, check_metric_choice
 from reprmetrics.results import CaptureReport, TrackerResult
 from reprmetrics.tap_metrics import MetricChoice, TapMetrics
 from reprmetrics.taps import OWNER, Capture, Tap
@@ -106,28 +106,15 @@ class RepresentationTracker:
         taps = [taps] if isinstance(taps, (str, Tap)) else list(taps)
         self.taps = [t if isinstance(t, Tap) else Tap(t) for t in taps]
         self._check_arguments(num_views, every_n_train_steps, train_buffer_size, max_samples, min_samples)
-        if isinstance(metrics, str):
-            metrics = [metrics]
-        self.named_metrics = (
-            [] if metrics is None or isinstance(metrics, Mapping) else check_metric_names(metrics, owner)
-        )
-        metrics = metrics if isinstance(metrics, Mapping) else None
-        if not default_metrics and not metrics and not self.named_metrics:
-            raise MonitorConfigurationError(f"{owner}: no metrics to compute (default_metrics=False and no `metrics`)")
-        for name, metric in (metrics or {}).items():
-            if not isinstance(metric, Metric):
-                raise MonitorConfigurationError(
-                    f"{owner}: metric {name!r} must be a torchmetrics.Metric, got {type(metric).__name__}"
-                )
+        self.capture = Capture(self.taps, num_views, view_layout, reference, owner)  # checked before the metrics
+        self.named_metrics, self.extra_metrics = check_metric_choice(metrics, default_metrics, owner)
         self.num_views, self.view_layout = num_views, view_layout
         self.every_n_train_steps, self.train_buffer_size = every_n_train_steps, train_buffer_size
         self.max_samples, self.min_samples = max_samples, min_samples
-        self.extra_metrics = dict(metrics or {})
         self.use_default_metrics = default_metrics
         self.strict = strict
         self.reference = reference
         self.rankme_diagnostics = bool(rankme_diagnostics)
-        self.capture = Capture(self.taps, num_views, view_layout, reference, owner)
         choice = MetricChoice(
             default_metrics, tuple(self.named_metrics), self.extra_metrics, max_samples, self.rankme_diagnostics
         )

@@ -274,6 +274,25 @@ def test_metrics_by_name_opt_in_and_unknown_names():
         RepresentationTracker(["z"], metrics=["sigrge"])
 
 
+def test_the_metric_choice_is_checked_at_construction():
+    tracker = RepresentationTracker("z", metrics="sigreg")  # one name as a string
+    assert tracker.named_metrics == ["sigreg"] and tracker.extra_metrics == {}
+    tracker = RepresentationTracker("z", default_metrics=False, metrics={"rank": RankMe()})
+    assert tracker.named_metrics == [] and list(tracker.extra_metrics) == ["rank"]
+    for metrics in (None, [], {}):
+        with pytest.raises(
+            MonitorConfigurationError,
+            match=r"^RepresentationTracker: no metrics to compute \(default_metrics=False and no `metrics`\)$",
+        ):
+            RepresentationTracker("z", default_metrics=False, metrics=metrics)
+    with pytest.raises(
+        MonitorConfigurationError, match="^Adapter: metric 'rank' must be a torchmetrics.Metric, got function$"
+    ):
+        RepresentationTracker("z", metrics={"rank": lambda z: z}, owner="Adapter")
+    with pytest.raises(MonitorConfigurationError, match="`view_layout` must be one of"):  # checked first
+        RepresentationTracker("z", view_layout="bogus", metrics=["nope"])
+
+
 def test_two_calls_per_step_without_views_hint_at_num_views():
     net = Net()
     tracker = RepresentationTracker(
