@@ -143,7 +143,7 @@ def _closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     return difflib.get_close_matches(name, sorted(set(candidates)), n=n, cutoff=0.5)
 
 
-def check_metric_names(names: Iterable[str], owner: str = "RepresentationMonitor") -> list[str]:
+def check_metric_names(names: Iterable[str], owner: str = "RepresentationTracker") -> list[str]:
     """``names`` as a list, or :class:`MonitorConfigurationError` naming the closest known names."""
     known = available_metrics()
     names = list(names)
@@ -191,7 +191,8 @@ def default_metrics(
     e.g. ``{"rankme": {"diagnostics": True}}``.
     """
     specs = available_metrics()
-    chosen = [n for n, spec in specs.items() if spec.default] if names is None else check_metric_names(names)
+    default = [n for n, spec in specs.items() if spec.default]
+    chosen = default if names is None else check_metric_names(names, "default_metrics")
     options = options or {}
     return {
         name: specs[name].factory(max_samples, **dict(options.get(name, {})))

@@ -71,7 +71,7 @@ class RepresentationTracker:
         default_metrics: include the default set (see :func:`reprmetrics.registry.default_metrics`).
         strict: raise instead of warning once and skipping a metric that cannot be computed.
         view_layout: how the q views of a step arrive: ``"calls"``, ``"concat"``, ``"stacked"`` or
-            ``"auto"`` (see :func:`reprmetrics.taps.group_views`).
+            ``"auto"`` (see :func:`reprmetrics.views.group_views`).
         min_samples: a tap's metric values are reported only when at least this many samples reached
             them; ``num_samples`` is reported always.
         reference: drift from a reference representation, reported as ``cka_to_reference`` at the val
