@@ -72,8 +72,16 @@ class CollapseEarlyStopping(EarlyStopping):
         verbose: bool = False,
         guard: Guard | None = None,
     ) -> None:
-        super().__init__(monitor, patience=patience, mode="max", strict=strict, check_finite=check_finite)
-        self.verbose, self._check_on_train_epoch_end = verbose, False
+        # Lightning's own check runs at validation end, only for keys that are not a monitor's.
+        super().__init__(
+            monitor,
+            patience=patience,
+            mode="max",
+            strict=strict,
+            check_finite=check_finite,
+            verbose=verbose,
+            check_on_train_epoch_end=False,
+        )
         self.min_value, self.min_fraction_of_dim, self.max_relative_drop = (
             min_value,
             min_fraction_of_dim,
