@@ -7,7 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from _helpers.harness import assert_rejects, rel_err
+from _helpers.harness import assert_rejects, rel_err, uneven_batches
 from ddp import run_distributed
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -69,12 +69,7 @@ LIDAR_CASES = {
 
 
 def group_batches(v, sizes=(7, 50, 1, 90)):
-    out, start, i = [], 0, 0
-    while start < len(v):
-        out.append(v[start : start + sizes[i % len(sizes)]])
-        start += sizes[i % len(sizes)]
-        i += 1
-    return out
+    return uneven_batches(v, sizes)
 
 
 # ----------------------------------------------------------------------------------------------

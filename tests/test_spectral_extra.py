@@ -14,14 +14,7 @@ from torchmetrics import MetricCollection
 from reprmetrics import CodingRate, NESum
 from reprmetrics.functional import coding_rate, nesum
 
-CASES = {
-    "gaussian_n_gt_d": lambda dt: embeddings.gaussian(600, 64, dtype=dt),
-    "gaussian_n_lt_d": lambda dt: embeddings.gaussian(50, 120, dtype=dt),
-    "rank_deficient": lambda dt: embeddings.rank_deficient(500, 64, rank=30, dtype=dt),
-    "large_offset": lambda dt: embeddings.offset(500, 64, shift=1e3, dtype=dt),
-    "near_collapsed": lambda dt: embeddings.near_collapsed(500, 64, noise=1e-3, dtype=dt),
-    "decaying": lambda dt: embeddings.decaying(2000, 128, alpha=1.3, dtype=dt),
-}
+CASES = embeddings.SPECTRAL_CASES
 
 
 # ---- NESum ----------------------------------------------------------------------------------------------

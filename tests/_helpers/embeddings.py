@@ -34,3 +34,15 @@ def decaying(n: int, d: int, alpha: float = 1.0, seed: int = 0, dtype=torch.floa
     scale = torch.arange(1, d + 1, dtype=torch.float64).pow(-alpha / 2)
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     return ((torch.randn(n, d, generator=g, dtype=torch.float64) * scale) @ q.T).to(dtype)
+
+
+#: The spectral tests' inputs by name, each built in the dtype asked for: full rank both ways of N vs D,
+#: rank-deficient, a large common offset, near collapse, and a decaying spectrum.
+SPECTRAL_CASES = {
+    "gaussian_n_gt_d": lambda dt: gaussian(600, 64, dtype=dt),
+    "gaussian_n_lt_d": lambda dt: gaussian(50, 120, dtype=dt),
+    "rank_deficient": lambda dt: rank_deficient(500, 64, rank=30, dtype=dt),
+    "large_offset": lambda dt: offset(500, 64, shift=1e3, dtype=dt),
+    "near_collapsed": lambda dt: near_collapsed(500, 64, noise=1e-3, dtype=dt),
+    "decaying": lambda dt: decaying(2000, 128, alpha=1.3, dtype=dt),
+}
